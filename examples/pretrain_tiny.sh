@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The embedded CPU default, end to end: tokenizer → Megatron .bin/.idx → tiny Llama pretraining.
+# Re-running resumes the run in runs/tiny from its latest checkpoint (and does nothing if it finished).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -f data/tokenizer/tokenizer.model ]; then
+  scaletrain data tokenizer --input builtin:kjv --vocab-size 2048 --output data/tokenizer
+fi
+if [ ! -f data/kjv_text_document.idx ]; then
+  scaletrain data preprocess --input builtin:kjv --tokenizer data/tokenizer \
+    --output-prefix data/kjv_text_document --workers 2
+fi
+scaletrain train --config configs/tiny.toml "$@"

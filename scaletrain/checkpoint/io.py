@@ -1,0 +1,201 @@
+"""Atomic checkpoints through torch.distributed.checkpoint (DCP), stored as safetensors.
+
+Layout of a run directory's checkpoints:
+
+    checkpoints/
+      latest                      text: the name of the newest *complete* checkpoint
+      step_0000200/
+        shard-*.safetensors       model and optimizer tensors (DCP, Hugging Face safetensors storage)
+        trainer_state.json        step, consumed samples, RNG states, config — written last
+
+Tensors go through DCP with its safetensors storage, which records each tensor's global offsets in
+the file headers: loading executes no pickled code (DCP's default `.metadata` is a pickle) and
+the same files serve a resharding load later. A save writes into a hidden temporary directory,
+fsyncs it, renames it into place and only then rewrites `latest` (itself via rename), so a crash
+at any point leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into this run; the message says why and what to do."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """({'model': …, 'optim': {'state': …}}, FQN-keyed param groups) for DCP."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}, []
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # param_groups hold hyper-parameters, which come from the config on resume; only state is saved.
+    return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, optim_sd["param_groups"]
+
+
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Write checkpoint `step` under `root` atomically and point `latest` at it; prune to `keep_last`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
+        dcp.save(_tensor_state(model, optimizer)[0], storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step (e.g. after resuming from it): swap, then drop the old copy
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    with latest_tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(latest_tmp, root / LATEST)
+    _fsync_dir(root)
+    if keep_last > 0:
+        _prune(root, keep_last, protect=final.name)
+    return final
+
+
+def _prune(root: Path, keep_last: int, protect: str) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for p in steps[:-keep_last]:
+        if p.name != protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest` names under `root`, or None if there is none yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; point `latest` at "
+                              "a complete step_* directory or remove it to start fresh.")
+    return path
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / STATE_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a complete scaletrain checkpoint (no {STATE_FILE}).")
+    return json.loads(f.read_text())
+
+
+def _stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key → (global shape, dtype) from the safetensors headers (no tensor data read)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no .safetensors files; the checkpoint is incomplete or corrupt.")
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    sl = fh.get_slice(key)
+                    out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f} cannot be read ({e}); the checkpoint is corrupt — resume from an "
+                                  "earlier step_* directory (edit `latest`).") from e
+    return out
+
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, torch.Tensor):
+            out[key] = v
+    return out
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                    ) -> dict[str, Any]:
+    """Load tensors into `model` (and `optimizer`) in place; return the trainer state.
+
+    Missing or unexpected keys and shape or dtype mismatches fail before anything is copied.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    stored = _stored_tensors(path)
+    target, groups = _tensor_state(model, optimizer)
+    flat = _flatten(target)
+    if optimizer is None:
+        stored = {k: v for k, v in stored.items() if not k.startswith("optim.")}
+    missing = sorted(set(flat) - set(stored))
+    unexpected = sorted(set(stored) - set(flat))
+    wrong = [f"{k}: checkpoint {stored[k][0]} {stored[k][1]}, model {tuple(t.shape)} {_DTYPE_NAMES.get(t.dtype, t.dtype)}"
+             for k, t in flat.items() if k in stored and (stored[k][0] != tuple(t.shape)
+                                                          or stored[k][1] != _DTYPE_NAMES.get(t.dtype, stored[k][1]))]
+    if missing or unexpected or wrong:
+        lines = ([f"missing from checkpoint: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"] if missing else [])
+        lines += [f"not in this model: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] if unexpected else []
+        lines += [f"shape/dtype mismatch: {w}" for w in wrong[:8]]
+        raise CheckpointError(f"checkpoint {path} does not fit this run's model/optimizer (same model config and "
+                              "precision.dtype as the run that saved it?):\n  " + "\n  ".join(lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)))
+    if optimizer is None:
+        model.load_state_dict(target["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=target["model"],
+                       optim_state_dict={"state": target["optim"]["state"], "param_groups": groups})
+    return state

@@ -1,0 +1,90 @@
+"""The `scaletrain` command: train, and the data tools.
+
+    scaletrain train --config configs/tiny.toml [--set section.key=value ...]
+    scaletrain data tokenizer --input corpus.jsonl.gz --vocab-size 4096 --output data/tokenizer
+    scaletrain data preprocess --input corpus.jsonl.gz --tokenizer data/tokenizer --output-prefix data/kjv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scaletrain.train import EXIT_BAD_INPUT, EXIT_OK, add_train_args, train_command
+
+
+def _builtin(inputs: list[str]) -> list[str]:
+    from scaletrain.data.preprocess import BUILTIN_CORPUS
+
+    return [str(BUILTIN_CORPUS) if i == "builtin:kjv" else i for i in inputs]
+
+
+def _iter_texts(inputs: list[str], text_key: str):
+    import datasets
+
+    from scaletrain.data.preprocess import _format_of
+
+    fmt = _format_of(inputs[0])
+    ds = datasets.load_dataset(fmt, data_files=inputs, split="train", streaming=True)
+    for row in ds:
+        if text_key not in row:
+            raise KeyError(f"input rows have no '{text_key}' field (fields: {', '.join(row)}); pass --text-key.")
+        yield row[text_key] or ""
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    from scaletrain.data.tokenizer import train_sentencepiece
+
+    path = train_sentencepiece(_iter_texts(_builtin(args.input), args.text_key), args.output, args.vocab_size,
+                               threads=args.workers)
+    print(f"wrote {path} (SentencePiece BPE, {args.vocab_size} tokens, byte fallback)")
+    return EXIT_OK
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from scaletrain.data.preprocess import preprocess, stats_line
+
+    stats = preprocess(_builtin(args.input), args.tokenizer, args.output_prefix, text_key=args.text_key,
+                       workers=args.workers, append_eod=not args.no_eod, add_bos=args.add_bos)
+    print(stats_line(stats))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="pretrain from a run file")
+    add_train_args(train)
+    train.set_defaults(func=train_command)
+
+    data = sub.add_parser("data", help="tokenizers and datasets").add_subparsers(dest="data_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--input", nargs="+", required=True,
+                        help="jsonl/json/parquet/txt files (gzip ok); 'builtin:kjv' is the bundled corpus")
+    common.add_argument("--text-key", default="text", help="field holding the text (default: text)")
+    common.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    tok = data.add_parser("tokenizer", parents=[common], help="train a SentencePiece BPE tokenizer")
+    tok.add_argument("--vocab-size", type=int, required=True)
+    tok.add_argument("--output", required=True, help="output folder (tokenizer.model + transformers config)")
+    tok.set_defaults(func=_cmd_tokenizer)
+    pre = data.add_parser("preprocess", parents=[common], help="tokenize into Megatron .bin/.idx")
+    pre.add_argument("--tokenizer", required=True, help="folder or file: tokenizer.model / tokenizer.json")
+    pre.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json")
+    pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
+    pre.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to each document")
+    pre.set_defaults(func=_cmd_preprocess)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"scaletrain: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""Typed, frozen run configuration: one dataclass per section, one docstring line per field.
+
+Every field is documented by the string literal that follows it; `scaletrain.config.load` reads
+these to explain an unknown or mistyped key. World size never appears here: `dp` is inferred
+from it at start-up and checked (DESIGN rule 9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3, Qwen2-style qkv bias, Mistral)."""
+
+    family: str = "llama"
+    """Model family, a folder under scaletrain/models."""
+    vocab_size: int = 0
+    """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`."""
+    vocab_multiple: int = 128
+    """With vocab_size = 0, pad the tokenizer's size to a multiple of this (times tp)."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Query heads."""
+    num_kv_heads: int = 0
+    """Key/value heads (GQA). 0: equal to num_heads (plain multi-head attention)."""
+    head_dim: int = 0
+    """Per-head width. 0: hidden_size // num_heads."""
+    ffn_hidden_size: int = 0
+    """SwiGLU inner width. 0: Llama's rule, 8/3·hidden rounded up to a multiple of 256."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (Llama 3: 500000)."""
+    rope_scaling: str = "none"
+    """'none' or 'llama3' (the frequency-dependent scaling of Llama 3.1)."""
+    rope_scaling_factor: float = 8.0
+    """llama3 rope scaling: factor."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 rope scaling: low_freq_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 rope scaling: high_freq_factor."""
+    rope_original_max_position: int = 8192
+    """llama3 rope scaling: original_max_position_embeddings."""
+    max_position_embeddings: int = 0
+    """Longest sequence the RoPE tables cover. 0: train.seq_length."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2)."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; output projections use init_std / sqrt(2·num_layers)."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout. dp is never set: it is world_size / (tp·pp·cp)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B)."""
+    cp: int = 1
+    """Context-parallel size."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in norm/dropout regions (needs tp > 1)."""
+    backend: str = "auto"
+    """Layer backend: 'auto' (te where CUDA and transformer_engine import), 'torch' or 'te'."""
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Numerics of parameters and compute."""
+
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float64'."""
+    fp8: bool = False
+    """FP8 compute through Transformer Engine (needs backend te)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Megatron-format (.bin/.idx) training data."""
+
+    prefixes: tuple[str, ...] = ()
+    """Dataset path prefixes (without .bin/.idx)."""
+    weights: tuple[float, ...] = ()
+    """Blend weights, one per prefix; empty: proportional to size (one prefix: [1.0])."""
+    split: str = "98,2,0"
+    """Train,valid,test split of the documents, Megatron style."""
+    tokenizer: str = ""
+    """Tokenizer: a directory with tokenizer.model or tokenizer.json, or one of those files."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: load in the training process)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms and biases (1-D parameters)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping, the norm is still logged)."""
+    schedule: str = "cosine"
+    """'cosine' (warmup + cosine), 'wsd' (warmup-stable-decay) or 'constant' (warmup + constant)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of train.steps spent in the final decay."""
+    wsd_decay_shape: str = "linear"
+    """wsd: shape of the final decay, 'linear', 'cosine' or '1-sqrt'."""
+    distributed: bool = False
+    """ZeRO-1: shard optimizer state over dp."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run: where it lives, how long, how big each step is."""
+
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints; an existing one resumes."""
+    steps: int = 100
+    """Optimizer steps of the whole run (the schedule's length)."""
+    seed: int = 1234
+    """Seed of initialisation, data order and dropout."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all dp ranks."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward; microbatches per step = global / (micro·dp)."""
+    seq_length: int = 128
+    """Tokens per sequence."""
+    eval_interval: int = 0
+    """Validation every N steps and at the end (0: never)."""
+    eval_iters: int = 4
+    """Validation batches (of global_batch_size sequences) per validation."""
+    exit_interval: int = 0
+    """Save and exit cleanly at the first step that is a multiple of this (0: off); the schedule is unchanged."""
+    deterministic: bool = False
+    """Deterministic algorithms and a fixed thread count, for bit-exact resume."""
+    threads: int = 0
+    """torch intra-op threads per process (0: leave torch's default; deterministic mode pins 1)."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    interval: int = 0
+    """Save every N steps (0: only at the end and at exit_interval)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints (0: keep all)."""
+    load: str = ""
+    """Start from this checkpoint directory instead of the run directory's latest."""
+    save_at_end: bool = True
+    """Save when the last step is done."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metric sinks: console, metrics.jsonl (always), TensorBoard, wandb."""
+
+    interval: int = 10
+    """Console line every N steps (metrics.jsonl gets every step)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under run_dir/tensorboard."""
+    wandb: bool = False
+    """Log to wandb (WANDB_MODE=offline works without network)."""
+    wandb_project: str = "scaletrain"
+    """wandb project name."""
+    wandb_mode: str = ""
+    """wandb mode: '' (WANDB_MODE or online), 'offline' or 'disabled'."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one field per section; each component receives only its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

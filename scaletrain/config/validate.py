@@ -1,0 +1,179 @@
+"""Cross-field rules, checked before any process group, allocation or data access (DESIGN rule 10).
+
+`resolve` fills the derived model sizes (0 means "derive"); `validate` returns every broken rule at
+once, each with what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from scaletrain.config.load import ConfigError
+from scaletrain.config.schema import ModelConfig, RunConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float64")
+SCHEDULES = ("cosine", "wsd", "constant")
+WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+ROPE_SCALINGS = ("none", "llama3")
+BACKENDS = ("auto", "torch", "te")
+DEVICES = ("auto", "cpu", "cuda")
+FAMILIES = ("llama",)
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int, tp: int) -> int:
+    """Megatron's rule: pad the vocabulary so every tp shard has a multiple of `multiple` rows."""
+    step = multiple * tp
+    return int(math.ceil(tokenizer_vocab / step) * step)
+
+
+def resolve_model(model: ModelConfig, *, tokenizer_vocab: int | None, tp: int, seq_length: int) -> ModelConfig:
+    """Replace every 0 ('derive') field of the model section by its derived value."""
+    changes: dict[str, int] = {}
+    if model.vocab_size == 0:
+        if tokenizer_vocab is None:
+            raise ConfigError("model.vocab_size = 0 derives the size from the tokenizer; set data.tokenizer.")
+        changes["vocab_size"] = padded_vocab_size(tokenizer_vocab, model.vocab_multiple, tp)
+    if model.num_kv_heads == 0:
+        changes["num_kv_heads"] = model.num_heads
+    if model.head_dim == 0 and model.num_heads > 0:
+        changes["head_dim"] = model.hidden_size // model.num_heads
+    if model.ffn_hidden_size == 0:
+        # Llama: 2/3 of 4·hidden, rounded up to a multiple of 256.
+        changes["ffn_hidden_size"] = 256 * math.ceil(int(8 * model.hidden_size / 3) / 256)
+    if model.max_position_embeddings == 0:
+        changes["max_position_embeddings"] = seq_length
+    return dataclasses.replace(model, **changes)
+
+
+def _choice(errors: list[str], key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        errors.append(f"{key} = {value!r} is not one of {', '.join(choices)}.")
+
+
+def parse_split(split: str) -> list[float]:
+    """'98,2,0' → [0.98, 0.02, 0.0]; raises ConfigError on a malformed string."""
+    try:
+        parts = [float(p) for p in split.replace("/", ",").split(",")]
+    except ValueError as e:
+        raise ConfigError(f"data.split = {split!r}: expected three numbers such as '98,2,0'.") from e
+    while len(parts) < 3:
+        parts.append(0.0)
+    if len(parts) != 3 or sum(parts) <= 0 or min(parts) < 0:
+        raise ConfigError(f"data.split = {split!r}: expected three non-negative numbers such as '98,2,0'.")
+    return [p / sum(parts) for p in parts]
+
+
+def validate(cfg: RunConfig, world_size: int) -> int:
+    """Check every cross-field rule for a resolved config at `world_size`; return dp.
+
+    Raises ConfigError listing all problems, each with the change that fixes it.
+    """
+    m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data
+    errors: list[str] = []
+    _choice(errors, "model.family", m.family, FAMILIES)
+    _choice(errors, "precision.dtype", cfg.precision.dtype, DTYPES)
+    _choice(errors, "optim.schedule", o.schedule, SCHEDULES)
+    _choice(errors, "optim.wsd_decay_shape", o.wsd_decay_shape, WSD_SHAPES)
+    _choice(errors, "model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    _choice(errors, "parallel.backend", p.backend, BACKENDS)
+    _choice(errors, "train.device", t.device, DEVICES)
+
+    for key, value in [
+        ("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads), ("train.steps", t.steps),
+        ("train.global_batch_size", t.global_batch_size), ("train.micro_batch_size", t.micro_batch_size),
+        ("train.seq_length", t.seq_length), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+        ("parallel.vpp", p.vpp), ("parallel.cp", p.cp),
+    ]:
+        if value < 1:
+            errors.append(f"{key} = {value} must be at least 1.")
+    for key, value in [
+        ("train.eval_interval", t.eval_interval), ("train.exit_interval", t.exit_interval),
+        ("checkpoint.interval", cfg.checkpoint.interval), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+        ("optim.warmup_steps", o.warmup_steps), ("logging.interval", cfg.logging.interval),
+    ]:
+        if value < 0:
+            errors.append(f"{key} = {value} must be 0 (off) or positive.")
+    if errors:  # sizes below are meaningless with non-positive inputs
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+    if m.hidden_size % m.num_heads and m.head_dim == 0:
+        errors.append(f"model.hidden_size = {m.hidden_size} is not divisible by model.num_heads = {m.num_heads}; "
+                      "change one of them or set model.head_dim.")
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        errors.append(f"model.num_heads = {m.num_heads} is not a multiple of model.num_kv_heads = "
+                      f"{m.num_kv_heads} (GQA groups must be equal).")
+    if m.num_heads % p.tp:
+        errors.append(f"model.num_heads = {m.num_heads} is not divisible by parallel.tp = {p.tp}; choose a tp that divides it.")
+    if m.num_kv_heads % p.tp:
+        errors.append(f"model.num_kv_heads = {m.num_kv_heads} is not divisible by parallel.tp = {p.tp}; "
+                      "choose a tp that divides the key/value heads.")
+    if m.ffn_hidden_size % p.tp:
+        errors.append(f"model.ffn_hidden_size = {m.ffn_hidden_size} is not divisible by parallel.tp = {p.tp}.")
+    if m.vocab_size % p.tp:
+        errors.append(f"model.vocab_size = {m.vocab_size} is not divisible by parallel.tp = {p.tp}; "
+                      "set model.vocab_size = 0 to pad it automatically.")
+    if m.head_dim % 2:
+        errors.append(f"head_dim = {m.head_dim} must be even for RoPE.")
+    if m.num_layers % (p.pp * p.vpp):
+        errors.append(f"model.num_layers = {m.num_layers} is not divisible by parallel.pp·parallel.vpp = "
+                      f"{p.pp}·{p.vpp}; change the layer count or the pipeline layout.")
+    if p.vpp > 1 and p.pp == 1:
+        errors.append("parallel.vpp > 1 needs parallel.pp > 1 (virtual stages interleave a real pipeline).")
+    if p.sequence_parallel and p.tp == 1:
+        errors.append("parallel.sequence_parallel = true needs parallel.tp > 1.")
+    if p.sequence_parallel and t.seq_length % p.tp:
+        errors.append(f"train.seq_length = {t.seq_length} is not divisible by parallel.tp = {p.tp} "
+                      "(sequence parallelism splits the sequence over tp).")
+    if cfg.precision.fp8 and p.backend != "te":
+        errors.append("precision.fp8 = true needs parallel.backend = 'te' (Transformer Engine on CUDA).")
+    if m.max_position_embeddings and m.max_position_embeddings < t.seq_length:
+        errors.append(f"train.seq_length = {t.seq_length} exceeds model.max_position_embeddings = "
+                      f"{m.max_position_embeddings}.")
+    if o.warmup_steps > t.steps:
+        errors.append(f"optim.warmup_steps = {o.warmup_steps} exceeds train.steps = {t.steps}.")
+    if not 0.0 <= o.decay_fraction <= 1.0:
+        errors.append(f"optim.decay_fraction = {o.decay_fraction} must be within [0, 1].")
+    if o.min_lr > o.lr:
+        errors.append(f"optim.min_lr = {o.min_lr} exceeds optim.lr = {o.lr}.")
+    if not d.prefixes:
+        errors.append("data.prefixes is empty: point it at a dataset written by `scaletrain data preprocess` "
+                      "(the prefix, without .bin/.idx).")
+    if d.weights and len(d.weights) != len(d.prefixes):
+        errors.append(f"data.weights has {len(d.weights)} entries for {len(d.prefixes)} data.prefixes; give one per prefix.")
+    if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
+        errors.append("data.weights must be non-negative and not all zero.")
+    try:
+        parse_split(d.split)
+    except ConfigError as e:
+        errors.append(str(e))
+
+    model_parallel = p.tp * p.pp * p.cp
+    dp = world_size // model_parallel if world_size % model_parallel == 0 else 0
+    if dp == 0:
+        errors.append(f"world size {world_size} is not divisible by tp·pp·cp = {p.tp}·{p.pp}·{p.cp} = "
+                      f"{model_parallel}; launch a multiple of {model_parallel} processes.")
+    elif t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(f"train.global_batch_size = {t.global_batch_size} is not divisible by "
+                      f"train.micro_batch_size·dp = {t.micro_batch_size}·{dp}; change one of them.")
+    errors.extend(_not_yet_supported(cfg, dp))
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+    return dp
+
+
+def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
+    """Layouts whose machinery has not landed yet: refused, never silently run as something else."""
+    p = cfg.parallel
+    out = []
+    for key, value in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp), ("dp", dp)]:
+        if value > 1:
+            out.append(f"{key} = {value}: this build of scaletrain runs single-process layouts only "
+                       "(tensor, pipeline, context and data parallelism are not implemented yet).")
+    if cfg.optim.distributed:
+        out.append("optim.distributed = true: the distributed optimizer is not implemented yet; set it to false.")
+    if p.backend == "te" or cfg.precision.fp8:
+        out.append("parallel.backend = 'te' / precision.fp8: the Transformer Engine backend is not implemented "
+                   "yet; use parallel.backend = 'torch' or 'auto'.")
+    return out

@@ -1,0 +1,76 @@
+"""Pretraining datasets through megatron.core: GPTDataset splits and weighted blends.
+
+megatron.core is imported here only (it costs seconds per process), and only the datasets part.
+Samples are fixed-length windows of `seq_length + 1` tokens over the concatenated documents,
+shuffled deterministically from the seed; sample i of a split is always the same sample, so a
+run resumes exactly from its consumed-sample count.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+from scaletrain.config.schema import DataConfig
+from scaletrain.config.validate import parse_split
+from scaletrain.data.indexed import check_indexed_dataset, check_vocab
+
+
+@dataclass
+class _MegatronTokenizerView:
+    """The few tokenizer facts megatron.core's GPTDataset reads (it never tokenizes)."""
+
+    vocab_size: int
+    eod: int
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of Megatron's dataset cache key
+        return {"class": "scaletrain", "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+def check_data(cfg: DataConfig, *, model_vocab: int, tokenizer_vocab: int, tokenizer_sha256: str | None) -> list[int]:
+    """Validate every prefix (files, structure, vocabulary) before anything heavy; return token counts."""
+    counts = []
+    for prefix in cfg.prefixes:
+        info = check_indexed_dataset(prefix)
+        check_vocab(info, model_vocab=model_vocab, tokenizer_vocab=tokenizer_vocab, tokenizer_sha256=tokenizer_sha256)
+        counts.append(info.tokens)
+    return counts
+
+
+def build_gpt_datasets(cfg: DataConfig, *, seq_length: int, seed: int, eod_id: int, vocab_size: int,
+                       train_samples: int, valid_samples: int):
+    """(train, valid) map-style datasets of dicts with `tokens`, `labels`, `loss_mask`, `position_ids`.
+
+    valid is None when the split gives validation no documents or valid_samples is 0.
+    """
+    # Megatron warns about absent TE/apex when its package initialises; irrelevant to datasets.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+
+    weights = list(cfg.weights) if cfg.weights else None
+    split = parse_split(cfg.split)
+    gpt_cfg = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(list(cfg.prefixes), weights),
+        split=",".join(f"{s:.6f}" for s in split),
+        tokenizer=_MegatronTokenizerView(vocab_size, eod_id),  # type: ignore[arg-type]
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=None,
+    )
+    valid_n = valid_samples if split[1] > 0 else 0
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_n or None, None],
+                                            lambda: True, gpt_cfg)
+    train, valid, _test = builder.build()
+    if train is None or len(train) == 0:
+        raise ValueError("the training split is empty: give data.split a non-zero first part and data that "
+                         f"holds at least one sequence of {seq_length + 1} tokens.")
+    return train, (valid if valid_n else None)

@@ -1,0 +1,16 @@
+"""Model families: pure architecture (and, per family, the Hugging Face key map)."""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.config.schema import ModelConfig
+
+
+def build_model(cfg: ModelConfig, tp_size: int = 1, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Construct the (uninitialised) model of `cfg.family` with tp-local shapes."""
+    if cfg.family == "llama":
+        from scaletrain.models.llama import LlamaModel
+
+        return LlamaModel(cfg, tp_size=tp_size, dtype=dtype)
+    raise ValueError(f"unknown model family {cfg.family!r}; known: llama")

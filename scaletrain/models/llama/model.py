@@ -1,0 +1,118 @@
+"""Llama-family decoder written in the scaletrain.nn role vocabulary.
+
+Covers Llama 2/3 (RoPE incl. Llama 3.1 scaling, GQA, SwiGLU, RMSNorm), Qwen2 (qkv bias) and
+Mistral shapes. The module tree is embed → layers[i] → norm → head, with global layer indices as
+names, so a pipeline split can take a slice of `layers` outside the model (DESIGN rule 2).
+
+The fused qkv weight is laid out per key/value group: for each kv head, its q heads, then its k,
+then its v rows. A contiguous tp slice then holds whole groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.nn import (
+    ColumnParallelLinear,
+    CoreAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+
+class Attention(nn.Module):
+    """Self-attention block body. Input/output [b, s, hidden] replicated over tp."""
+
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.heads_per_partition = cfg.num_heads // tp_size
+        self.kv_per_partition = cfg.num_kv_heads // tp_size
+        self.q_per_kv = cfg.num_heads // cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, tp_size=tp_size, bias=cfg.qkv_bias,
+                                        init_std=cfg.init_std, dtype=dtype)
+        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_size=tp_size,
+                                      init_std=out_std, dtype=dtype)
+        self.core = CoreAttention(self.heads_per_partition, self.kv_per_partition, cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.kv_per_partition, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.heads_per_partition, self.head_dim)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        q, k = rope(q, k, position_ids)
+        return self.proj(self.core(q, k, v, attention_mask))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) · up(x)); gate and up fused into one column-parallel GEMM."""
+
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp_size=tp_size, fused=2,
+                                            init_std=cfg.init_std, dtype=dtype)
+        self.down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp_size=tp_size,
+                                      init_std=cfg.init_std / math.sqrt(2 * cfg.num_layers), dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(·))."""
+
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, tp_size, dtype)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.mlp = SwiGLU(cfg, tp_size, dtype)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, position_ids, attention_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only LM. forward(input_ids [b, s]) → logits [b, s, vocab/tp].
+
+    Parameters are created uninitialised; `scaletrain.nn.init_parameters` fills them from the seed.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_size=tp_size,
+                                            init_std=cfg.init_std, dtype=dtype)
+        self.rope = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+            factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor, original_max_position=cfg.rope_original_max_position,
+        )
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.head: ColumnParallelLinear | None = None
+        if not cfg.tie_embeddings:
+            self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_size=tp_size,
+                                             init_std=cfg.init_std, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers.values():
+            x = layer(x, self.rope, position_ids, attention_mask)
+        x = self.norm(x)
+        if self.head is None:
+            return torch.nn.functional.linear(x, self.embed.weight)
+        return self.head(x)

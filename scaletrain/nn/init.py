@@ -1,0 +1,76 @@
+"""Layout-independent, seeded parameter initialisation.
+
+Each parameter carries a `ParamSpec` saying how to initialise its *full* (global) tensor and along
+which dimension tensor parallelism splits it. `init_parameters` draws every full tensor from a
+generator seeded by (run seed, parameter name) and copies out the local slice, so the same seed
+gives the same full weights at every tp/pp layout and in any construction order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How a parameter is initialised and sharded.
+
+    init: 'normal' (std), 'ones' or 'zeros'. shard_dim: the dim split over tp (None: replicated).
+    global_shape: the full tensor's shape.
+    """
+
+    init: str
+    std: float
+    shard_dim: int | None
+    global_shape: tuple[int, ...]
+
+
+def mark(param: torch.nn.Parameter, init: str, std: float = 0.0, shard_dim: int | None = None,
+         tp_size: int = 1) -> torch.nn.Parameter:
+    """Attach a ParamSpec to `param` (local shape) and return it."""
+    shape = list(param.shape)
+    if shard_dim is not None:
+        shape[shard_dim] *= tp_size
+    param.scaletrain_spec = ParamSpec(init, std, shard_dim, tuple(shape))  # type: ignore[attr-defined]
+    return param
+
+
+def spec_of(param: torch.Tensor) -> ParamSpec:
+    spec = getattr(param, "scaletrain_spec", None)
+    if spec is None:
+        raise TypeError("parameter was not created by a scaletrain.nn layer (no ParamSpec)")
+    return spec
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def full_init(spec: ParamSpec, seed: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The full (unsharded) initial tensor of parameter `name`, on CPU."""
+    if spec.init == "ones":
+        return torch.ones(spec.global_shape, dtype=dtype)
+    if spec.init == "zeros":
+        return torch.zeros(spec.global_shape, dtype=dtype)
+    # Draw in float32 whatever the training dtype, so float32 and float64 runs start from the same weights.
+    full = torch.empty(spec.global_shape, dtype=torch.float32).normal_(0.0, spec.std, generator=_generator(seed, name))
+    return full.to(dtype)
+
+
+@torch.no_grad()
+def init_parameters(model: torch.nn.Module, seed: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+    """Initialise every parameter of `model` in place from `seed`; tied parameters once."""
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        spec = spec_of(param)
+        full = full_init(spec, seed, name, param.dtype)
+        if spec.shard_dim is not None and tp_size > 1:
+            full = full.chunk(tp_size, dim=spec.shard_dim)[tp_rank]
+        param.copy_(full.to(param.device))

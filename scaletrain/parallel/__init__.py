@@ -1,0 +1,1 @@
+"""How collectives, pipeline schedules and data parallelism work."""

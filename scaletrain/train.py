@@ -1,0 +1,168 @@
+"""`scaletrain train` / `python -m scaletrain.train`: parse → validate → init → build → run.
+
+Everything that can be wrong with the inputs (config keys and types, sizes that do not divide,
+world size, tokenizer, data files, vocabulary) is checked before torch allocates a parameter or
+megatron.core is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scaletrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from scaletrain.config import ConfigError, RunConfig, dump_config, load_config, resolve_model, validate
+from scaletrain.config.load import config_to_dict
+from scaletrain.data.indexed import DatasetError
+from scaletrain.data.tokenizer import load_tokenizer
+from scaletrain.distributed import ParallelDims, read_env
+from scaletrain.nn.backend import select_backend
+from scaletrain.trainer.flops import parameter_counts
+from scaletrain.trainer.precision import resolve_precision
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run file (TOML), e.g. configs/tiny.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set parallel.tp=2 (repeatable)")
+
+
+def prepare(cfg: RunConfig, world_size: int):
+    """Resolve derived sizes and run every up-front check. Returns (cfg, dp, tokenizer)."""
+    from scaletrain.data.gpt import check_data
+
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer is empty: point it at the tokenizer that wrote the data "
+                          "(a folder with tokenizer.model or tokenizer.json).")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = resolve_model(cfg.model, tokenizer_vocab=tokenizer.vocab_size, tp=cfg.parallel.tp,
+                          seq_length=cfg.train.seq_length)
+    cfg = dataclasses.replace(cfg, model=model)
+    dp = validate(cfg, world_size)
+    if model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
+    check_data(cfg.data, model_vocab=model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
+               tokenizer_sha256=tokenizer.fingerprint())
+    return cfg, dp, tokenizer
+
+
+def _configure_runtime(cfg: RunConfig) -> torch.device:
+    t = cfg.train
+    threads = t.threads or (1 if t.deterministic else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    random.seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+    torch.manual_seed(t.seed)
+    if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device = 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'.")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def run(cfg: RunConfig) -> str:
+    """Train according to a loaded config; returns 'done' or 'exit' (exit interval)."""
+    from scaletrain.data.gpt import build_gpt_datasets
+    from scaletrain.data.loader import StepBatches
+    from scaletrain.models import build_model
+    from scaletrain.nn import init_parameters
+    from scaletrain.trainer.loop import LoopState, Trainer, set_rng_state
+    from scaletrain.trainer.objective import LanguageModelingObjective
+    from scaletrain.trainer.optimizer import build_optimizer
+    from scaletrain.trainer.sinks import MetricSinks
+
+    env = read_env()
+    cfg, dp, tokenizer = prepare(cfg, env.world_size)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else latest_checkpoint(ckpt_root)
+    backend, backend_reason = select_backend(cfg.parallel.backend)
+    device = _configure_runtime(cfg)
+    precision = resolve_precision(cfg.precision, device)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dims.is_main:
+        dump_config(cfg, run_dir / "config.toml")
+    counts = parameter_counts(cfg.model)
+    log = print if dims.is_main else (lambda *a, **k: None)
+    log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
+        f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
+        f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp}; backend {backend} ({backend_reason}); "
+        f"precision {precision.name} ({precision.reason}); device {device}")
+
+    model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype).to(device)
+    init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    objective = LanguageModelingObjective()
+
+    state = LoopState(step=0, consumed_samples=0)
+    if resume_from is not None:
+        trainer_state = load_checkpoint(resume_from, model, optimizer)
+        state = LoopState(step=int(trainer_state["step"]), consumed_samples=int(trainer_state["consumed_samples"]))
+        set_rng_state(trainer_state["rng"])
+        log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    if state.step >= cfg.train.steps:
+        log(f"nothing to do: the run is at step {state.step} of train.steps = {cfg.train.steps}")
+        return "done"
+
+    t = cfg.train
+    eval_points = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
+    train_ds, valid_ds = build_gpt_datasets(
+        cfg.data, seq_length=t.seq_length, seed=t.seed, eod_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,
+        train_samples=t.steps * t.global_batch_size, valid_samples=eval_points * t.eval_iters * t.global_batch_size)
+    train_batches = StepBatches(train_ds, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
+                                dp_rank=dims.dp_rank, dp_size=dims.dp, consumed_samples=state.consumed_samples,
+                                num_workers=cfg.data.num_workers)
+    valid_fn = None
+    if valid_ds is not None and t.eval_interval:
+        # The same validation batches every time, so validation losses compare across steps and runs.
+        def valid_fn():
+            return StepBatches(valid_ds, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
+                               dp_rank=dims.dp_rank, dp_size=dims.dp, num_steps=t.eval_iters)
+
+    sinks = MetricSinks(run_dir, cfg.logging, total_steps=t.steps, start_step=state.step,
+                        run_config=config_to_dict(cfg), active=dims.is_main)
+    try:
+        trainer = Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
+                          valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
+                          run_dir=run_dir, state=state, world_size=env.world_size)
+        return trainer.run()
+    finally:
+        sinks.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scaletrain train", description="Pretrain a model from a run file.")
+    add_train_args(parser)
+    args = parser.parse_args(argv)
+    return train_command(args)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg)
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
+        print(f"scaletrain: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

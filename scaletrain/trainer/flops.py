@@ -1,0 +1,54 @@
+"""Model FLOPs per token and MFU, under one documented convention.
+
+Convention (PaLM, Chowdhery et al. 2022, appendix B): training FLOPs per token =
+6·N + 12·L·H·Q·T, where N counts the parameters that take part in matmuls (every weight except the
+input embedding table; the output head is counted even when tied to the embedding), L layers,
+H query heads, Q head dim, T sequence length. The attention term counts the full T×T score matrix;
+`causal_halved=True` halves it (6·L·H·Q·T), the count of work a causal kernel actually does. MFU is
+reported under the PaLM convention. E.g. Llama-3-8B at T = 8192: 57.9 GFLOP (PaLM), 51.5 (halved).
+"""
+
+from __future__ import annotations
+
+from scaletrain.config.schema import ModelConfig
+
+# Dense peak TFLOP/s per device (no sparsity). Unknown devices (CPUs included) get no MFU.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 SXM": {"bfloat16": 989.0, "fp8": 1979.0},
+    "H100": {"bfloat16": 989.0, "fp8": 1979.0},
+    "H200": {"bfloat16": 989.0, "fp8": 1979.0},
+    "H100 PCIe": {"bfloat16": 756.0, "fp8": 1513.0},
+    "H100 NVL": {"bfloat16": 835.0, "fp8": 1671.0},
+    "A100": {"bfloat16": 312.0},
+    "B200": {"bfloat16": 2250.0, "fp8": 4500.0},
+}
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts of the resolved model config: total, embedding, matmul (N)."""
+    h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + (cfg.num_heads + 2 * cfg.num_kv_heads) * d * cfg.qkv_bias
+    attn_out = cfg.num_heads * d * h
+    mlp = 3 * h * cfg.ffn_hidden_size
+    per_layer_matmul = qkv + attn_out + mlp
+    norms = layers * 2 * h + h
+    embedding = cfg.vocab_size * h
+    head = cfg.vocab_size * h
+    total = embedding + layers * per_layer_matmul + norms + (0 if cfg.tie_embeddings else head)
+    return {"total": total, "embedding": embedding, "matmul": layers * per_layer_matmul + head}
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int, causal_halved: bool = False) -> float:
+    """Training (forward + backward) FLOPs per token; see the module docstring for the convention."""
+    n = parameter_counts(cfg)["matmul"]
+    attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_length
+    return 6.0 * n + (attn / 2 if causal_halved else attn)
+
+
+def device_peak_tflops(device_name: str, dtype: str) -> float | None:
+    """Peak dense TFLOP/s of a named accelerator for bfloat16 / fp8 compute; None when unknown."""
+    key = "fp8" if dtype == "fp8" else "bfloat16"
+    for name in sorted(PEAK_TFLOPS, key=len, reverse=True):  # most specific name first
+        if name.lower() in device_name.lower():
+            return PEAK_TFLOPS[name].get(key)
+    return None

@@ -1,0 +1,136 @@
+"""The training loop: steps, validation, checkpoints, exit interval, metrics.
+
+Everything it drives (model, optimizer, data, objective) is built elsewhere and handed in; the
+loop is the same for every stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scaletrain.checkpoint import save_checkpoint
+from scaletrain.config.schema import RunConfig
+from scaletrain.trainer.flops import device_peak_tflops, flops_per_token
+from scaletrain.trainer.lr_schedule import lr_at
+from scaletrain.trainer.precision import Precision
+from scaletrain.trainer.sinks import MetricSinks
+from scaletrain.trainer.step import evaluate, train_step
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from, JSON-serialisable."""
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "numpy": [int(x) if not isinstance(x, str) else x for x in _np_state()],
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _np_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, *keys.tolist(), pos, has_gauss, cached]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1:625], dtype=np.uint32), npst[625], npst[626], npst[627]))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                      for s in state["cuda"]])
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+@dataclass
+class LoopState:
+    step: int
+    consumed_samples: int
+
+
+class Trainer:
+    """Runs steps [state.step, cfg.train.steps) with validation, checkpointing and exit interval."""
+
+    def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective,
+                 train_batches, valid_batches_fn, precision: Precision, device: torch.device,
+                 sinks: MetricSinks, run_dir: Path, state: LoopState, world_size: int = 1) -> None:
+        self.cfg, self.model, self.optimizer, self.objective = cfg, model, optimizer, objective
+        self.train_batches, self.valid_batches_fn = train_batches, valid_batches_fn
+        self.precision, self.device, self.sinks, self.run_dir = precision, device, sinks, run_dir
+        self.state, self.world_size = state, world_size
+        t = cfg.train
+        self.tokens_per_step = t.global_batch_size * t.seq_length
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_length)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.peak_tflops = device_peak_tflops(name, "fp8" if cfg.precision.fp8 else "bfloat16") \
+            if device.type == "cuda" and precision.autocast_dtype is not None else None
+
+    def _checkpoint(self) -> Path:
+        trainer_state = {"consumed_samples": self.state.consumed_samples, "rng": rng_state()}
+        return save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
+                               trainer_state, keep_last=self.cfg.checkpoint.keep_last)
+
+    def _validate(self) -> float | None:
+        if self.valid_batches_fn is None:
+            return None
+        return evaluate(self.model, self.objective, self.valid_batches_fn(), precision=self.precision,
+                        device=self.device)
+
+    def run(self) -> str:
+        """Train to the end (returns 'done') or to an exit-interval boundary (returns 'exit')."""
+        cfg, t = self.cfg, self.cfg.train
+        self.model.train()
+        while self.state.step < t.steps:
+            microbatches = next(self.train_batches)
+            t0 = time.perf_counter()
+            lr = lr_at(self.state.step, cfg.optim, t.steps)
+            result = train_step(self.model, self.optimizer, self.objective, microbatches, lr=lr,
+                                clip_grad=cfg.optim.clip_grad, precision=self.precision, device=self.device)
+            dt = time.perf_counter() - t0
+            self.state.step += 1
+            self.state.consumed_samples += t.global_batch_size
+            step = self.state.step
+            tokens_per_s = self.tokens_per_step / dt
+            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+            metrics: dict[str, Any] = {
+                "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+                "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                "step_time_s": dt, "loss_tokens": result.items, "consumed_samples": self.state.consumed_samples,
+                "mem_gb": memory_gb(self.device),
+            }
+            if result.skipped:
+                metrics["skipped"] = True
+                self.sinks.info(f"step {step}: non-finite gradient norm, update skipped")
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+                metrics["val_loss"] = self._validate()
+            self.sinks.log(step, metrics)
+            last = step == t.steps
+            exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and not last
+            interval = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+            if interval or exiting or (last and cfg.checkpoint.save_at_end):
+                path = self._checkpoint()
+                self.sinks.info(f"saved checkpoint {path}")
+            if exiting:
+                self.sinks.info(f"exit interval: stopping cleanly after step {step}; rerun to resume")
+                return "exit"
+        return "done"

@@ -1,0 +1,31 @@
+"""The pretraining objective: next-token cross-entropy over tokens with loss_mask = 1.
+
+Every objective (SFT, DPO, … later) provides the same two things: `count(batch)`, its number of
+loss items (the normaliser's share of that microbatch), and `forward_step` for the schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.nn import cross_entropy_per_token
+
+
+class LanguageModelingObjective:
+    """Sum of per-token cross-entropy over loss-masked tokens; normalised by the global token count."""
+
+    name = "pretrain"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["loss_mask"].sum()
+
+    def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
+        logits = model(batch["tokens"])
+        labels, mask = batch["labels"], batch["loss_mask"]
+
+        def loss_fn(output: torch.Tensor):
+            per_token = cross_entropy_per_token(output, labels)
+            loss_sum = (per_token * mask.to(per_token.dtype)).sum()
+            return loss_sum, {"tokens": mask.sum()}
+
+        return logits, loss_fn

@@ -1,0 +1,30 @@
+"""AdamW with decoupled weight decay on matrices only (never on norms and biases)."""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.config.schema import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: ≥2-D weights (decayed) and 1-D parameters — norm weights, biases (not decayed)."""
+    decay, no_decay, seen = [], [], set()
+    for _name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW: fused kernel on CUDA, the foreach implementation elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=fused or None, foreach=None if fused else True,
+    )

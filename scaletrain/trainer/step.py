@@ -1,0 +1,74 @@
+"""One optimizer step, shared by every stage (DESIGN rule 5), and the validation pass.
+
+Loss normalisation lives here and only here: the objective counts its loss items per microbatch,
+the step sums them over the whole global batch (all microbatches; all dp ranks once dp lands) and
+the schedule divides every microbatch's summed loss by that one number before backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from scaletrain.parallel.schedules import forward_backward_no_pipelining
+from scaletrain.trainer.precision import Precision
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    items: int
+    skipped: bool
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective, microbatches: list[dict],
+               *, lr: float, clip_grad: float, precision: Precision, device: torch.device) -> StepResult:
+    """Forward/backward over `microbatches`, clip the global grad norm, AdamW update.
+
+    A non-finite gradient norm skips the update (and is reported), so one bad batch cannot poison
+    the weights.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    mbs = [_to_device(b, device) for b in microbatches]
+    normaliser = torch.stack([objective.count(b) for b in mbs]).sum()
+    items = int(normaliser.item())  # host sync: the normaliser is needed as a number
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        loss, _metrics = forward_backward_no_pipelining(objective.forward_step, mbs, model,
+                                                        normaliser=max(items, 1))
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+    grad_norm = float(total_norm.item())  # host sync, once per step
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        if clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, total_norm)
+        optimizer.step()
+    return StepResult(loss=float(loss.item()), grad_norm=grad_norm, items=items, skipped=skipped)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision, device: torch.device) -> float:
+    """Mean loss over all items of `batches` (an iterable of per-step microbatch lists)."""
+    was_training = model.training
+    model.eval()
+    total, items = 0.0, 0
+    for microbatches in batches:
+        mbs = [_to_device(b, device) for b in microbatches]
+        count = int(torch.stack([objective.count(b) for b in mbs]).sum().item())
+        with precision.autocast():
+            loss, _ = forward_backward_no_pipelining(objective.forward_step, mbs, model,
+                                                     normaliser=max(count, 1), forward_only=True)
+        total += float(loss.item()) * count
+        items += count
+    model.train(was_training)
+    return total / max(items, 1)
