@@ -67,7 +67,7 @@ def build_gpt_datasets(cfg: DataConfig, *, seq_length: int, seed: int, eod_id: i
         path_to_cache=None,
     )
     valid_n = valid_samples if split[1] > 0 else 0
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_n or None, None],
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_n, 0],
                                             lambda: True, gpt_cfg)
     train, valid, _test = builder.build()
     if train is None or len(train) == 0:

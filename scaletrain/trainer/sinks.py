@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class MetricSinks:
         import wandb
 
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         return wandb.init(project=self.cfg.wandb_project, dir=str(run_dir), id=run_id, resume="allow",
                           mode=self.cfg.wandb_mode or None, config=run_config, name=run_dir.name)
