@@ -75,8 +75,11 @@ def _configure_runtime(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def run(cfg: RunConfig) -> str:
-    """Train according to a loaded config; returns 'done' or 'exit' (exit interval)."""
+def build_trainer(cfg: RunConfig):
+    """Check, initialise and build everything a run needs; returns a Trainer (None: nothing left to do).
+
+    The caller owns `trainer.sinks` and must close them.
+    """
     from scaletrain.data.gpt import build_gpt_datasets
     from scaletrain.data.loader import StepBatches
     from scaletrain.models import build_model
@@ -119,7 +122,7 @@ def run(cfg: RunConfig) -> str:
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
     if state.step >= cfg.train.steps:
         log(f"nothing to do: the run is at step {state.step} of train.steps = {cfg.train.steps}")
-        return "done"
+        return None
 
     t = cfg.train
     eval_points = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
@@ -138,13 +141,20 @@ def run(cfg: RunConfig) -> str:
 
     sinks = MetricSinks(run_dir, cfg.logging, total_steps=t.steps, start_step=state.step,
                         run_config=config_to_dict(cfg), active=dims.is_main)
+    return Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
+                   valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
+                   run_dir=run_dir, state=state, world_size=env.world_size)
+
+
+def run(cfg: RunConfig) -> str:
+    """Train according to a loaded config; returns 'done' or 'exit' (exit interval)."""
+    trainer = build_trainer(cfg)
+    if trainer is None:
+        return "done"
     try:
-        trainer = Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
-                          valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
-                          run_dir=run_dir, state=state, world_size=env.world_size)
         return trainer.run()
     finally:
-        sinks.close()
+        trainer.sinks.close()
 
 
 def main(argv: list[str] | None = None) -> int:

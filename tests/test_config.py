@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import TINY
 
 from scaletrain.config import ConfigError, dump_config, load_config, resolve_model, validate
 from scaletrain.config.load import load_tree
-
-from conftest import TINY
 
 
 def _write(tmp_path, name, text):

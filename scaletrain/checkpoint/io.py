@@ -63,7 +63,7 @@ def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         return {"model": get_model_state_dict(model)}, []
     model_sd, optim_sd = get_state_dict(model, optimizer)
     # param_groups hold hyper-parameters, which come from the config on resume; only state is saved.
-    return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, optim_sd["param_groups"]
+    return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, list(optim_sd["param_groups"])  # type: ignore[arg-type]
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

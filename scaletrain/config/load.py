@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from scaletrain.config.schema import RunConfig
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import ModelConfig, RunConfig
@@ -29,7 +30,7 @@ def padded_vocab_size(tokenizer_vocab: int, multiple: int, tp: int) -> int:
 
 def resolve_model(model: ModelConfig, *, tokenizer_vocab: int | None, tp: int, seq_length: int) -> ModelConfig:
     """Replace every 0 ('derive') field of the model section by its derived value."""
-    changes: dict[str, int] = {}
+    changes: dict[str, Any] = {}
     if model.vocab_size == 0:
         if tokenizer_vocab is None:
             raise ConfigError("model.vocab_size = 0 derives the size from the tokenizer; set data.tokenizer.")

@@ -55,7 +55,7 @@ class RotaryEmbedding(nn.Module):
             if length > self.max_position:
                 raise ValueError(f"position {length - 1} exceeds max_position_embeddings = {self.max_position}")
             angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device),
-                                 self.inv_freq.to(device, torch.float64))
+                                 self.inv_freq.to(device, torch.float64))  # type: ignore[operator,arg-type]
             emb = torch.cat((angles, angles), dim=-1)
             self._tables = (emb.cos(), emb.sin())
         return self._tables

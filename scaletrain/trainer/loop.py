@@ -39,8 +39,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def _np_state() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, *keys.tolist(), pos, has_gauss, cached]
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return [name, *keys.tolist(), pos, has_gauss, cached]  # type: ignore[attr-defined]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

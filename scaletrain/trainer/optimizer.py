@@ -9,7 +9,9 @@ from scaletrain.config.schema import OptimConfig
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: ≥2-D weights (decayed) and 1-D parameters — norm weights, biases (not decayed)."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
     for _name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue

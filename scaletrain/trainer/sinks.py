@@ -64,7 +64,8 @@ class MetricSinks:
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         return wandb.init(project=self.cfg.wandb_project, dir=str(run_dir), id=run_id, resume="allow",
-                          mode=self.cfg.wandb_mode or None, config=run_config, name=run_dir.name)
+                          mode=self.cfg.wandb_mode or None,  # type: ignore[arg-type]
+                          config=run_config, name=run_dir.name)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
