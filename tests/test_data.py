@@ -141,3 +141,26 @@ def test_order_is_deterministic_and_seeded(dataset_prefix):
     assert not all((t1[i]["tokens"] == t3[i]["tokens"]).all() for i in range(8))
     assert v1 is not None and len(v1) > 0
     assert (t1[0]["labels"][:-1] == t1[0]["tokens"][1:]).all()
+
+
+def test_hf_tokenizer_json_works_end_to_end(tmp_path):
+    """A byte-level BPE tokenizer.json (as Llama 3 / Qwen ship) drives preprocessing like SentencePiece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus_texts(100), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|end_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tok")
+    assert ours.eos_id == tok.token_to_id("<|end_of_text|>") and ours.vocab_size == tok.get_vocab_size()
+    text = corpus_texts(1)[0]
+    assert ours.decode(ours.encode(text)) == text
+    src = tmp_path / "c.txt"
+    src.write_text("In the beginning\nGod created\n")
+    stats = preprocess([str(src)], str(tmp_path / "tok"), str(tmp_path / "c"))
+    assert stats.documents == 2
+    ds = _megatron_indexed(str(tmp_path / "c"))  # keep it alive: its items are views of its mmap
+    assert ds[0].tolist() == ours.encode("In the beginning") + [ours.eos_id]

@@ -7,13 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.nn.init import mark
+from scaletrain.nn.linear import TPBound
+from scaletrain.parallel.mappings import reduce_from_tp, reduce_scatter_to_sequence
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(TPBound):
     """Token ids → vectors, with the table split over tp along the vocabulary.
 
-    Placement: input ids replicated over tp; output replicated over tp. Weight: sharded along dim 0
-    (rows [tp_rank·V/tp, (tp_rank+1)·V/tp)).
+    Placement: input ids [b, s] replicated over tp; output [b, s, h] replicated over tp, or
+    sequence-sharded [b, s/tp, h] under SP. Weight: sharded along dim 0 (this rank holds rows
+    [tp_rank·V/tp, (tp_rank+1)·V/tp)); ids outside that block contribute zeros before the sum.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_size: int = 1,
@@ -27,4 +30,14 @@ class VocabParallelEmbedding(nn.Module):
                            "normal", init_std, 0, tp_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp is None or self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        start = self.tp.rank * self.rows_per_partition
+        outside = (input_ids < start) | (input_ids >= start + self.rows_per_partition)
+        local = torch.where(outside, 0, input_ids - start)
+        out = F.embedding(local, self.weight) * (~outside).unsqueeze(-1).to(self.weight.dtype)
+        return reduce_scatter_to_sequence(out, self.tp) if self.sequence_parallel else reduce_from_tp(out, self.tp)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output head: x [b, s(/tp), h] → logits [b, s, V/tp] against this rank's rows."""
+        return F.linear(self._column_input(x), self.weight)

@@ -1,8 +1,9 @@
 """Megatron's column- and row-parallel linear layers (torch backend).
 
 ColumnParallelLinear splits the output features over tp; RowParallelLinear splits the input
-features. Shapes are set by `tp_size` at construction; process groups are bound late by
-`parallelize()` (DESIGN rule 1). At tp_size = 1 both are plain linear layers.
+features. Shapes are set by `tp_size` at construction; the tp communicator and sequence
+parallelism are bound late by `parallelize()` (DESIGN rule 1). Unbound, or at tp_size = 1, both are
+plain linear layers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.nn.init import mark
+from scaletrain.parallel.comm import Comm
+from scaletrain.parallel.mappings import (
+    copy_to_tp,
+    gather_from_sequence,
+    reduce_from_tp,
+    reduce_scatter_to_sequence,
+)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -20,15 +28,31 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-class ColumnParallelLinear(nn.Module):
+class TPBound(nn.Module):
+    """A layer whose collectives run over a tp communicator bound after construction."""
+
+    tp: Comm | None = None
+    sequence_parallel: bool = False
+
+    def bind_tp(self, comm: Comm, sequence_parallel: bool) -> None:
+        if comm.size != getattr(self, "tp_size", comm.size):
+            raise ValueError(f"{type(self).__name__} was built for tp_size={self.tp_size}, bound to {comm.size}")
+        self.tp, self.sequence_parallel = comm, sequence_parallel
+
+    def _column_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Input of a column-parallel matmul: replicated (grads summed over tp) or gathered from SP."""
+        return gather_from_sequence(x, self.tp) if self.sequence_parallel else copy_to_tp(x, self.tp)
+
+
+class ColumnParallelLinear(TPBound):
     """y = x Wᵀ (+ b) with W split along the output features.
 
     `fused` > 1 stores several projections that share an input as one weight of shape
     [fused, out_features/tp, in_features] (e.g. SwiGLU's gate and up): one GEMM, and every tp rank
     holds a contiguous slice of each part, so the checkpoint layout is independent of tp.
 
-    Placement: input replicated over tp; output sharded over tp along the last dim.
-    Weight: sharded over tp along its output dim; bias likewise.
+    Placement: input replicated over tp ([b, s/tp, h] sequence-sharded under SP); output sharded
+    over tp along the last dim, full sequence. Weight and bias: sharded along the output dim.
     """
 
     def __init__(self, in_features: int, out_features: int, *, tp_size: int = 1, bias: bool = False,
@@ -47,15 +71,15 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.flatten(0, 1) if self.fused > 1 else self.weight
         b = None if self.bias is None else self.bias.flatten()
-        return F.linear(x, w, b)
+        return F.linear(self._column_input(x), w, b)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(TPBound):
     """y = x Wᵀ (+ b) with W split along the input features; partial outputs summed over tp.
 
-    Placement: input sharded over tp along the last dim; output replicated over tp (or
-    sequence-sharded under sequence parallelism). Weight: sharded along its input dim; the bias is
-    replicated and added once, after the reduction.
+    Placement: input sharded over tp along the last dim (full sequence); output replicated over tp,
+    or sequence-sharded [b, s/tp, h] under SP (reduce-scatter instead of all-reduce). Weight:
+    sharded along its input dim; the bias is replicated and added once, after the reduction.
     """
 
     def __init__(self, in_features: int, out_features: int, *, tp_size: int = 1, bias: bool = False,
@@ -70,4 +94,6 @@ class RowParallelLinear(nn.Module):
             self.bias = mark(nn.Parameter(torch.empty(out_features, dtype=dtype)), "zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sequence(y, self.tp) if self.sequence_parallel else reduce_from_tp(y, self.tp)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,97 @@
+"""The one module that calls torch.distributed collectives.
+
+A `Comm` wraps one process group (tp, dp, …). At size 1 every collective returns its input, so a
+single process runs the same code with no group at all. Collectives work on contiguous tensors and
+along dim 0 (flat layouts); `dim` arguments move the dimension first and back (a copy when dim≠0).
+Every call adds its payload to `stats` (bytes of the full tensor each op logically moves), which the
+communication benchmark compares with Megatron's theoretical minimum.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    """Payload bytes and call counts per operation since the last reset."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, op: str, t: torch.Tensor) -> None:
+        self.bytes[op] += t.numel() * t.element_size()
+        self.calls[op] += 1
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+class Comm:
+    """Collectives over one group. rank/size are this process's place in that group."""
+
+    def __init__(self, group: dist.ProcessGroup | None, size: int, rank: int, name: str) -> None:
+        self.group, self.size, self.rank, self.name = group, size, rank, name
+        self.stats = CommStats()
+
+    @classmethod
+    def single(cls, name: str) -> Comm:
+        return cls(None, 1, 0, name)
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (sum or max) of a contiguous tensor; returns it."""
+        if self.size == 1:
+            return t
+        self.stats.add("all_reduce", t)
+        red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(t, op=red, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate every rank's `t` along `dim` (output size × along dim)."""
+        if self.size == 1:
+            return t
+        src = t.movedim(dim, 0).contiguous()
+        out = torch.empty((src.shape[0] * self.size, *src.shape[1:]), dtype=src.dtype, device=src.device)
+        self.stats.add("all_gather", out)
+        dist.all_gather_single(out, src, group=self.group)
+        return out.movedim(0, dim)
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum over ranks, then keep this rank's 1/size slice along `dim`."""
+        if self.size == 1:
+            return t
+        src = t.movedim(dim, 0).contiguous()
+        if src.shape[0] % self.size:
+            raise ValueError(f"reduce_scatter: dim {dim} of size {src.shape[0]} is not divisible by {self.size}")
+        out = torch.empty((src.shape[0] // self.size, *src.shape[1:]), dtype=src.dtype, device=src.device)
+        self.stats.add("reduce_scatter", src)
+        dist.reduce_scatter_single(out, src, group=self.group)
+        return out.movedim(0, dim)
+
+    def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's 1/size slice along `dim` (no communication)."""
+        if self.size == 1:
+            return t
+        if t.shape[dim] % self.size:
+            raise ValueError(f"split: dim {dim} of size {t.shape[dim]} is not divisible by {self.size}")
+        return t.chunk(self.size, dim=dim)[self.rank].contiguous()
+
+    def broadcast(self, t: torch.Tensor, src_group_rank: int = 0) -> torch.Tensor:
+        if self.size == 1:
+            return t
+        self.stats.add("broadcast", t)
+        dist.broadcast(t, group=self.group, group_src=src_group_rank)
+        return t
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier(group=self.group)
