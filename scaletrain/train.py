@@ -22,7 +22,7 @@ from scaletrain.config import ConfigError, RunConfig, dump_config, load_config, 
 from scaletrain.config.load import config_to_dict
 from scaletrain.data.indexed import DatasetError
 from scaletrain.data.tokenizer import load_tokenizer
-from scaletrain.distributed import ParallelDims, read_env
+from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
 from scaletrain.nn.backend import select_backend
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.precision import resolve_precision
@@ -84,6 +84,7 @@ def build_trainer(cfg: RunConfig):
     from scaletrain.data.loader import StepBatches
     from scaletrain.models import build_model
     from scaletrain.nn import init_parameters
+    from scaletrain.parallel.parallelize import parallelize
     from scaletrain.trainer.loop import LoopState, Trainer, set_rng_state
     from scaletrain.trainer.objective import LanguageModelingObjective
     from scaletrain.trainer.optimizer import build_optimizer
@@ -91,13 +92,14 @@ def build_trainer(cfg: RunConfig):
 
     env = read_env()
     cfg, dp, tokenizer = prepare(cfg, env.world_size)
-    dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
     resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else latest_checkpoint(ckpt_root)
     backend, backend_reason = select_backend(cfg.parallel.backend)
     device = _configure_runtime(cfg)
     precision = resolve_precision(cfg.precision, device)
+    init_distributed(env, device.type)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if dims.is_main:
@@ -110,15 +112,17 @@ def build_trainer(cfg: RunConfig):
         f"precision {precision.name} ({precision.reason}); device {device}")
 
     model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype).to(device)
+    model = parallelize(model, dims, cfg.parallel)
     init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
     optimizer = build_optimizer(model, cfg.optim, device)
-    objective = LanguageModelingObjective()
+    objective = LanguageModelingObjective(dims.tp_comm)
 
     state = LoopState(step=0, consumed_samples=0)
     if resume_from is not None:
-        trainer_state = load_checkpoint(resume_from, model, optimizer)
+        trainer_state = load_checkpoint(resume_from, model, optimizer, dims=dims)
         state = LoopState(step=int(trainer_state["step"]), consumed_samples=int(trainer_state["consumed_samples"]))
-        set_rng_state(trainer_state["rng"])
+        if "rng" in trainer_state.get("rank_state", {}):
+            set_rng_state(trainer_state["rank_state"]["rng"])
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
     if state.step >= cfg.train.steps:
         log(f"nothing to do: the run is at step {state.step} of train.steps = {cfg.train.steps}")
@@ -143,18 +147,21 @@ def build_trainer(cfg: RunConfig):
                         run_config=config_to_dict(cfg), active=dims.is_main)
     return Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
                    valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
-                   run_dir=run_dir, state=state, world_size=env.world_size)
+                   run_dir=run_dir, state=state, dims=dims)
 
 
 def run(cfg: RunConfig) -> str:
     """Train according to a loaded config; returns 'done' or 'exit' (exit interval)."""
-    trainer = build_trainer(cfg)
-    if trainer is None:
-        return "done"
     try:
-        return trainer.run()
+        trainer = build_trainer(cfg)
+        if trainer is None:
+            return "done"
+        try:
+            return trainer.run()
+        finally:
+            trainer.sinks.close()
     finally:
-        trainer.sinks.close()
+        shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

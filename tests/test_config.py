@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import TINY
 
 from scaletrain.config import ConfigError, dump_config, load_config, resolve_model, validate
 from scaletrain.config.load import load_tree
+
+from conftest import TINY
 
 
 def _write(tmp_path, name, text):
@@ -112,8 +113,11 @@ def test_validate_world_size_and_layout_rules():
 
 
 def test_layouts_not_built_yet_are_refused_not_faked():
-    with pytest.raises(ConfigError, match="parallel.tp = 2: this build of scaletrain runs single-process"):
-        validate(_resolved(["parallel.tp=2"]), world_size=2)
+    assert validate(_resolved(["parallel.tp=2"]), world_size=2) == 1
+    with pytest.raises(ConfigError, match="dp = 2: this build of scaletrain runs tensor parallelism only"):
+        validate(_resolved(), world_size=2)
+    with pytest.raises(ConfigError, match="parallel.pp = 2: this build"):
+        validate(_resolved(["parallel.pp=2"]), world_size=2)
     with pytest.raises(ConfigError, match="distributed optimizer is not implemented"):
         validate(_resolved(["optim.distributed=true"]), world_size=1)
 

@@ -7,13 +7,14 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import corpus_texts
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.data.gpt import build_gpt_datasets, check_data
 from scaletrain.data.indexed import DatasetError, check_indexed_dataset
 from scaletrain.data.preprocess import preprocess
 from scaletrain.data.tokenizer import load_tokenizer
+
+from conftest import corpus_texts
 
 
 def _megatron_indexed(prefix):

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, read_metrics, tiny_overrides
 
 from scaletrain.cli import main
+
+from conftest import REPO, TINY, read_metrics, tiny_overrides
 
 
 def _train(run_dir, tokenizer_dir, prefix, **extra) -> int:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import REPO
 
 from scaletrain.config import load_config, resolve_model
 from scaletrain.config.schema import ModelConfig, OptimConfig
@@ -16,6 +15,8 @@ from scaletrain.trainer.flops import device_peak_tflops, flops_per_token, parame
 from scaletrain.trainer.lr_schedule import lr_at
 from scaletrain.trainer.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import param_groups
+
+from conftest import REPO
 
 
 def test_cosine_with_warmup_hand_values():

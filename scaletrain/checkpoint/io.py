@@ -54,52 +54,111 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+def _to_global(local: torch.Tensor, spec, dims) -> torch.Tensor:
+    """A tp-sharded local tensor as a DTensor with its global shape (plain tensors are replicated)."""
+    if spec is None or spec.shard_dim is None or local.ndim == 0:
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = torch.Size(spec.global_shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, dims.mesh["tp"], [Shard(spec.shard_dim)], run_check=False,
+                              shape=shape, stride=stride)
+
+
+def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dims=None
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """({'model': …, 'optim': {'state': …}}, FQN-keyed param groups) for DCP."""
+    """({'model': …, 'optim': {'state': …}}, FQN-keyed param groups) for DCP.
+
+    Under tp > 1 sharded tensors become DTensors, so every file records global shapes and offsets.
+    """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    from scaletrain.nn.init import spec_of
+
+    groups: list[dict[str, Any]] = []
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}, []
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    # param_groups hold hyper-parameters, which come from the config on resume; only state is saved.
-    return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, list(optim_sd["param_groups"])  # type: ignore[arg-type]
+        model_sd, optim_state = get_model_state_dict(model), None
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        optim_state, groups = optim_sd["state"], list(optim_sd["param_groups"])  # type: ignore[arg-type]
+    if dims is not None and dims.tp > 1:
+        specs = {name: spec_of(p) for name, p in model.named_parameters()}
+        model_sd = {k: _to_global(v, specs.get(k), dims) for k, v in model_sd.items()}
+        if optim_state is not None:
+            optim_state = {fqn: {k: _to_global(v, specs.get(fqn), dims) for k, v in st.items()}  # type: ignore[union-attr]
+                           for fqn, st in optim_state.items()}
+    out: dict[str, Any] = {"model": model_sd}
+    if optim_state is not None:
+        # param_groups hold hyper-parameters, which come from the config on resume; only state is saved.
+        out["optim"] = {"state": optim_state}
+    return out, groups
+
+
+def _local(tree: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, dict):
+        return {k: _local(v) for k, v in tree.items()}
+    return tree.to_local() if isinstance(tree, DTensor) else tree
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
-    """Write checkpoint `step` under `root` atomically and point `latest` at it; prune to `keep_last`."""
+                    trainer_state: dict[str, Any], keep_last: int = 0, *, rank_state: dict[str, Any] | None = None,
+                    dims=None) -> Path:
+    """Write checkpoint `step` under `root` atomically and point `latest` at it; prune to `keep_last`.
+
+    Collective when dims spans several processes: every rank writes its shards and
+    `rank_<r>.json` (its `rank_state`, e.g. RNG); rank 0 writes `trainer_state` and publishes.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
+    world = dims.comm("world") if dims is not None else None
+    rank = dims.rank if dims is not None else 0
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a crashed save
+            shutil.rmtree(tmp)
+    if world is not None:
+        world.barrier()
+    state, _groups = _tensor_state(model, optimizer, dims)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
-        dcp.save(_tensor_state(model, optimizer)[0], storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-    _fsync_tree(tmp)
+        warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+    (tmp / f"rank_{rank}.json").write_text(json.dumps(rank_state or {}))
+    if world is not None:
+        world.barrier()
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        _fsync_tree(tmp)
+        _publish(root, tmp, final)
+        if keep_last > 0:
+            _prune(root, keep_last, protect=final.name)
+    if world is not None:
+        world.barrier()
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the finished temporary directory into place, then move `latest` (both atomic)."""
     if final.exists():  # re-saving a step (e.g. after resuming from it): swap, then drop the old copy
-        old = root / f".{final.name}.old-{os.getpid()}"
+        old = root / f".{final.name}.old"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    latest_tmp = root / f".{LATEST}.tmp"
     latest_tmp.write_text(final.name + "\n")
     with latest_tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     os.replace(latest_tmp, root / LATEST)
     _fsync_dir(root)
-    if keep_last > 0:
-        _prune(root, keep_last, protect=final.name)
-    return final
 
 
 def _prune(root: Path, keep_last: int, protect: str) -> None:
@@ -129,7 +188,11 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def _stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """key → (global shape, dtype) from the safetensors headers (no tensor data read)."""
+    """key → (global shape, dtype) from the safetensors headers (no tensor data read).
+
+    A tensor saved by several ranks has one slice per file; its global shape is the furthest
+    extent of any slice (offsets from DCP's sharding info in each header).
+    """
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -139,9 +202,14 @@ def _stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
+                sharding = json.loads((fh.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
                 for key in fh.keys():
                     sl = fh.get_slice(key)
-                    out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+                    offsets = sharding.get(key, {}).get("saved_offsets") or [0] * len(sl.get_shape())
+                    extent = tuple(o + n for o, n in zip(offsets, sl.get_shape()))
+                    if key in out:
+                        extent = tuple(max(a, b) for a, b in zip(out[key][0], extent))
+                    out[key] = (extent, sl.get_dtype())
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f} cannot be read ({e}); the checkpoint is corrupt — resume from an "
                                   "earlier step_* directory (edit `latest`).") from e
@@ -162,11 +230,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-                    ) -> dict[str, Any]:
-    """Load tensors into `model` (and `optimizer`) in place; return the trainer state.
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    *, dims=None) -> dict[str, Any]:
+    """Load tensors into `model` (and `optimizer`) in place; return the trainer state, with this
+    rank's `rank_state` under the key 'rank_state' (absent if the checkpoint has none for it).
 
-    Missing or unexpected keys and shape or dtype mismatches fail before anything is copied.
+    Missing or unexpected keys and global shape or dtype mismatches fail before anything is copied.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -175,7 +244,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     path = Path(path)
     state = read_trainer_state(path)
     stored = _stored_tensors(path)
-    target, groups = _tensor_state(model, optimizer)
+    target, groups = _tensor_state(model, optimizer, dims)
     flat = _flatten(target)
     if optimizer is None:
         stored = {k: v for k, v in stored.items() if not k.startswith("optim.")}
@@ -193,9 +262,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)))
+    target = _local(target)
     if optimizer is None:
         model.load_state_dict(target["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=target["model"],
                        optim_state_dict={"state": target["optim"]["state"], "param_groups": groups})
+    rank_file = path / f"rank_{dims.rank if dims is not None else 0}.json"
+    if rank_file.is_file():
+        state["rank_state"] = json.loads(rank_file.read_text())
     return state

@@ -168,10 +168,10 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     """Layouts whose machinery has not landed yet: refused, never silently run as something else."""
     p = cfg.parallel
     out = []
-    for key, value in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp), ("dp", dp)]:
+    for key, value in [("parallel.pp", p.pp), ("parallel.cp", p.cp), ("dp", dp)]:
         if value > 1:
-            out.append(f"{key} = {value}: this build of scaletrain runs single-process layouts only "
-                       "(tensor, pipeline, context and data parallelism are not implemented yet).")
+            out.append(f"{key} = {value}: this build of scaletrain runs tensor parallelism only (pipeline, "
+                       "context and data parallelism are not implemented yet); launch tp processes.")
     if cfg.optim.distributed:
         out.append("optim.distributed = true: the distributed optimizer is not implemented yet; set it to false.")
     if p.backend == "te" or cfg.precision.fp8:

@@ -1,14 +1,20 @@
 """ParallelDims: the frozen parallel layout of a run, built once and passed to whoever needs it.
 
-Rank order is Megatron's: tp fastest, then cp, dp, pp — a tp group sits inside one node.
-Every size degrades to 1, where no process group exists and collectives are no-ops.
+Rank order is Megatron's: tp fastest, then cp, dp, pp — a tp group sits inside one node. The
+groups come from one torch DeviceMesh with axes (pp, dp, cp, tp), which also gives DTensor
+placements for checkpoints. At world size 1 nothing is initialised: every Comm has size 1 and
+every collective is a no-op, so one CPU process runs the same code as a large job.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from scaletrain.config.schema import ParallelConfig
+from scaletrain.distributed.comm import Comm
+
+MESH_AXES = ("pp", "dp", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,8 @@ class ParallelDims:
     pp: int
     vpp: int
     rank: int = 0
+    mesh: Any = None  # torch DeviceMesh over MESH_AXES, None at world size 1
+    comms: dict[str, Comm] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -44,8 +52,40 @@ class ParallelDims:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def comm(self, axis: str) -> Comm:
+        """The communicator of one mesh axis ('tp', 'dp', 'cp', 'pp'); size 1 when the axis is trivial."""
+        if axis not in self.comms:
+            raise KeyError(f"no mesh axis {axis!r}; axes: {', '.join(MESH_AXES)}")
+        return self.comms[axis]
+
+    @property
+    def tp_comm(self) -> Comm:
+        return self.comm("tp")
+
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, rank: int) -> ParallelDims:
-        """Layout for `world_size` processes; dp is inferred (the config was validated for this size)."""
+        """Layout for `world_size` processes; dp is inferred (validated beforehand).
+
+        With world_size > 1 the default process group must already be initialised
+        (`scaletrain.distributed.init.init_distributed`); every rank must call this together.
+        """
         dp = world_size // (cfg.tp * cfg.pp * cfg.cp)
-        return cls(tp=cfg.tp, cp=cfg.cp, dp=dp, pp=cfg.pp, vpp=cfg.vpp, rank=rank)
+        sizes = {"pp": cfg.pp, "dp": dp, "cp": cfg.cp, "tp": cfg.tp}
+        ranks = {"tp": rank % cfg.tp, "cp": (rank // cfg.tp) % cfg.cp,
+                 "dp": (rank // (cfg.tp * cfg.cp)) % dp, "pp": rank // (cfg.tp * cfg.cp * dp)}
+        mesh = None
+        if world_size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu" if _backend_is_gloo() else "cuda", tuple(sizes[a] for a in MESH_AXES),
+                                    mesh_dim_names=MESH_AXES)
+        comms = {a: Comm(mesh[a].get_group() if mesh is not None and sizes[a] > 1 else None, sizes[a], ranks[a], a)
+                 for a in MESH_AXES}
+        comms["world"] = Comm(None, world_size, rank, "world")  # None: the default group
+        return cls(tp=cfg.tp, cp=cfg.cp, dp=dp, pp=cfg.pp, vpp=cfg.vpp, rank=rank, mesh=mesh, comms=comms)
+
+
+def _backend_is_gloo() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_backend() == "gloo"

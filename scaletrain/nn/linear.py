@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaletrain.distributed.comm import Comm
 from scaletrain.nn.init import mark
-from scaletrain.parallel.comm import Comm
 from scaletrain.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,

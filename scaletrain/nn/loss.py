@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scaletrain.parallel.comm import Comm
+from scaletrain.distributed.comm import Comm
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from scaletrain.parallel.comm import Comm
+from scaletrain.distributed.comm import Comm
 
 SEQ_DIM = 1
 

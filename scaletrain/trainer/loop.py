@@ -73,11 +73,12 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective,
                  train_batches, valid_batches_fn, precision: Precision, device: torch.device,
-                 sinks: MetricSinks, run_dir: Path, state: LoopState, world_size: int = 1) -> None:
+                 sinks: MetricSinks, run_dir: Path, state: LoopState, dims=None) -> None:
         self.cfg, self.model, self.optimizer, self.objective = cfg, model, optimizer, objective
         self.train_batches, self.valid_batches_fn = train_batches, valid_batches_fn
         self.precision, self.device, self.sinks, self.run_dir = precision, device, sinks, run_dir
-        self.state, self.world_size = state, world_size
+        self.state, self.dims = state, dims
+        self.world_size = 1 if dims is None else dims.world_size
         t = cfg.train
         self.tokens_per_step = t.global_batch_size * t.seq_length
         self.flops_per_token = flops_per_token(cfg.model, t.seq_length)
@@ -86,9 +87,10 @@ class Trainer:
             if device.type == "cuda" and precision.autocast_dtype is not None else None
 
     def _checkpoint(self) -> Path:
-        trainer_state = {"consumed_samples": self.state.consumed_samples, "rng": rng_state()}
+        trainer_state = {"consumed_samples": self.state.consumed_samples}
         return save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
-                               trainer_state, keep_last=self.cfg.checkpoint.keep_last)
+                               trainer_state, keep_last=self.cfg.checkpoint.keep_last,
+                               rank_state={"rng": rng_state()}, dims=self.dims)
 
     def _validate(self) -> float | None:
         if self.valid_batches_fn is None:
@@ -105,7 +107,8 @@ class Trainer:
             t0 = time.perf_counter()
             lr = lr_at(self.state.step, cfg.optim, t.steps)
             result = train_step(self.model, self.optimizer, self.objective, microbatches, lr=lr,
-                                clip_grad=cfg.optim.clip_grad, precision=self.precision, device=self.device)
+                                clip_grad=cfg.optim.clip_grad, precision=self.precision, device=self.device,
+                                dims=self.dims)
             dt = time.perf_counter() - t0
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size

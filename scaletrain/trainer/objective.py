@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
 
 
@@ -15,6 +16,9 @@ class LanguageModelingObjective:
     """Sum of per-token cross-entropy over loss-masked tokens; normalised by the global token count."""
 
     name = "pretrain"
+
+    def __init__(self, tp: Comm | None = None) -> None:
+        self.tp = tp  # logits arrive vocabulary-sharded over this communicator
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["loss_mask"].sum()
@@ -24,7 +28,7 @@ class LanguageModelingObjective:
         labels, mask = batch["labels"], batch["loss_mask"]
 
         def loss_fn(output: torch.Tensor):
-            per_token = cross_entropy_per_token(output, labels)
+            per_token = cross_entropy_per_token(output, labels, self.tp)
             loss_sum = (per_token * mask.to(per_token.dtype)).sum()
             return loss_sum, {"tokens": mask.sum()}
 

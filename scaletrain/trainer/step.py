@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scaletrain.distributed.dims import ParallelDims
+from scaletrain.parallel.grads import finalize_grads, global_grad_norm
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
 from scaletrain.trainer.precision import Precision
 
@@ -29,7 +31,8 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective, microbatches: list[dict],
-               *, lr: float, clip_grad: float, precision: Precision, device: torch.device) -> StepResult:
+               *, lr: float, clip_grad: float, precision: Precision, device: torch.device,
+               dims: ParallelDims | None = None) -> StepResult:
     """Forward/backward over `microbatches`, clip the global grad norm, AdamW update.
 
     A non-finite gradient norm skips the update (and is reported), so one bad batch cannot poison
@@ -45,8 +48,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objecti
         loss, _metrics = forward_backward_no_pipelining(objective.forward_step, mbs, model,
                                                         normaliser=max(items, 1))
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    grads = [p.grad for p in params]
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+    finalize_grads(params, dims)
+    total_norm = global_grad_norm(params, dims)
     grad_norm = float(total_norm.item())  # host sync, once per step
     skipped = not math.isfinite(grad_norm)
     if not skipped:

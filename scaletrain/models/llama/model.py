@@ -45,8 +45,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.kv_per_partition, self.q_per_kv + 2, self.head_dim)
+        qkv = self.qkv(x)  # full sequence even when x is sequence-sharded (SP gathers it)
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.kv_per_partition, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.heads_per_partition, self.head_dim)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         q, k = rope(q, k, position_ids)
@@ -87,6 +88,9 @@ class Block(nn.Module):
 class LlamaModel(nn.Module):
     """Decoder-only LM. forward(input_ids [b, s]) → logits [b, s, vocab/tp].
 
+    Placement: input ids replicated over tp; logits full-sequence and vocabulary-sharded over tp.
+    Under sequence parallelism the residual stream between the role layers is sequence-sharded.
+
     Parameters are created uninitialised; `scaletrain.nn.init_parameters` fills them from the seed.
     """
 
@@ -114,5 +118,5 @@ class LlamaModel(nn.Module):
             x = layer(x, self.rope, position_ids, attention_mask)
         x = self.norm(x)
         if self.head is None:
-            return torch.nn.functional.linear(x, self.embed.weight)
+            return self.embed.logits(x)
         return self.head(x)

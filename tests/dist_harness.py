@@ -1,0 +1,100 @@
+"""Multi-process tests without torchrun: ranks forked from the warm pytest process.
+
+Each rank joins a gloo group through a FileStore in a temporary directory, runs one thread, and
+sends back its result or its traceback. A rank that dies, or a run that passes its deadline, fails
+the test with every rank's report instead of hanging. TORCH_DISTRIBUTED_DEBUG=DETAIL makes gloo
+check that every rank calls the same collective with the same shapes (without it a mismatch can
+silently return garbage).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def _worker(rank: int, world: int, store: str, fn: Callable, args: tuple, q, timeout: float) -> None:
+    code = 0
+    try:
+        import torch
+        import torch.distributed as dist
+
+        os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
+        try:
+            # Plain pickle, not the queue's ForkingPickler: torch's reducers would share tensors
+            # through file descriptors that die with this process.
+            q.put((rank, True, pickle.dumps(fn(rank, world, *args))))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        q.put((rank, False, traceback.format_exc()))
+        code = 1
+    finally:
+        q.close()
+        q.join_thread()
+        os._exit(code)  # never run the parent's (pytest's) exit handlers in a child
+
+
+def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -> list[Any]:
+    """Run fn(rank, world, *args) on `world` forked ranks; return their results in rank order."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), fn, args, q, timeout))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        grace_until = None
+        while len(results) + len(errors) < world:
+            try:
+                rank, ok, payload = q.get(timeout=0.1)
+                (results if ok else errors)[rank] = payload
+                if not ok and grace_until is None:
+                    grace_until = time.monotonic() + 5.0  # peers are likely blocked in a collective
+                continue
+            except queue.Empty:
+                pass
+            for r, p in enumerate(procs):
+                if p.exitcode not in (None, 0) and r not in results and r not in errors:
+                    time.sleep(0.2)  # its report may still be in flight
+                    try:
+                        while True:
+                            rank, ok, payload = q.get_nowait()
+                            (results if ok else errors)[rank] = payload
+                    except queue.Empty:
+                        pass
+                    errors.setdefault(r, f"rank {r} died with exit code {p.exitcode} before reporting")
+                    grace_until = grace_until or time.monotonic() + 5.0
+            now = time.monotonic()
+            if now > deadline or (grace_until is not None and now > grace_until):
+                for r in range(world):
+                    if r not in results and r not in errors:
+                        errors[r] = f"rank {r} did not finish ({'deadline' if now > deadline else 'a peer failed'})"
+                break
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        report = "\n".join(f"----- rank {r} -----\n{errors[r]}" for r in sorted(errors))
+        raise RankFailure(f"{len(errors)} of {world} ranks failed:\n{report}")
+    return [pickle.loads(results[r]) for r in range(world)]
