@@ -75,7 +75,7 @@ def _configure_runtime(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_trainer(cfg: RunConfig):
+def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     """Check, initialise and build everything a run needs; returns a Trainer (None: nothing left to do).
 
     The caller owns `trainer.sinks` and must close them.
@@ -91,14 +91,14 @@ def build_trainer(cfg: RunConfig):
     from scaletrain.trainer.sinks import MetricSinks
 
     env = read_env()
-    cfg, dp, tokenizer = prepare(cfg, env.world_size)
+    cfg, dp, tokenizer = prepared if prepared is not None else prepare(cfg, env.world_size)
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
     resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else latest_checkpoint(ckpt_root)
     backend, backend_reason = select_backend(cfg.parallel.backend)
     device = _configure_runtime(cfg)
     precision = resolve_precision(cfg.precision, device)
-    init_distributed(env, device.type)
+    init_distributed(env, device.type)  # no-op when run() (or a harness) already did
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +152,13 @@ def build_trainer(cfg: RunConfig):
 
 def run(cfg: RunConfig) -> str:
     """Train according to a loaded config; returns 'done' or 'exit' (exit interval)."""
+    device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    env = read_env()
+    prepared = prepare(cfg, env.world_size)  # every input check happens before any process group exists
+    owns_group = init_distributed(env, device_type)
     try:
-        trainer = build_trainer(cfg)
+        trainer = build_trainer(cfg, prepared)
         if trainer is None:
             return "done"
         try:
@@ -161,7 +166,8 @@ def run(cfg: RunConfig) -> str:
         finally:
             trainer.sinks.close()
     finally:
-        shutdown_distributed()
+        if owns_group:
+            shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

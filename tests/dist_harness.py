@@ -40,7 +40,8 @@ def _worker(rank: int, world: int, store: str, fn: Callable, args: tuple, q, tim
             # through file descriptors that die with this process.
             q.put((rank, True, pickle.dumps(fn(rank, world, *args))))
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
     except BaseException:
         q.put((rank, False, traceback.format_exc()))
         code = 1

@@ -134,3 +134,20 @@ def test_a_failing_rank_is_reported_not_hung():
 
     with pytest.raises(RankFailure, match="(?s)rank one exploded"):
         run_ranks(2, boom, timeout=20)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_traffic_equals_megatron_minimum(sp):
+    """Bytes through the comm module in one step equal the theoretical minimum (no hidden traffic)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_tp_comm", REPO / "benchmarks" / "bench_tp_comm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = _model_cfg(False, 4)
+    ranks = run_ranks(2, bench._one_step, cfg, sp, 2, 16, 2)
+    want = bench.theory(cfg, sp, 2, 16, 2)
+    got = ranks[0]["bytes"]
+    assert {op: got.get(op, 0) for op in want} == want

@@ -54,7 +54,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _to_global(local: torch.Tensor, spec, dims) -> torch.Tensor:
+def _to_global(local: Any, spec, dims) -> Any:
     """A tp-sharded local tensor as a DTensor with its global shape (plain tensors are replicated)."""
     if spec is None or spec.shard_dim is None or local.ndim == 0:
         return local
@@ -77,16 +77,19 @@ def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     from scaletrain.nn.init import spec_of
 
     groups: list[dict[str, Any]] = []
+    model_sd: dict[str, Any]
+    optim_state: dict[str, Any] | None
     if optimizer is None:
-        model_sd, optim_state = get_model_state_dict(model), None
+        model_sd, optim_state = dict(get_model_state_dict(model)), None
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        optim_state, groups = optim_sd["state"], list(optim_sd["param_groups"])  # type: ignore[arg-type]
+        msd, optim_sd = get_state_dict(model, optimizer)
+        model_sd = dict(msd)
+        optim_state, groups = dict(optim_sd["state"]), list(optim_sd["param_groups"])  # type: ignore[arg-type,call-overload]
     if dims is not None and dims.tp > 1:
         specs = {name: spec_of(p) for name, p in model.named_parameters()}
         model_sd = {k: _to_global(v, specs.get(k), dims) for k, v in model_sd.items()}
         if optim_state is not None:
-            optim_state = {fqn: {k: _to_global(v, specs.get(fqn), dims) for k, v in st.items()}  # type: ignore[union-attr]
+            optim_state = {fqn: {k: _to_global(v, specs.get(fqn), dims) for k, v in st.items()}
                            for fqn, st in optim_state.items()}
     out: dict[str, Any] = {"model": model_sd}
     if optim_state is not None:

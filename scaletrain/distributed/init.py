@@ -11,14 +11,15 @@ import torch.distributed as dist
 from scaletrain.distributed.env import DistEnv
 
 
-def init_distributed(env: DistEnv, device_type: str, timeout_s: float = 600.0) -> None:
-    """Initialise the default process group for `env` (no-op at world size 1 or if already done).
+def init_distributed(env: DistEnv, device_type: str, timeout_s: float = 600.0) -> bool:
+    """Initialise the default process group for `env`; True if this call created it (False at world
+    size 1 or when the caller — a test harness, an outer launcher — already did).
 
     torchrun provides MASTER_ADDR/MASTER_PORT; srun and mpirun launches must export them (the
     launch scripts do). A collective that waits longer than `timeout_s` raises instead of hanging.
     """
     if env.world_size == 1 or dist.is_initialized():
-        return
+        return False
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(f"{env.launcher} launch with {env.world_size} processes but {var} is not set; "
@@ -28,6 +29,7 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float = 600.0) -
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    return True
 
 
 def shutdown_distributed() -> None:
