@@ -111,8 +111,12 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp}; backend {backend} ({backend_reason}); "
         f"precision {precision.name} ({precision.reason}); device {device}")
 
-    model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype).to(device)
-    model = parallelize(model, dims, cfg.parallel)
+    if dims.pp > 1:  # build on meta: each rank materialises only its own stage
+        with torch.device("meta"):
+            model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype)
+    else:
+        model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype).to(device)
+    model = parallelize(model, dims, cfg.parallel, device)
     init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
     optimizer = build_optimizer(model, cfg.optim, device)
     objective = LanguageModelingObjective(dims.tp_comm)

@@ -158,6 +158,10 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     elif t.global_batch_size % (t.micro_batch_size * dp):
         errors.append(f"train.global_batch_size = {t.global_batch_size} is not divisible by "
                       f"train.micro_batch_size·dp = {t.micro_batch_size}·{dp}; change one of them.")
+    elif p.vpp > 1 and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+        errors.append(f"interleaved 1F1B (parallel.vpp = {p.vpp}) needs the microbatches per step "
+                      f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of parallel.pp = {p.pp}; "
+                      "change train.global_batch_size or train.micro_batch_size.")
     errors.extend(_not_yet_supported(cfg, dp))
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
@@ -168,10 +172,10 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     """Layouts whose machinery has not landed yet: refused, never silently run as something else."""
     p = cfg.parallel
     out = []
-    for key, value in [("parallel.pp", p.pp), ("parallel.cp", p.cp), ("dp", dp)]:
+    for key, value in [("parallel.cp", p.cp), ("dp", dp)]:
         if value > 1:
-            out.append(f"{key} = {value}: this build of scaletrain runs tensor parallelism only (pipeline, "
-                       "context and data parallelism are not implemented yet); launch tp processes.")
+            out.append(f"{key} = {value}: this build of scaletrain runs tensor and pipeline parallelism only "
+                       "(context and data parallelism are not implemented yet); launch tp·pp processes.")
     if cfg.optim.distributed:
         out.append("optim.distributed = true: the distributed optimizer is not implemented yet; set it to false.")
     if p.backend == "te" or cfg.precision.fp8:

@@ -92,6 +92,19 @@ class Comm:
         dist.broadcast(t, group=self.group, group_src=src_group_rank)
         return t
 
+    def isend(self, t: torch.Tensor, dst: int, tag: int) -> dist.Work:
+        """Asynchronous send of a contiguous tensor to group rank `dst`; keep `t` alive until waited."""
+        self.stats.add("send", t)
+        work = dist.isend(t, group=self.group, group_dst=dst, tag=tag)
+        assert work is not None
+        return work
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
+        """Asynchronous receive into a preallocated contiguous tensor from group rank `src`."""
+        work = dist.irecv(t, group=self.group, group_src=src, tag=tag)
+        assert work is not None
+        return work
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)

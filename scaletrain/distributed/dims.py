@@ -82,7 +82,25 @@ class ParallelDims:
         comms = {a: Comm(mesh[a].get_group() if mesh is not None and sizes[a] > 1 else None, sizes[a], ranks[a], a)
                  for a in MESH_AXES}
         comms["world"] = Comm(None, world_size, rank, "world")  # None: the default group
+        comms["embed"] = _embedding_comm(sizes, ranks, rank, world_size)
         return cls(tp=cfg.tp, cp=cfg.cp, dp=dp, pp=cfg.pp, vpp=cfg.vpp, rank=rank, mesh=mesh, comms=comms)
+
+
+def _embedding_comm(sizes: dict[str, int], ranks: dict[str, int], rank: int, world_size: int) -> Comm:
+    """Megatron's embedding group: the first and last pipeline rank of each (dp, cp, tp) position,
+    which hold the two copies of a tied input embedding / output head."""
+    if sizes["pp"] == 1:
+        return Comm.single("embed")
+    import torch.distributed as dist
+
+    stride = world_size // sizes["pp"]  # ranks between consecutive pipeline stages
+    mine = None
+    for base in range(stride):  # every rank creates every group, in the same order
+        group = dist.new_group([base, base + (sizes["pp"] - 1) * stride])
+        if rank % stride == base:
+            mine = group
+    first_or_last = ranks["pp"] in (0, sizes["pp"] - 1)
+    return Comm(mine, 2, 0 if ranks["pp"] == 0 else 1, "embed") if first_or_last else Comm.single("embed")
 
 
 def _backend_is_gloo() -> bool:

@@ -45,10 +45,18 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: str = "none", **scaling_args: float) -> None:
         super().__init__()
         self.max_position = max_position
+        self._freq_args = (head_dim, theta, scaling, scaling_args)
         # Non-persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling, **scaling_args),  # type: ignore[arg-type]
                              persistent=False)
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (after a meta-device model is materialised)."""
+        head_dim, theta, scaling, args = self._freq_args
+        device = self.inv_freq.device  # type: ignore[has-type]
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling, **args).to(device)  # type: ignore[arg-type]
+        self._tables = None
 
     def _cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0].shape[0] < length or self._tables[0].device != device:

@@ -1,9 +1,12 @@
-"""parallelize(model, dims, cfg): the one place that turns a built model into a parallel one (DESIGN rule 2).
+"""parallelize(model, dims, cfg, device): the one place that turns a built model into a parallel one
+(DESIGN rule 2).
 
-Order, as each later piece lands: (1) bind the tp communicator and sequence parallelism to every
-role layer and mark the parameters whose gradients must be summed over tp; (2) split pipeline
-stages; (3) activation recomputation; (4) torch.compile; (5) data-parallel wrapping.
-Only (1) exists today; the others are refused up front by config validation.
+Order: (1) split pipeline stages — prune the (meta-device) model to this rank's layers;
+(2) materialise on the device (only what this rank runs is ever allocated); (3) bind the tp
+communicator and sequence parallelism to every role layer and tag the parameters whose gradients
+need a reduction (SP norm weights over tp, tied-embedding copies over the embedding group).
+Still to come, in this order after (3): activation recomputation, torch.compile, data-parallel
+wrapping — refused up front by config validation until they land.
 """
 
 from __future__ import annotations
@@ -12,21 +15,42 @@ import torch
 
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.distributed.dims import ParallelDims
+from scaletrain.nn.init import spec_of
 from scaletrain.nn.linear import TPBound
 from scaletrain.nn.norm import RMSNorm
+from scaletrain.parallel.pipeline.split import mark_tied_embedding, split_stages
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> torch.nn.Module:
-    """Bind tp/SP in place and return the model.
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device model on `device` (uninitialised) keeping every ParamSpec."""
+    specs = {name: spec_of(p) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        p.scaletrain_spec = specs[name]  # type: ignore[attr-defined]
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if reset is not None:
+            reset()
 
-    Under sequence parallelism each tp rank normalises a different slice of the sequence, so
-    RMSNorm weights (replicated over tp) get partial gradients: they are tagged
-    `sequence_parallel_grad` and summed over tp by `finalize_grads`.
+
+def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
+                device: torch.device | None = None) -> torch.nn.Module:
+    """Apply the parallel layout in place and return the model.
+
+    With pp > 1 the model is pruned to this rank's stage and `model.pipeline_chunks` lists its
+    virtual stages for the schedule. Under sequence parallelism each tp rank normalises a
+    different slice of the sequence, so RMSNorm weights (replicated over tp) get partial gradients:
+    they are tagged `sequence_parallel_grad` and summed over tp by `finalize_grads`.
     """
     sp = cfg.sequence_parallel and dims.tp > 1
+    if dims.pp > 1:
+        model.pipeline_chunks = split_stages(model, dims, sp)  # type: ignore[assignment]
+    if any(p.is_meta for p in model.parameters()):
+        materialize(model, device or torch.device("cpu"))
     for module in model.modules():
         if isinstance(module, TPBound):
             module.bind_tp(dims.tp_comm, sp)
         if sp and isinstance(module, RMSNorm):
             module.weight.sequence_parallel_grad = True  # type: ignore[attr-defined]
+    mark_tied_embedding(model, dims)
     return model

@@ -96,7 +96,7 @@ class Trainer:
         if self.valid_batches_fn is None:
             return None
         return evaluate(self.model, self.objective, self.valid_batches_fn(), precision=self.precision,
-                        device=self.device)
+                        device=self.device, dims=self.dims)
 
     def run(self) -> str:
         """Train to the end (returns 'done') or to an exit-interval boundary (returns 'exit')."""

@@ -14,6 +14,7 @@ import torch
 
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.parallel.grads import finalize_grads, global_grad_norm
+from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
 from scaletrain.trainer.precision import Precision
 
@@ -24,6 +25,21 @@ class StepResult:
     grad_norm: float
     items: int
     skipped: bool
+
+
+def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, dims: ParallelDims | None, *,
+                 normaliser: float, forward_only: bool = False) -> torch.Tensor:
+    """The schedule this layout needs; returns the global batch's normalised loss on every rank."""
+    chunks = getattr(model, "pipeline_chunks", None)
+    if chunks is None or dims is None:
+        loss, _ = forward_backward_no_pipelining(objective.forward_step, microbatches, model,
+                                                 normaliser=normaliser, forward_only=forward_only)
+        return loss
+    loss, _ = forward_backward_pipelining(objective.forward_step, microbatches, chunks, dims,
+                                          normaliser=normaliser, forward_only=forward_only)
+    # Only the last stage computed the loss: share it so every rank logs the same number.
+    device = next(model.parameters()).device
+    return dims.comm("pp").all_reduce(loss.reshape(1).to(device))[0].cpu()
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -45,8 +61,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objecti
     items = int(normaliser.item())  # host sync: the normaliser is needed as a number
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        loss, _metrics = forward_backward_no_pipelining(objective.forward_step, mbs, model,
-                                                        normaliser=max(items, 1))
+        loss = run_schedule(objective, mbs, model, dims, normaliser=max(items, 1))
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     finalize_grads(params, dims)
     total_norm = global_grad_norm(params, dims)
@@ -60,7 +75,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objecti
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision, device: torch.device,
+             dims: ParallelDims | None = None) -> float:
     """Mean loss over all items of `batches` (an iterable of per-step microbatch lists)."""
     was_training = model.training
     model.eval()
@@ -69,8 +85,7 @@ def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision
         mbs = [_to_device(b, device) for b in microbatches]
         count = int(torch.stack([objective.count(b) for b in mbs]).sum().item())
         with precision.autocast():
-            loss, _ = forward_backward_no_pipelining(objective.forward_step, mbs, model,
-                                                     normaliser=max(count, 1), forward_only=True)
+            loss = run_schedule(objective, mbs, model, dims, normaliser=max(count, 1), forward_only=True)
         total += float(loss.item()) * count
         items += count
     model.train(was_training)

@@ -97,7 +97,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_size: int = 1, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_size=tp_size,
+        self.embed: VocabParallelEmbedding | None = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_size=tp_size,
                                             init_std=cfg.init_std, dtype=dtype)
         self.rope = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
@@ -105,18 +105,33 @@ class LlamaModel(nn.Module):
             high_freq_factor=cfg.rope_high_freq_factor, original_max_position=cfg.rope_original_max_position,
         )
         self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype) for i in range(cfg.num_layers)})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
         self.head: ColumnParallelLinear | None = None
         if not cfg.tie_embeddings:
             self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_size=tp_size,
                                              init_std=cfg.init_std, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for layer in self.layers.values():
-            x = layer(x, self.rope, position_ids, attention_mask)
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, layer_keys: list[str] | None = None) -> torch.Tensor:
+        """inputs: token ids [b, s], embedded here, or hidden states [b, s(/tp), h] handed over by the
+        previous pipeline stage. layer_keys: the blocks to run (default: every block this module
+        holds). After the model's last block the final norm and head run and logits come out;
+        otherwise the hidden states do. A pipeline split (parallel/pipeline) prunes the module
+        tree and chooses the keys; the model itself knows no stages.
+        """
+        if inputs.is_floating_point():
+            x = inputs
+        else:
+            assert self.embed is not None, "token ids reached a pipeline stage without the embedding"
+            x = self.embed(inputs)
+        keys = list(self.layers.keys()) if layer_keys is None else layer_keys
+        for key in keys:
+            x = self.layers[key](x, self.rope, position_ids, attention_mask)
+        if not keys or int(keys[-1]) != self.cfg.num_layers - 1:
+            return x
+        assert self.norm is not None, "the last block ran on a stage without the final norm"
         x = self.norm(x)
-        if self.head is None:
-            return self.embed.logits(x)
-        return self.head(x)
+        if self.head is not None:
+            return self.head(x)
+        assert self.embed is not None, "tied output head needs the embedding on the last stage"
+        return self.embed.logits(x)

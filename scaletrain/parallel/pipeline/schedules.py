@@ -1,0 +1,147 @@
+"""1F1B and interleaved 1F1B under the forward_step/loss_fn contract (DESIGN rule 5).
+
+Each rank executes a fixed list of actions F(chunk, microbatch) / B(chunk, microbatch):
+
+  1F1B (vpp = 1): pp − rank − 1 warm-up forwards, then one forward + one backward alternating,
+    then the remaining backwards. Stage 0 never holds more than pp microbatches' activations.
+  interleaved (vpp > 1, Megatron's order): virtual microbatch k runs chunk (k // pp) % vpp on
+    microbatch (k // (pp·vpp))·pp + k % pp; warm-up (pp − rank − 1)·2 + (vpp − 1)·pp forwards.
+    Needs microbatches % pp == 0.
+
+Point-to-point traffic uses isend/irecv on contiguous tensors whose shapes are agreed up front
+(from the microbatch shape and the model width); each message is tagged with (direction,
+receiving virtual stage, microbatch), so matching never depends on arrival order. Sends are
+asynchronous and waited at the end of the step; a receive blocks only when its data is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from scaletrain.distributed.dims import ParallelDims
+from scaletrain.parallel.pipeline.split import StageChunk
+from scaletrain.parallel.schedules import ForwardStep
+
+FWD, BWD = 0, 1
+
+
+def schedule_order(pp: int, vpp: int, rank: int, num_microbatches: int, forward_only: bool = False
+                   ) -> list[tuple[int, int, int]]:
+    """The action list of one rank: (FWD or BWD, chunk, microbatch)."""
+    m = num_microbatches
+    if vpp > 1 and m % pp:
+        raise ValueError(f"interleaved 1F1B needs microbatches ({m}) to be a multiple of pp ({pp}); "
+                         "change train.global_batch_size or train.micro_batch_size.")
+    total = m * vpp
+
+    def ident(k: int, backward: bool) -> tuple[int, int]:
+        chunk = (k // pp) % vpp
+        return (vpp - 1 - chunk if backward else chunk), (k // (pp * vpp)) * pp + k % pp
+
+    if forward_only:
+        return [(FWD, *ident(k, False)) for k in range(total)]
+    warmup = min(pp - rank - 1, m) if vpp == 1 else min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    order = [(FWD, *ident(k, False)) for k in range(warmup)]
+    for i in range(total - warmup):
+        order.append((FWD, *ident(warmup + i, False)))
+        order.append((BWD, *ident(i, True)))
+    order += [(BWD, *ident(k, True)) for k in range(total - warmup, total)]
+    return order
+
+
+def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequence[dict[str, torch.Tensor]],
+                                chunks: list[StageChunk], dims: ParallelDims, *, normaliser: float,
+                                forward_only: bool = False, stats: dict | None = None
+                                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run one step's microbatches through this rank's chunks; grads accumulate in `.grad`.
+
+    Returns the normalised loss summed over the microbatches this rank finished (non-zero on the
+    last pipeline rank only; the caller reduces it over pp). `stats`, if given, receives the
+    seconds spent waiting for receives ('wait_s') and the peak number of microbatches in flight.
+    """
+    import time
+
+    pp, vpp, r = dims.pp, dims.vpp, dims.pp_rank
+    comm = dims.comm("pp")
+    device = next(chunks[0].module.parameters()).device
+    dtype = next(chunks[0].module.parameters()).dtype
+    shape = chunks[0].activation_shape(microbatches[0]["tokens"], dims.tp)
+    inputs: dict[tuple[int, int], torch.Tensor | None] = {}
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    pending: list[tuple[object, torch.Tensor, int]] = []  # (work, buffer kept alive, peer)
+    total = torch.zeros((), dtype=torch.float64)
+    wait_s, in_flight, peak = 0.0, 0, 0
+
+    def stage_of(chunk: int) -> int:
+        return chunk * pp + r
+
+    def tag(direction: int, virtual_stage: int, mb: int) -> int:
+        return (mb * pp * vpp + virtual_stage) * 2 + direction
+
+    def failed(what: str, peer: int, err: Exception) -> RuntimeError:
+        return RuntimeError(f"pipeline rank {r} (global rank {dims.rank}): {what} pipeline rank {peer} failed: "
+                            f"{err}. The peer process has most likely died or hung; its own log says why.")
+
+    def recv(src_rank: int, t: int) -> torch.Tensor:
+        nonlocal wait_s
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        t0 = time.perf_counter()
+        try:
+            comm.irecv(buf, src_rank, t).wait()
+        except RuntimeError as e:  # gloo/nccl: peer closed the connection, or the collective timed out
+            raise failed(f"receiving {'activations' if t % 2 == FWD else 'gradients'} (tag {t}) from", src_rank, e) from e
+        wait_s += time.perf_counter() - t0
+        return buf
+
+    def send(t: torch.Tensor, dst_rank: int, tg: int) -> None:
+        try:
+            pending.append((comm.isend(t, dst_rank, tg), t, dst_rank))
+        except RuntimeError as e:
+            raise failed(f"sending {'activations' if tg % 2 == FWD else 'gradients'} (tag {tg}) to", dst_rank, e) from e
+
+    def forward(chunk_id: int, mb: int) -> None:
+        nonlocal total, in_flight, peak
+        chunk, j = chunks[chunk_id], stage_of(chunk_id)
+        inp = None
+        if not chunk.is_first:
+            inp = recv((r - 1) % pp, tag(FWD, j, mb)).requires_grad_(not forward_only)
+        chunk.input_tensor = inp
+        with torch.set_grad_enabled(not forward_only):
+            output, loss_fn = forward_step(microbatches[mb], chunk)  # type: ignore[arg-type]
+            if chunk.is_last:
+                loss_sum, _ = loss_fn(output)
+                output = loss_sum / normaliser
+                total = total + output.detach().to(torch.float64).cpu()
+        chunk.input_tensor = None
+        if not chunk.is_last:
+            send(output.detach().contiguous(), (r + 1) % pp, tag(FWD, j + 1, mb))
+        if not forward_only:
+            inputs[(chunk_id, mb)], outputs[(chunk_id, mb)] = inp, output
+            in_flight += 1
+            peak = max(peak, in_flight)
+
+    def backward(chunk_id: int, mb: int) -> None:
+        nonlocal in_flight
+        chunk, j = chunks[chunk_id], stage_of(chunk_id)
+        inp, out = inputs.pop((chunk_id, mb)), outputs.pop((chunk_id, mb))
+        if chunk.is_last:
+            out.backward()
+        else:
+            torch.autograd.backward(out, recv((r + 1) % pp, tag(BWD, j, mb)))
+        del out  # this microbatch's activations are freed here
+        in_flight -= 1
+        if inp is not None:
+            send(inp.grad.contiguous(), (r - 1) % pp, tag(BWD, j - 1, mb))  # type: ignore[union-attr]
+
+    for direction, chunk_id, mb in schedule_order(pp, vpp, r, len(microbatches), forward_only):
+        (forward if direction == FWD else backward)(chunk_id, mb)
+    for work, _buf, peer in pending:
+        try:
+            work.wait()  # type: ignore[attr-defined]
+        except RuntimeError as e:
+            raise failed("completing a send to", peer, e) from e
+    if stats is not None:
+        stats.update(wait_s=wait_s, peak_in_flight=peak)
+    return total, {}

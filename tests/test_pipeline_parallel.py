@@ -1,0 +1,169 @@
+"""Pipeline parallelism (1F1B, interleaved) against the single-process model: float64 parity 1e-10."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from scaletrain.config.validate import resolve_model
+from scaletrain.distributed import ParallelDims
+from scaletrain.models import build_model
+from scaletrain.nn import init_parameters, spec_of
+from scaletrain.parallel.parallelize import parallelize
+from scaletrain.parallel.pipeline.schedules import BWD, FWD, schedule_order
+from scaletrain.parallel.pipeline.split import layer_layout
+from scaletrain.trainer.objective import LanguageModelingObjective
+from scaletrain.trainer.optimizer import build_optimizer
+from scaletrain.trainer.precision import Precision
+from scaletrain.trainer.step import train_step
+
+from dist_harness import RankFailure, run_ranks
+
+STEPS = 5
+
+
+def _cfg(tied: bool) -> ModelConfig:
+    return resolve_model(ModelConfig(vocab_size=128, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                                     ffn_hidden_size=64, tie_embeddings=tied, qkv_bias=True),
+                         tokenizer_vocab=None, tp=1, seq_length=8)
+
+
+def _batches(n_micro: int) -> list[list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(STEPS):
+        mbs = []
+        for _ in range(n_micro):
+            t = torch.randint(0, 128, (2, 9), generator=g)
+            mbs.append({"tokens": t[:, :-1], "labels": t[:, 1:],
+                        "loss_mask": (torch.rand(2, 8, generator=g) > 0.25).long()})
+        out.append(mbs)
+    return out
+
+
+def _train(rank: int, world: int, cfg: ModelConfig, tp: int, pp: int, vpp: int, sp: bool, n_micro: int) -> dict:
+    pcfg = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp)
+    dims = ParallelDims.from_config(pcfg, world, rank)
+    with torch.device("meta"):
+        model = build_model(cfg, tp_size=tp, dtype=torch.float64)
+    parallelize(model, dims, pcfg, torch.device("cpu"))
+    init_parameters(model, seed=5, tp_rank=dims.tp_rank, tp_size=tp)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("qkv.bias"):
+                p.copy_(torch.linspace(-0.1, 0.1, spec_of(p).global_shape[0], dtype=p.dtype).chunk(tp)[dims.tp_rank])
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+    objective = LanguageModelingObjective(dims.tp_comm)
+    out: dict = {"losses": [], "norms": [], "pp_rank": dims.pp_rank}
+    for i, mbs in enumerate(_batches(n_micro)):
+        r = train_step(model, optimizer, objective, mbs, lr=1e-2, clip_grad=0.5,
+                       precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"), dims=dims)
+        out["losses"].append(r.loss)
+        out["norms"].append(r.grad_norm)
+        if i == 0:
+            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["shard_dims"] = {n: spec_of(p).shard_dim for n, p in model.named_parameters()}
+    return out
+
+
+def _assemble(ranks: list[dict], key: str, tp: int) -> dict[str, torch.Tensor]:
+    """Full tensors from all ranks: tp shards concatenated, pipeline copies (tied embedding) checked equal."""
+    full: dict[str, torch.Tensor] = {}
+    for stage in sorted({r["pp_rank"] for r in ranks}):
+        group = [r for r in ranks if r["pp_rank"] == stage]  # tp ranks of this stage, in tp order
+        for name in group[0][key]:
+            d = group[0]["shard_dims"][name]
+            t = group[0][key][name] if d is None or tp == 1 else torch.cat([g[key][name] for g in group], dim=d)
+            if name in full:  # the tied embedding's second copy must match the first exactly
+                assert torch.equal(full[name], t), name
+            full[name] = t
+    return full
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+CASES = [  # (tp, pp, vpp, sp, microbatches, tied)
+    (1, 2, 1, False, 4, False),
+    (1, 2, 1, False, 3, True),     # microbatches not a multiple of pp
+    (1, 2, 1, False, 1, False),    # fewer microbatches than stages
+    (1, 4, 1, False, 5, True),
+    (1, 2, 2, False, 4, True),     # interleaved
+    (1, 2, 2, False, 2, False),
+    (2, 2, 1, True, 3, True),      # tp·pp with sequence parallelism
+    (2, 2, 1, False, 2, False),
+]
+
+
+@pytest.mark.parametrize("tp,pp,vpp,sp,n_micro,tied", CASES)
+def test_pp_matches_single_process_float64(tp, pp, vpp, sp, n_micro, tied):
+    cfg = _cfg(tied)
+    ref = _train(0, 1, cfg, 1, 1, 1, False, n_micro)
+    ranks = run_ranks(tp * pp, _train, cfg, tp, pp, vpp, sp, n_micro, timeout=120)
+    tol = 1e-10
+    for r in ranks:
+        for a, b in zip(r["losses"] + r["norms"], ref["losses"] + ref["norms"]):
+            assert abs(a - b) <= tol * abs(b), (r["pp_rank"], a, b)
+    for key in ("grads", "params"):
+        full = _assemble(ranks, key, tp)
+        assert full.keys() == ref[key].keys()
+        for n, t in full.items():
+            assert _rel(t, ref[key][n]) < tol, (key, n, _rel(t, ref[key][n]))
+
+
+def test_layer_layout_and_schedule_tables():
+    assert layer_layout(8, 2, 2) == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    order = schedule_order(pp=4, vpp=1, rank=0, num_microbatches=6)
+    assert order[:4] == [(FWD, 0, 0), (FWD, 0, 1), (FWD, 0, 2), (FWD, 0, 3)]  # pp-1 warm-up + first steady F
+    assert order[4] == (BWD, 0, 0)
+    # 1F1B's memory promise: stage 0 never has more than pp microbatches in flight.
+    live = peak = 0
+    for direction, _c, _m in order:
+        live += 1 if direction == FWD else -1
+        peak = max(peak, live)
+    assert peak == 4
+    last = schedule_order(pp=4, vpp=1, rank=3, num_microbatches=6)
+    assert last[:2] == [(FWD, 0, 0), (BWD, 0, 0)]
+    inter = schedule_order(pp=2, vpp=2, rank=0, num_microbatches=4)
+    assert [a for a in inter if a[0] == FWD][:4] == [(FWD, 0, 0), (FWD, 0, 1), (FWD, 1, 0), (FWD, 1, 1)]
+    for rank in range(2):
+        acts = schedule_order(pp=2, vpp=2, rank=rank, num_microbatches=4)
+        assert sorted(acts) == sorted({(d, c, m) for d in (FWD, BWD) for c in range(2) for m in range(4)})
+    with pytest.raises(ValueError, match="multiple of pp"):
+        schedule_order(pp=2, vpp=2, rank=0, num_microbatches=3)
+
+
+def _dies_mid_schedule(rank: int, world: int) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    pcfg = ParallelConfig(pp=2)
+    dims = ParallelDims.from_config(pcfg, world, rank)
+    cfg = _cfg(False)
+    with torch.device("meta"):
+        model = build_model(cfg, dtype=torch.float64)
+    parallelize(model, dims, pcfg)
+    init_parameters(model, seed=1)
+    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    if rank == 1:
+        os._exit(7)  # the last stage dies before it answers
+    del datetime, dist
+    train_step(model, optimizer, LanguageModelingObjective(), _batches(4)[0], lr=1e-3, clip_grad=1.0,
+               precision=Precision(torch.float64, None, "cpu", "t"), device=torch.device("cpu"), dims=dims)
+
+
+def test_a_dead_stage_makes_the_others_fail_instead_of_hanging():
+    with pytest.raises(RankFailure) as e:
+        run_ranks(2, _dies_mid_schedule, timeout=60)
+    msg = str(e.value)
+    assert "rank 1 died with exit code 7" in msg
+    # rank 0 is not left hanging: its own p2p call raises an error that names the peer and the cause.
+    assert re.search(r"pipeline rank 0 \(global rank 0\): (sending|receiving|completing).*pipeline rank 1 failed", msg)
+    assert "did not finish" not in msg
