@@ -252,7 +252,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if optimizer is None:
         stored = {k: v for k, v in stored.items() if not k.startswith("optim.")}
     missing = sorted(set(flat) - set(stored))
-    unexpected = sorted(set(stored) - set(flat))
+    # Under pipeline parallelism each rank loads only its stage: a key is unexpected only if no
+    # rank of this run holds it.
+    wanted = set(flat)
+    if dims is not None and dims.pp > 1:
+        wanted = set().union(*dims.comm("world").all_gather_object(sorted(flat)))  # type: ignore[arg-type]
+    unexpected = sorted(set(stored) - wanted)
     wrong = [f"{k}: checkpoint {stored[k][0]} {stored[k][1]}, model {tuple(t.shape)} {_DTYPE_NAMES.get(t.dtype, t.dtype)}"
              for k, t in flat.items() if k in stored and (stored[k][0] != tuple(t.shape)
                                                           or stored[k][1] != _DTYPE_NAMES.get(t.dtype, stored[k][1]))]

@@ -105,6 +105,14 @@ class Comm:
         assert work is not None
         return work
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's picklable `obj` (small metadata only: checkpoint key lists and the like)."""
+        if self.size == 1:
+            return [obj]
+        out: list[object] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)
