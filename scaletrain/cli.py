@@ -3,6 +3,8 @@
     scaletrain train --config configs/tiny.toml [--set section.key=value ...]
     scaletrain data tokenizer --input corpus.jsonl.gz --vocab-size 4096 --output data/tokenizer
     scaletrain data preprocess --input corpus.jsonl.gz --tokenizer data/tokenizer --output-prefix data/kjv
+    scaletrain convert to-hf runs/tiny/checkpoints runs/tiny/hf
+    scaletrain convert from-hf path/to/hf_model checkpoints/imported
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scaletrain.checkpoint.io import CheckpointError
 from scaletrain.train import EXIT_BAD_INPUT, EXIT_OK, add_train_args, train_command
 
 
@@ -50,6 +53,23 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_to_hf(args: argparse.Namespace) -> int:
+    from scaletrain.checkpoint.hf import export_to_hf
+
+    out = export_to_hf(args.checkpoint, args.out_dir, dtype=args.dtype,
+                       max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote Hugging Face model to {out}")
+    return EXIT_OK
+
+
+def _cmd_from_hf(args: argparse.Namespace) -> int:
+    from scaletrain.checkpoint.hf import import_from_hf
+
+    out = import_from_hf(args.hf_dir, args.out_checkpoint, dtype=args.dtype)
+    print(f"wrote scaletrain checkpoint {out} (loadable at any parallel layout)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
     pre.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to each document")
     pre.set_defaults(func=_cmd_preprocess)
+
+    conv = sub.add_parser("convert", help="Hugging Face checkpoint conversion").add_subparsers(
+        dest="convert_command", required=True)
+    to_hf = conv.add_parser("to-hf", help="scaletrain checkpoint (any layout) → Hugging Face directory")
+    to_hf.add_argument("checkpoint", help="a step_* checkpoint directory, or a run's checkpoints/ (its latest)")
+    to_hf.add_argument("out_dir")
+    to_hf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5 GB)")
+    to_hf.set_defaults(func=_cmd_to_hf)
+    from_hf = conv.add_parser("from-hf", help="Hugging Face directory → scaletrain checkpoint")
+    from_hf.add_argument("hf_dir")
+    from_hf.add_argument("out_checkpoint")
+    from_hf.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    from_hf.set_defaults(func=_cmd_from_hf)
     return parser
 
 
@@ -81,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, CheckpointError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

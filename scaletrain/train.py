@@ -41,6 +41,18 @@ def prepare(cfg: RunConfig, world_size: int):
     """Resolve derived sizes and run every up-front check. Returns (cfg, dp, tokenizer)."""
     from scaletrain.data.gpt import check_data
 
+    if cfg.checkpoint.init_from_hf:
+        import json
+
+        from scaletrain.models.llama.hf import config_from_hf
+
+        hf_dir = Path(cfg.checkpoint.init_from_hf)
+        if not (hf_dir / "config.json").is_file():
+            raise ConfigError(f"checkpoint.init_from_hf = {hf_dir}: no config.json there (a local Hugging Face "
+                              "model directory is expected; nothing is downloaded).")
+        # The HF model's architecture replaces [model]; its tokenizer is the default one.
+        cfg = dataclasses.replace(cfg, model=config_from_hf(json.loads((hf_dir / "config.json").read_text())),
+                                  data=dataclasses.replace(cfg.data, tokenizer=cfg.data.tokenizer or str(hf_dir)))
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty: point it at the tokenizer that wrote the data "
                           "(a folder with tokenizer.model or tokenizer.json).")
@@ -118,6 +130,11 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype).to(device)
     model = parallelize(model, dims, cfg.parallel, device)
     init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
+    if resume_from is None and cfg.checkpoint.init_from_hf:
+        from scaletrain.checkpoint.hf import load_hf_weights
+
+        load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)
+        log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}")
     optimizer = build_optimizer(model, cfg.optim, device)
     objective = LanguageModelingObjective(dims.tp_comm)
 

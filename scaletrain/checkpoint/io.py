@@ -44,7 +44,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
-        if f.is_file():
+        if f.is_dir():
+            _fsync_tree(f)
+        elif f.is_file():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(path)
@@ -108,11 +110,12 @@ def _local(tree: Any) -> Any:
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], keep_last: int = 0, *, rank_state: dict[str, Any] | None = None,
-                    dims=None) -> Path:
+                    dims=None, tokenizer: str | Path | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically and point `latest` at it; prune to `keep_last`.
 
     Collective when dims spans several processes: every rank writes its shards and
-    `rank_<r>.json` (its `rank_state`, e.g. RNG); rank 0 writes `trainer_state` and publishes.
+    `rank_<r>.json` (its `rank_state`, e.g. RNG); rank 0 writes `trainer_state`, a copy of the
+    tokenizer (so the checkpoint exports on its own) and publishes.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -136,6 +139,10 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     if world is not None:
         world.barrier()
     if rank == 0:
+        if tokenizer:
+            from scaletrain.checkpoint.hf import copy_tokenizer
+
+            copy_tokenizer(tokenizer, tmp / "tokenizer")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         _fsync_tree(tmp)
         _publish(root, tmp, final)
@@ -144,6 +151,34 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     if world is not None:
         world.barrier()
     return final
+
+
+def write_checkpoint_dir(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                         trainer_state: dict[str, Any], tokenizer: str | Path | None = None) -> Path:
+    """Write one checkpoint directory at `path` itself (single process; atomic via a sibling temp dir)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose a new output directory.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    state, _ = _tensor_state(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+    if tokenizer:
+        from scaletrain.checkpoint.hf import copy_tokenizer
+
+        copy_tokenizer(tokenizer, tmp / "tokenizer")
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    _fsync_tree(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:

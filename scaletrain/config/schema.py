@@ -16,6 +16,8 @@ class ModelConfig:
 
     family: str = "llama"
     """Model family, a folder under scaletrain/models."""
+    hf_architecture: str = ""
+    """Hugging Face class to export as ('': LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
     vocab_size: int = 0
     """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`."""
     vocab_multiple: int = 128
@@ -172,6 +174,8 @@ class CheckpointConfig:
     """Start from this checkpoint directory instead of the run directory's latest."""
     save_at_end: bool = True
     """Save when the last step is done."""
+    init_from_hf: str = ""
+    """Start a fresh run from a local Hugging Face model directory (its config replaces [model])."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ loop is the same for every stage.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import random
 import resource
 import time
@@ -87,10 +88,12 @@ class Trainer:
             if device.type == "cuda" and precision.autocast_dtype is not None else None
 
     def _checkpoint(self) -> Path:
-        trainer_state = {"consumed_samples": self.state.consumed_samples}
+        trainer_state = {"consumed_samples": self.state.consumed_samples,
+                         "model_config": dataclasses.asdict(self.cfg.model)}
         return save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
                                trainer_state, keep_last=self.cfg.checkpoint.keep_last,
-                               rank_state={"rng": rng_state()}, dims=self.dims)
+                               rank_state={"rng": rng_state()}, dims=self.dims,
+                               tokenizer=self.cfg.data.tokenizer or None)
 
     def _validate(self) -> float | None:
         if self.valid_batches_fn is None:

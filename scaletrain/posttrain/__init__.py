@@ -1,0 +1,1 @@
+"""Post-training: objectives (SFT, DPO, … in later issues) and generation."""

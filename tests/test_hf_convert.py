@@ -1,0 +1,172 @@
+"""Hugging Face conversion both ways, proven against transformers on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scaletrain.checkpoint.hf import export_to_hf, import_from_hf, load_full_model
+from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
+from scaletrain.posttrain.generate import greedy_generate
+
+from dist_harness import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(tmp_path, arch: str, tied: bool, kv: int):
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=kv, max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                       use_sliding_window=False)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+        cls = transformers.MistralForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # norms start at one and biases at zero: randomise so the map is really tested
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path / f"hf-{arch}-{tied}-{kv}"
+    model.save_pretrained(out, safe_serialization=True)
+    return out, model
+
+
+CASES = [("llama", False, 2), ("llama", True, 4), ("qwen2", True, 2), ("mistral", False, 1)]
+
+
+@pytest.mark.parametrize("arch,tied,kv", CASES)
+def test_import_matches_transformers_and_round_trips(tmp_path, arch, tied, kv):
+    hf_dir, hf = _hf_model(tmp_path, arch, tied, kv)
+    ckpt = import_from_hf(hf_dir, tmp_path / "ckpt")
+    _cfg, ours = load_full_model(ckpt)
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    out = export_to_hf(ckpt, tmp_path / "export")
+    from safetensors.torch import load_file
+
+    original = load_file(str(hf_dir / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    original = {k: v for k, v in original.items() if not (tied and k == "lm_head.weight")}
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)  # bit-identical
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == hf.config.rope_parameters["rope_theta"] and "rope_parameters" in config
+    reloaded, info = type(hf).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)
+
+
+def _patch_hf_float64(monkeypatch, hf, ours):
+    """transformers computes RMSNorm, softmax and RoPE angles in float32 even in a float64 model; run
+    those few ops in float64 (on the same formulas) so the comparison resolves 1e-10."""
+    import torch.nn.functional as F
+
+    real_softmax = F.softmax
+    monkeypatch.setattr(F, "softmax", lambda x, dim=None, dtype=None, **kw: real_softmax(
+        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw))
+    for m in hf.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = (lambda mod: lambda x: mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                                                           + mod.variance_epsilon)))(m)
+    rot = hf.model.rotary_emb
+    assert torch.allclose(rot.inv_freq.double(), ours.rope.inv_freq, rtol=1e-6, atol=0)
+    rot.inv_freq = ours.rope.inv_freq.clone()
+
+    def rotary(x, position_ids):
+        freqs = position_ids[..., None].double() * rot.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * rot.attention_scaling).to(x.dtype), (emb.sin() * rot.attention_scaling).to(x.dtype)
+
+    rot.forward = rotary
+
+
+@pytest.mark.parametrize("arch,tied,kv", CASES[:3])
+def test_float64_logits_parity(tmp_path, monkeypatch, arch, tied, kv):
+    hf_dir, hf = _hf_model(tmp_path, arch, tied, kv)
+    hf = hf.double()
+    hf.config._attn_implementation = "eager"
+    ckpt = import_from_hf(hf_dir, tmp_path / "ckpt", dtype="float64")
+    _cfg, ours = load_full_model(ckpt, torch.float64)
+    _patch_hf_float64(monkeypatch, hf, ours)
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
+    # Greedy decoding: 20 identical tokens (float64, where a random tiny model's near-ties cannot flip
+    # the argmax between HF's cached decoding and our full recomputation).
+    gen_ours = greedy_generate(ours, ids[:1, :5], 20)
+    gen_hf = hf.generate(ids[:1, :5], max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0)
+    assert torch.equal(gen_ours, gen_hf)
+
+
+def _reshard(rank: int, world: int, ckpt: str, out_root: str) -> int:
+    """Load an imported checkpoint at tp2·pp2 and save it again from that layout."""
+    import dataclasses
+
+    from scaletrain.checkpoint.hf import checkpoint_model_config
+    from scaletrain.checkpoint.io import load_checkpoint, save_checkpoint
+    from scaletrain.config.schema import ParallelConfig
+    from scaletrain.distributed import ParallelDims
+    from scaletrain.models import build_model
+    from scaletrain.parallel.parallelize import parallelize
+
+    cfg = checkpoint_model_config(ckpt)
+    pcfg = ParallelConfig(tp=2, pp=2)
+    dims = ParallelDims.from_config(pcfg, world, rank)
+    with torch.device("meta"):
+        model = build_model(cfg, tp_size=2)
+    parallelize(model, dims, pcfg)
+    load_checkpoint(ckpt, model, None, dims=dims)
+    save_checkpoint(out_root, 1, model, None, {"consumed_samples": 0, "model_config": dataclasses.asdict(cfg)},
+                    dims=dims, tokenizer=None)
+    return len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_import_at_tp2_pp2_and_export_from_the_sharded_checkpoint(tmp_path, tied):
+    hf_dir, hf = _hf_model(tmp_path, "llama", tied, 2)
+    ckpt = import_from_hf(hf_dir, tmp_path / "ckpt")
+    counts = run_ranks(4, _reshard, str(ckpt), str(tmp_path / "sharded"), timeout=120)
+    assert all(c > 0 for c in counts)
+    sharded = tmp_path / "sharded" / "step_0000001"
+    assert len(list(sharded.glob("*.safetensors"))) == 4  # one file per rank
+    out = export_to_hf(sharded, tmp_path / "export")
+    from safetensors.torch import load_file
+
+    original = load_file(str(hf_dir / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    original = {k: v for k, v in original.items() if not (tied and k == "lm_head.weight")}
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+    ids = torch.randint(0, 96, (2, 16))
+    reloaded = type(hf).from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, hf(ids).logits)
+        assert (load_full_model(sharded)[1](ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_unsupported_options_are_refused():
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    config_from_hf(base)
+    with pytest.raises(UnsupportedModelError, match="architecture 'GPT2LMHeadModel'"):
+        config_from_hf({**base, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(UnsupportedModelError, match="hidden_act = 'gelu'"):
+        config_from_hf({**base, "hidden_act": "gelu"})
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        config_from_hf({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 4096})
+    with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(UnsupportedModelError, match="attention_bias"):
+        config_from_hf({**base, "attention_bias": True})
