@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The embedded CPU default, end to end: tokenizer → Megatron .bin/.idx → tiny Llama pretraining.
-# Re-running resumes the run in runs/tiny from its latest checkpoint (and does nothing if it finished).
+# The embedded CPU default, end to end: tokenizer → Megatron .bin/.idx → tiny Llama pretraining →
+# Hugging Face export → transformers loads it and generates.
+# Re-running resumes the run in runs/tiny from its latest checkpoint (and only re-exports if it finished).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -f data/tokenizer/tokenizer.model ]; then
@@ -11,3 +12,6 @@ if [ ! -f data/kjv_text_document.idx ]; then
     --output-prefix data/kjv_text_document --workers 2
 fi
 scaletrain train --config configs/tiny.toml "$@"
+rm -rf runs/tiny/hf
+scaletrain convert to-hf runs/tiny/checkpoints runs/tiny/hf
+python examples/hf_generate.py runs/tiny/hf "And God said"

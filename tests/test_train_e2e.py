@@ -40,8 +40,10 @@ def test_loss_falls_and_every_sink_writes(tmp_path, tokenizer_dir, dataset_prefi
     assert records[39]["val_loss"] < records[19]["val_loss"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000040"
-    files = {p.suffix for p in (run / "checkpoints" / "step_0000040").iterdir()}
+    ckpt = run / "checkpoints" / "step_0000040"
+    files = {p.suffix for p in ckpt.iterdir() if p.is_file()}
     assert files == {".safetensors", ".json"}  # nothing pickled
+    assert (ckpt / "tokenizer" / "tokenizer.model").is_file()  # self-contained: exports on its own
     assert "hidden_size = 32" in (run / "config.toml").read_text()
 
 

