@@ -16,8 +16,8 @@ from dist_harness import run_ranks
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_model(tmp_path, arch: str, tied: bool, kv: int):
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+def _hf_model(tmp_path, arch: str, tied: bool, kv: int, vocab: int = 96):
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=kv, max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5)
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common, rope_parameters={
@@ -170,3 +170,45 @@ def test_unsupported_options_are_refused():
         config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(UnsupportedModelError, match="attention_bias"):
         config_from_hf({**base, "attention_bias": True})
+
+
+def test_sharded_bf16_export_with_index(tmp_path):
+    hf_dir, hf = _hf_model(tmp_path, "llama", False, 2)
+    ckpt = import_from_hf(hf_dir, tmp_path / "ckpt")
+    out = export_to_hf(ckpt, tmp_path / "export", dtype="bfloat16", max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((out / f).is_file() for f in files)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    reloaded, info = type(hf).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(reloaded.model.embed_tokens.weight, hf.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_train_from_hf_weights(tmp_path, tokenizer_dir, dataset_prefix):
+    """--set checkpoint.init_from_hf: the HF config replaces [model] and training starts from its weights."""
+    from scaletrain.checkpoint.hf import checkpoint_model_config
+    from scaletrain.cli import main
+
+    from conftest import TINY, read_metrics, tiny_overrides
+
+    hf_dir, hf = _hf_model(tmp_path, "llama", True, 2, vocab=512)
+    args = ["train", "--config", TINY]
+    for item in tiny_overrides(tmp_path / "run", tokenizer_dir, dataset_prefix, **{
+            "checkpoint.init_from_hf": str(hf_dir), "train.steps": 2}):
+        args += ["--set", item]
+    assert main(args) == 0
+    cfg = checkpoint_model_config(tmp_path / "run" / "checkpoints" / "step_0000002")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.tie_embeddings, cfg.rope_scaling) == (32, 4, True, "llama3")
+    # The first step's loss is the HF model's loss on that batch: the weights really came from HF.
+    from scaletrain.config.schema import DataConfig
+    from scaletrain.data.gpt import build_gpt_datasets
+
+    train, _ = build_gpt_datasets(DataConfig(prefixes=(dataset_prefix,)), seq_length=32, seed=1234, eod_id=2,
+                                  vocab_size=512, train_samples=8, valid_samples=0)
+    batch = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(4)])
+    labels = torch.stack([torch.as_tensor(train[i]["labels"]) for i in range(4)])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(hf(batch).logits.flatten(0, 1), labels.flatten()).item()
+    assert abs(read_metrics(tmp_path / "run")[0]["loss"] - ref) <= 1e-5 * ref
