@@ -114,8 +114,9 @@ def test_validate_world_size_and_layout_rules():
 
 def test_layouts_not_built_yet_are_refused_not_faked():
     assert validate(_resolved(["parallel.tp=2"]), world_size=2) == 1
-    with pytest.raises(ConfigError, match="dp = 2: this build of scaletrain runs tensor and pipeline"):
-        validate(_resolved(), world_size=2)
+    assert validate(_resolved(), world_size=2) == 2
+    with pytest.raises(ConfigError, match="parallel.cp = 2: context parallelism is not implemented"):
+        validate(_resolved(["parallel.cp=2"]), world_size=2)
     assert validate(_resolved(["parallel.pp=2"]), world_size=2) == 1
     with pytest.raises(ConfigError, match=r"interleaved 1F1B \(parallel.vpp = 2\) needs the microbatches per step \(2\)"):
         validate(_resolved(["parallel.pp=4", "parallel.vpp=1", "parallel.vpp=2", "model.num_layers=8"]), world_size=4)

@@ -172,10 +172,8 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     """Layouts whose machinery has not landed yet: refused, never silently run as something else."""
     p = cfg.parallel
     out = []
-    for key, value in [("parallel.cp", p.cp), ("dp", dp)]:
-        if value > 1:
-            out.append(f"{key} = {value}: this build of scaletrain runs tensor and pipeline parallelism only "
-                       "(context and data parallelism are not implemented yet); launch tp·pp processes.")
+    if p.cp > 1:
+        out.append(f"parallel.cp = {p.cp}: context parallelism is not implemented yet; set it to 1.")
     if cfg.optim.distributed:
         out.append("optim.distributed = true: the distributed optimizer is not implemented yet; set it to false.")
     if p.backend == "te" or cfg.precision.fp8:

@@ -55,6 +55,13 @@ class Comm:
         dist.all_reduce(t, op=red, group=self.group)
         return t
 
+    def all_reduce_async(self, t: torch.Tensor) -> dist.Work | None:
+        """Start an in-place sum all-reduce; returns the handle to wait on (None at size 1)."""
+        if self.size == 1:
+            return None
+        self.stats.add("all_reduce", t)
+        return dist.all_reduce(t, group=self.group, async_op=True)
+
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's `t` along `dim` (output size × along dim)."""
         if self.size == 1:

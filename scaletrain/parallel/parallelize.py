@@ -5,8 +5,8 @@ Order: (1) split pipeline stages — prune the (meta-device) model to this rank'
 (2) materialise on the device (only what this rank runs is ever allocated); (3) bind the tp
 communicator and sequence parallelism to every role layer and tag the parameters whose gradients
 need a reduction (SP norm weights over tp, tied-embedding copies over the embedding group).
-Still to come, in this order after (3): activation recomputation, torch.compile, data-parallel
-wrapping — refused up front by config validation until they land.
+(4) data parallelism: bucketed gradient all-reduce hooks (`model.grad_buckets`).
+Still to come, between (3) and (4): activation recomputation and torch.compile.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from scaletrain.distributed.dims import ParallelDims
 from scaletrain.nn.init import spec_of
 from scaletrain.nn.linear import TPBound
 from scaletrain.nn.norm import RMSNorm
+from scaletrain.parallel.data_parallel import GradBuckets
 from scaletrain.parallel.pipeline.split import mark_tied_embedding, split_stages
 
 
@@ -53,4 +54,6 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         if sp and isinstance(module, RMSNorm):
             module.weight.sequence_parallel_grad = True  # type: ignore[attr-defined]
     mark_tied_embedding(model, dims)
+    if dims.dp > 1:
+        model.grad_buckets = GradBuckets(model, dims.comm("dp"))  # type: ignore[assignment]
     return model

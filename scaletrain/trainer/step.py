@@ -1,7 +1,7 @@
 """One optimizer step, shared by every stage (DESIGN rule 5), and the validation pass.
 
 Loss normalisation lives here and only here: the objective counts its loss items per microbatch,
-the step sums them over the whole global batch (all microbatches; all dp ranks once dp lands) and
+the step sums them over the whole global batch (all microbatches, all dp ranks) and
 the schedule divides every microbatch's summed loss by that one number before backward.
 """
 
@@ -31,15 +31,32 @@ def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, di
                  normaliser: float, forward_only: bool = False) -> torch.Tensor:
     """The schedule this layout needs; returns the global batch's normalised loss on every rank."""
     chunks = getattr(model, "pipeline_chunks", None)
-    if chunks is None or dims is None:
-        loss, _ = forward_backward_no_pipelining(objective.forward_step, microbatches, model,
-                                                 normaliser=normaliser, forward_only=forward_only)
-        return loss
-    loss, _ = forward_backward_pipelining(objective.forward_step, microbatches, chunks, dims,
-                                          normaliser=normaliser, forward_only=forward_only)
-    # Only the last stage computed the loss: share it so every rank logs the same number.
+    buckets = None if forward_only else getattr(model, "grad_buckets", None)
     device = next(model.parameters()).device
-    return dims.comm("pp").all_reduce(loss.reshape(1).to(device))[0].cpu()
+    if chunks is None or dims is None:
+        enable = None if buckets is None else (lambda: setattr(buckets, "sync_enabled", True))
+        loss, _ = forward_backward_no_pipelining(objective.forward_step, microbatches, model,
+                                                 normaliser=normaliser, forward_only=forward_only,
+                                                 on_last_microbatch=enable)
+    else:
+        loss, _ = forward_backward_pipelining(objective.forward_step, microbatches, chunks, dims,
+                                              normaliser=normaliser, forward_only=forward_only)
+        # Only the last stage computed the loss: share it so every rank logs the same number.
+        loss = dims.comm("pp").all_reduce(loss.reshape(1).to(device))[0]
+    if buckets is not None:
+        buckets.finish()
+    if dims is not None and dims.dp > 1:  # each dp rank holds its share of the global mean
+        loss = dims.comm("dp").all_reduce(loss.reshape(1).to(device))[0]
+    return loss.cpu()
+
+
+def _global_count(objective, mbs: list[dict], dims: ParallelDims | None) -> int:
+    """The normaliser: loss items of the whole global batch, summed over microbatches and dp ranks."""
+    count = torch.stack([objective.count(b) for b in mbs]).sum().reshape(1).to(torch.float64)
+    if dims is not None and dims.dp > 1:
+        device = mbs[0]["tokens"].device
+        count = dims.comm("dp").all_reduce(count.to(device))
+    return int(count.item())  # host sync: the normaliser is needed as a number
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -57,9 +74,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objecti
     for group in optimizer.param_groups:
         group["lr"] = lr
     mbs = [_to_device(b, device) for b in microbatches]
-    normaliser = torch.stack([objective.count(b) for b in mbs]).sum()
-    items = int(normaliser.item())  # host sync: the normaliser is needed as a number
-    optimizer.zero_grad(set_to_none=True)
+    items = _global_count(objective, mbs, dims)
+    buckets = getattr(model, "grad_buckets", None)
+    if buckets is not None:
+        buckets.zero()  # .grad are views into the dp buckets: zero in place, never drop them
+        buckets.sync_enabled = False
+    else:
+        optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         loss = run_schedule(objective, mbs, model, dims, normaliser=max(items, 1))
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -83,7 +104,7 @@ def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision
     total, items = 0.0, 0
     for microbatches in batches:
         mbs = [_to_device(b, device) for b in microbatches]
-        count = int(torch.stack([objective.count(b) for b in mbs]).sum().item())
+        count = _global_count(objective, mbs, dims)
         with precision.autocast():
             loss = run_schedule(objective, mbs, model, dims, normaliser=max(count, 1), forward_only=True)
         total += float(loss.item()) * count
