@@ -12,6 +12,7 @@ from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 from scaletrain.posttrain.generate import greedy_generate
 
 from dist_harness import run_ranks
+from hf_helpers import run_rotary_in_float64
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,16 +82,7 @@ def _patch_hf_float64(monkeypatch, hf, ours):
         if type(m).__name__.endswith("RMSNorm"):
             m.forward = (lambda mod: lambda x: mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
                                                                            + mod.variance_epsilon)))(m)
-    rot = hf.model.rotary_emb
-    assert torch.allclose(rot.inv_freq.double(), ours.rope.inv_freq, rtol=1e-6, atol=0)
-    rot.inv_freq = ours.rope.inv_freq.clone()
-
-    def rotary(x, position_ids):
-        freqs = position_ids[..., None].double() * rot.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * rot.attention_scaling).to(x.dtype), (emb.sin() * rot.attention_scaling).to(x.dtype)
-
-    rot.forward = rotary
+    run_rotary_in_float64(hf, ours)
 
 
 @pytest.mark.parametrize("arch,tied,kv", CASES[:3])

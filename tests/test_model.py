@@ -10,7 +10,10 @@ import torch
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
 from scaletrain.models import build_model
+from scaletrain.models.llama.hf import to_hf_state_dict
 from scaletrain.nn import init_parameters, spec_of
+
+from hf_helpers import run_rotary_in_float64
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,32 +23,6 @@ def _cfg(**kw) -> ModelConfig:
                 rope_theta=10000.0)
     base.update(kw)
     return resolve_model(ModelConfig(**base), tokenizer_vocab=None, tp=1, seq_length=64)
-
-
-def to_hf_state(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our parameter layout → Hugging Face Llama/Qwen2 names (test-side reference map)."""
-    sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    qpk, d, h = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        w = sd[p + "attn.qkv.weight"].view(cfg.num_kv_heads, qpk + 2, d, h)
-        out[q + "self_attn.q_proj.weight"] = w[:, :qpk].reshape(-1, h)
-        out[q + "self_attn.k_proj.weight"] = w[:, -2].reshape(-1, h)
-        out[q + "self_attn.v_proj.weight"] = w[:, -1].reshape(-1, h)
-        if cfg.qkv_bias:
-            b = sd[p + "attn.qkv.bias"].view(cfg.num_kv_heads, qpk + 2, d)
-            out[q + "self_attn.q_proj.bias"] = b[:, :qpk].reshape(-1)
-            out[q + "self_attn.k_proj.bias"] = b[:, -2].reshape(-1)
-            out[q + "self_attn.v_proj.bias"] = b[:, -1].reshape(-1)
-        out[q + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
-        out[q + "input_layernorm.weight"] = sd[p + "attn_norm.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "mlp_norm.weight"]
-        out[q + "mlp.gate_proj.weight"] = sd[p + "mlp.gate_up.weight"][0]
-        out[q + "mlp.up_proj.weight"] = sd[p + "mlp.gate_up.weight"][1]
-        out[q + "mlp.down_proj.weight"] = sd[p + "mlp.down.weight"]
-    out["lm_head.weight"] = sd["embed.weight"] if cfg.tie_embeddings else sd["head.weight"]
-    return out
 
 
 def _hf_model(cfg: ModelConfig, family: str):
@@ -84,21 +61,11 @@ def test_logits_match_transformers_float64(family, kw):
             for layer in model.layers.values():
                 layer.attn.qkv.bias.normal_(0, 0.1)
     hf = _hf_model(cfg, family)
-    missing, unexpected = hf.load_state_dict(to_hf_state(model, cfg), strict=False)
-    assert not [k for k in missing if "rotary" not in k] and not unexpected
-    # transformers computes RoPE angles in float32 even in a float64 model. Check its frequencies
-    # against ours at float32 precision, then run its rotary in float64 on our frequencies, so the
-    # rest of the architecture is compared exactly.
-    rotary = hf.model.rotary_emb
-    assert torch.allclose(rotary.inv_freq.double(), model.rope.inv_freq, rtol=1e-6, atol=0)
-    rotary.inv_freq = model.rope.inv_freq.clone()
-
-    def rotary_f64(x, position_ids):
-        freqs = position_ids[..., None].double() * rotary.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * rotary.attention_scaling).to(x.dtype), (emb.sin() * rotary.attention_scaling).to(x.dtype)
-
-    rotary.forward = rotary_f64
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    assert not [k for k in missing if "rotary" not in k and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    assert not unexpected
+    hf.tie_weights()
+    run_rotary_in_float64(hf, model)
     ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     ours = model(ids)
     ref = hf(ids).logits

@@ -12,7 +12,7 @@ from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.config.validate import resolve_model
 from scaletrain.distributed import ParallelDims
 from scaletrain.models import build_model
-from scaletrain.nn import init_parameters, spec_of
+from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
 from scaletrain.parallel.pipeline.schedules import BWD, FWD, schedule_order
 from scaletrain.parallel.pipeline.split import layer_layout
@@ -22,6 +22,7 @@ from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import train_step
 
 from dist_harness import RankFailure, run_ranks
+from parity import assert_matches, randomise_qkv_bias, train_and_record
 
 STEPS = 5
 
@@ -52,41 +53,8 @@ def _train(rank: int, world: int, cfg: ModelConfig, tp: int, pp: int, vpp: int, 
         model = build_model(cfg, tp_size=tp, dtype=torch.float64)
     parallelize(model, dims, pcfg, torch.device("cpu"))
     init_parameters(model, seed=5, tp_rank=dims.tp_rank, tp_size=tp)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("qkv.bias"):
-                p.copy_(torch.linspace(-0.1, 0.1, spec_of(p).global_shape[0], dtype=p.dtype).chunk(tp)[dims.tp_rank])
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
-    objective = LanguageModelingObjective(dims.tp_comm)
-    out: dict = {"losses": [], "norms": [], "pp_rank": dims.pp_rank}
-    for i, mbs in enumerate(_batches(n_micro)):
-        r = train_step(model, optimizer, objective, mbs, lr=1e-2, clip_grad=0.5,
-                       precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"), dims=dims)
-        out["losses"].append(r.loss)
-        out["norms"].append(r.grad_norm)
-        if i == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out["shard_dims"] = {n: spec_of(p).shard_dim for n, p in model.named_parameters()}
-    return out
-
-
-def _assemble(ranks: list[dict], key: str, tp: int) -> dict[str, torch.Tensor]:
-    """Full tensors from all ranks: tp shards concatenated, pipeline copies (tied embedding) checked equal."""
-    full: dict[str, torch.Tensor] = {}
-    for stage in sorted({r["pp_rank"] for r in ranks}):
-        group = [r for r in ranks if r["pp_rank"] == stage]  # tp ranks of this stage, in tp order
-        for name in group[0][key]:
-            d = group[0]["shard_dims"][name]
-            t = group[0][key][name] if d is None or tp == 1 else torch.cat([g[key][name] for g in group], dim=d)
-            if name in full:  # the tied embedding's second copy must match the first exactly
-                assert torch.equal(full[name], t), name
-            full[name] = t
-    return full
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+    randomise_qkv_bias(model, tp, dims.tp_rank)
+    return train_and_record(model, dims, _batches(n_micro), torch.float64)
 
 
 CASES = [  # (tp, pp, vpp, sp, microbatches, tied)
@@ -106,15 +74,7 @@ def test_pp_matches_single_process_float64(tp, pp, vpp, sp, n_micro, tied):
     cfg = _cfg(tied)
     ref = _train(0, 1, cfg, 1, 1, 1, False, n_micro)
     ranks = run_ranks(tp * pp, _train, cfg, tp, pp, vpp, sp, n_micro, timeout=120)
-    tol = 1e-10
-    for r in ranks:
-        for a, b in zip(r["losses"] + r["norms"], ref["losses"] + ref["norms"]):
-            assert abs(a - b) <= tol * abs(b), (r["pp_rank"], a, b)
-    for key in ("grads", "params"):
-        full = _assemble(ranks, key, tp)
-        assert full.keys() == ref[key].keys()
-        for n, t in full.items():
-            assert _rel(t, ref[key][n]) < tol, (key, n, _rel(t, ref[key][n]))
+    assert_matches(ranks, ref, tp, 1e-10)
 
 
 def test_layer_layout_and_schedule_tables():

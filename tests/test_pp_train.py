@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from test_tp_train import _cli_rank
 
 from conftest import TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
+from test_tp_train import _cli_rank
 
 
 def _args(run_dir, tokenizer_dir, prefix, **extra) -> list[str]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_tp_train import _cli_rank
 
 from scaletrain.cli import main
 
 from conftest import TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
+from test_tp_train import _cli_rank
 
 LAYOUT = {"model.num_heads": 8, "model.num_kv_heads": 4, "model.num_layers": 4, "model.ffn_hidden_size": 64,
           "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 6,

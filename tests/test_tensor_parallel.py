@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from scaletrain.config.schema import ModelConfig, ParallelConfig
 from scaletrain.config.validate import resolve_model
 from scaletrain.distributed import ParallelDims
 from scaletrain.models import build_model
-from scaletrain.nn import init_parameters, spec_of
+from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
-from scaletrain.trainer.objective import LanguageModelingObjective
-from scaletrain.trainer.optimizer import build_optimizer
-from scaletrain.trainer.precision import Precision
-from scaletrain.trainer.step import train_step
 
 from dist_harness import RankFailure, run_ranks
+from parity import assemble, assert_matches, randomise_qkv_bias, rel, train_and_record
 
 STEPS = 5
 
@@ -46,39 +43,19 @@ def _train(rank: int, world: int, cfg: ModelConfig, sp: bool, dtype: torch.dtype
     model = build_model(cfg, tp_size=world, dtype=dtype)
     parallelize(model, dims, ParallelConfig(tp=world, sequence_parallel=sp))
     init_parameters(model, seed=11, tp_rank=dims.tp_rank, tp_size=world)
-    # Bias init is zero; give the qkv bias values so its sharding is exercised.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("qkv.bias"):
-                full = torch.linspace(-0.1, 0.1, spec_of(p).global_shape[0], dtype=dtype)
-                p.copy_(full.chunk(world)[dims.tp_rank])
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
-    objective = LanguageModelingObjective(dims.tp_comm)
-    precision = Precision(dtype, None, "cpu", "test")
+    randomise_qkv_bias(model, world, dims.tp_rank)
     batches = _batches()
     with torch.no_grad():
         logits = model(batches[0][0]["tokens"]).clone()
-    out: dict = {"logits": logits, "losses": [], "norms": []}
-    for i, mbs in enumerate(batches):
-        r = train_step(model, optimizer, objective, mbs, lr=1e-2, clip_grad=0.5, precision=precision,
-                       device=torch.device("cpu"), dims=dims)
-        out["losses"].append(r.loss)
-        out["norms"].append(r.grad_norm)
-        if i == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out["shard_dims"] = {n: spec_of(p).shard_dim for n, p in model.named_parameters()}
-    return out
+    return {"logits": logits, **train_and_record(model, dims, batches, dtype)}
 
 
 def _full(per_rank: list[dict], key: str) -> dict[str, torch.Tensor]:
-    dims = per_rank[0]["shard_dims"]
-    return {n: (per_rank[0][key][n] if dims[n] is None else torch.cat([r[key][n] for r in per_rank], dim=dims[n]))
-            for n in per_rank[0][key]}
+    return assemble(per_rank, key, len(per_rank))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+    return rel(a, b)
 
 
 CASES = [  # (tp, sequence_parallel, kv_heads, tied)
@@ -98,15 +75,7 @@ def test_tp_matches_single_process_float64(tp, sp, kv, tied):
     tol = 1e-10
     logits = torch.cat([r["logits"] for r in ranks], dim=-1)
     assert _rel(logits, ref["logits"]) < tol
-    for r in ranks:  # loss and norm are replicated: every rank reports the same numbers
-        for a, b in zip(r["losses"] + r["norms"], ref["losses"] + ref["norms"]):
-            assert abs(a - b) <= tol * abs(b)
-    for key in ("grads", "params"):
-        full = _full(ranks, key)
-        assert full.keys() == ref[key].keys()
-        for n, t in full.items():
-            assert t.shape == ref[key][n].shape, n
-            assert _rel(t, ref[key][n]) < tol, (key, n, _rel(t, ref[key][n]))
+    assert_matches(ranks, ref, tp, tol)
 
 
 def test_tp_matches_single_process_float32():
