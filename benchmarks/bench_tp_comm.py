@@ -62,6 +62,9 @@ def _one_step(rank: int, world: int, cfg: ModelConfig, sp: bool, b: int, s: int,
     return {"bytes": dict(dims.tp_comm.stats.bytes), "calls": dict(dims.tp_comm.stats.calls)}
 
 
+NORM_BYTES = 8  # the global grad norm's partial sum of squares, accumulated in float64
+
+
 def theory(cfg: ModelConfig, sp: bool, b: int, s: int, microbatches: int, elt: int = 4) -> dict[str, int]:
     """Minimum payload bytes per op for one step (see the module docstring)."""
     act = b * s * cfg.hidden_size * elt
@@ -73,9 +76,9 @@ def theory(cfg: ModelConfig, sp: bool, b: int, s: int, microbatches: int, elt: i
         per_mb_rs = cfg.num_layers * 4 * act + act + act  # layers: 2 fwd + 2 bwd; embed fwd; head bwd
         out["all_gather"] = microbatches * per_mb_ag
         out["reduce_scatter"] = microbatches * per_mb_rs
-        out["all_reduce"] = microbatches * ce + (2 * cfg.num_layers + 1) * cfg.hidden_size * elt + elt
+        out["all_reduce"] = microbatches * ce + (2 * cfg.num_layers + 1) * cfg.hidden_size * elt + NORM_BYTES
     else:
-        out["all_reduce"] = microbatches * (cfg.num_layers * 4 * act + 2 * act + ce) + elt
+        out["all_reduce"] = microbatches * (cfg.num_layers * 4 * act + 2 * act + ce) + NORM_BYTES
     return out
 
 

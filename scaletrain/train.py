@@ -128,14 +128,14 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
             model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype)
     else:
         model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype).to(device)
-    model = parallelize(model, dims, cfg.parallel, device)
+    model = parallelize(model, dims, cfg.parallel, device, shard_optimizer=cfg.optim.distributed)
     init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
     if resume_from is None and cfg.checkpoint.init_from_hf:
         from scaletrain.checkpoint.hf import load_hf_weights
 
         load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)
         log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}")
-    optimizer = build_optimizer(model, cfg.optim, device)
+    optimizer = build_optimizer(model, cfg.optim, device, dims)
     objective = LanguageModelingObjective(dims.tp_comm)
 
     state = LoopState(step=0, consumed_samples=0)

@@ -20,10 +20,12 @@ def randomise_qkv_bias(model: torch.nn.Module, tp: int, tp_rank: int) -> None:
             p.copy_(torch.linspace(-0.1, 0.1, spec_of(p).global_shape[0], dtype=p.dtype).chunk(tp)[tp_rank])
 
 
-def train_and_record(model: torch.nn.Module, dims, steps: list[list[dict]], dtype: torch.dtype) -> dict:
+def train_and_record(model: torch.nn.Module, dims, steps: list[list[dict]], dtype: torch.dtype,
+                     optimizer=None) -> dict:
     """Run train_step over `steps` (this rank's microbatches per step, AdamW lr 1e-2, clipping at 0.5 so
     the global norm matters) and return losses, norms, step-1 gradients and final parameters (local)."""
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+    if optimizer is None:
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
     objective = LanguageModelingObjective(dims.tp_comm)
     precision = Precision(dtype, None, "cpu", "test")
     out: dict = {"losses": [], "norms": [], "pp_rank": dims.pp_rank, "dp_rank": dims.dp_rank}
@@ -58,12 +60,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-def assert_matches(ranks: list[dict], ref: dict, tp: int, tol: float, dp: int = 1) -> None:
+def assert_matches(ranks: list[dict], ref: dict, tp: int, tol: float, dp: int = 1,
+                   keys: tuple[str, ...] = ("grads", "params")) -> None:
     """Every rank's losses/norms, and every replica's gradients and parameters, match the reference."""
     for r in ranks:
         for a, b in zip(r["losses"] + r["norms"], ref["losses"] + ref["norms"]):
             assert abs(a - b) <= tol * abs(b), (a, b)
-    for key in ("grads", "params"):
+    for key in keys:
         for d in range(dp):
             full = assemble([r for r in ranks if r["dp_rank"] == d], key, tp)
             assert full.keys() == ref[key].keys()

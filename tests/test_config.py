@@ -120,8 +120,7 @@ def test_layouts_not_built_yet_are_refused_not_faked():
     assert validate(_resolved(["parallel.pp=2"]), world_size=2) == 1
     with pytest.raises(ConfigError, match=r"interleaved 1F1B \(parallel.vpp = 2\) needs the microbatches per step \(2\)"):
         validate(_resolved(["parallel.pp=4", "parallel.vpp=1", "parallel.vpp=2", "model.num_layers=8"]), world_size=4)
-    with pytest.raises(ConfigError, match="distributed optimizer is not implemented"):
-        validate(_resolved(["optim.distributed=true"]), world_size=1)
+    assert validate(_resolved(["optim.distributed=true"]), world_size=2) == 2
 
 
 @pytest.mark.parametrize("name", ["llama3_1b", "llama3_3b", "llama3_8b", "llama3_70b", "llama3_405b"])

@@ -24,29 +24,31 @@ def _args(run, tokenizer_dir, prefix, **extra) -> list[str]:
     return args
 
 
-@pytest.fixture(scope="module")
-def saved_at_tp2_pp2_dp2(tmp_path_factory, tokenizer_dir, dataset_prefix):
+@pytest.fixture(scope="module", params=[False, True], ids=["adamw", "zero1"])
+def saved_at_tp2_pp2_dp2(request, tmp_path_factory, tokenizer_dir, dataset_prefix):
+    """The same 3 steps saved at tp2·pp2·dp2, with the plain or the distributed optimizer."""
     tmp = tmp_path_factory.mktemp("reshard")
     assert main(_args(tmp / "reference", tokenizer_dir, dataset_prefix)) == 0  # one process, uninterrupted
     saved = tmp / "saved"
-    layout = {"parallel.tp": 2, "parallel.pp": 2, "train.exit_interval": 3}
+    layout = {"parallel.tp": 2, "parallel.pp": 2, "train.exit_interval": 3, "optim.distributed": request.param}
     assert run_ranks(8, _cli_rank, _args(saved, tokenizer_dir, dataset_prefix, **layout), timeout=240) == [0] * 8
     assert len(read_metrics(saved)) == 3
-    return tmp, [r["loss"] for r in read_metrics(tmp / "reference")]
+    return tmp, [r["loss"] for r in read_metrics(tmp / "reference")], request.param
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 4), (4, 1), (0, 0)])  # (0, 0): a single process
-def test_resume_at_another_layout_continues_exactly(saved_at_tp2_pp2_dp2, tokenizer_dir, dataset_prefix, tp, pp):
-    tmp, reference = saved_at_tp2_pp2_dp2
-    run = tmp / f"resumed-tp{tp}-pp{pp}"
+# (tp, pp, distributed optimizer on resume); (0, 0): a single process
+@pytest.mark.parametrize("tp,pp,zero", [(1, 4, False), (4, 1, True), (1, 4, True), (0, 0, False)])
+def test_resume_at_another_layout_continues_exactly(saved_at_tp2_pp2_dp2, tokenizer_dir, dataset_prefix, tp, pp, zero):
+    tmp, reference, saved_zero = saved_at_tp2_pp2_dp2
+    run = tmp / f"resumed-tp{tp}-pp{pp}-zero{zero}"
     shutil.copytree(tmp / "saved", run)
     if tp:
-        code = run_ranks(8, _cli_rank, _args(run, tokenizer_dir, dataset_prefix,
-                                             **{"parallel.tp": tp, "parallel.pp": pp}), timeout=240)
+        code = run_ranks(8, _cli_rank, _args(run, tokenizer_dir, dataset_prefix, **{
+            "parallel.tp": tp, "parallel.pp": pp, "optim.distributed": zero}), timeout=240)
         assert code == [0] * 8
     else:
         assert main(_args(run, tokenizer_dir, dataset_prefix)) == 0
     losses = [r["loss"] for r in read_metrics(run)]
     assert len(losses) == 6
     for a, b in zip(losses, reference):  # the saved steps and the resumed ones
-        assert abs(a - b) <= 1e-10 * abs(b), (a, b)
+        assert abs(a - b) <= 1e-10 * abs(b), (saved_zero, a, b)

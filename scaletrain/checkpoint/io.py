@@ -89,6 +89,12 @@ def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
 
 
+def _is_zero(optimizer: Any) -> bool:
+    from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
+
+    return isinstance(optimizer, DistributedOptimizer)
+
+
 def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dims=None
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """({'model': …, 'optim': {'state': …}}, FQN-keyed param groups) for DCP.
@@ -102,7 +108,10 @@ def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     groups: list[dict[str, Any]] = []
     model_sd: dict[str, Any]
     optim_state: dict[str, Any] | None
-    if optimizer is None:
+    if _is_zero(optimizer):  # ZeRO-1: gathered into the plain optimizer's per-parameter form
+        optimizer.materialize()  # type: ignore[union-attr]
+        model_sd, optim_state = dict(get_model_state_dict(model)), optimizer.full_state()  # type: ignore[union-attr]
+    elif optimizer is None:
         model_sd, optim_state = dict(get_model_state_dict(model)), None
     else:
         _materialize_optimizer_state(optimizer)
@@ -330,6 +339,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     target = _local(target)
     if optimizer is None:
         model.load_state_dict(target["model"])
+    elif _is_zero(optimizer):
+        model.load_state_dict(target["model"])
+        optimizer.load_full_state(target["optim"]["state"])  # type: ignore[attr-defined]
     else:
         set_state_dict(model, optimizer, model_state_dict=target["model"],
                        optim_state_dict={"state": target["optim"]["state"], "param_groups": groups})

@@ -174,8 +174,6 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     out = []
     if p.cp > 1:
         out.append(f"parallel.cp = {p.cp}: context parallelism is not implemented yet; set it to 1.")
-    if cfg.optim.distributed:
-        out.append("optim.distributed = true: the distributed optimizer is not implemented yet; set it to false.")
     if p.backend == "te" or cfg.precision.fp8:
         out.append("parallel.backend = 'te' / precision.fp8: the Transformer Engine backend is not implemented "
                    "yet; use parallel.backend = 'torch' or 'auto'.")

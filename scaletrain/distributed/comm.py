@@ -62,6 +62,14 @@ class Comm:
         self.stats.add("all_reduce", t)
         return dist.all_reduce(t, group=self.group, async_op=True)
 
+    def reduce_scatter_async(self, out: torch.Tensor, t: torch.Tensor) -> dist.Work | None:
+        """Start a sum reduce-scatter of flat `t` into this rank's slice `out`."""
+        if self.size == 1:
+            out.copy_(t)
+            return None
+        self.stats.add("reduce_scatter", t)
+        return dist.reduce_scatter_single(out, t, group=self.group, async_op=True)
+
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's `t` along `dim` (output size × along dim)."""
         if self.size == 1:

@@ -9,11 +9,14 @@ parameters, or everything under pipeline schedules, which sync after the schedul
 
 Gradients are *summed* over dp: every rank's loss is already divided by the global token count, so
 the sum is the gradient of the global mean (the "average" of per-rank means, weighted correctly).
+
+With `shard=True` (ZeRO-1, see distributed_optimizer.py) buffers are padded to a multiple of dp and
+reduce-scattered: each rank receives only the summed gradient of its 1/dp shard (`shard_grad`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,23 +26,50 @@ from scaletrain.distributed.comm import Comm
 @dataclass
 class _Bucket:
     params: list[torch.nn.Parameter]
-    buffer: torch.Tensor
+    names: list[str]
+    buffer: torch.Tensor  # flat gradients (padded to a multiple of dp when sharded)
+    numel: int  # unpadded
     ready: int = 0
     work: object | None = None
-    ids: set[int] = field(default_factory=set)
+    shard_grad: torch.Tensor | None = None  # ZeRO: this rank's reduce-scattered slice
+
+    def shard_range(self, rank: int) -> tuple[int, int]:
+        per = self.buffer.numel() // self._dp
+        return rank * per, (rank + 1) * per
+
+    _dp: int = 1
+
+    def param_shard(self) -> torch.Tensor:
+        """This rank's slice of the bucket's parameters, flattened and padded like the buffer."""
+        flat = torch.zeros_like(self.buffer)
+        offset = 0
+        for p in self.params:
+            flat[offset : offset + p.numel()] = p.detach().reshape(-1)
+            offset += p.numel()
+        return flat
+
+    @torch.no_grad()
+    def gather_params(self, dp: Comm, padded_params: torch.Tensor) -> None:
+        """All-gather every rank's updated shard (taken from `padded_params`) into the parameters."""
+        lo, hi = self.shard_range(dp.rank)
+        full = dp.all_gather(padded_params[lo:hi].contiguous())
+        offset = 0
+        for p in self.params:
+            p.copy_(full[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
 
 
 class GradBuckets:
     """Bucketed dp gradient reduction for the parameters of one rank's model."""
 
-    def __init__(self, model: torch.nn.Module, dp: Comm, bucket_bytes: int = 25 * 2**20) -> None:
-        self.dp = dp
+    def __init__(self, model: torch.nn.Module, dp: Comm, bucket_bytes: int = 25 * 2**20, shard: bool = False) -> None:
+        self.dp, self.shard = dp, shard
         self.sync_enabled = True
         params: list[torch.nn.Parameter] = []
-        seen: set[int] = set()
-        for p in model.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
+        self._names: dict[int, str] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in self._names:
+                self._names[id(p)] = name
                 params.append(p)
         self.buckets: list[_Bucket] = []
         group: list[torch.nn.Parameter] = []
@@ -58,12 +88,22 @@ class GradBuckets:
 
     def _make_bucket(self, params: list[torch.nn.Parameter]) -> None:
         p0 = params[0]
-        buffer = torch.zeros(sum(p.numel() for p in params), dtype=p0.dtype, device=p0.device)
+        numel = sum(p.numel() for p in params)
+        padded = -(-numel // self.dp.size) * self.dp.size if self.shard else numel
+        buffer = torch.zeros(padded, dtype=p0.dtype, device=p0.device)
         offset = 0
         for p in params:
             p.grad = buffer[offset : offset + p.numel()].view_as(p)  # autograd accumulates in place
             offset += p.numel()
-        self.buckets.append(_Bucket(params, buffer, ids={id(p) for p in params}))
+        self.buckets.append(_Bucket(params, [self._names[id(p)] for p in params], buffer, numel,
+                                    _dp=self.dp.size if self.shard else 1))
+
+    def _launch(self, b: _Bucket) -> None:
+        if self.shard:
+            b.shard_grad = torch.empty(b.buffer.numel() // self.dp.size, dtype=b.buffer.dtype, device=b.buffer.device)
+            b.work = self.dp.reduce_scatter_async(b.shard_grad, b.buffer)
+        else:
+            b.work = self.dp.all_reduce_async(b.buffer)
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         if not self.sync_enabled:
@@ -71,13 +111,13 @@ class GradBuckets:
         bucket = self._owner[id(p)]
         bucket.ready += 1
         if bucket.ready == len(bucket.params) and bucket.work is None:
-            bucket.work = self.dp.all_reduce_async(bucket.buffer)
+            self._launch(bucket)
 
     def finish(self) -> None:
         """Make sure every bucket is reduced; wait for all of them."""
         for b in self.buckets:
             if b.work is None:
-                b.work = self.dp.all_reduce_async(b.buffer)
+                self._launch(b)
         for b in self.buckets:
             if b.work is not None:
                 b.work.wait()  # type: ignore[attr-defined]

@@ -1,11 +1,13 @@
-"""Gradient finalisation and the global gradient norm under tensor and pipeline parallelism.
+"""Gradient finalisation and the global gradient norm under tensor, pipeline and data parallelism.
 
-After backward: (a) gradients of sequence-parallel replicated parameters (norm weights) are partial
-sums per tp rank and get one coalesced all-reduce over tp; (b) the two copies of a tied embedding
-on the first and last pipeline rank get their gradients summed over the embedding group. The
-global norm counts every parameter of the whole model once: squares of tp-sharded gradients are
-summed over tp, replicated ones added once per stage, stages summed over pp, and the last rank's
-tied-embedding copy left out.
+Gradients are handled as (parameter, gradient) pairs, where the gradient is the parameter's full
+local `.grad` or — under ZeRO-1 — the segment of it this dp rank owns. (a) The two copies of a
+tied embedding on the first and last pipeline rank have their (full) gradients summed over the
+embedding group, before the dp reduction. (b) Gradients of sequence-parallel replicated parameters
+(norm weights) are partial sums per tp rank and get one coalesced all-reduce over tp. The global
+norm counts every parameter of the whole model once: squares of tp-sharded gradients are summed
+over tp, replicated ones added once per stage; ZeRO shards are summed over dp; stages over pp; the
+last rank's tied-embedding copy is left out.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from scaletrain.distributed.comm import Comm
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.nn.init import spec_of
+
+GradPairs = list[tuple[torch.nn.Parameter, torch.Tensor]]
 
 
 def _all_reduce_coalesced(grads: list[torch.Tensor], comm: Comm) -> None:
@@ -28,24 +32,28 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], comm: Comm) -> None:
         offset += g.numel()
 
 
-def finalize_grads(params: list[torch.nn.Parameter], dims: ParallelDims | None) -> None:
-    """Reductions every layout needs between backward and the optimizer (one collective each)."""
-    if dims is None:
+def reduce_tied_embedding(params: list[torch.nn.Parameter], dims: ParallelDims | None) -> None:
+    """Sum the gradients of the tied embedding's two pipeline copies (full local grads)."""
+    if dims is None or dims.comm("embed").size == 1:
         return
-    if dims.tp > 1:
-        _all_reduce_coalesced([p.grad for p in params if p.grad is not None
-                               and getattr(p, "sequence_parallel_grad", False)], dims.tp_comm)
-    embed = dims.comm("embed")
-    if embed.size > 1:
-        _all_reduce_coalesced([p.grad for p in params if p.grad is not None
-                               and getattr(p, "pipeline_tied", False)], embed)
+    _all_reduce_coalesced([p.grad for p in params if p.grad is not None and getattr(p, "pipeline_tied", False)],
+                          dims.comm("embed"))
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], dims: ParallelDims | None) -> torch.Tensor:
+def finalize_grads(pairs: GradPairs, dims: ParallelDims | None) -> None:
+    """Sum sequence-parallel partial gradients over tp (one collective)."""
+    if dims is None or dims.tp == 1:
+        return
+    _all_reduce_coalesced([g for p, g in pairs if getattr(p, "sequence_parallel_grad", False)], dims.tp_comm)
+
+
+def global_grad_norm(pairs: GradPairs, dims: ParallelDims | None, *, sharded_over_dp: bool = False) -> torch.Tensor:
     """L2 norm of all gradients of the whole (unsharded, unsplit) model; same value on every rank."""
-    grads = [p for p in params if p.grad is not None and not getattr(p, "pipeline_tied_copy", False)]
-    acc = torch.promote_types(params[0].dtype, torch.float32) if params else torch.float32
-    device = params[0].device if params else torch.device("cpu")
+    device = pairs[0][1].device if pairs else torch.device("cpu")
+    pairs = [(p, g) for p, g in pairs if not getattr(p, "pipeline_tied_copy", False)]
+    # Accumulate in float64 on every rank: the partial sums are all-reduced, so every rank must use
+    # the same dtype even when it holds no gradient at all (a ZeRO shard of only the tied copy).
+    acc = torch.float64
     tp = 1 if dims is None else dims.tp
 
     def sq(gs: list[torch.Tensor]) -> torch.Tensor:
@@ -53,12 +61,14 @@ def global_grad_norm(params: list[torch.nn.Parameter], dims: ParallelDims | None
             return torch.zeros(1, dtype=acc, device=device)
         return torch.stack([torch.linalg.vector_norm(g, dtype=acc) for g in gs]).pow(2).sum().reshape(1)
 
-    is_sharded = [tp > 1 and spec_of(p).shard_dim is not None for p in grads]
-    total = sq([p.grad for p, s in zip(grads, is_sharded) if not s])  # type: ignore[misc]
+    is_sharded = [tp > 1 and spec_of(p).shard_dim is not None for p, _ in pairs]
+    total = sq([g for (_, g), s in zip(pairs, is_sharded) if not s])
     if any(is_sharded):
-        part = sq([p.grad for p, s in zip(grads, is_sharded) if s])  # type: ignore[misc]
+        part = sq([g for (_, g), s in zip(pairs, is_sharded) if s])
         dims.tp_comm.all_reduce(part)  # type: ignore[union-attr]
         total = total + part
+    if dims is not None and sharded_over_dp and dims.dp > 1:
+        dims.comm("dp").all_reduce(total)
     if dims is not None and dims.pp > 1:
         dims.comm("pp").all_reduce(total)
     return total[0].sqrt()

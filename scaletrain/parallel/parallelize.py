@@ -35,7 +35,7 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
-                device: torch.device | None = None) -> torch.nn.Module:
+                device: torch.device | None = None, *, shard_optimizer: bool = False) -> torch.nn.Module:
     """Apply the parallel layout in place and return the model.
 
     With pp > 1 the model is pruned to this rank's stage and `model.pipeline_chunks` lists its
@@ -55,5 +55,6 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
             module.weight.sequence_parallel_grad = True  # type: ignore[attr-defined]
     mark_tied_embedding(model, dims)
     if dims.dp > 1:
-        model.grad_buckets = GradBuckets(model, dims.comm("dp"))  # type: ignore[assignment]
+        # ZeRO-1 reduce-scatters the buckets instead of all-reducing them.
+        model.grad_buckets = GradBuckets(model, dims.comm("dp"), shard=shard_optimizer)  # type: ignore[assignment]
     return model

@@ -23,8 +23,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW: fused kernel on CUDA, the foreach implementation elsewhere."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, dims=None):
+    """torch AdamW (fused kernel on CUDA, foreach elsewhere), or ZeRO-1 with optim.distributed over dp > 1."""
+    buckets = getattr(model, "grad_buckets", None)
+    if cfg.distributed and buckets is not None and buckets.shard:
+        from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
+
+        return DistributedOptimizer(model, buckets, cfg, dims.comm("dp"))
     fused = device.type == "cuda"
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.parallel.grads import finalize_grads, global_grad_norm
+from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
+from scaletrain.parallel.grads import finalize_grads, global_grad_norm, reduce_tied_embedding
 from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
 from scaletrain.trainer.precision import Precision
@@ -43,6 +44,8 @@ def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, di
                                               normaliser=normaliser, forward_only=forward_only)
         # Only the last stage computed the loss: share it so every rank logs the same number.
         loss = dims.comm("pp").all_reduce(loss.reshape(1).to(device))[0]
+    if not forward_only:  # the tied embedding's pipeline copies sum their full grads before the dp reduction
+        reduce_tied_embedding(list(model.parameters()), dims)
     if buckets is not None:
         buckets.finish()
     if dims is not None and dims.dp > 1:  # each dp rank holds its share of the global mean
@@ -63,7 +66,8 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective, microbatches: list[dict],
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | DistributedOptimizer, objective,
+               microbatches: list[dict],
                *, lr: float, clip_grad: float, precision: Precision, device: torch.device,
                dims: ParallelDims | None = None) -> StepResult:
     """Forward/backward over `microbatches`, clip the global grad norm, AdamW update.
@@ -80,17 +84,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objecti
         buckets.zero()  # .grad are views into the dp buckets: zero in place, never drop them
         buckets.sync_enabled = False
     else:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
     with precision.autocast():
         loss = run_schedule(objective, mbs, model, dims, normaliser=max(items, 1))
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    finalize_grads(params, dims)
-    total_norm = global_grad_norm(params, dims)
+    zero = isinstance(optimizer, DistributedOptimizer)
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.attach_grads()  # this dp rank's reduce-scattered shard, as fp32 segments
+        pairs = [(s.param, s.main.grad) for s in optimizer.segments if s.main.grad is not None]
+    else:
+        pairs = [(p, p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    finalize_grads(pairs, dims)  # type: ignore[arg-type]
+    total_norm = global_grad_norm(pairs, dims, sharded_over_dp=zero)  # type: ignore[arg-type]
     grad_norm = float(total_norm.item())  # host sync, once per step
     skipped = not math.isfinite(grad_norm)
     if not skipped:
         if clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, total_norm)
+            coef = torch.clamp(clip_grad / (total_norm + 1e-6), max=1.0)
+            torch._foreach_mul_([g for _, g in pairs], coef.to(pairs[0][1].dtype))  # type: ignore[misc]
         optimizer.step()
     return StepResult(loss=float(loss.item()), grad_norm=grad_norm, items=items, skipped=skipped)
 
