@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,8 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
             copy_tokenizer(tokenizer, tmp / "tokenizer")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         _fsync_tree(tmp)
+        # Fault injection for the crash-during-save test: hold the finished, unpublished directory.
+        time.sleep(float(os.environ.get("SCALETRAIN_FAULT_SAVE_DELAY_S", "0")))
         _publish(root, tmp, final)
         if keep_last > 0:
             _prune(root, keep_last, protect=final.name)

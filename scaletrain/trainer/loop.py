@@ -22,6 +22,7 @@ from scaletrain.checkpoint import save_checkpoint
 from scaletrain.config.schema import RunConfig
 from scaletrain.trainer.flops import device_peak_tflops, flops_per_token
 from scaletrain.trainer.lr_schedule import lr_at
+from scaletrain.trainer.memory import format_report, memory_report
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.sinks import MetricSinks
 from scaletrain.trainer.step import evaluate, train_step
@@ -105,6 +106,7 @@ class Trainer:
         """Train to the end (returns 'done') or to an exit-interval boundary (returns 'exit')."""
         cfg, t = self.cfg, self.cfg.train
         self.model.train()
+        start_step = self.state.step
         while self.state.step < t.steps:
             microbatches = next(self.train_batches)
             t0 = time.perf_counter()
@@ -129,6 +131,10 @@ class Trainer:
                 self.sinks.info(f"step {step}: non-finite gradient norm, update skipped")
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 metrics["val_loss"] = self._validate()
+            if step == start_step + 1:  # after the first update every buffer exists
+                report = memory_report(self.model, self.optimizer, self.device)
+                metrics.update({f"mem_{k}_bytes": v for k, v in report.items()})
+                self.sinks.info(format_report(report))
             self.sinks.log(step, metrics)
             last = step == t.steps
             exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and not last
