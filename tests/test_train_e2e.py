@@ -180,3 +180,15 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, tokenizer_
     assert _train(killed, tokenizer_dir, dataset_prefix, **extra) == 0  # resumes from step 3, cleans up
     assert [r["loss"] for r in read_metrics(killed)] == [r["loss"] for r in read_metrics(straight)]
     assert not list((killed / "checkpoints").glob(".*tmp*"))
+
+
+def test_async_save_resumes_exactly(tmp_path, tokenizer_dir, dataset_prefix):
+    """checkpoint.async_save: training continues while the copy is written; resume is still exact."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    extra = {"checkpoint.interval": 2, "checkpoint.async_save": True, "checkpoint.keep_last": 0}
+    assert _train(straight, tokenizer_dir, dataset_prefix, **extra) == 0
+    for _ in range(3):
+        assert _train(stopped, tokenizer_dir, dataset_prefix, **extra, **{"train.exit_interval": 5}) == 0
+    assert [r["loss"] for r in read_metrics(stopped)] == [r["loss"] for r in read_metrics(straight)]
+    saved = sorted(p.name for p in (straight / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert saved == [f"step_{s:07d}" for s in (2, 4, 6, 8, 10, 12)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -140,51 +141,98 @@ def _local(tree: Any) -> Any:
     return tree.to_local() if isinstance(tree, DTensor) else tree
 
 
+def _snapshot(tree: Any) -> Any:
+    """A copy of every tensor (DTensors keep their placement) that training may overwrite meanwhile."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, dict):
+        return {k: _snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, DTensor):
+        return DTensor.from_local(tree.to_local().detach().clone(), tree.device_mesh, tree.placements,
+                                  run_check=False, shape=tree.shape, stride=tree.stride())
+    return tree.detach().clone() if isinstance(tree, torch.Tensor) else tree
+
+
+class PendingSave:
+    """A checkpoint being written in the background; `latest` moves only when it completes."""
+
+    def __init__(self, final: Path, thread: threading.Thread, errors: list[BaseException]) -> None:
+        self.final, self._thread, self._errors = final, thread, errors
+
+    def wait(self) -> Path:
+        self._thread.join()
+        if self._errors:
+            raise CheckpointError(f"asynchronous save of {self.final} failed: {self._errors[0]}") from self._errors[0]
+        return self.final
+
+
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], keep_last: int = 0, *, rank_state: dict[str, Any] | None = None,
-                    dims=None, tokenizer: str | Path | None = None) -> Path:
+                    dims=None, tokenizer: str | Path | None = None, async_save: bool = False) -> Path | PendingSave:
     """Write checkpoint `step` under `root` atomically and point `latest` at it; prune to `keep_last`.
 
     Collective when dims spans several processes: every rank writes its shards and
     `rank_<r>.json` (its `rank_state`, e.g. RNG); rank 0 writes `trainer_state`, a copy of the
-    tokenizer (so the checkpoint exports on its own) and publishes.
+    tokenizer (so the checkpoint exports on its own) and publishes. With `async_save` the state is
+    copied now (in memory) and written by a background thread, whose collectives run on a process
+    group of their own (`dims.comm('ckpt')`) so they never interleave with training's; the caller
+    waits on the returned PendingSave before the next save and at the end.
     """
+    root = Path(root)
+    final = root / step_dir_name(step)
+    state, _groups = _tensor_state(model, optimizer, dims)  # collective (ZeRO gathers): main thread
+    if not async_save:
+        _write(root, final, state, trainer_state, rank_state, dims, tokenizer, keep_last, comm="world")
+        return final
+    state = _snapshot(state)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _write(root, final, state, trainer_state, rank_state, dims, tokenizer, keep_last, comm="ckpt")
+        except BaseException as e:  # reported by PendingSave.wait()
+            errors.append(e)
+
+    thread = threading.Thread(target=work, name=f"save-{final.name}", daemon=False)
+    thread.start()
+    return PendingSave(final, thread, errors)
+
+
+def _write(root: Path, final: Path, state: dict[str, Any], trainer_state: dict[str, Any],
+           rank_state: dict[str, Any] | None, dims, tokenizer, keep_last: int, comm: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    world = dims.comm("world") if dims is not None else None
+    group = dims.comm(comm) if dims is not None and dims.world_size > 1 else None
     rank = dims.rank if dims is not None else 0
-    root = Path(root)
-    final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a crashed save
             shutil.rmtree(tmp)
-    if world is not None:
-        world.barrier()
-    state, _groups = _tensor_state(model, optimizer, dims)
+    if group is not None:
+        group.barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True),
+                 process_group=group.group if group is not None else None)
     (tmp / f"rank_{rank}.json").write_text(json.dumps(rank_state or {}))
-    if world is not None:
-        world.barrier()
+    if group is not None:
+        group.barrier()
     if rank == 0:
         if tokenizer:
             from scaletrain.checkpoint.hf import copy_tokenizer
 
             copy_tokenizer(tokenizer, tmp / "tokenizer")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": int(final.name.split("_")[1]), **trainer_state}, indent=1))
         _fsync_tree(tmp)
         # Fault injection for the crash-during-save test: hold the finished, unpublished directory.
         time.sleep(float(os.environ.get("SCALETRAIN_FAULT_SAVE_DELAY_S", "0")))
         _publish(root, tmp, final)
         if keep_last > 0:
             _prune(root, keep_last, protect=final.name)
-    if world is not None:
-        world.barrier()
-    return final
+    if group is not None:
+        group.barrier()
 
 
 def write_checkpoint_dir(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

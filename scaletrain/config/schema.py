@@ -174,6 +174,8 @@ class CheckpointConfig:
     """Start from this checkpoint directory instead of the run directory's latest."""
     save_at_end: bool = True
     """Save when the last step is done."""
+    async_save: bool = False
+    """Write checkpoints in a background thread from an in-memory copy (latest moves when complete)."""
     init_from_hf: str = ""
     """Start a fresh run from a local Hugging Face model directory (its config replaces [model])."""
 

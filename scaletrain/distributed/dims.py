@@ -83,6 +83,12 @@ class ParallelDims:
                  for a in MESH_AXES}
         comms["world"] = Comm(None, world_size, rank, "world")  # None: the default group
         comms["embed"] = _embedding_comm(sizes, ranks, rank, world_size)
+        if world_size > 1:  # a group of its own for background checkpoint writes (never mixed with training's)
+            import torch.distributed as dist
+
+            comms["ckpt"] = Comm(dist.new_group(list(range(world_size)), backend="gloo"), world_size, rank, "ckpt")
+        else:
+            comms["ckpt"] = Comm.single("ckpt")
         return cls(tp=cfg.tp, cp=cfg.cp, dp=dp, pp=cfg.pp, vpp=cfg.vpp, rank=rank, mesh=mesh, comms=comms)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from scaletrain.checkpoint import save_checkpoint
+from scaletrain.checkpoint.io import PendingSave
 from scaletrain.config.schema import RunConfig
 from scaletrain.trainer.flops import device_peak_tflops, flops_per_token
 from scaletrain.trainer.lr_schedule import lr_at
@@ -80,6 +81,7 @@ class Trainer:
         self.train_batches, self.valid_batches_fn = train_batches, valid_batches_fn
         self.precision, self.device, self.sinks, self.run_dir = precision, device, sinks, run_dir
         self.state, self.dims = state, dims
+        self._pending: PendingSave | None = None  # an asynchronous checkpoint still being written
         self.world_size = 1 if dims is None else dims.world_size
         t = cfg.train
         self.tokens_per_step = t.global_batch_size * t.seq_length
@@ -89,12 +91,23 @@ class Trainer:
             if device.type == "cuda" and precision.autocast_dtype is not None else None
 
     def _checkpoint(self) -> Path:
+        self.wait_for_save()  # one save in flight at a time
         trainer_state = {"consumed_samples": self.state.consumed_samples,
                          "model_config": dataclasses.asdict(self.cfg.model)}
-        return save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
-                               trainer_state, keep_last=self.cfg.checkpoint.keep_last,
-                               rank_state={"rng": rng_state()}, dims=self.dims,
-                               tokenizer=self.cfg.data.tokenizer or None)
+        result = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
+                                 trainer_state, keep_last=self.cfg.checkpoint.keep_last,
+                                 rank_state={"rng": rng_state()}, dims=self.dims,
+                                 tokenizer=self.cfg.data.tokenizer or None, async_save=self.cfg.checkpoint.async_save)
+        if isinstance(result, Path):
+            return result
+        self._pending = result
+        return result.final
+
+    def wait_for_save(self) -> None:
+        if self._pending is not None:
+            path = self._pending.wait()
+            self.sinks.info(f"checkpoint {path} complete")
+            self._pending = None
 
     def _validate(self) -> float | None:
         if self.valid_batches_fn is None:
@@ -143,6 +156,8 @@ class Trainer:
                 path = self._checkpoint()
                 self.sinks.info(f"saved checkpoint {path}")
             if exiting:
+                self.wait_for_save()
                 self.sinks.info(f"exit interval: stopping cleanly after step {step}; rerun to resume")
                 return "exit"
+        self.wait_for_save()
         return "done"
