@@ -135,47 +135,39 @@ def test_console_script_and_module_entry_points(tmp_path, tokenizer_dir, dataset
     assert read_metrics(tmp_path / "mod")[-1]["loss"] == read_metrics(tmp_path / "cli")[-1]["loss"]
 
 
-@pytest.mark.slow
-def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, tokenizer_dir, dataset_prefix):
-    """A real SIGKILL during a checkpoint write: `latest` still names the previous complete checkpoint,
-    and resuming from it finishes with the uninterrupted run's losses."""
+def _kill_while_saving(sets: list[str], run_dir: Path, step: int) -> None:
+    """Run the CLI in a subprocess whose save of `step` is held before publishing, and SIGKILL it there."""
     import signal
     import time
 
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    extra = {"checkpoint.interval": 3, "train.steps": 9}
-    assert _train(straight, tokenizer_dir, dataset_prefix, **extra) == 0
-    sets = []
-    for item in tiny_overrides(killed, tokenizer_dir, dataset_prefix, **extra):
-        sets += ["--set", item]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "SCALETRAIN_FAULT_SAVE_DELAY_S": "30"}
     proc = subprocess.Popen([sys.executable, "-m", "scaletrain.train", "--config", TINY, *sets], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        # The first save (step 3) is held for 30 s before publishing: kill the process inside it.
-        while not (killed / "checkpoints" / ".step_0000003.tmp" / "trainer_state.json").exists():
+        while not (run_dir / "checkpoints" / f".step_{step:07d}.tmp" / "trainer_state.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before saving"
             time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, tokenizer_dir, dataset_prefix):
+    """A real SIGKILL during a checkpoint write: `latest` still names the previous complete checkpoint,
+    and resuming from it finishes with the uninterrupted run's losses."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    extra = {"checkpoint.interval": 3, "train.steps": 9}
+    assert _train(straight, tokenizer_dir, dataset_prefix, **extra) == 0
+    sets = []
+    for item in tiny_overrides(killed, tokenizer_dir, dataset_prefix, **extra):
+        sets += ["--set", item]
+    _kill_while_saving(sets, killed, 3)  # inside the very first save
     assert not (killed / "checkpoints" / "latest").exists()  # nothing half-written was published
-    # Now with a complete step-3 checkpoint: hold the step-6 save and kill again.
-    env["SCALETRAIN_FAULT_SAVE_DELAY_S"] = "0"
     assert _train(killed, tokenizer_dir, dataset_prefix, **{**extra, "train.exit_interval": 3}) == 0
-    env["SCALETRAIN_FAULT_SAVE_DELAY_S"] = "30"
-    proc = subprocess.Popen([sys.executable, "-m", "scaletrain.train", "--config", TINY, *sets], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoints" / ".step_0000006.tmp" / "trainer_state.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before saving"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    _kill_while_saving(sets, killed, 6)  # now with a complete step-3 checkpoint behind it
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     assert _train(killed, tokenizer_dir, dataset_prefix, **extra) == 0  # resumes from step 3, cleans up
     assert [r["loss"] for r in read_metrics(killed)] == [r["loss"] for r in read_metrics(straight)]

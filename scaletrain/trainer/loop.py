@@ -154,7 +154,8 @@ class Trainer:
             interval = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
             if interval or exiting or (last and cfg.checkpoint.save_at_end):
                 path = self._checkpoint()
-                self.sinks.info(f"saved checkpoint {path}")
+                verb = "writing checkpoint in the background:" if cfg.checkpoint.async_save else "saved checkpoint"
+                self.sinks.info(f"{verb} {path}")
             if exiting:
                 self.wait_for_save()
                 self.sinks.info(f"exit interval: stopping cleanly after step {step}; rerun to resume")
