@@ -100,10 +100,6 @@ def test_layer_layout_and_schedule_tables():
 
 
 def _dies_mid_schedule(rank: int, world: int) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
     pcfg = ParallelConfig(pp=2)
     dims = ParallelDims.from_config(pcfg, world, rank)
     cfg = _cfg(False)
@@ -114,7 +110,6 @@ def _dies_mid_schedule(rank: int, world: int) -> None:
     optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
     if rank == 1:
         os._exit(7)  # the last stage dies before it answers
-    del datetime, dist
     train_step(model, optimizer, LanguageModelingObjective(), _batches(4)[0], lr=1e-3, clip_grad=1.0,
                precision=Precision(torch.float64, None, "cpu", "t"), device=torch.device("cpu"), dims=dims)
 

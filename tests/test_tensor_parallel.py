@@ -50,14 +50,6 @@ def _train(rank: int, world: int, cfg: ModelConfig, sp: bool, dtype: torch.dtype
     return {"logits": logits, **train_and_record(model, dims, batches, dtype)}
 
 
-def _full(per_rank: list[dict], key: str) -> dict[str, torch.Tensor]:
-    return assemble(per_rank, key, len(per_rank))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return rel(a, b)
-
-
 CASES = [  # (tp, sequence_parallel, kv_heads, tied)
     (2, False, 4, False),
     (2, True, 4, True),
@@ -74,7 +66,7 @@ def test_tp_matches_single_process_float64(tp, sp, kv, tied):
     ranks = run_ranks(tp, _train, cfg, sp, torch.float64)
     tol = 1e-10
     logits = torch.cat([r["logits"] for r in ranks], dim=-1)
-    assert _rel(logits, ref["logits"]) < tol
+    assert rel(logits, ref["logits"]) < tol
     assert_matches(ranks, ref, tp, tol)
 
 
@@ -82,15 +74,15 @@ def test_tp_matches_single_process_float32():
     cfg = _model_cfg(False, 4)
     ref = _train(0, 1, cfg, False, torch.float32)
     ranks = run_ranks(2, _train, cfg, True, torch.float32)
-    assert _rel(torch.cat([r["logits"] for r in ranks], dim=-1), ref["logits"]) < 1e-5
+    assert rel(torch.cat([r["logits"] for r in ranks], dim=-1), ref["logits"]) < 1e-5
     for a, b in zip(ranks[0]["losses"], ref["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b)
-    for n, t in _full(ranks, "grads").items():
-        assert _rel(t, ref["grads"][n]) < 1e-5, n
+    for n, t in assemble(ranks, "grads", 2).items():
+        assert rel(t, ref["grads"][n]) < 1e-5, n
     # After 5 AdamW steps: Adam divides by sqrt(v), which amplifies float32 rounding of small
     # gradients, so parameters agree to 1e-4 of their scale (float64 above holds 1e-10).
-    for n, t in _full(ranks, "params").items():
-        assert _rel(t, ref["params"][n]) < 1e-4, n
+    for n, t in assemble(ranks, "params", 2).items():
+        assert rel(t, ref["params"][n]) < 1e-4, n
 
 
 def test_a_failing_rank_is_reported_not_hung():

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from scaletrain.parallel.distributed_optimizer import DistributedOptimizer, materialize_optimizer_state
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 
@@ -70,30 +72,7 @@ def _to_global(local: Any, spec, dims) -> Any:
                               shape=shape, stride=stride)
 
 
-@torch.no_grad()
-def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's state tensors (so a checkpoint can be loaded into them) with an lr = 0
-    step on zero gradients, keeping whatever `.grad` tensors exist (data parallelism's bucket views:
-    DCP's own initialiser skips optimizers whose params have grads and then drops them)."""
-    if optimizer.state:
-        return
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    kept = [p.grad for p in params]
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    for p, grad in zip(params, kept):
-        p.grad = grad
-
-
 def _is_zero(optimizer: Any) -> bool:
-    from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
-
     return isinstance(optimizer, DistributedOptimizer)
 
 
@@ -116,7 +95,7 @@ def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     elif optimizer is None:
         model_sd, optim_state = dict(get_model_state_dict(model)), None
     else:
-        _materialize_optimizer_state(optimizer)
+        materialize_optimizer_state(optimizer)
         msd, optim_sd = get_state_dict(model, optimizer)
         model_sd = dict(msd)
         optim_state, groups = dict(optim_sd["state"]), list(optim_sd["param_groups"])  # type: ignore[arg-type,call-overload]

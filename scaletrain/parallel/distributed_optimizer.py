@@ -24,6 +24,28 @@ from scaletrain.distributed.comm import Comm
 from scaletrain.parallel.data_parallel import GradBuckets
 
 
+@torch.no_grad()
+def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create an optimizer's state tensors (so a checkpoint can be loaded into them) with an lr = 0 step
+    on zero gradients — a no-op on the parameters — keeping whatever `.grad` tensors exist (data
+    parallelism's bucket views: DCP's own initialiser skips optimizers whose params have grads, and
+    drops grads when it runs)."""
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    kept = [p.grad for p in params]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    for p, grad in zip(params, kept):
+        p.grad = grad
+
+
 @dataclass
 class Segment:
     """The part [start, start + length) of `param`'s flattened elements that this rank owns."""
@@ -125,18 +147,5 @@ class DistributedOptimizer:
         for s in self.segments:
             s.main.copy_(s.param.detach().reshape(-1)[s.start : s.start + s.length])
 
-    @torch.no_grad()
     def materialize(self) -> None:
-        """Create AdamW's state tensors (an lr = 0 step on zero gradients changes nothing)."""
-        if self.inner.state:
-            return
-        for s in self.segments:
-            s.main.grad = torch.zeros_like(s.main)
-        lrs = [g["lr"] for g in self.inner.param_groups]
-        for g in self.inner.param_groups:
-            g["lr"] = 0.0
-        self.inner.step()
-        for g, lr in zip(self.inner.param_groups, lrs):
-            g["lr"] = lr
-        for s in self.segments:
-            s.main.grad = None
+        materialize_optimizer_state(self.inner)

@@ -4,8 +4,8 @@ A schedule calls `forward_step(batch, model) -> (output, loss_fn)` for every mic
 `loss_fn(output) -> (loss_sum, metrics)`, where loss_sum is the objective *summed* over its items
 (tokens, sequences, pairs…). The schedule divides by `normaliser` — the item count of the whole
 global batch, computed once by the caller — before backward, so the accumulated gradient is the
-gradient of the global mean whatever the microbatch split. Pipeline schedules (1F1B, interleaved)
-will implement the same signature.
+gradient of the global mean whatever the microbatch split. The pipeline schedules (1F1B,
+interleaved; parallel/pipeline/schedules.py) drive the same contract.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
     grad_norm = float(total_norm.item())  # host sync, once per step
     skipped = not math.isfinite(grad_norm)
     if not skipped:
-        if clip_grad > 0:
+        if clip_grad > 0 and pairs:
             coef = torch.clamp(clip_grad / (total_norm + 1e-6), max=1.0)
             torch._foreach_mul_([g for _, g in pairs], coef.to(pairs[0][1].dtype))  # type: ignore[misc]
         optimizer.step()
