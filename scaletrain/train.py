@@ -26,6 +26,7 @@ from scaletrain.distributed import ParallelDims, init_distributed, read_env, shu
 from scaletrain.nn.backend import select_backend
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.precision import resolve_precision
+from scaletrain.trainer.stop import EXIT_REQUEUE, StopRequest
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -83,7 +84,7 @@ def _configure_runtime(cfg: RunConfig) -> torch.device:
     if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device = 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'.")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", read_env().local_rank)
     return torch.device("cpu")
 
 
@@ -110,7 +111,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     backend, backend_reason = select_backend(cfg.parallel.backend)
     device = _configure_runtime(cfg)
     precision = resolve_precision(cfg.precision, device)
-    init_distributed(env, device.type)  # no-op when run() (or a harness) already did
+    init_distributed(env, device.type, cfg.parallel.timeout_s)  # no-op when run() (or a harness) already did
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,13 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp}; backend {backend} ({backend_reason}); "
         f"precision {precision.name} ({precision.reason}); device {device}")
 
+    if dims.world_size > 1:
+        from scaletrain.distributed.placement import describe_placement, gather_hosts
+
+        line, warnings = describe_placement(dims, gather_hosts(dims))
+        log(line)
+        for w in warnings:
+            log(f"warning: {w}")
     if dims.pp > 1:  # build on meta: each rank materialises only its own stage
         with torch.device("meta"):
             model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype)
@@ -172,23 +180,30 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 
 
 def run(cfg: RunConfig) -> str:
-    """Train according to a loaded config; returns 'done' or 'exit' (exit interval)."""
+    """Train according to a loaded config; returns 'done', 'exit' (exit interval) or 'stopped' (a stop
+    signal: checkpointed, to be requeued)."""
     device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
         else "cpu"
     env = read_env()
-    prepared = prepare(cfg, env.world_size)  # every input check happens before any process group exists
-    owns_group = init_distributed(env, device_type)
+    # Installed first, so that a signal during start-up is honoured at the first step boundary.
+    stop = StopRequest(cfg.train.stop_signals, rank=env.rank)
     try:
-        trainer = build_trainer(cfg, prepared)
-        if trainer is None:
-            return "done"
+        prepared = prepare(cfg, env.world_size)  # every input check happens before any process group exists
+        owns_group = init_distributed(env, device_type, cfg.parallel.timeout_s)
         try:
-            return trainer.run()
+            trainer = build_trainer(cfg, prepared)
+            if trainer is None:
+                return "done"
+            trainer.stop = stop
+            try:
+                return trainer.run()
+            finally:
+                trainer.sinks.close()
         finally:
-            trainer.sinks.close()
+            if owns_group:
+                shutdown_distributed()
     finally:
-        if owns_group:
-            shutdown_distributed()
+        stop.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,14 +213,27 @@ def main(argv: list[str] | None = None) -> int:
     return train_command(args)
 
 
+def write_exit_status(code: int) -> None:
+    """Rank 0 records its exit code in $SCALETRAIN_EXIT_STATUS_FILE when a launch script asks for it:
+    torchrun reports any failing worker as exit 1, so the requeue code would otherwise be lost."""
+    path = os.environ.get("SCALETRAIN_EXIT_STATUS_FILE")
+    if path and read_env().rank == 0:
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(f"{code}\n")
+        os.replace(tmp, path)
+
+
 def train_command(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
-        run(cfg)
+        outcome = run(cfg)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
+        write_exit_status(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
-    return EXIT_OK
+    code = EXIT_REQUEUE if outcome == "stopped" else EXIT_OK
+    write_exit_status(code)
+    return code
 
 
 if __name__ == "__main__":

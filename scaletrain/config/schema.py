@@ -74,6 +74,8 @@ class ParallelConfig:
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1)."""
     backend: str = "auto"
     """Layer backend: 'auto' (te where CUDA and transformer_engine import), 'torch' or 'te'."""
+    timeout_s: float = 600.0
+    """Collective timeout: a rank that waits longer for a dead or hung peer stops with an error naming the operation."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,8 @@ class TrainConfig:
     """torch intra-op threads per process (0: leave torch's default; deterministic mode pins 1)."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+    stop_signals: tuple[str, ...] = ("SIGUSR1",)
+    """Signals that make the run checkpoint at the next step boundary and exit with code 75 (requeue me)."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ ROPE_SCALINGS = ("none", "llama3")
 BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
+# Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int, tp: int) -> int:
@@ -79,6 +81,12 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
     _choice(errors, "parallel.backend", p.backend, BACKENDS)
     _choice(errors, "train.device", t.device, DEVICES)
+    for name in t.stop_signals:
+        if name not in STOP_SIGNALS:
+            errors.append(f"train.stop_signals: {name!r} is not one of {', '.join(STOP_SIGNALS)} "
+                          "(SIGKILL and SIGSTOP cannot be caught; SIGTERM is what launchers send to kill).")
+    if p.timeout_s <= 0:
+        errors.append(f"parallel.timeout_s = {p.timeout_s} must be positive (seconds a collective may wait).")
 
     for key, value in [
         ("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),

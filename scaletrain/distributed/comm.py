@@ -10,6 +10,8 @@ communication benchmark compares with Megatron's theoretical minimum.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +37,17 @@ class CommStats:
         return sum(self.bytes.values())
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer died, hung, or called a different collective."""
+
+
 class Comm:
-    """Collectives over one group. rank/size are this process's place in that group."""
+    """Collectives over one group. rank/size are this process's place in that group.
+
+    A failing or timed-out collective raises CollectiveError naming this rank, the operation, the
+    group and the global ranks in it, so a job log says where it stopped instead of a bare gloo/NCCL
+    message.
+    """
 
     def __init__(self, group: dist.ProcessGroup | None, size: int, rank: int, name: str) -> None:
         self.group, self.size, self.rank, self.name = group, size, rank, name
@@ -46,13 +57,37 @@ class Comm:
     def single(cls, name: str) -> Comm:
         return cls(None, 1, 0, name)
 
+    def global_ranks(self) -> list[int]:
+        """Global ranks of this group's members, in group-rank order."""
+        if self.size == 1 and self.group is None and not dist.is_initialized():
+            return [0]
+        return dist.get_process_group_ranks(self.group or dist.group.WORLD)  # type: ignore[arg-type]
+
+    @contextmanager
+    def _named(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+            if isinstance(e, CollectiveError):
+                raise
+            me = dist.get_rank() if dist.is_initialized() else 0
+            try:
+                members = f"global ranks {self.global_ranks()}"
+            except RuntimeError:  # the group itself may be unusable by now
+                members = f"{self.size} ranks"
+            raise CollectiveError(
+                f"rank {me}: {op} on the {self.name} group ({members}) failed: {str(e).strip()[:500]} — "
+                "a peer in that group died, hung past parallel.timeout_s, or called a different collective; "
+                "the launcher's log names the rank that exited first.") from e
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce (sum or max) of a contiguous tensor; returns it."""
         if self.size == 1:
             return t
         self.stats.add("all_reduce", t)
         red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-        dist.all_reduce(t, op=red, group=self.group)
+        with self._named("all_reduce"):
+            dist.all_reduce(t, op=red, group=self.group)
         return t
 
     def all_reduce_async(self, t: torch.Tensor) -> dist.Work | None:
@@ -77,7 +112,8 @@ class Comm:
         src = t.movedim(dim, 0).contiguous()
         out = torch.empty((src.shape[0] * self.size, *src.shape[1:]), dtype=src.dtype, device=src.device)
         self.stats.add("all_gather", out)
-        dist.all_gather_single(out, src, group=self.group)
+        with self._named("all_gather"):
+            dist.all_gather_single(out, src, group=self.group)
         return out.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -89,7 +125,8 @@ class Comm:
             raise ValueError(f"reduce_scatter: dim {dim} of size {src.shape[0]} is not divisible by {self.size}")
         out = torch.empty((src.shape[0] // self.size, *src.shape[1:]), dtype=src.dtype, device=src.device)
         self.stats.add("reduce_scatter", src)
-        dist.reduce_scatter_single(out, src, group=self.group)
+        with self._named("reduce_scatter"):
+            dist.reduce_scatter_single(out, src, group=self.group)
         return out.movedim(0, dim)
 
     def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -104,7 +141,8 @@ class Comm:
         if self.size == 1:
             return t
         self.stats.add("broadcast", t)
-        dist.broadcast(t, group=self.group, group_src=src_group_rank)
+        with self._named("broadcast"):
+            dist.broadcast(t, group=self.group, group_src=src_group_rank)
         return t
 
     def isend(self, t: torch.Tensor, dst: int, tag: int) -> dist.Work:
@@ -125,9 +163,11 @@ class Comm:
         if self.size == 1:
             return [obj]
         out: list[object] = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
+        with self._named("all_gather_object"):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self) -> None:
         if self.size > 1:
-            dist.barrier(group=self.group)
+            with self._named("barrier"):
+                dist.barrier(group=self.group)

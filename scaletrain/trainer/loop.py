@@ -21,12 +21,15 @@ import torch
 from scaletrain.checkpoint import save_checkpoint
 from scaletrain.checkpoint.io import PendingSave
 from scaletrain.config.schema import RunConfig
+from scaletrain.distributed.comm import CollectiveError
+from scaletrain.distributed.heartbeat import Heartbeat
 from scaletrain.trainer.flops import device_peak_tflops, flops_per_token
 from scaletrain.trainer.lr_schedule import lr_at
 from scaletrain.trainer.memory import format_report, memory_report
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.sinks import MetricSinks
 from scaletrain.trainer.step import evaluate, train_step
+from scaletrain.trainer.stop import StopRequest
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,6 +85,7 @@ class Trainer:
         self.precision, self.device, self.sinks, self.run_dir = precision, device, sinks, run_dir
         self.state, self.dims = state, dims
         self._pending: PendingSave | None = None  # an asynchronous checkpoint still being written
+        self.stop: StopRequest | None = None  # set by the entry point: signals that ask to save and stop
         self.world_size = 1 if dims is None else dims.world_size
         t = cfg.train
         self.tokens_per_step = t.global_batch_size * t.seq_length
@@ -115,18 +119,33 @@ class Trainer:
         return evaluate(self.model, self.objective, self.valid_batches_fn(), precision=self.precision,
                         device=self.device, dims=self.dims)
 
+    def _stop_requested(self) -> bool:
+        if self.stop is None:
+            return False
+        if self.dims is None:
+            return self.stop.received is not None
+        return self.stop.agreed(self.dims.comm("world"), self.device)
+
     def run(self) -> str:
-        """Train to the end (returns 'done') or to an exit-interval boundary (returns 'exit')."""
+        """Train to the end ('done'), to an exit-interval boundary ('exit'), or until a stop signal
+        ('stopped': checkpointed at the step boundary every rank agreed on)."""
         cfg, t = self.cfg, self.cfg.train
         self.model.train()
         start_step = self.state.step
+        heartbeat = Heartbeat(self.dims.rank if self.dims else 0, self.world_size)
         while self.state.step < t.steps:
+            heartbeat.beat(self.state.step + 1)
             microbatches = next(self.train_batches)
             t0 = time.perf_counter()
             lr = lr_at(self.state.step, cfg.optim, t.steps)
-            result = train_step(self.model, self.optimizer, self.objective, microbatches, lr=lr,
-                                clip_grad=cfg.optim.clip_grad, precision=self.precision, device=self.device,
-                                dims=self.dims)
+            try:
+                result = train_step(self.model, self.optimizer, self.objective, microbatches, lr=lr,
+                                    clip_grad=cfg.optim.clip_grad, precision=self.precision, device=self.device,
+                                    dims=self.dims)
+            except CollectiveError as e:  # name the rank(s) this one waited for
+                step = self.state.step + 1
+                grace = min(10.0, cfg.parallel.timeout_s / 4)
+                raise CollectiveError(f"{e}\n  at step {step}: {heartbeat.suspects(step, grace)}") from e
             dt = time.perf_counter() - t0
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size
@@ -151,11 +170,17 @@ class Trainer:
             self.sinks.log(step, metrics)
             last = step == t.steps
             exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and not last
+            stopping = not last and self._stop_requested()
             interval = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-            if interval or exiting or (last and cfg.checkpoint.save_at_end):
+            if interval or exiting or stopping or (last and cfg.checkpoint.save_at_end):
                 path = self._checkpoint()
                 verb = "writing checkpoint in the background:" if cfg.checkpoint.async_save else "saved checkpoint"
                 self.sinks.info(f"{verb} {path}")
+            if stopping:
+                self.wait_for_save()
+                self.sinks.info(f"stop signal {self.stop.received or '(on another rank)'}: checkpointed "  # type: ignore[union-attr]
+                                f"after step {step}; exiting with code 75 for requeue, rerun to resume")
+                return "stopped"
             if exiting:
                 self.wait_for_save()
                 self.sinks.info(f"exit interval: stopping cleanly after step {step}; rerun to resume")
