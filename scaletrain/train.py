@@ -121,7 +121,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     log = print if dims.is_main else (lambda *a, **k: None)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
-        f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp}; backend {backend} ({backend_reason}); "
+        f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "
         f"precision {precision.name} ({precision.reason}); device {device}")
 
     if dims.world_size > 1:

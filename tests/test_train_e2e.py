@@ -88,6 +88,8 @@ def test_gradient_accumulation_matches_one_big_microbatch(tmp_path, tokenizer_di
     ("model.vocab_size=256", "model.vocab_size = 256 is smaller than the tokenizer's 512 tokens"),
     ("train.global_batch_size=5", "global_batch_size = 5 is not divisible"),
     ("data.tokenizer=/nonexistent/tok", "tokenizer /nonexistent/tok does not exist"),
+    ('train.stop_signals=["SIGKILL"]', "train.stop_signals: 'SIGKILL' is not one of SIGUSR1"),
+    ("parallel.timeout_s=0", "parallel.timeout_s = 0.0 must be positive"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, tokenizer_dir, dataset_prefix, capsys, override, message):
     run = tmp_path / "run"
