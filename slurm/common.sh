@@ -75,7 +75,7 @@ scaletrain_launch() {  # scaletrain_launch SUBCOMMAND [ARGS...]
       ;;
     *) echo "scaletrain: SCALETRAIN_LAUNCH=$style is not one of torchrun, srun" >&2; return 2 ;;
   esac
-  echo "scaletrain: job $job attempt $attempt: $style on $nnodes node(s) × $nproc process(es), rendezvous $head:$port, logs $log_dir"
+  echo "scaletrain: job $job attempt $attempt: $style on $nnodes node(s) × $nproc process(es), rendezvous $head:$port, env slurm/env/$CLUSTER_ENV.sh, logs $log_dir"
   if [[ ${SCALETRAIN_DRYRUN:-0} == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; return 0; fi
 
   # Run the step in the background so that a signal to this batch shell (--signal=B:USR1@N) can be
