@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("out_checkpoint")
     from_hf.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     from_hf.set_defaults(func=_cmd_from_hf)
+    prof = sub.add_parser("profile", help="analytic plan (--plan) or a measured run next to it")
+    from scaletrain.profile.command import add_profile_args, profile_command
+
+    add_profile_args(prof)
+    prof.set_defaults(func=profile_command)
     return parser
 
 

@@ -185,10 +185,10 @@ def run(cfg: RunConfig) -> str:
     device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
         else "cpu"
     env = read_env()
-    # Installed first, so that a signal during start-up is honoured at the first step boundary.
+    prepared = prepare(cfg, env.world_size)  # every input check happens before any process group exists
+    # Installed before any slow start-up work, so that a signal then is honoured at the first step boundary.
     stop = StopRequest(cfg.train.stop_signals, rank=env.rank)
     try:
-        prepared = prepare(cfg, env.world_size)  # every input check happens before any process group exists
         owns_group = init_distributed(env, device_type, cfg.parallel.timeout_s)
         try:
             trainer = build_trainer(cfg, prepared)

@@ -83,6 +83,22 @@ def test_slurm_dryrun_is_equivalent_to_the_sbatch_script(tmp_path):
     assert "source " + str(REPO / "slurm" / "env" / "default.sh") in nemo and "env slurm/env/default.sh" in banner
 
 
+def test_posttrain_script_runs_the_stage_subcommand(tmp_path):
+    if shutil.which("scontrol") is None:
+        pytest.skip("scontrol (Slurm client) not installed: tests/slurm/setup.sh installs it")
+    env = dict(os.environ, SCALETRAIN_DRYRUN="1", SCALETRAIN_LAUNCH="srun", SLURM_JOB_ID="7", SLURM_NNODES="2",
+               SLURM_GPUS_ON_NODE="8", SLURM_JOB_NODELIST="gpu[01-02]", SLURM_SUBMIT_DIR=str(REPO),
+               SCALETRAIN_LOG_DIR=str(tmp_path))
+    script = str(REPO / "slurm" / "posttrain.sbatch")
+    r = subprocess.run(["bash", script, "sft", "--config", "configs/x.toml"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout.strip().splitlines()[-1])
+    assert cmd[:1] == ["srun"] and "--ntasks=16" in cmd and "--ntasks-per-node=8" in cmd
+    assert cmd[-5:] == ["-m", "scaletrain.cli", "sft", "--config", "configs/x.toml"]
+    r = subprocess.run(["bash", script, "--config", "x.toml"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "first argument is the stage subcommand" in r.stderr
+
+
 def test_local_executor_trains(tmp_path, tokenizer_dir, dataset_prefix):
     pytest.importorskip("nemo_run")
     run_dir = tmp_path / "run"

@@ -198,3 +198,20 @@ def test_two_node_job_runs_tp_within_nodes_and_dp_across(cluster, data, referenc
     ref = [m["loss"] for m in read_metrics(ref_tmp / "run")]
     got = [m["loss"] for m in read_metrics(tmp_path / "run")]
     assert got == pytest.approx(ref, rel=1e-4)
+
+
+def test_nemo_run_slurm_executor_submits_a_job_that_completes(cluster, data, tmp_path):
+    pytest.importorskip("nemo_run")
+    run_dir = tmp_path / "run"
+    name = f"nemo-{tmp_path.name[-12:]}"
+    sets = sets_for(run_dir, data, **{"train.steps": 6})
+    r = subprocess.run([sys.executable, "-m", "launch.pretrain", "--config", TINY, *[a for s in sets for a in ("--set", s)],
+                        "--executor", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                        "--cluster-env", "cpu", "--time", "00:10:00", "--job-name", name, "--job-dir", str(tmp_path / "nr")],
+                       cwd=REPO, env=cluster, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "SUBMITTED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    jobs = subprocess.run(["scontrol", "show", "job", "-o"], env=cluster, capture_output=True, text=True).stdout
+    job = next(m.group(1) for m in re.finditer(r"JobId=(\d+) JobName=(\S+)", jobs) if m.group(2) == f"scaletrain.{name}")
+    info = wait_for(cluster, job)
+    assert info["JobState"] == "COMPLETED", info
+    assert len(read_metrics(run_dir)) == 6 and (run_dir / "checkpoints" / "latest").is_file()

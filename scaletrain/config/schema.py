@@ -74,6 +74,8 @@ class ParallelConfig:
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1)."""
     backend: str = "auto"
     """Layer backend: 'auto' (te where CUDA and transformer_engine import), 'torch' or 'te'."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', or 'full' (keep only each block's input; rerun the block in backward)."""
     timeout_s: float = 600.0
     """Collective timeout: a rank that waits longer for a dead or hung peer stops with an error naming the operation."""
 

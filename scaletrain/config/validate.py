@@ -20,6 +20,7 @@ ROPE_SCALINGS = ("none", "llama3")
 BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
+RECOMPUTE = ("none", "full")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 
@@ -81,6 +82,7 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
     _choice(errors, "parallel.backend", p.backend, BACKENDS)
     _choice(errors, "train.device", t.device, DEVICES)
+    _choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
     for name in t.stop_signals:
         if name not in STOP_SIGNALS:
             errors.append(f"train.stop_signals: {name!r} is not one of {', '.join(STOP_SIGNALS)} "

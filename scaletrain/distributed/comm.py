@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from scaletrain.profile.phases import phase
+
 
 @dataclass
 class CommStats:
@@ -66,7 +68,8 @@ class Comm:
     @contextmanager
     def _named(self, op: str) -> Iterator[None]:
         try:
-            yield
+            with phase(f"comm.{self.name}"):
+                yield
         except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
             if isinstance(e, CollectiveError):
                 raise

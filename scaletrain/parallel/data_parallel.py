@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from scaletrain.distributed.comm import Comm
+from scaletrain.profile.phases import phase
 
 
 @dataclass
@@ -118,10 +119,11 @@ class GradBuckets:
         for b in self.buckets:
             if b.work is None:
                 self._launch(b)
-        for b in self.buckets:
-            if b.work is not None:
-                b.work.wait()  # type: ignore[attr-defined]
-            b.work, b.ready = None, 0
+        with phase("comm.dp_wait"):  # what the overlap with backward did not hide
+            for b in self.buckets:
+                if b.work is not None:
+                    b.work.wait()  # type: ignore[attr-defined]
+                b.work, b.ready = None, 0
 
     def zero(self) -> None:
         """Zero the gradient buffers in place (the .grad views must survive; never set them to None)."""

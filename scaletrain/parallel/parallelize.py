@@ -34,9 +34,27 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
             reset()
 
 
+def apply_full_recompute(model: torch.nn.Module) -> None:
+    """Full activation recomputation: each transformer block keeps only its input for backward and
+    reruns its forward there (tensor-parallel collectives included). The block's forward is wrapped
+    on the instance, so parameter names — and with them checkpoints — do not change."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    def run(forward, *args, **kwargs):
+        if not torch.is_grad_enabled():  # validation / generation: nothing to save
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    for block in getattr(model, "layers", {}).values():
+        block.forward = functools.partial(run, block.forward)
+
+
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
                 device: torch.device | None = None, *, shard_optimizer: bool = False) -> torch.nn.Module:
-    """Apply the parallel layout in place and return the model.
+    """Apply the parallel layout in place and return the model. Order: pipeline split, materialise,
+    bind tp/SP, tied-embedding tags, activation recomputation, data-parallel gradient buckets.
 
     With pp > 1 the model is pruned to this rank's stage and `model.pipeline_chunks` lists its
     virtual stages for the schedule. Under sequence parallelism each tp rank normalises a
@@ -54,6 +72,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         if sp and isinstance(module, RMSNorm):
             module.weight.sequence_parallel_grad = True  # type: ignore[attr-defined]
     mark_tied_embedding(model, dims)
+    if cfg.recompute == "full":
+        apply_full_recompute(model)
     if dims.dp > 1:
         # ZeRO-1 reduce-scatters the buckets instead of all-reducing them.
         model.grad_buckets = GradBuckets(model, dims.comm("dp"), shard=shard_optimizer)  # type: ignore[assignment]

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from scaletrain.profile.phases import phase
+
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ForwardStep = Callable[[dict[str, torch.Tensor], torch.nn.Module], tuple[torch.Tensor, LossFn]]
 
@@ -36,12 +38,13 @@ def forward_backward_no_pipelining(forward_step: ForwardStep, microbatches: Sequ
     for i, batch in enumerate(microbatches):
         if on_last_microbatch is not None and i == len(microbatches) - 1:
             on_last_microbatch()
-        with torch.set_grad_enabled(not forward_only):
+        with torch.set_grad_enabled(not forward_only), phase("forward"):
             output, loss_fn = forward_step(batch, model)
             loss_sum, metrics = loss_fn(output)
             loss = loss_sum / normaliser
         if not forward_only:
-            loss.backward()
+            with phase("backward"):
+                loss.backward()
         total = total + loss.detach().to(total.device, torch.float64)
         for k, v in metrics.items():
             summed[k] = summed.get(k, 0) + v.detach()

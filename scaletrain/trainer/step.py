@@ -17,6 +17,7 @@ from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
 from scaletrain.parallel.grads import finalize_grads, global_grad_norm, reduce_tied_embedding
 from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
+from scaletrain.profile.phases import phase
 from scaletrain.trainer.precision import Precision
 
 
@@ -93,15 +94,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
         pairs = [(s.param, s.main.grad) for s in optimizer.segments if s.main.grad is not None]
     else:
         pairs = [(p, p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    finalize_grads(pairs, dims)  # type: ignore[arg-type]
-    total_norm = global_grad_norm(pairs, dims, sharded_over_dp=zero)  # type: ignore[arg-type]
-    grad_norm = float(total_norm.item())  # host sync, once per step
+    with phase("grad_finalize"):
+        finalize_grads(pairs, dims)  # type: ignore[arg-type]
+        total_norm = global_grad_norm(pairs, dims, sharded_over_dp=zero)  # type: ignore[arg-type]
+        grad_norm = float(total_norm.item())  # host sync, once per step
     skipped = not math.isfinite(grad_norm)
     if not skipped:
         if clip_grad > 0 and pairs:
             coef = torch.clamp(clip_grad / (total_norm + 1e-6), max=1.0)
             torch._foreach_mul_([g for _, g in pairs], coef.to(pairs[0][1].dtype))  # type: ignore[misc]
-        optimizer.step()
+        with phase("optimizer"):
+            optimizer.step()
     return StepResult(loss=float(loss.item()), grad_norm=grad_norm, items=items, skipped=skipped)
 
 

@@ -23,6 +23,7 @@ import torch
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.parallel.pipeline.split import StageChunk
 from scaletrain.parallel.schedules import ForwardStep
+from scaletrain.profile.phases import phase
 
 FWD, BWD = 0, 1
 
@@ -89,7 +90,8 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         buf = torch.empty(shape, dtype=dtype, device=device)
         t0 = time.perf_counter()
         try:
-            comm.irecv(buf, src_rank, t).wait()
+            with phase("pipeline_wait"):
+                comm.irecv(buf, src_rank, t).wait()
         except RuntimeError as e:  # gloo/nccl: peer closed the connection, or the collective timed out
             raise failed(f"receiving {'activations' if t % 2 == FWD else 'gradients'} (tag {t}) from", src_rank, e) from e
         wait_s += time.perf_counter() - t0
@@ -108,7 +110,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         if not chunk.is_first:
             inp = recv((r - 1) % pp, tag(FWD, j, mb)).requires_grad_(not forward_only)
         chunk.input_tensor = inp
-        with torch.set_grad_enabled(not forward_only):
+        with torch.set_grad_enabled(not forward_only), phase("forward"):
             output, loss_fn = forward_step(microbatches[mb], chunk)  # type: ignore[arg-type]
             if chunk.is_last:
                 loss_sum, _ = loss_fn(output)
@@ -127,9 +129,12 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         chunk, j = chunks[chunk_id], stage_of(chunk_id)
         inp, out = inputs.pop((chunk_id, mb)), outputs.pop((chunk_id, mb))
         if chunk.is_last:
-            out.backward()
+            with phase("backward"):
+                out.backward()
         else:
-            torch.autograd.backward(out, recv((r + 1) % pp, tag(BWD, j, mb)))
+            grad = recv((r + 1) % pp, tag(BWD, j, mb))
+            with phase("backward"):
+                torch.autograd.backward(out, grad)
         del out  # this microbatch's activations are freed here
         in_flight -= 1
         if inp is not None:

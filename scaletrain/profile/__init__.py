@@ -1,0 +1,1 @@
+"""Throughput and memory profiling: the analytic planner, measured runs, activation accounting."""

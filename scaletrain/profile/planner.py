@@ -1,0 +1,261 @@
+"""Analytic planner: what a config and layout cost per rank, without running it.
+
+For any run config and world size: parameter counts, FLOPs per token under both conventions (PaLM
+6N + 12·L·H·Q·T, and the causal-halved count), per-rank memory for every pipeline stage (weights,
+gradients, optimizer state with or without ZeRO-1, activations with or without full recomputation,
+times the microbatches the schedule keeps in flight), per-step communication volume per parallel
+dimension, and the pipeline bubble. Flags layouts that do not fit a given device memory.
+
+Conventions (all bytes are per rank):
+- Weights and gradients are held in the parameter dtype (fp32 master weights under bf16 autocast,
+  as the trainer does); AdamW keeps two moments in that dtype; ZeRO-1 keeps two moments and an fp32
+  main copy, each 1/dp of the rank's parameters.
+- Activations per token and layer are the tensors this implementation saves for backward (measured
+  with saved-tensor hooks, see profile/activations.py): the residual-stream and norm tensors in the
+  parameter dtype, the matmul-region tensors in the compute dtype, flash attention (no s×s scores).
+  Tensor parallelism divides the head and FFN terms; sequence parallelism also divides the norm terms.
+  Full recomputation keeps each block's input plus one block's activations during its backward.
+- Communication is the bytes each rank sends per step with ring collectives: all-reduce 2(n-1)/n of
+  the buffer, all-gather / reduce-scatter (n-1)/n; pipeline point-to-point is the activation sent
+  forward plus its gradient sent back at each stage boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from scaletrain.config.schema import ModelConfig, RunConfig
+from scaletrain.parallel.pipeline.schedules import BWD, FWD, schedule_order
+from scaletrain.parallel.pipeline.split import layer_layout
+from scaletrain.trainer.flops import flops_per_token, parameter_counts
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    vpp: int
+    dp: int
+    cp: int = 1
+    sequence_parallel: bool = False
+    zero: bool = False
+    recompute: str = "none"
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+
+@dataclass
+class StagePlan:
+    """Per-rank figures of one pipeline stage (every tp/dp rank of the stage holds the same)."""
+
+    pp_rank: int
+    layers: int
+    params: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activation_bytes_per_microbatch: int
+    microbatches_in_flight: int
+    activations_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    params_total: int
+    params_embedding: int
+    params_matmul: int
+    flops_per_token_palm: float
+    flops_per_token_causal: float
+    flops_per_step: float
+    tokens_per_step: int
+    microbatches: int
+    bubble_fraction: float
+    stages: list[StagePlan]
+    comm_bytes_per_step: dict[str, int]
+    gpu_memory_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_stage(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.total_bytes)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory_bytes is None else self.peak_stage.total_bytes <= self.gpu_memory_bytes
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["peak_stage_bytes"] = self.peak_stage.total_bytes
+        d["fits"] = self.fits
+        for s, sd in zip(self.stages, d["stages"]):
+            sd["total_bytes"] = s.total_bytes
+        return d
+
+
+def _layer_params(m: ModelConfig) -> tuple[int, int]:
+    """(tp-sharded matmul parameters, replicated norm parameters) of one block."""
+    d = m.head_dim
+    qkv = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * d + (m.num_heads + 2 * m.num_kv_heads) * d * m.qkv_bias
+    sharded = qkv + m.num_heads * d * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
+    return sharded, 2 * m.hidden_size
+
+
+def stage_params(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[int, int]:
+    """(parameters this rank holds, its layer count) on pipeline stage `pp_rank`."""
+    layers = sum(len(c) for c in layer_layout(m.num_layers, layout.pp, layout.vpp)[pp_rank])
+    sharded, replicated = _layer_params(m)
+    n = layers * (sharded // layout.tp + replicated)
+    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    table = m.vocab_size * m.hidden_size // layout.tp
+    if first:
+        n += table
+    if last:
+        n += m.hidden_size  # final norm
+        if not m.tie_embeddings or not first:  # own head, or the tied copy on the last stage
+            n += table
+    return n, layers
+
+
+def activation_bytes_per_layer(m: ModelConfig, layout: Layout, tokens: int, param_bytes: int,
+                               compute_bytes: int) -> int:
+    """Bytes one block saves for backward for a microbatch of `tokens` tokens (see module docstring)."""
+    h, d, t = m.hidden_size, m.head_dim, layout.tp
+    nh, nkv, f = m.num_heads // t, m.num_kv_heads // t, m.ffn_hidden_size // t
+    norm_div = t if layout.sequence_parallel else 1
+    # Two RMSNorms: input, rstd and normalised output, in the parameter dtype.
+    norms = 2 * (2 * h + 1) * param_bytes // norm_div
+    # Attention: qkv output, rotated q (and its pre-rotation copy) and k, attention output, the
+    # output projection's input (compute dtype) and the log-sum-exp per head (fp32).
+    attn = ((nh + 2 * nkv) * d + 2 * nh * d + nkv * d + nh * d + nh * d) * compute_bytes + 4 * nh
+    # SwiGLU: fused gate/up output, silu(gate), and the product fed to the down projection.
+    mlp = 4 * f * compute_bytes
+    return tokens * (norms + attn + mlp)
+
+
+def peak_in_flight(pp: int, vpp: int, pp_rank: int, microbatches: int) -> int:
+    """Most chunk-forwards whose backward has not run yet, on this rank, under the trainer's schedule."""
+    if pp == 1:
+        return 1  # gradient accumulation frees each microbatch before the next
+    live = peak = 0
+    for kind, _, _ in schedule_order(pp, vpp, pp_rank, microbatches):
+        live += 1 if kind == FWD else -1 if kind == BWD else 0
+        peak = max(peak, live)
+    return peak
+
+
+def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
+         compute_dtype: str | None = None) -> Plan:
+    """The plan of a resolved run config (model sizes derived) on `world_size` ranks."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dp = world_size // (p.tp * p.pp * p.cp)
+    layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
+                    p.recompute)
+    dtype = cfg.precision.dtype
+    param_bytes = 8 if dtype == "float64" else 4
+    compute = compute_dtype or ("bfloat16" if dtype in ("bfloat16", "auto") else dtype)
+    compute_bytes = DTYPE_BYTES[compute] if dtype != "float64" else 8
+    if cfg.precision.fp8:
+        compute_bytes = 2  # FP8 GEMMs still save their inputs in bf16 (TE keeps fp8 copies only for weights)
+    counts = parameter_counts(m)
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    tokens_mb = t.micro_batch_size * t.seq_length
+
+    stages = []
+    for r in range(p.pp):
+        n, layers = stage_params(m, layout, r)
+        weights = grads = n * param_bytes
+        optimizer = 3 * n * 4 // dp if layout.zero else 2 * n * param_bytes
+        per_layer = activation_bytes_per_layer(m, layout, tokens_mb, param_bytes, compute_bytes)
+        if layout.recompute == "full":  # block inputs kept; one block's activations live in its backward
+            div = p.tp if layout.sequence_parallel else 1
+            act_mb = layers * tokens_mb * m.hidden_size * param_bytes // div
+            transient = per_layer
+        else:
+            act_mb, transient = layers * per_layer, 0
+        if r == p.pp - 1:  # final norm and the fp32 softmax over this rank's vocabulary slice
+            act_mb += tokens_mb * ((2 * m.hidden_size + 1) * param_bytes + 4 * m.vocab_size // p.tp + 9)
+        in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
+        # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
+        chunk_share = act_mb / p.vpp if p.pp > 1 else act_mb
+        activations = int(chunk_share * in_flight) + transient
+        stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations))
+
+    comm = _comm_bytes(m, layout, microbatches, tokens_mb, compute_bytes, param_bytes, stages)
+    bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
+    notes = []
+    if layout.tp > 8:
+        notes.append("tp > 8 crosses the NVLink domain of an 8-GPU node")
+    plan_ = Plan(layout, counts["total"], counts["embedding"], counts["matmul"], flops_per_token(m, t.seq_length),
+                 flops_per_token(m, t.seq_length, causal_halved=True),
+                 flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length,
+                 t.global_batch_size * t.seq_length, microbatches, bubble, stages, comm,
+                 None if gpu_memory_gb is None else int(gpu_memory_gb * 2**30), notes)
+    if plan_.fits is False:
+        plan_.notes.append(f"does not fit: stage {plan_.peak_stage.pp_rank} needs "
+                           f"{plan_.peak_stage.total_bytes / 2**30:.1f} GiB of {gpu_memory_gb:g} GiB")
+    return plan_
+
+
+def _comm_bytes(m: ModelConfig, layout: Layout, microbatches: int, tokens_mb: int, compute_bytes: int,
+                param_bytes: int, stages: list[StagePlan]) -> dict[str, int]:
+    """Bytes sent per rank per step on each axis (ring collectives), for the busiest stage."""
+    t, dp = layout.tp, layout.dp
+    layers = max(s.layers for s in stages)
+    activation = tokens_mb * m.hidden_size * compute_bytes
+    out = {"tp": 0, "dp": 0, "pp": 0}
+    if t > 1:
+        # Per block and microbatch: 2 all-reduces forward, 2 backward (or under SP 2 all-gathers + 2
+        # reduce-scatters each way: the same bytes); recomputation repeats the forward ones.
+        per_block = (4 + (2 if layout.recompute == "full" else 0)) * 2 * (t - 1) / t * activation
+        out["tp"] = int(layers * microbatches * per_block)
+    if dp > 1:
+        grads = max(s.params for s in stages) * param_bytes
+        # Plain: all-reduce of the gradients. ZeRO-1: reduce-scatter of gradients + all-gather of params.
+        out["dp"] = int(2 * (dp - 1) / dp * grads)
+    if layout.pp > 1:
+        per_boundary = activation // (t if layout.sequence_parallel else 1)
+        out["pp"] = int(2 * per_boundary * microbatches * layout.vpp)  # activation forward, gradient back
+    return out
+
+
+def format_plan(p: Plan) -> str:
+    """The planner table (GiB per rank, GB per step)."""
+    lay = p.layout
+    gib = 2**30
+    lines = [
+        f"layout: tp{lay.tp}·pp{lay.pp}{f'·vpp{lay.vpp}' if lay.vpp > 1 else ''}·dp{lay.dp} "
+        f"({lay.world_size} GPUs){' +SP' if lay.sequence_parallel else ''}{' +ZeRO-1' if lay.zero else ''}"
+        f"{' +full recompute' if lay.recompute == 'full' else ''}",
+        f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in matmuls, "
+        f"{p.params_embedding / 1e9:.3f} B embedding",
+        f"FLOPs/token: {p.flops_per_token_palm / 1e9:.1f} GFLOP (PaLM 6N + 12·L·H·Q·T), "
+        f"{p.flops_per_token_causal / 1e9:.1f} GFLOP (causal-halved); {p.flops_per_step / 1e15:.1f} PFLOP/step "
+        f"({p.tokens_per_step:,} tokens)",
+        f"pipeline: {p.microbatches} microbatches per step, bubble {p.bubble_fraction:.3f}",
+        "",
+        f"{'stage':>5} {'layers':>6} {'weights':>9} {'grads':>9} {'optim':>9} {'act/mb':>9} {'in-flight':>9} "
+        f"{'activ.':>9} {'total GiB':>10}",
+    ]
+    for s in p.stages:
+        lines.append(f"{s.pp_rank:>5} {s.layers:>6} {s.weights_bytes / gib:>9.2f} {s.grads_bytes / gib:>9.2f} "
+                     f"{s.optimizer_bytes / gib:>9.2f} {s.activation_bytes_per_microbatch / gib:>9.2f} "
+                     f"{s.microbatches_in_flight:>9} {s.activations_bytes / gib:>9.2f} {s.total_bytes / gib:>10.2f}")
+    lines.append("")
+    lines.append("communication per rank per step: " + ", ".join(
+        f"{k} {v / 1e9:.2f} GB" for k, v in p.comm_bytes_per_step.items()))
+    if p.gpu_memory_bytes is not None:
+        verdict = "fits" if p.fits else "DOES NOT FIT"
+        lines.append(f"memory: peak stage {p.peak_stage.pp_rank} needs {p.peak_stage.total_bytes / gib:.1f} GiB of "
+                     f"{p.gpu_memory_bytes / gib:.0f} GiB — {verdict}")
+    lines += [f"note: {n}" for n in p.notes if not n.startswith("does not fit")]
+    return "\n".join(lines)
