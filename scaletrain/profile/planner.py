@@ -182,8 +182,11 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
             transient = per_layer
         else:
             act_mb, transient = layers * per_layer, 0
-        if r == p.pp - 1:  # final norm and the fp32 softmax over this rank's vocabulary slice
-            act_mb += tokens_mb * ((2 * m.hidden_size + 1) * param_bytes + 4 * m.vocab_size // p.tp + 9)
+        if r == p.pp - 1:
+            # Final norm, the head's input (a compute-dtype copy), the softmax over this rank's vocabulary
+            # slice (at least fp32) and the int64 labels + mask of the loss.
+            act_mb += tokens_mb * ((2 * m.hidden_size + 1) * param_bytes + m.hidden_size * compute_bytes
+                                   + max(4, param_bytes) * m.vocab_size // p.tp + 9)
         in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
         # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
         chunk_share = act_mb / p.vpp if p.pp > 1 else act_mb
