@@ -24,6 +24,7 @@ from scaletrain.data.indexed import DatasetError
 from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
 from scaletrain.nn.backend import select_backend
+from scaletrain.nn.fused import check_available, expand
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.precision import resolve_precision
 from scaletrain.trainer.stop import EXIT_REQUEUE, StopRequest
@@ -62,6 +63,11 @@ def prepare(cfg: RunConfig, world_size: int):
                           seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)
     dp = validate(cfg, world_size)
+    device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    problem = check_available(cfg.parallel.kernels, device_type)
+    if problem:
+        raise ConfigError(problem)
     if model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
@@ -144,7 +150,10 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)
         log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}")
     optimizer = build_optimizer(model, cfg.optim, device, dims)
-    objective = LanguageModelingObjective(dims.tp_comm)
+    objective = LanguageModelingObjective(
+        dims.tp_comm, fused_cross_entropy="cross_entropy" in expand(cfg.parallel.kernels))
+    if cfg.parallel.kernels:
+        log(f"fused kernels: {', '.join(expand(cfg.parallel.kernels))}")
 
     state = LoopState(step=0, consumed_samples=0)
     if resume_from is not None:

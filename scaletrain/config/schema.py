@@ -74,6 +74,8 @@ class ParallelConfig:
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1)."""
     backend: str = "auto"
     """Layer backend: 'auto' (te where CUDA and transformer_engine import), 'torch' or 'te'."""
+    kernels: tuple[str, ...] = ()
+    """Fused Triton kernels to use: any of rmsnorm, rope, swiglu, cross_entropy, or ["all"] (CUDA; TRITON_INTERPRET=1 on CPU)."""
     recompute: str = "none"
     """Activation recomputation: 'none', or 'full' (keep only each block's input; rerun the block in backward)."""
     timeout_s: float = 600.0

@@ -21,6 +21,7 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
+KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 
@@ -83,6 +84,9 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "parallel.backend", p.backend, BACKENDS)
     _choice(errors, "train.device", t.device, DEVICES)
     _choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
+    for name in p.kernels:
+        if name not in KERNEL_NAMES:
+            errors.append(f"parallel.kernels: {name!r} is not one of {', '.join(KERNEL_NAMES)}.")
     for name in t.stop_signals:
         if name not in STOP_SIGNALS:
             errors.append(f"train.stop_signals: {name!r} is not one of {', '.join(STOP_SIGNALS)} "

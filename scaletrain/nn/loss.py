@@ -39,12 +39,43 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return g * grad.unsqueeze(-1), None, None
 
 
-def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor, tp: Comm | None = None) -> torch.Tensor:
+class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
+    """The same loss with the row statistics and the gradient in Triton (scaletrain_kernels): the
+    logits are read in their own dtype and kept for backward instead of an fp32 softmax."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, comm: Comm):
+        from scaletrain_kernels.cross_entropy import ce_stats
+
+        start = comm.rank * logits.shape[-1]
+        outside = (labels < start) | (labels >= start + logits.shape[-1])
+        local = torch.where(outside, -1, labels - start)
+        local_max, local_sum, label_logit = ce_stats(logits, local)
+        global_max = comm.all_reduce(local_max.clone(), op="max")
+        sums = torch.stack([local_sum * torch.exp(local_max - global_max), label_logit])
+        comm.all_reduce(sums)
+        ctx.save_for_backward(logits, local, global_max, sums[0])
+        return torch.log(sums[0]) + global_max - sums[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        from scaletrain_kernels.cross_entropy import ce_grad
+
+        logits, local, global_max, global_sum = ctx.saved_tensors
+        return ce_grad(logits, local, global_max, global_sum, grad), None, None
+
+
+def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor, tp: Comm | None = None,
+                            fused: bool = False) -> torch.Tensor:
     """Per-token loss [b, s] from logits [b, s, V/tp] and labels [b, s], computed in at least float32.
 
     Placement: logits sharded over tp along V (the whole vocabulary when tp is None or of size 1);
-    labels and the result replicated over tp.
+    labels and the result replicated over tp. fused: the Triton kernels (parallel.kernels).
     """
+    if fused:
+        flat = logits.reshape(-1, logits.shape[-1])
+        comm = tp if tp is not None else Comm.single("tp")
+        return _FusedVocabParallelCrossEntropy.apply(flat, labels.reshape(-1), comm).view(labels.shape)
     compute = torch.promote_types(logits.dtype, torch.float32)
     flat = logits.reshape(-1, logits.shape[-1]).to(compute)
     comm = tp if tp is not None else Comm.single("tp")

@@ -42,6 +42,8 @@ class RotaryEmbedding(nn.Module):
     a 128k-context config would otherwise hold two 128k × d float64 tables per model).
     """
 
+    fused_kernel = "rope"  # parallel.kernels name of the fused version (scaletrain.nn.fused)
+
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: str = "none", **scaling_args: float) -> None:
         super().__init__()
         self.max_position = max_position
@@ -50,6 +52,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling, **scaling_args),  # type: ignore[arg-type]
                              persistent=False)
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.use_fused = False
 
     def reset_buffers(self) -> None:
         """Recompute the frequencies (after a meta-device model is materialised)."""
@@ -72,6 +75,14 @@ class RotaryEmbedding(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [b, s] (default arange(s)) let packed documents restart at position 0."""
         s = q.shape[1]
+        if self.use_fused:
+            from scaletrain.nn import fused
+
+            length = s if position_ids is None else int(position_ids.max()) + 1  # host sync, packed inputs only
+            cos, sin = (t.float() for t in self._cos_sin(length, q.device))
+            positions = position_ids if position_ids is not None else \
+                torch.arange(s, device=q.device).expand(q.shape[0], s)
+            return fused.rope(q, cos, sin, positions), fused.rope(k, cos, sin, positions)
         if position_ids is None:
             cos, sin = self._cos_sin(s, q.device)
             cos, sin = cos[:s][None, :, None, :], sin[:s][None, :, None, :]

@@ -15,6 +15,7 @@ import torch
 
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.distributed.dims import ParallelDims
+from scaletrain.nn.fused import enable_kernels
 from scaletrain.nn.init import spec_of
 from scaletrain.nn.linear import TPBound
 from scaletrain.nn.norm import RMSNorm
@@ -72,6 +73,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         if sp and isinstance(module, RMSNorm):
             module.weight.sequence_parallel_grad = True  # type: ignore[attr-defined]
     mark_tied_embedding(model, dims)
+    if cfg.kernels:
+        enable_kernels(model, cfg.kernels)
     if cfg.recompute == "full":
         apply_full_recompute(model)
     if dims.dp > 1:

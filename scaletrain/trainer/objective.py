@@ -17,8 +17,9 @@ class LanguageModelingObjective:
 
     name = "pretrain"
 
-    def __init__(self, tp: Comm | None = None) -> None:
+    def __init__(self, tp: Comm | None = None, fused_cross_entropy: bool = False) -> None:
         self.tp = tp  # logits arrive vocabulary-sharded over this communicator
+        self.fused_cross_entropy = fused_cross_entropy
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["loss_mask"].sum()
@@ -28,7 +29,7 @@ class LanguageModelingObjective:
         labels, mask = batch["labels"], batch["loss_mask"]
 
         def loss_fn(output: torch.Tensor):
-            per_token = cross_entropy_per_token(output, labels, self.tp)
+            per_token = cross_entropy_per_token(output, labels, self.tp, fused=self.fused_cross_entropy)
             loss_sum = (per_token * mask.to(per_token.dtype)).sum()
             return loss_sum, {"tokens": mask.sum()}
 

@@ -23,6 +23,7 @@ from scaletrain.nn import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    fused,
 )
 
 
@@ -57,8 +58,11 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) · up(x)); gate and up fused into one column-parallel GEMM."""
 
+    fused_kernel = "swiglu"  # parallel.kernels name of the fused activation (scaletrain.nn.fused)
+
     def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None) -> None:
         super().__init__()
+        self.use_fused = False
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp_size=tp_size, fused=2,
                                             init_std=cfg.init_std, dtype=dtype)
         self.down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp_size=tp_size,
@@ -66,6 +70,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
+        if self.use_fused:
+            return self.down(fused.swiglu(gate, up))
         return self.down(torch.nn.functional.silu(gate) * up)
 
 
