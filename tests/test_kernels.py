@@ -65,9 +65,8 @@ def test_fused_cross_entropy_matches_reference():
 
 
 def _vocab_parallel(rank, world, logits, labels):
-    from scaletrain.distributed import ParallelDims
-    from scaletrain.distributed.comm import Comm  # noqa: F401
     from scaletrain.config.schema import ParallelConfig
+    from scaletrain.distributed import ParallelDims
 
     dims = ParallelDims.from_config(ParallelConfig(tp=2), world, rank)
     shard = logits.chunk(2, dim=-1)[rank].clone().requires_grad_()
@@ -82,8 +81,8 @@ def test_fused_cross_entropy_is_vocab_parallel():
     loss = cross_entropy_per_token(ref, labels)
     loss.backward(torch.linspace(-1, 1, loss.numel()).view_as(loss))
     results = run_ranks(2, _vocab_parallel, logits, labels)
-    for rank, (l, g) in enumerate(results):
-        torch.testing.assert_close(l, loss.detach(), **TOL)
+    for rank, (rank_loss, g) in enumerate(results):
+        torch.testing.assert_close(rank_loss, loss.detach(), **TOL)
         torch.testing.assert_close(g, ref.grad.chunk(2, dim=-1)[rank], **TOL)
 
 

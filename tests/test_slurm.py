@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,7 @@ def test_two_node_job_runs_tp_within_nodes_and_dp_across(cluster, data, referenc
 def test_nemo_run_slurm_executor_submits_a_job_that_completes(cluster, data, tmp_path):
     pytest.importorskip("nemo_run")
     run_dir = tmp_path / "run"
-    name = f"nemo-{tmp_path.name[-12:]}"
+    name = f"nemo-{uuid.uuid4().hex[:8]}"  # unique: finished jobs stay listed (MinJobAge)
     sets = sets_for(run_dir, data, **{"train.steps": 6})
     r = subprocess.run([sys.executable, "-m", "launch.pretrain", "--config", TINY, *[a for s in sets for a in ("--set", s)],
                         "--executor", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
@@ -211,7 +212,8 @@ def test_nemo_run_slurm_executor_submits_a_job_that_completes(cluster, data, tmp
                        cwd=REPO, env=cluster, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "SUBMITTED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     jobs = subprocess.run(["scontrol", "show", "job", "-o"], env=cluster, capture_output=True, text=True).stdout
-    job = next(m.group(1) for m in re.finditer(r"JobId=(\d+) JobName=(\S+)", jobs) if m.group(2) == f"scaletrain.{name}")
+    job = max((m.group(1) for m in re.finditer(r"JobId=(\d+) JobName=(\S+)", jobs) if m.group(2) == f"scaletrain.{name}"),
+              key=int)
     info = wait_for(cluster, job)
     assert info["JobState"] == "COMPLETED", info
     assert len(read_metrics(run_dir)) == 6 and (run_dir / "checkpoints" / "latest").is_file()
