@@ -44,6 +44,14 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from scaletrain.data.synth import write_task
+
+    counts = write_task(args.output, args.train, args.test, seed=args.seed)
+    print(f"wrote {args.output}: " + ", ".join(f"{k}.jsonl {v} rows" for k, v in counts.items()))
+    return EXIT_OK
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from scaletrain.data.preprocess import preprocess, stats_line
 
@@ -94,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
     pre.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to each document")
     pre.set_defaults(func=_cmd_preprocess)
+    synth = data.add_parser("synth", help="write the synthetic arithmetic task (pretrain / SFT / DPO forms)")
+    synth.add_argument("--output", required=True, help="output folder")
+    synth.add_argument("--train", type=int, default=5000, help="training problems (default 5000)")
+    synth.add_argument("--test", type=int, default=500, help="held-out problems (default 500)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_synth)
 
     conv = sub.add_parser("convert", help="Hugging Face checkpoint conversion").add_subparsers(
         dest="convert_command", required=True)

@@ -1,0 +1,100 @@
+"""A deterministic synthetic task with checkable answers: arithmetic word problems.
+
+One problem family in three forms — pretraining text, chat (SFT) conversations, and preference pairs
+(the correct answer chosen, a near-miss rejected) — with a held-out split that shares no problem
+with training (split by a hash of the problem's numbers and template). It is the CPU-sized proof
+that each post-training stage does its job, and the verifiable reward for RL later: `check_answer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jun")
+ITEMS = ("apples", "books", "coins", "shells", "stamps", "marbles", "pencils", "cards")
+TEMPLATES = (
+    ("{n} has {a} {i} and gets {b} more. How many {i} does {n} have now?", lambda a, b: a + b),
+    ("{n} has {a} {i} and gives away {b}. How many {i} are left?", lambda a, b: a - b),
+    ("{n} buys {a} bags with {b} {i} in each bag. How many {i} is that?", lambda a, b: a * b),
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: int
+    key: str  # identity of the problem (template + numbers), for splitting and deduplication
+
+    @property
+    def held_out(self) -> bool:
+        return int(hashlib.sha256(self.key.encode()).hexdigest(), 16) % 10 == 0  # ~10% held out
+
+
+def problems(n: int, seed: int = 0, split: str = "train") -> list[Problem]:
+    """`n` distinct problems of `split` ('train' or 'test'), the same for the same seed."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(seed)
+    seen: set[tuple[str, str, str]] = set()
+    out: list[Problem] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 200 * n + 10_000:
+            raise ValueError(f"cannot draw {n} distinct {split} problems; ask for fewer")
+        t = rng.randrange(len(TEMPLATES))
+        a, b = rng.randint(2, 20), rng.randint(1, 9)
+        if t == 1 and b >= a:
+            continue
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        key = f"{t}:{a}:{b}"
+        p = Problem(TEMPLATES[t][0].format(n=name, a=a, b=b, i=item), TEMPLATES[t][1](a, b), key)
+        if p.held_out != (split == "test") or (key, name, item) in seen:
+            continue
+        seen.add((key, name, item))
+        out.append(p)
+    return out
+
+
+def answer_text(answer: int) -> str:
+    return f"The answer is {answer}."
+
+
+def check_answer(text: str, answer: int) -> bool:
+    """Exact match of the first 'The answer is N' in a generated text (the verifiable reward)."""
+    m = re.search(r"The answer is (-?\d+)", text)
+    return m is not None and int(m.group(1)) == answer
+
+
+def near_miss(answer: int, rng: random.Random) -> int:
+    return answer + rng.choice([-2, -1, 1, 2])
+
+
+def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) -> dict[str, int]:
+    """Write pretrain.jsonl, sft_{train,test}.jsonl and dpo_{train,test}.jsonl; returns row counts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed + 1)
+    counts = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        ps = problems(n, seed, split)
+        rows = {
+            f"sft_{split}": [{"messages": [{"role": "user", "content": p.question},
+                                           {"role": "assistant", "content": answer_text(p.answer)}],
+                              "answer": p.answer} for p in ps],
+            f"dpo_{split}": [{"prompt": p.question, "chosen": answer_text(p.answer),
+                              "rejected": answer_text(near_miss(p.answer, rng)), "answer": p.answer} for p in ps],
+        }
+        if split == "train":
+            rows["pretrain"] = [{"text": f"Question: {p.question}\nAnswer: {answer_text(p.answer)}"} for p in ps]
+        for name, items in rows.items():
+            with open(out / f"{name}.jsonl", "w") as f:
+                for item in items:
+                    f.write(json.dumps(item) + "\n")
+            counts[name] = len(items)
+    return counts
