@@ -10,7 +10,6 @@ restarts < retries, which covers the trainer's exit 75 after a stop signal.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,23 +48,12 @@ def procs_per_node(args: argparse.Namespace) -> int:
 def check_config(config: str, overrides: list[str], world_size: int) -> None:
     """Reject typos, layouts that do not divide and world sizes that do not fit before submitting.
 
-    Only scaletrain's public config API. Sizes the tokenizer would derive (vocab_size = 0) are not
-    checked here when the tokenizer is not on this machine; the job checks them at start-up.
+    Sizes the tokenizer would derive (vocab_size = 0) are checked with a stand-in when the tokenizer
+    is not on this machine; the job checks them again at start-up.
     """
-    from scaletrain.config import load_config, resolve_model, validate
+    from scaletrain.profile.command import resolved_config
 
-    cfg = load_config(config, overrides)
-    vocab = None
-    if cfg.model.vocab_size == 0:
-        tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
-        if tok is not None and tok.exists():
-            from scaletrain.data.tokenizer import load_tokenizer
-
-            vocab = load_tokenizer(str(tok)).vocab_size
-        else:
-            vocab = cfg.model.vocab_multiple * cfg.parallel.tp  # placeholder: only the layout is checked
-    model = resolve_model(cfg.model, tokenizer_vocab=vocab, tp=cfg.parallel.tp, seq_length=cfg.train.seq_length)
-    validate(dataclasses.replace(cfg, model=model), world_size)
+    resolved_config(config, overrides, world_size, placeholder_vocab=True, require_data=True)
 
 
 def build_task(stage: str, config: str, overrides: list[str], executor: str = "slurm", nproc: int = 1):

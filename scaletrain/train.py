@@ -63,9 +63,7 @@ def prepare(cfg: RunConfig, world_size: int):
                           seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)
     dp = validate(cfg, world_size)
-    device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
-        else "cpu"
-    problem = check_available(cfg.parallel.kernels, device_type)
+    problem = check_available(cfg.parallel.kernels, device_type(cfg))
     if problem:
         raise ConfigError(problem)
     if model.vocab_size < tokenizer.vocab_size:
@@ -74,6 +72,11 @@ def prepare(cfg: RunConfig, world_size: int):
     check_data(cfg.data, model_vocab=model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
                tokenizer_sha256=tokenizer.fingerprint())
     return cfg, dp, tokenizer
+
+
+def device_type(cfg: RunConfig) -> str:
+    """'cuda' or 'cpu', by train.device ('auto': cuda where one is visible)."""
+    return "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def _configure_runtime(cfg: RunConfig) -> torch.device:
@@ -191,14 +194,12 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 def run(cfg: RunConfig) -> str:
     """Train according to a loaded config; returns 'done', 'exit' (exit interval) or 'stopped' (a stop
     signal: checkpointed, to be requeued)."""
-    device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
-        else "cpu"
     env = read_env()
     prepared = prepare(cfg, env.world_size)  # every input check happens before any process group exists
     # Installed before any slow start-up work, so that a signal then is honoured at the first step boundary.
     stop = StopRequest(cfg.train.stop_signals, rank=env.rank)
     try:
-        owns_group = init_distributed(env, device_type, cfg.parallel.timeout_s)
+        owns_group = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
         try:
             trainer = build_trainer(cfg, prepared)
             if trainer is None:

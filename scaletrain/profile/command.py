@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,23 +38,30 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default="", help="measured mode: write a torch profiler trace of the phase steps here")
 
 
-def resolved_config(config: str, overrides: list[str], world_size: int):
-    """Load, resolve derived sizes (the tokenizer when it is on this machine) and validate."""
-    from scaletrain.config import load_config, resolve_model, validate
+def resolved_config(config: str, overrides: list[str], world_size: int, *, placeholder_vocab: bool = False,
+                    require_data: bool = False):
+    """Load, resolve derived sizes (the vocabulary from data.tokenizer when it is on this machine) and
+    validate. placeholder_vocab: where the tokenizer is absent, check the layout with a stand-in
+    vocabulary (a launcher on a login node) instead of refusing. Without require_data an empty
+    data.prefixes is accepted (planning a shape)."""
+    from scaletrain.config import ConfigError, load_config, resolve_model, validate
 
     cfg = load_config(config, overrides)
     vocab = None
     if cfg.model.vocab_size == 0:
         tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
-        if tok is None or not tok.exists():
-            raise SystemExit("profile: model.vocab_size = 0 derives the vocabulary from data.tokenizer, which is "
-                             "not on this machine; set model.vocab_size or data.tokenizer.")
-        from scaletrain.data.tokenizer import load_tokenizer
+        if tok is not None and tok.exists():
+            from scaletrain.data.tokenizer import load_tokenizer
 
-        vocab = load_tokenizer(str(tok)).vocab_size
+            vocab = load_tokenizer(str(tok)).vocab_size
+        elif placeholder_vocab:
+            vocab = cfg.model.vocab_multiple * cfg.parallel.tp  # only the layout is checked
+        else:
+            raise ConfigError("model.vocab_size = 0 derives the vocabulary from data.tokenizer, which is not on "
+                              "this machine; set model.vocab_size or data.tokenizer.")
     model = resolve_model(cfg.model, tokenizer_vocab=vocab, tp=cfg.parallel.tp, seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)
-    if cfg.data.prefixes:
+    if cfg.data.prefixes or require_data:
         validate(cfg, world_size)
     else:  # planning a shape without data: every rule but the data one
         validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefixes=("planned",))), world_size)
@@ -65,9 +73,10 @@ def profile_command(args: argparse.Namespace) -> int:
 
     try:
         if args.plan:
-            p = args.gpus or 0
-            cfg0 = __import__("scaletrain.config", fromlist=["load_config"]).load_config(args.config, args.overrides)
-            world = p or cfg0.parallel.tp * cfg0.parallel.pp * cfg0.parallel.cp
+            from scaletrain.config import load_config
+
+            layout = load_config(args.config, args.overrides).parallel
+            world = args.gpus or layout.tp * layout.pp * layout.cp
             cfg = resolved_config(args.config, args.overrides, world)
             result = plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb)
             print(format_plan(result))
@@ -84,10 +93,10 @@ def _measure(args: argparse.Namespace) -> int:
 
     from scaletrain.distributed import read_env
     from scaletrain.profile.phases import recording
-    from scaletrain.train import build_trainer, prepare
+    from scaletrain.train import build_trainer, device_type, prepare
 
     env = read_env()
-    scratch = tempfile.mkdtemp(prefix="scaletrain-profile-")
+    scratch = tempfile.mkdtemp(prefix="scaletrain-profile-")  # per rank; only rank 0 writes metrics there
     sets = [*args.overrides, f"train.steps={args.steps + args.phase_steps}", f"train.run_dir={scratch}",
             "checkpoint.interval=0", "checkpoint.save_at_end=false", "train.eval_interval=0",
             "train.exit_interval=0", "logging.tensorboard=false", "logging.wandb=false",
@@ -98,8 +107,7 @@ def _measure(args: argparse.Namespace) -> int:
     cfg, dp, tok = prepare(cfg, env.world_size)
     from scaletrain.distributed import init_distributed
 
-    device_type = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
-    owns = init_distributed(env, device_type, cfg.parallel.timeout_s)
+    owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
     try:
         trainer = build_trainer(cfg, (cfg, dp, tok))
         assert trainer is not None
@@ -110,7 +118,7 @@ def _measure(args: argparse.Namespace) -> int:
         trace = None
         if args.trace:
             trace = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else []))
+                [torch.profiler.ProfilerActivity.CUDA] if trainer.device.type == "cuda" else []))
             trace.__enter__()
         with recording(trainer.device) as clock:
             trainer.run()
@@ -122,6 +130,7 @@ def _measure(args: argparse.Namespace) -> int:
         trainer.sinks.close()
         metrics = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # each rank's scratch run directory: nothing in it is kept
         if owns:
             from scaletrain.distributed import shutdown_distributed
 
@@ -152,8 +161,6 @@ def _measure(args: argparse.Namespace) -> int:
 
 def _activation_bytes(trainer) -> int | None:
     """Bytes one microbatch's forward saves for backward on this rank (no pipeline: the whole model)."""
-    import torch
-
     from scaletrain.profile.activations import saved_activation_bytes
 
     if getattr(trainer.model, "pipeline_chunks", None) is not None:
@@ -166,7 +173,6 @@ def _activation_bytes(trainer) -> int | None:
 
     with trainer.precision.autocast():
         _, nbytes = saved_activation_bytes(forward_and_loss, list(trainer.model.parameters()))
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return nbytes
 
 
