@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="pretrain from a run file")
     add_train_args(train)
     train.set_defaults(func=train_command)
+    sft = sub.add_parser("sft", help="supervised fine-tuning on chat data ([posttrain] section; = train with "
+                                     "posttrain.objective=sft)")
+    add_train_args(sft)
+    sft.set_defaults(func=lambda a: train_command(a, objective="sft"))
 
     data = sub.add_parser("data", help="tokenizers and datasets").add_subparsers(dest="data_command", required=True)
     common = argparse.ArgumentParser(add_help=False)

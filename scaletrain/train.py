@@ -13,6 +13,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,9 +70,33 @@ def prepare(cfg: RunConfig, world_size: int):
     if model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
-    check_data(cfg.data, model_vocab=model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
-               tokenizer_sha256=tokenizer.fingerprint())
+    if cfg.posttrain.objective == "pretrain":
+        check_data(cfg.data, model_vocab=model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
+                   tokenizer_sha256=tokenizer.fingerprint())
+    else:
+        missing = [f for f in (*cfg.posttrain.train_data, *cfg.posttrain.valid_data) if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"posttrain data file(s) not found: {', '.join(missing)}")
     return cfg, dp, tokenizer
+
+
+def build_sft_datasets(cfg: RunConfig, tokenizer, log):
+    """Rendered, masked, packed SFT datasets (train, valid or None); the report goes to the log."""
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.sft_data import SFTDataset, read_conversations
+
+    pt = cfg.posttrain
+    renderer = ChatRenderer(tokenizer, pt.chat_template, pt.loss_on)
+    out: list[SFTDataset | None] = []
+    for files in (pt.train_data, pt.valid_data):
+        if not files:
+            out.append(None)
+            continue
+        ds = SFTDataset(read_conversations(files), renderer, tokenizer, cfg.train.seq_length,
+                        packing=pt.packing, over_length=pt.over_length)
+        log(ds.report.line() + f" → {len(ds)} rows of {cfg.train.seq_length} tokens")
+        out.append(ds)
+    return out[0], out[1]
 
 
 def device_type(cfg: RunConfig) -> str:
@@ -128,6 +153,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         dump_config(cfg, run_dir / "config.toml")
     counts = parameter_counts(cfg.model)
     log = print if dims.is_main else (lambda *a, **k: None)
+    # SFT data is rendered before any parameter exists: a bad file fails here, cheaply.
+    sft_datasets = build_sft_datasets(cfg, tokenizer, log) if cfg.posttrain.objective == "sft" else (None, None)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
         f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "
@@ -153,8 +180,13 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)
         log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}")
     optimizer = build_optimizer(model, cfg.optim, device, dims)
-    objective = LanguageModelingObjective(
-        dims.tp_comm, fused_cross_entropy="cross_entropy" in expand(cfg.parallel.kernels))
+    fused_ce = "cross_entropy" in expand(cfg.parallel.kernels)
+    if cfg.posttrain.objective == "sft":
+        from scaletrain.posttrain.sft import SFTObjective
+
+        objective: Any = SFTObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
+    else:
+        objective = LanguageModelingObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
     if cfg.parallel.kernels:
         log(f"fused kernels: {', '.join(expand(cfg.parallel.kernels))}")
 
@@ -171,9 +203,12 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 
     t = cfg.train
     eval_points = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
-    train_ds, valid_ds = build_gpt_datasets(
-        cfg.data, seq_length=t.seq_length, seed=t.seed, eod_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,
-        train_samples=t.steps * t.global_batch_size, valid_samples=eval_points * t.eval_iters * t.global_batch_size)
+    if cfg.posttrain.objective == "sft":
+        train_ds, valid_ds = sft_datasets
+    else:
+        train_ds, valid_ds = build_gpt_datasets(
+            cfg.data, seq_length=t.seq_length, seed=t.seed, eod_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,
+            train_samples=t.steps * t.global_batch_size, valid_samples=eval_points * t.eval_iters * t.global_batch_size)
     train_batches = StepBatches(train_ds, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
                                 dp_rank=dims.dp_rank, dp_size=dims.dp, consumed_samples=state.consumed_samples,
                                 num_workers=cfg.data.num_workers)
@@ -233,9 +268,11 @@ def write_exit_status(code: int) -> None:
         os.replace(tmp, path)
 
 
-def train_command(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace, objective: str | None = None) -> int:
+    """`scaletrain train` (objective from the config) or a stage command (`scaletrain sft`)."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides) + ([f"posttrain.objective={objective}"] if objective else [])
+        cfg = load_config(args.config, overrides)
         outcome = run(cfg)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)

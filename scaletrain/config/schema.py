@@ -205,6 +205,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class PostTrainConfig:
+    """The training objective and, for post-training stages, their data and loss settings."""
+
+    objective: str = "pretrain"
+    """'pretrain' (next-token on data.prefixes) or 'sft' (chat data, loss on assistant turns)."""
+    train_data: tuple[str, ...] = ()
+    """sft: jsonl/parquet files with a `messages` list per row."""
+    valid_data: tuple[str, ...] = ()
+    """sft: held-out conversations for validation (optional)."""
+    chat_template: str = "auto"
+    """'auto' (the tokenizer's chat template, else ChatML), 'chatml', 'llama3', or a Jinja string."""
+    loss_on: str = "assistant"
+    """'assistant': loss only on assistant turns (content and end-of-turn); 'all': every token."""
+    packing: bool = True
+    """Pack several conversations per sequence (block-diagonal attention, positions restart)."""
+    over_length: str = "drop"
+    """A conversation longer than train.seq_length + 1 tokens: 'drop' it or 'truncate' it (both counted)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: one field per section; each component receives only its own section."""
 
@@ -216,3 +236,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)

@@ -21,6 +21,7 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
+OBJECTIVES = ("pretrain", "sft")
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -84,6 +85,12 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "parallel.backend", p.backend, BACKENDS)
     _choice(errors, "train.device", t.device, DEVICES)
     _choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
+    pt = cfg.posttrain
+    _choice(errors, "posttrain.objective", pt.objective, OBJECTIVES)
+    _choice(errors, "posttrain.loss_on", pt.loss_on, ("assistant", "all"))
+    _choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
+    if pt.objective == "sft" and not pt.train_data:
+        errors.append("posttrain.objective = 'sft' needs posttrain.train_data (jsonl files with `messages`).")
     for name in p.kernels:
         if name not in KERNEL_NAMES:
             errors.append(f"parallel.kernels: {name!r} is not one of {', '.join(KERNEL_NAMES)}.")
@@ -152,7 +159,7 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"optim.decay_fraction = {o.decay_fraction} must be within [0, 1].")
     if o.min_lr > o.lr:
         errors.append(f"optim.min_lr = {o.min_lr} exceeds optim.lr = {o.lr}.")
-    if not d.prefixes:
+    if not d.prefixes and cfg.posttrain.objective == "pretrain":
         errors.append("data.prefixes is empty: point it at a dataset written by `scaletrain data preprocess` "
                       "(the prefix, without .bin/.idx).")
     if d.weights and len(d.weights) != len(d.prefixes):

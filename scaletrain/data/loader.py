@@ -36,11 +36,8 @@ class _MicrobatchSampler(Sampler[list[int]]):
 
 
 def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key in ("tokens", "labels", "loss_mask", "position_ids"):
-        if key in samples[0]:
-            out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
-    return out
+    """Stack every field of the samples (tokens, labels, loss_mask, position_ids, document_ids, …)."""
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
 
 
 class StepBatches:

@@ -1,0 +1,121 @@
+"""Chat rendering with loss masks: messages → token ids + 1 on the tokens the model should learn.
+
+A conversation is rendered with the tokenizer's own chat template (tokenizer_config.json
+`chat_template`, Jinja, as transformers renders it) or a bundled one (ChatML; Llama 3) when the
+tokenizer has none. Masks come from rendering prefixes: for each assistant turn, the text the
+template adds for the generation prompt (the assistant header) is context, and the rest of the turn
+(content, tool calls, end-of-turn marker) is target — so the model learns to stop. Segments are
+tokenised one by one and concatenated, the usual practice, so masks never straddle a token.
+
+Rows that cannot be rendered are reported by reason, never silently repaired: unknown roles, no
+assistant turn, an empty assistant turn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from scaletrain.data.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.get('content') %}{{ m['content'] }}{% endif %}"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>{{ c | tojson }}</tool_call>{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m.get('content') %}{{ m['content'] }}{% endif %}"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}{{ c | tojson }}{% endfor %}{% endif %}"
+    "<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+BUNDLED = {"chatml": CHATML, "llama3": LLAMA3}
+
+
+class BadConversation(ValueError):
+    """A row that cannot become a training example; the message is the reason counted in reports."""
+
+
+def tokenizer_chat_template(tokenizer: Tokenizer) -> str | None:
+    cfg = Path(tokenizer.path).parent / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+class ChatRenderer:
+    """Renders conversations for one tokenizer. template: 'auto' (the tokenizer's, else ChatML),
+    'chatml', 'llama3', or a Jinja string."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str = "auto", loss_on: str = "assistant") -> None:
+        import jinja2
+
+        if loss_on not in ("assistant", "all"):
+            raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
+        source = BUNDLED.get(template) or (
+            (tokenizer_chat_template(tokenizer) or CHATML) if template == "auto" else template)
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+
+        def raise_exception(message: str):
+            raise BadConversation(message)
+
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(source)
+        self.tokenizer, self.loss_on = tokenizer, loss_on
+        self.bos_token = ""
+
+    def text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token="")
+
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a conversation ending in a generation prompt (for generation / evaluation)."""
+        return self.tokenizer.encode(self.text(messages, add_generation_prompt=True))
+
+    def render(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """(token ids, loss mask) of a whole conversation; raises BadConversation."""
+        check_messages(messages)
+        ids: list[int] = []
+        mask: list[int] = []
+        done = ""
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                with_header = self.text(messages[:k], add_generation_prompt=True)
+                if not with_header.startswith(done):
+                    raise BadConversation("the chat template does not render prefixes consistently")
+                header = with_header[len(done):]
+                seg_ids = self.tokenizer.encode(header)
+                ids += seg_ids
+                mask += [1 if self.loss_on == "all" else 0] * len(seg_ids)
+                done = with_header
+            full = self.text(messages[:k + 1])
+            if not full.startswith(done):
+                raise BadConversation("the chat template does not render prefixes consistently")
+            seg_ids = self.tokenizer.encode(full[len(done):])
+            target = message["role"] == "assistant" or self.loss_on == "all"
+            ids += seg_ids
+            mask += [1 if target else 0] * len(seg_ids)
+            done = full
+        return ids, mask
+
+
+def check_messages(messages: Sequence[dict]) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise BadConversation("no messages")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadConversation(f"unknown role {m.get('role') if isinstance(m, dict) else m!r}")
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if not assistants:
+        raise BadConversation("no assistant turn")
+    if any(not (m.get("content") or "").strip() and not m.get("tool_calls") for m in assistants):
+        raise BadConversation("empty assistant turn")

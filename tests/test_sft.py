@@ -1,0 +1,88 @@
+"""SFT: assistant-only loss masks, bad rows counted, and the SFT loss at tp2·pp2 and dp2 equal to the
+single-process run (float64) through the real entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scaletrain.cli import main
+from scaletrain.data.tokenizer import load_tokenizer
+from scaletrain.posttrain.chat import BadConversation, ChatRenderer
+from scaletrain.posttrain.sft_data import SFTDataset
+
+from conftest import TINY, read_metrics, tiny_overrides
+from dist_harness import run_ranks
+from test_tp_train import _cli_rank
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and two?"},
+        {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And three?"},
+        {"role": "assistant", "tool_calls": [{"name": "calculator", "arguments": {"expr": "2+3"}}]},
+        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "Five."}]
+
+
+def test_loss_mask_covers_assistant_turns_only(tokenizer_dir):
+    tok = load_tokenizer(str(tokenizer_dir))
+    r = ChatRenderer(tok, "chatml")
+    ids, mask = r.render(CONV)
+    assert len(ids) == len(mask) and tok.decode(ids) == r.text(CONV)
+    target = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert target == ('Four.<|im_end|>\n<tool_call>{"name": "calculator", "arguments": {"expr": "2+3"}}</tool_call>'
+                      '<|im_end|>\nFive.<|im_end|>\n')
+    _, all_mask = ChatRenderer(tok, "chatml", loss_on="all").render(CONV)
+    assert all(all_mask)
+    assert r.prompt_ids(CONV[:2]) == tok.encode(r.text(CONV[:2]) + "<|im_start|>assistant\n")
+
+
+def test_bad_rows_are_counted_not_repaired(tokenizer_dir):
+    tok = load_tokenizer(str(tokenizer_dir))
+    r = ChatRenderer(tok, "chatml")
+    for bad, reason in [([{"role": "user", "content": "hi"}], "no assistant turn"),
+                        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "empty assistant"),
+                        ([{"role": "robot", "content": "hi"}], "unknown role")]:
+        with pytest.raises(BadConversation, match=reason):
+            r.render(bad)
+    good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    ds = SFTDataset([good, good, [{"role": "user", "content": "x"}], long], r, tok, 128)
+    assert ds.report.used == 2 and ds.report.dropped == {"no assistant turn": 1, "longer than train.seq_length": 1}
+    assert len(ds) == 1  # both good conversations packed into one row
+    row = ds[0]
+    assert row["document_ids"].max() == 1 and row["position_ids"].tolist().count(0) >= 2
+    truncated = SFTDataset([long], ChatRenderer(tok, "chatml", loss_on="all"), tok, 64, over_length="truncate")
+    assert truncated.report.truncated == 1 and len(truncated) == 1
+
+
+def _sft_args(run_dir, tokenizer_dir, prefix, data_file, **extra):
+    args = ["sft", "--config", TINY]
+    for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
+            "posttrain.train_data": f'["{data_file}"]', "train.seq_length": 160, "model.num_layers": 4,
+            "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64",
+            **extra}):
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--output", str(out), "--train", "40", "--test", "5"]) == 0
+    return out / "sft_train.jsonl"
+
+
+@pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2}, 4), ({}, 2)])
+def test_sft_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, sft_file,
+                                                       layout, world):
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    assert main(_sft_args(single, tokenizer_dir, dataset_prefix, sft_file)) == 0
+    assert run_ranks(world, _cli_rank, _sft_args(parallel, tokenizer_dir, dataset_prefix, sft_file, **layout),
+                     timeout=240) == [0] * world
+    a, b = read_metrics(single), read_metrics(parallel)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-10 * abs(x["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-10 * abs(x["grad_norm"])
+        assert x["loss_tokens"] == y["loss_tokens"]
+    rows = [json.loads(line) for line in sft_file.read_text().splitlines()]
+    assert a[0]["loss_tokens"] > 0 and len(rows) == 40
