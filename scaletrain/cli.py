@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "posttrain.objective=sft)")
     add_train_args(sft)
     sft.set_defaults(func=lambda a: train_command(a, objective="sft"))
+    dpo = sub.add_parser("dpo", help="preference optimisation (DPO, IPO, hinge, SimPO) on prompt/chosen/rejected "
+                                     "rows ([posttrain] section; = train with posttrain.objective=dpo)")
+    add_train_args(dpo)
+    dpo.set_defaults(func=lambda a: train_command(a, objective="dpo"))
 
     data = sub.add_parser("data", help="tokenizers and datasets").add_subparsers(dest="data_command", required=True)
     common = argparse.ArgumentParser(add_help=False)

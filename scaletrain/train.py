@@ -80,6 +80,23 @@ def prepare(cfg: RunConfig, world_size: int):
     return cfg, dp, tokenizer
 
 
+def build_preference_datasets(cfg: RunConfig, tokenizer, log):
+    """Padded preference-pair datasets (train, valid or None) with globally unique pair indices."""
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.dpo_data import PreferenceDataset, read_pairs
+
+    pt = cfg.posttrain
+    renderer = ChatRenderer(tokenizer, pt.chat_template, "assistant")
+    train = PreferenceDataset(read_pairs(pt.train_data), renderer, tokenizer, cfg.train.seq_length)
+    log(train.report.line())
+    valid = None
+    if pt.valid_data:
+        valid = PreferenceDataset(read_pairs(pt.valid_data), renderer, tokenizer, cfg.train.seq_length,
+                                  index_offset=len(train))
+        log("validation " + valid.report.line())
+    return train, valid
+
+
 def build_sft_datasets(cfg: RunConfig, tokenizer, log):
     """Rendered, masked, packed SFT datasets (train, valid or None); the report goes to the log."""
     from scaletrain.posttrain.chat import ChatRenderer
@@ -154,7 +171,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     counts = parameter_counts(cfg.model)
     log = print if dims.is_main else (lambda *a, **k: None)
     # SFT data is rendered before any parameter exists: a bad file fails here, cheaply.
-    sft_datasets = build_sft_datasets(cfg, tokenizer, log) if cfg.posttrain.objective == "sft" else (None, None)
+    post_datasets = {"sft": build_sft_datasets, "dpo": build_preference_datasets}.get(
+        cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
         f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "
@@ -181,10 +199,16 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}")
     optimizer = build_optimizer(model, cfg.optim, device, dims)
     fused_ce = "cross_entropy" in expand(cfg.parallel.kernels)
-    if cfg.posttrain.objective == "sft":
+    pt = cfg.posttrain
+    if pt.objective == "sft":
         from scaletrain.posttrain.sft import SFTObjective
 
         objective: Any = SFTObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
+    elif pt.objective == "dpo":
+        from scaletrain.posttrain.dpo import DPOObjective
+
+        objective = DPOObjective(dims.tp_comm, pt.dpo_loss, pt.beta, pt.label_smoothing, pt.simpo_gamma,
+                                 fused_cross_entropy=fused_ce)
     else:
         objective = LanguageModelingObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
     if cfg.parallel.kernels:
@@ -197,14 +221,19 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         if "rng" in trainer_state.get("rank_state", {}):
             set_rng_state(trainer_state["rank_state"]["rng"])
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    if pt.objective == "dpo" and objective.needs_reference:
+        from scaletrain.posttrain.dpo import reference_logps
+
+        reference_logps(objective, model, list(post_datasets), micro_batch=cfg.train.micro_batch_size, run_dir=run_dir,
+                        dims=dims, precision=precision, device=device, resumed=resume_from is not None, log=log)
     if state.step >= cfg.train.steps:
         log(f"nothing to do: the run is at step {state.step} of train.steps = {cfg.train.steps}")
         return None
 
     t = cfg.train
     eval_points = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
-    if cfg.posttrain.objective == "sft":
-        train_ds, valid_ds = sft_datasets
+    if cfg.posttrain.objective != "pretrain":
+        train_ds, valid_ds = post_datasets
     else:
         train_ds, valid_ds = build_gpt_datasets(
             cfg.data, seq_length=t.seq_length, seed=t.seed, eod_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,

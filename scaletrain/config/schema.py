@@ -209,11 +209,11 @@ class PostTrainConfig:
     """The training objective and, for post-training stages, their data and loss settings."""
 
     objective: str = "pretrain"
-    """'pretrain' (next-token on data.prefixes) or 'sft' (chat data, loss on assistant turns)."""
+    """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns) or 'dpo' (preference pairs)."""
     train_data: tuple[str, ...] = ()
-    """sft: jsonl/parquet files with a `messages` list per row."""
+    """sft: jsonl/parquet files with a `messages` list per row; dpo: rows with prompt, chosen, rejected."""
     valid_data: tuple[str, ...] = ()
-    """sft: held-out conversations for validation (optional)."""
+    """Held-out rows of the same kind, for validation (optional)."""
     chat_template: str = "auto"
     """'auto' (the tokenizer's chat template, else ChatML), 'chatml', 'llama3', or a Jinja string."""
     loss_on: str = "assistant"
@@ -221,7 +221,15 @@ class PostTrainConfig:
     packing: bool = True
     """Pack several conversations per sequence (block-diagonal attention, positions restart)."""
     over_length: str = "drop"
-    """A conversation longer than train.seq_length + 1 tokens: 'drop' it or 'truncate' it (both counted)."""
+    """sft: a conversation longer than train.seq_length + 1 tokens: 'drop' it or 'truncate' it (both counted)."""
+    dpo_loss: str = "sigmoid"
+    """dpo: 'sigmoid' (DPO), 'ipo', 'hinge' or 'simpo' (reference-free)."""
+    beta: float = 0.1
+    """dpo: β, the strength of the implicit KL regularisation (SimPO: the reward scale)."""
+    label_smoothing: float = 0.0
+    """dpo sigmoid loss: probability that a preference label is flipped (cDPO)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin γ."""
 
 
 @dataclass(frozen=True)

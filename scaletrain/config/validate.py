@@ -21,7 +21,7 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
-OBJECTIVES = ("pretrain", "sft")
+OBJECTIVES = ("pretrain", "sft", "dpo")
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -89,8 +89,14 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "posttrain.objective", pt.objective, OBJECTIVES)
     _choice(errors, "posttrain.loss_on", pt.loss_on, ("assistant", "all"))
     _choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
-    if pt.objective == "sft" and not pt.train_data:
-        errors.append("posttrain.objective = 'sft' needs posttrain.train_data (jsonl files with `messages`).")
+    _choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
+    if pt.objective != "pretrain" and not pt.train_data:
+        errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
+                      f"{'`messages`' if pt.objective == 'sft' else 'prompt, chosen, rejected'}).")
+    if pt.beta <= 0:
+        errors.append(f"posttrain.beta = {pt.beta} must be positive.")
+    if not 0 <= pt.label_smoothing < 0.5:
+        errors.append(f"posttrain.label_smoothing = {pt.label_smoothing} must be in [0, 0.5).")
     for name in p.kernels:
         if name not in KERNEL_NAMES:
             errors.append(f"parallel.kernels: {name!r} is not one of {', '.join(KERNEL_NAMES)}.")

@@ -165,8 +165,9 @@ def _activation_bytes(trainer) -> int | None:
 
     if getattr(trainer.model, "pipeline_chunks", None) is not None:
         return None  # a stage's forward needs its peers; the plan's figure stands alone there
-    batch = next(trainer.train_batches)[0]
-    batch = {k: v.to(trainer.device) for k, v in batch.items()}
+    from scaletrain.trainer.step import prepare_batches
+
+    batch = prepare_batches(trainer.objective, next(trainer.train_batches)[:1], trainer.device)[0]
     def forward_and_loss():
         output, loss_fn = trainer.objective.forward_step(batch, trainer.model)
         return loss_fn(output)

@@ -54,6 +54,15 @@ def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, di
     return loss.cpu()
 
 
+def prepare_batches(objective, microbatches: list[dict], device: torch.device) -> list[dict]:
+    """Microbatches on the device, in the layout the objective's model input needs: an objective may
+    define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens` [2M, s]); every
+    schedule reads `tokens` for the activation shape."""
+    mbs = [_to_device(b, device) for b in microbatches]
+    prepare = getattr(objective, "prepare", None)
+    return [prepare(b) for b in mbs] if prepare is not None else mbs
+
+
 def _global_count(objective, mbs: list[dict], dims: ParallelDims | None) -> int:
     """The normaliser: loss items of the whole global batch, summed over microbatches and dp ranks."""
     count = torch.stack([objective.count(b) for b in mbs]).sum().reshape(1).to(torch.float64)
@@ -78,7 +87,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    mbs = [_to_device(b, device) for b in microbatches]
+    mbs = prepare_batches(objective, microbatches, device)
     items = _global_count(objective, mbs, dims)
     buckets = getattr(model, "grad_buckets", None)
     if buckets is not None:
@@ -116,7 +125,7 @@ def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision
     model.eval()
     total, items = 0.0, 0
     for microbatches in batches:
-        mbs = [_to_device(b, device) for b in microbatches]
+        mbs = prepare_batches(objective, microbatches, device)
         count = _global_count(objective, mbs, dims)
         with precision.autocast():
             loss = run_schedule(objective, mbs, model, dims, normaliser=max(count, 1), forward_only=True)

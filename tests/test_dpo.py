@@ -1,0 +1,71 @@
+"""DPO through the real entry point: reference log-probs computed once and reused on resume, the loss at
+tp2·pp2 and dp2 equal to the single-process run (float64), and every loss type trains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scaletrain.cli import main
+
+from conftest import TINY, read_metrics, tiny_overrides
+from dist_harness import run_ranks
+from test_tp_train import _cli_rank
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--output", str(out), "--train", "24", "--test", "4"]) == 0
+    return out / "dpo_train.jsonl"
+
+
+def _args(run_dir, tokenizer_dir, prefix, pairs, **extra):
+    args = ["dpo", "--config", TINY]
+    for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
+            "posttrain.train_data": f'["{pairs}"]', "train.seq_length": 160, "model.num_layers": 4,
+            "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64",
+            "posttrain.beta": 0.5, **extra}):
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2}, 4), ({}, 2)])
+def test_dpo_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, pairs, layout, world):
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    assert main(_args(single, tokenizer_dir, dataset_prefix, pairs)) == 0
+    assert run_ranks(world, _cli_rank, _args(parallel, tokenizer_dir, dataset_prefix, pairs, **layout),
+                     timeout=240) == [0] * world
+    a, b = read_metrics(single), read_metrics(parallel)
+    assert len(a) == len(b) == 3
+    assert a[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-12)  # policy = reference at step 1: ln 2
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-10 * abs(x["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-10 * abs(x["grad_norm"])
+    ref_a = json.loads((single / "reference_logps.json").read_text())
+    ref_b = json.loads((parallel / "reference_logps.json").read_text())
+    assert ref_a.keys() == ref_b.keys() and len(ref_a) == 24
+    for k in ref_a:
+        assert ref_a[k] == pytest.approx(ref_b[k], rel=1e-12)
+
+
+def test_resume_reuses_the_reference_of_the_first_start(tmp_path, tokenizer_dir, dataset_prefix, pairs, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(_args(straight, tokenizer_dir, dataset_prefix, pairs, **{"train.steps": 4})) == 0
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, pairs, **{"train.steps": 4, "train.exit_interval": 2})) == 0
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, pairs, **{"train.steps": 4})) == 0
+    assert "pairs read from" in capsys.readouterr().out
+    assert [m["loss"] for m in read_metrics(stopped)] == [m["loss"] for m in read_metrics(straight)]
+    (stopped / "reference_logps.json").unlink()
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, pairs, **{"train.steps": 6})) == 2
+    assert "a resumed DPO run needs the reference log-probs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "simpo"])
+def test_every_loss_type_trains(tmp_path, tokenizer_dir, dataset_prefix, pairs, loss):
+    assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, pairs,
+                      **{"posttrain.dpo_loss": loss, "precision.dtype": "float32", "train.steps": 4})) == 0
+    losses = [m["loss"] for m in read_metrics(tmp_path / "r")]
+    assert len(losses) == 4 and all(x == x for x in losses)  # finite
+    assert (tmp_path / "r" / "reference_logps.json").exists() == (loss != "simpo")
