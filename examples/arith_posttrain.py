@@ -1,8 +1,9 @@
 """Post-training on CPU, end to end, on the synthetic arithmetic task: pretrain a tiny model on the task's
-text form, export it to Hugging Face format, fine-tune it (SFT) on the chat form from that export, and
-print held-out exact-match accuracy before and after SFT. Every step is the real CLI.
+text form, export it to Hugging Face format, fine-tune it (SFT) on the chat form from that export, export
+again, run DPO on (correct, near-miss) pairs, and print held-out exact-match accuracy and preference
+accuracy after each stage. Every training step is the real CLI.
 
-    python examples/arith_posttrain.py [--work runs/arith] [--pretrain-steps 300] [--sft-steps 200]
+    python examples/arith_posttrain.py [--work runs/arith] [--pretrain-steps 600] [--sft-steps 300] [--dpo-steps 150]
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ def run(*args: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--work", default="runs/arith")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--dpo-steps", type=int, default=150)
+    p.add_argument("--dpo-lr", type=float, default=5e-4)
+    p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--eval", type=int, default=200, help="held-out problems to evaluate")
     args = p.parse_args()
     w = (REPO / args.work).resolve()
@@ -44,25 +48,36 @@ def main() -> int:
     run("sft", *common, "--set", f"checkpoint.init_from_hf={w / 'pretrain_hf'}",
         "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={w / 'sft'}",
         "--set", f"train.steps={args.sft_steps}", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=10")
+    run("convert", "to-hf", str(w / "sft" / "checkpoints"), str(w / "sft_hf"))
+    dpo_dir = f"dpo-s{args.dpo_steps}-lr{args.dpo_lr:g}-b{args.dpo_beta:g}"
+    run("dpo", *common, "--set", f"checkpoint.init_from_hf={w / 'sft_hf'}",
+        "--set", f'posttrain.train_data=["{data / "dpo_train.jsonl"}"]', "--set", f"train.run_dir={w / dpo_dir}",
+        "--set", f"train.steps={args.dpo_steps}", "--set", f"optim.lr={args.dpo_lr}", "--set", "optim.warmup_steps=10",
+        "--set", f"optim.min_lr={args.dpo_lr / 10}", "--set", f"posttrain.beta={args.dpo_beta}", "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=8")
 
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.synth import problems
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.evaluate import exact_match
+    from scaletrain.posttrain.dpo_data import PreferenceDataset, read_pairs
+    from scaletrain.posttrain.evaluate import exact_match, pair_logprobs, preference_accuracy
 
     tokenizer = load_tokenizer(str(tok))
     renderer = ChatRenderer(tokenizer, "chatml")
     held_out = problems(args.eval, seed=0, split="test")
-    results = {}
-    for name, ckpt in (("pretrained", w / "pretrain" / "checkpoints"), ("after SFT", w / "sft" / "checkpoints")):
-        _, model = load_full_model(latest_checkpoint(ckpt))
-        results[name] = (exact_match(model, renderer, held_out, prompt_format="chat"),
-                         exact_match(model, renderer, held_out, prompt_format="text"))
-    print(f"\nheld-out exact match ({len(held_out)} problems, greedy): chat prompt / text prompt")
-    for name, (chat, text) in results.items():
-        print(f"  {name:<11} {100 * chat:5.1f}% / {100 * text:5.1f}%")
+    pairs = PreferenceDataset(read_pairs([str(data / "dpo_test.jsonl")]), renderer, tokenizer, 128)
+    rows, logps = {}, {}
+    for name, run_dir in (("pretrained", "pretrain"), ("after SFT", "sft"), ("after DPO", dpo_dir)):
+        _, model = load_full_model(latest_checkpoint(w / run_dir / "checkpoints"))
+        logps[name] = pair_logprobs(model, pairs)
+        rows[name] = (exact_match(model, renderer, held_out), preference_accuracy(logps[name]))
+    print(f"\nheld-out: {len(held_out)} problems (greedy, chat prompt), {len(pairs)} preference pairs")
+    print(f"  {'model':<11} {'exact match':>11} {'prefers correct':>15}")
+    for name, (em, pref) in rows.items():
+        print(f"  {name:<11} {100 * em:10.1f}% {100 * pref:14.1f}%")
+    implicit = preference_accuracy(logps["after DPO"], logps["after SFT"])
+    print(f"  DPO implicit-reward accuracy against the SFT reference: {100 * implicit:.1f}%")
     return 0
 
 

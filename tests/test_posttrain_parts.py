@@ -86,7 +86,8 @@ def test_packing_keeps_documents_apart():
 def test_synthetic_task_is_deterministic_disjoint_and_checkable(tmp_path):
     train, test = problems(300, seed=1), problems(50, seed=1, split="test")
     assert problems(300, seed=1) == train
-    assert not {p.key for p in train} & {p.key for p in test}
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert len({p.question for p in train}) == 300
     assert all(check_answer(f"blah The answer is {p.answer}. more", p.answer) for p in train[:20])
     assert not check_answer("The answer is 41.", 42) and not check_answer("forty-two", 42)
     assert main(["data", "synth", "--output", str(tmp_path), "--train", "40", "--test", "10"]) == 0

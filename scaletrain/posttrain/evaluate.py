@@ -1,12 +1,15 @@
-"""Exact-match evaluation on the synthetic task: greedy answers to held-out chat prompts, checked."""
+"""Evaluation on the synthetic task: exact match of greedy answers, and preference accuracy on
+held-out (correct, near-miss) pairs."""
 
 from __future__ import annotations
 
 import torch
 
 from scaletrain.data.synth import Problem, check_answer
+from scaletrain.nn import cross_entropy_per_token
 from scaletrain.posttrain.chat import ChatRenderer
 from scaletrain.posttrain.generate import greedy_generate
+from scaletrain.posttrain.preference_losses import sequence_logprobs
 
 
 @torch.no_grad()
@@ -26,3 +29,29 @@ def exact_match(model: torch.nn.Module, renderer: ChatRenderer, problems: list[P
         out = greedy_generate(model, torch.tensor([ids]), max_new_tokens, eos_id=tok.eos_id)
         correct += check_answer(tok.decode(out[0, len(ids):].tolist()), p.answer)
     return correct / max(len(problems), 1)
+
+
+@torch.no_grad()
+def pair_logprobs(model: torch.nn.Module, dataset, batch_size: int = 32) -> torch.Tensor:
+    """[n, 2] sequence log-probs (chosen, rejected) of a PreferenceDataset's response tokens."""
+    model.eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        cols = []
+        for side in ("chosen", "rejected"):
+            tokens = torch.stack([it[f"{side}_tokens"] for it in items])
+            labels = torch.stack([it[f"{side}_labels"] for it in items])
+            mask = torch.stack([it[f"{side}_mask"] for it in items])
+            cols.append(sequence_logprobs(cross_entropy_per_token(model(tokens), labels), mask, False))
+        out.append(torch.stack(cols, dim=1))
+    return torch.cat(out)
+
+
+def preference_accuracy(policy: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+    """Share of pairs the model prefers correctly: log p(chosen) > log p(rejected), or with a reference,
+    DPO's implicit reward (π − ref) higher for chosen than for rejected."""
+    margin = policy[:, 0] - policy[:, 1]
+    if reference is not None:
+        margin = margin - (reference[:, 0] - reference[:, 1])
+    return float((margin > 0).double().mean())
