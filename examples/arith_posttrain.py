@@ -30,11 +30,14 @@ def main() -> int:
     p.add_argument("--dpo-lr", type=float, default=5e-4)
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--eval", type=int, default=200, help="held-out problems to evaluate")
+    p.add_argument("--max-number", type=int, default=9, help="task difficulty: largest first operand")
+    p.add_argument("--ops", default="add,sub", help="task operations (add, sub, mul)")
     args = p.parse_args()
     w = (REPO / args.work).resolve()
     data, tok = w / "data", w / "tokenizer"
     if not (data / "pretrain.jsonl").exists():
-        run("data", "synth", "--output", str(data), "--train", "4000", "--test", str(args.eval))
+        run("data", "synth", "--output", str(data), "--train", "4000", "--test", str(args.eval),
+            "--max-number", str(args.max_number), "--ops", args.ops)
     if not (tok / "tokenizer.model").exists():
         run("data", "tokenizer", "--input", str(data / "pretrain.jsonl"), "--vocab-size", "384", "--output", str(tok))
     if not (w / "pretrain_text_document.idx").exists():
@@ -65,7 +68,7 @@ def main() -> int:
 
     tokenizer = load_tokenizer(str(tok))
     renderer = ChatRenderer(tokenizer, "chatml")
-    held_out = problems(args.eval, seed=0, split="test")
+    held_out = problems(args.eval, seed=0, split="test", max_number=args.max_number, ops=tuple(args.ops.split(",")))
     pairs = PreferenceDataset(read_pairs([str(data / "dpo_test.jsonl")]), renderer, tokenizer, 128)
     rows, logps = {}, {}
     for name, run_dir in (("pretrained", "pretrain"), ("after SFT", "sft"), ("after DPO", dpo_dir)):

@@ -47,7 +47,8 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from scaletrain.data.synth import write_task
 
-    counts = write_task(args.output, args.train, args.test, seed=args.seed)
+    counts = write_task(args.output, args.train, args.test, seed=args.seed, max_number=args.max_number,
+                        ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()))
     print(f"wrote {args.output}: " + ", ".join(f"{k}.jsonl {v} rows" for k, v in counts.items()))
     return EXIT_OK
 
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train", type=int, default=5000, help="training problems (default 5000)")
     synth.add_argument("--test", type=int, default=500, help="held-out problems (default 500)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--max-number", type=int, default=20, help="largest first operand (default 20)")
+    synth.add_argument("--ops", default="add,sub,mul", help="comma-separated: add, sub, mul (default all)")
     synth.set_defaults(func=_cmd_synth)
 
     conv = sub.add_parser("convert", help="Hugging Face checkpoint conversion").add_subparsers(

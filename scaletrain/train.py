@@ -208,7 +208,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         from scaletrain.posttrain.dpo import DPOObjective
 
         objective = DPOObjective(dims.tp_comm, pt.dpo_loss, pt.beta, pt.label_smoothing, pt.simpo_gamma,
-                                 fused_cross_entropy=fused_ce)
+                                 fused_cross_entropy=fused_ce, nll_weight=pt.nll_weight)
     else:
         objective = LanguageModelingObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
     if cfg.parallel.kernels:

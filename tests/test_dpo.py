@@ -69,3 +69,35 @@ def test_every_loss_type_trains(tmp_path, tokenizer_dir, dataset_prefix, pairs, 
     losses = [m["loss"] for m in read_metrics(tmp_path / "r")]
     assert len(losses) == 4 and all(x == x for x in losses)  # finite
     assert (tmp_path / "r" / "reference_logps.json").exists() == (loss != "simpo")
+
+
+def test_nll_weight_adds_the_chosen_mean_token_nll(tokenizer_dir):
+    import torch
+
+    from scaletrain.config.schema import ModelConfig
+    from scaletrain.config.validate import resolve_model
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.models import build_model
+    from scaletrain.nn import cross_entropy_per_token, init_parameters
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.dpo import DPOObjective
+    from scaletrain.posttrain.dpo_data import PreferenceDataset
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    ds = PreferenceDataset([{"prompt": "1+1?", "chosen": "2", "rejected": "3"},
+                            {"prompt": "2+2?", "chosen": "4", "rejected": "5"}], ChatRenderer(tok, "chatml"), tok, 64)
+    m = resolve_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                                  vocab_size=512), tokenizer_vocab=None, tp=1, seq_length=64)
+    model = build_model(m, dtype=torch.float64)
+    init_parameters(model, 1, tp_rank=0, tp_size=1)
+    batch = {k: torch.stack([ds[i][k] for i in range(2)]) for k in ds[0]}
+    losses = []
+    for w in (0.0, 0.3):
+        obj = DPOObjective(None, "simpo", 2.0, nll_weight=w)
+        b = obj.prepare(batch)
+        out, loss_fn = obj.forward_step(b, model)
+        losses.append(loss_fn(out)[0])
+    per_token = cross_entropy_per_token(model(batch["chosen_tokens"]), batch["chosen_labels"])
+    mask = batch["chosen_mask"].double()
+    nll = ((per_token * mask).sum(-1) / mask.sum(-1)).sum()
+    assert float(losses[1] - losses[0]) == pytest.approx(0.3 * float(nll), rel=1e-10)

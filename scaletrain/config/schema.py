@@ -230,6 +230,8 @@ class PostTrainConfig:
     """dpo sigmoid loss: probability that a preference label is flipped (cDPO)."""
     simpo_gamma: float = 0.5
     """simpo: the target reward margin γ."""
+    nll_weight: float = 0.0
+    """dpo: add this × the chosen response's mean token NLL to each pair's loss (RPO; keeps the chosen likely)."""
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     if pt.objective != "pretrain" and not pt.train_data:
         errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
                       f"{'`messages`' if pt.objective == 'sft' else 'prompt, chosen, rejected'}).")
+    if pt.nll_weight < 0:
+        errors.append(f"posttrain.nll_weight = {pt.nll_weight} must be 0 (off) or positive.")
     if pt.beta <= 0:
         errors.append(f"posttrain.beta = {pt.beta} must be positive.")
     if not 0 <= pt.label_smoothing < 0.5:

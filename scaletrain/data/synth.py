@@ -20,11 +20,12 @@ from pathlib import Path
 
 NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jun")
 ITEMS = ("apples", "books", "coins", "shells", "stamps", "marbles", "pencils", "cards")
-TEMPLATES = (
-    ("{n} has {a} {i} and gets {b} more. How many {i} does {n} have now?", lambda a, b: a + b),
-    ("{n} has {a} {i} and gives away {b}. How many {i} are left?", lambda a, b: a - b),
-    ("{n} buys {a} bags with {b} {i} in each bag. How many {i} is that?", lambda a, b: a * b),
-)
+TEMPLATES = {
+    "add": ("{n} has {a} {i} and gets {b} more. How many {i} does {n} have now?", lambda a, b: a + b),
+    "sub": ("{n} has {a} {i} and gives away {b}. How many {i} are left?", lambda a, b: a - b),
+    "mul": ("{n} buys {a} bags with {b} {i} in each bag. How many {i} is that?", lambda a, b: a * b),
+}
+OPS = tuple(TEMPLATES)
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,17 @@ class Problem:
         return int(hashlib.sha256(self.question.encode()).hexdigest(), 16) % 10 == 0  # ~10% held out
 
 
-def problems(n: int, seed: int = 0, split: str = "train") -> list[Problem]:
-    """`n` distinct problems of `split` ('train' or 'test'), the same for the same seed."""
+def problems(n: int, seed: int = 0, split: str = "train", *, max_number: int = 20,
+             ops: tuple[str, ...] = OPS) -> list[Problem]:
+    """`n` distinct problems of `split` ('train' or 'test'), the same for the same seed and settings.
+    max_number bounds the first operand (the second is 1–9); ops picks the templates."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    unknown = set(ops) - set(OPS)
+    if unknown or not ops:
+        raise ValueError(f"ops must be among {', '.join(OPS)}, got {', '.join(ops) or 'none'}")
+    if max_number < 2:
+        raise ValueError(f"max_number must be at least 2, got {max_number}")
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[Problem] = []
@@ -50,13 +58,13 @@ def problems(n: int, seed: int = 0, split: str = "train") -> list[Problem]:
         attempts += 1
         if attempts > 200 * n + 10_000:
             raise ValueError(f"cannot draw {n} distinct {split} problems; ask for fewer")
-        t = rng.randrange(len(TEMPLATES))
-        a, b = rng.randint(2, 20), rng.randint(1, 9)
-        if t == 1 and b >= a:
+        op = ops[rng.randrange(len(ops))]
+        a, b = rng.randint(2, max_number), rng.randint(1, 9)
+        if op == "sub" and b >= a:
             continue
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        key = f"{t}:{a}:{b}"
-        p = Problem(TEMPLATES[t][0].format(n=name, a=a, b=b, i=item), TEMPLATES[t][1](a, b), key)
+        template, fn = TEMPLATES[op]
+        p = Problem(template.format(n=name, a=a, b=b, i=item), fn(a, b), f"{op}:{a}:{b}")
         if p.held_out != (split == "test") or p.question in seen:
             continue
         seen.add(p.question)
@@ -78,14 +86,15 @@ def near_miss(answer: int, rng: random.Random) -> int:
     return answer + rng.choice([-2, -1, 1, 2])
 
 
-def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) -> dict[str, int]:
+def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, *, max_number: int = 20,
+               ops: tuple[str, ...] = OPS) -> dict[str, int]:
     """Write pretrain.jsonl, sft_{train,test}.jsonl and dpo_{train,test}.jsonl; returns row counts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
     counts = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        ps = problems(n, seed, split)
+        ps = problems(n, seed, split, max_number=max_number, ops=ops)
         rows = {
             f"sft_{split}": [{"messages": [{"role": "user", "content": p.question},
                                            {"role": "assistant", "content": answer_text(p.answer)}],

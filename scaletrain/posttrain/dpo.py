@@ -32,8 +32,8 @@ class DPOObjective:
     name = "dpo"
 
     def __init__(self, tp: Comm | None, loss_type: str, beta: float, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, fused_cross_entropy: bool = False) -> None:
-        self.tp, self.loss_type, self.beta = tp, loss_type, beta
+                 simpo_gamma: float = 0.5, fused_cross_entropy: bool = False, nll_weight: float = 0.0) -> None:
+        self.tp, self.loss_type, self.beta, self.nll_weight = tp, loss_type, beta, nll_weight
         self.label_smoothing, self.simpo_gamma, self.fused = label_smoothing, simpo_gamma, fused_cross_entropy
         self.reference: dict[int, tuple[float, float]] = {}
         self.recording: dict[int, tuple[float, float]] | None = None  # set during the reference pass
@@ -75,6 +75,8 @@ class DPOObjective:
                 ref_c, ref_r = ref_t[:, 0], ref_t[:, 1]
             losses, metrics = preference_loss(self.loss_type, chosen, rejected, ref_c, ref_r, beta=self.beta,
                                               label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
+            if self.nll_weight:  # RPO: the chosen response's mean token NLL keeps it likely
+                losses = losses - self.nll_weight * sequence_logprobs(per_token[:n], mask[:n], True)
             return losses.sum(), {k: metrics[k].sum() for k in METRICS}
 
         return logits, loss_fn
