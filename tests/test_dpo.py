@@ -100,4 +100,4 @@ def test_nll_weight_adds_the_chosen_mean_token_nll(tokenizer_dir):
     per_token = cross_entropy_per_token(model(batch["chosen_tokens"]), batch["chosen_labels"])
     mask = batch["chosen_mask"].double()
     nll = ((per_token * mask).sum(-1) / mask.sum(-1)).sum()
-    assert float(losses[1] - losses[0]) == pytest.approx(0.3 * float(nll), rel=1e-10)
+    assert float((losses[1] - losses[0]).detach()) == pytest.approx(0.3 * float(nll.detach()), rel=1e-10)

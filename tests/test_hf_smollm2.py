@@ -73,3 +73,27 @@ def test_smollm2_import_parity_perplexity_export(smollm2, tmp_path):
     assert exported_tok.encode(text[:200], add_special_tokens=False) == tok.encode(text[:200], add_special_tokens=False)
     print(f"SmolLM2-135M on the KJV: perplexity scaletrain {ppl_ours:.4f}, transformers {ppl_hf:.4f}; "
           f"max |Δlogit| {diff:.2e}")
+
+
+def test_sft_and_dpo_run_from_the_smollm2_import(smollm2, tmp_path):
+    """A few SFT and DPO steps from the real model (its own tokenizer and chat template): finite, falling loss."""
+    from scaletrain.cli import main
+
+    from conftest import TINY, read_metrics
+
+    hf_dir, _, _ = smollm2
+    data = tmp_path / "data"
+    # Two rows and a global batch of two: every step sees the same batch, so the loss must fall.
+    assert main(["data", "synth", "--output", str(data), "--train", "2", "--test", "1"]) == 0
+    common = ["--config", TINY, "--set", f"checkpoint.init_from_hf={hf_dir}", "--set", f"data.tokenizer={hf_dir}",
+              "--set", "train.seq_length=96", "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=1",
+              "--set", "train.steps=4", "--set", "train.eval_interval=0", "--set", "optim.warmup_steps=0",
+              "--set", "optim.lr=5e-5", "--set", "optim.min_lr=5e-5", "--set", "checkpoint.save_at_end=false",
+              "--set", "checkpoint.interval=0", "--set", "logging.tensorboard=false"]
+    for stage, file in (("sft", "sft_train.jsonl"), ("dpo", "dpo_train.jsonl")):
+        run = tmp_path / stage
+        assert main([stage, *common, "--set", f'posttrain.train_data=["{data / file}"]',
+                     "--set", f"train.run_dir={run}"]) == 0
+        losses = [m["loss"] for m in read_metrics(run)]
+        assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
+        assert losses[-1] < losses[0], (stage, losses)
