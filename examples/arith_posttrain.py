@@ -3,7 +3,10 @@ text form, export it to Hugging Face format, fine-tune it (SFT) on the chat form
 again, run DPO on (correct, near-miss) pairs, and print held-out exact-match accuracy and preference
 accuracy after each stage. Every training step is the real CLI.
 
-    python examples/arith_posttrain.py [--work runs/arith] [--pretrain-steps 600] [--sft-steps 300] [--dpo-steps 150]
+    python examples/arith_posttrain.py [--work runs/arith] [--max-number 9 --ops add,sub] [--pretrain-steps 600]
+        [--sft-steps 300] [--dpo-steps 300 --dpo-lr 2e-4 --dpo-beta 0.2 --dpo-nll 0.5]
+
+About 6 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ def main() -> int:
     p.add_argument("--work", default="runs/arith")
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--sft-steps", type=int, default=300)
-    p.add_argument("--dpo-steps", type=int, default=150)
-    p.add_argument("--dpo-lr", type=float, default=5e-4)
-    p.add_argument("--dpo-beta", type=float, default=0.1)
-    p.add_argument("--dpo-nll", type=float, default=0.0, help="posttrain.nll_weight (RPO)")
+    p.add_argument("--dpo-steps", type=int, default=300)
+    p.add_argument("--dpo-lr", type=float, default=2e-4)
+    p.add_argument("--dpo-beta", type=float, default=0.2)
+    p.add_argument("--dpo-nll", type=float, default=0.5, help="posttrain.nll_weight (RPO)")
     p.add_argument("--eval", type=int, default=200, help="held-out problems to evaluate")
     p.add_argument("--max-number", type=int, default=9, help="task difficulty: largest first operand")
     p.add_argument("--ops", default="add,sub", help="task operations (add, sub, mul)")
