@@ -73,3 +73,26 @@ def assert_matches(ranks: list[dict], ref: dict, tp: int, tol: float, dp: int = 
             for n, t in full.items():
                 assert t.shape == ref[key][n].shape, n
                 assert rel(t, ref[key][n]) < tol, (key, d, n, rel(t, ref[key][n]))
+
+
+def run_single_and_parallel(args_for, world: int) -> tuple[list[dict], list[dict]]:
+    """Run the CLI once in-process and once on `world` forked ranks; args_for(run_dir, parallel) builds
+    the arguments. Returns both runs' metrics.jsonl records."""
+    from scaletrain.cli import main
+
+    from conftest import read_metrics
+    from dist_harness import run_ranks
+    from test_tp_train import _cli_rank
+
+    single, parallel = args_for(False), args_for(True)
+    assert main(single[1]) == 0
+    assert run_ranks(world, _cli_rank, parallel[1], timeout=240) == [0] * world
+    return read_metrics(single[0]), read_metrics(parallel[0])
+
+
+def assert_same_steps(a: list[dict], b: list[dict], tol: float = 1e-10) -> None:
+    """Every step's loss and gradient norm agree within `tol` relative."""
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= tol * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= tol * abs(x["grad_norm"]), (x["step"], x["grad_norm"], y["grad_norm"])

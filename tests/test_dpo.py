@@ -10,8 +10,7 @@ import pytest
 from scaletrain.cli import main
 
 from conftest import TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from parity import assert_same_steps, run_single_and_parallel
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +32,13 @@ def _args(run_dir, tokenizer_dir, prefix, pairs, **extra):
 
 @pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2}, 4), ({}, 2)])
 def test_dpo_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, pairs, layout, world):
-    single, parallel = tmp_path / "single", tmp_path / "parallel"
-    assert main(_args(single, tokenizer_dir, dataset_prefix, pairs)) == 0
-    assert run_ranks(world, _cli_rank, _args(parallel, tokenizer_dir, dataset_prefix, pairs, **layout),
-                     timeout=240) == [0] * world
-    a, b = read_metrics(single), read_metrics(parallel)
-    assert len(a) == len(b) == 3
+    single, parallel = tmp_path / "False", tmp_path / "True"
+    a, b = run_single_and_parallel(
+        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, pairs,
+                                                **(layout if par else {}))), world)
+    assert len(a) == 3
     assert a[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-12)  # policy = reference at step 1: ln 2
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) <= 1e-10 * abs(x["loss"])
-        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-10 * abs(x["grad_norm"])
+    assert_same_steps(a, b, 1e-10)
     ref_a = json.loads((single / "reference_logps.json").read_text())
     ref_b = json.loads((parallel / "reference_logps.json").read_text())
     assert ref_a.keys() == ref_b.keys() and len(ref_a) == 24

@@ -12,9 +12,8 @@ from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.posttrain.chat import BadConversation, ChatRenderer
 from scaletrain.posttrain.sft_data import SFTDataset
 
-from conftest import TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from conftest import TINY, tiny_overrides
+from parity import assert_same_steps, run_single_and_parallel
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and two?"},
         {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And three?"},
@@ -74,15 +73,11 @@ def sft_file(tmp_path_factory):
 @pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2}, 4), ({}, 2)])
 def test_sft_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, sft_file,
                                                        layout, world):
-    single, parallel = tmp_path / "single", tmp_path / "parallel"
-    assert main(_sft_args(single, tokenizer_dir, dataset_prefix, sft_file)) == 0
-    assert run_ranks(world, _cli_rank, _sft_args(parallel, tokenizer_dir, dataset_prefix, sft_file, **layout),
-                     timeout=240) == [0] * world
-    a, b = read_metrics(single), read_metrics(parallel)
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) <= 1e-10 * abs(x["loss"])
-        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-10 * abs(x["grad_norm"])
-        assert x["loss_tokens"] == y["loss_tokens"]
+    a, b = run_single_and_parallel(
+        lambda par: (tmp_path / str(par), _sft_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, sft_file,
+                                                    **(layout if par else {}))), world)
+    assert len(a) == 3
+    assert_same_steps(a, b, 1e-10)
+    assert [x["loss_tokens"] for x in a] == [y["loss_tokens"] for y in b]
     rows = [json.loads(line) for line in sft_file.read_text().splitlines()]
     assert a[0]["loss_tokens"] > 0 and len(rows) == 40

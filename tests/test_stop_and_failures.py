@@ -11,6 +11,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from scaletrain.cli import main
 from scaletrain.distributed.comm import CollectiveError, Comm
@@ -27,10 +28,10 @@ def test_stop_request_flags_the_signal_and_restores_the_handler():
     before = signal.getsignal(signal.SIGUSR2)
     stop = StopRequest(("SIGUSR2",))
     try:
-        assert not stop.agreed(Comm.single("world"), device=__import__("torch").device("cpu"))
+        assert not stop.agreed(Comm.single("world"), device=torch.device("cpu"))
         os.kill(os.getpid(), signal.SIGUSR2)
         assert stop.received == "SIGUSR2"
-        assert stop.agreed(Comm.single("world"), device=__import__("torch").device("cpu"))
+        assert stop.agreed(Comm.single("world"), device=torch.device("cpu"))
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGUSR2) == before

@@ -35,7 +35,7 @@ class _MicrobatchSampler(Sampler[list[int]]):
         return self.num_steps * (self.global_batch // self.dp_size) // self.micro_batch
 
 
-def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack every field of the samples (tokens, labels, loss_mask, position_ids, document_ids, …)."""
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
 
@@ -53,7 +53,7 @@ class StepBatches:
         self.consumed_samples = consumed_samples
         sampler = _MicrobatchSampler(len(dataset), consumed_samples, global_batch, micro_batch,
                                      dp_rank, dp_size, num_steps)
-        self._loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
+        self._loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                                   persistent_workers=num_workers > 0)
         self._it = iter(self._loader)
 

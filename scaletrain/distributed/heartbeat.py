@@ -74,8 +74,7 @@ class Heartbeat:
 
 
 def describe_behind(behind: dict[int, int | None], step: int) -> str:
-    if not behind:
-        return f"every rank reached step {step} (or the store is unreachable): look for the rank that exited"
+    """One line for a non-empty {rank: last step} of ranks that have not reached `step`."""
     parts = [f"rank {r} (last at step {s})" if s is not None else f"rank {r} (never started a step)"
              for r, s in sorted(behind.items())]
     return f"ranks that have not reached step {step}: " + ", ".join(parts[:16]) + (" …" if len(parts) > 16 else "")

@@ -87,6 +87,7 @@ def reference_logps(objective: DPOObjective, model: torch.nn.Module, datasets: l
     """Fill objective.reference: read run_dir/reference_logps.json, or compute it with the (initial)
     model through the run's own schedule and write it. Every rank runs the pass over all pairs (the
     schedule's collectives need every rank); the last pipeline stage records the values."""
+    from scaletrain.data.loader import collate
     from scaletrain.trainer.step import prepare_batches, run_schedule
 
     path = run_dir / REFERENCE_FILE
@@ -108,7 +109,7 @@ def reference_logps(objective: DPOObjective, model: torch.nn.Module, datasets: l
     try:
         for start in range(0, len(items), micro_batch * group):
             chunk = items[start:start + micro_batch * group]
-            mbs = prepare_batches(objective, [_collate(chunk[i:i + micro_batch]) for i in
+            mbs = prepare_batches(objective, [collate(chunk[i:i + micro_batch]) for i in
                                               range(0, len(chunk), micro_batch)], device)
             while len(mbs) % group:  # interleaved schedules need whole groups; repeats only overwrite
                 mbs.append(mbs[-1])
@@ -126,6 +127,3 @@ def reference_logps(objective: DPOObjective, model: torch.nn.Module, datasets: l
     if last_stage:
         log(f"reference log-probs: {len(recorded)} pairs computed with the initial model, saved to {path}")
 
-
-def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

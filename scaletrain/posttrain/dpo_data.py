@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.posttrain.chat import BadConversation, ChatRenderer
+from scaletrain.posttrain.sft_data import read_rows
 
 SIDES = ("chosen", "rejected")
 
@@ -38,20 +38,8 @@ def _messages(prompt, response) -> list[dict]:
 
 
 def read_pairs(files: tuple[str, ...] | list[str]) -> list[dict]:
-    from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"posttrain data file(s) not found: {', '.join(missing)}")
-    kind = "parquet" if all(str(f).endswith(".parquet") for f in files) else "json"
-    ds = load_dataset(kind, data_files=list(files), split="train")
-    need = {"prompt", "chosen", "rejected"} - set(ds.column_names)
-    if need:
-        raise ValueError(f"{files[0]}: preference rows need {', '.join(sorted(need))} "
-                         f"(columns: {', '.join(ds.column_names)})")
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in ds]
+    """prompt, chosen and rejected of every row."""
+    return read_rows(files, ("prompt", "chosen", "rejected"))
 
 
 class PreferenceDataset(torch.utils.data.Dataset):

@@ -32,21 +32,26 @@ class SFTReport:
                 f"dropped: {dropped}; {self.target_tokens} target tokens")
 
 
-def read_conversations(files: tuple[str, ...] | list[str]) -> list:
-    """The `messages` of every row of local jsonl/json/parquet files, in file order."""
+def read_rows(files: tuple[str, ...] | list[str], columns: tuple[str, ...]) -> list[dict]:
+    """The `columns` of every row of local jsonl/json/parquet files, in file order (HF datasets)."""
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the run's own log reports what was read
-
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"posttrain data file(s) not found: {', '.join(missing)}")
     kind = "parquet" if all(str(f).endswith(".parquet") for f in files) else "json"
     ds = load_dataset(kind, data_files=list(files), split="train")
-    if "messages" not in ds.column_names:
-        raise ValueError(f"{files[0]}: no `messages` column (columns: {', '.join(ds.column_names)})")
-    return list(ds["messages"])
+    need = set(columns) - set(ds.column_names)
+    if need:
+        raise ValueError(f"{files[0]}: rows need {', '.join(sorted(need))} (columns: {', '.join(ds.column_names)})")
+    return [{c: row[c] for c in columns} for row in ds.select_columns(list(columns))]
+
+
+def read_conversations(files: tuple[str, ...] | list[str]) -> list:
+    """The `messages` of every row."""
+    return [row["messages"] for row in read_rows(files, ("messages",))]
 
 
 class SFTDataset(torch.utils.data.Dataset):
