@@ -249,7 +249,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
                                dp_rank=dims.dp_rank, dp_size=dims.dp, num_steps=t.eval_iters)
 
     sinks = MetricSinks(run_dir, cfg.logging, total_steps=t.steps, start_step=state.step,
-                        run_config=config_to_dict(cfg), active=dims.is_main)
+                        run_config=config_to_dict(cfg), active=dims.is_main,
+                        console_keys=tuple(getattr(objective, "metrics", ())))
     return Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
                    valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
                    run_dir=run_dir, state=state, dims=dims)

@@ -33,15 +33,29 @@ def _args(run_dir, tokenizer_dir, prefix, pairs, **extra):
 @pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2}, 4), ({}, 2)])
 def test_dpo_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, pairs, layout, world):
     single, parallel = tmp_path / "False", tmp_path / "True"
+    valid = {"posttrain.valid_data": f'["{pairs.with_name("dpo_test.jsonl")}"]', "train.eval_interval": 3,
+             "train.eval_iters": 1}
     a, b = run_single_and_parallel(
         lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, pairs,
-                                                **(layout if par else {}))), world)
+                                                **valid, **(layout if par else {}))), world)
     assert len(a) == 3
     assert a[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-12)  # policy = reference at step 1: ln 2
+    assert a[0]["rewards_margin"] == a[0]["rewards_accuracy"] == 0.0  # no margin yet, so no pair is won
     assert_same_steps(a, b, 1e-10)
+    # The objective's metrics reach metrics.jsonl, means over the global batch's pairs, equal at every layout.
+    keys = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
+    for x, y in zip(a, b):
+        assert x["rewards_margin"] == pytest.approx(x["rewards_chosen"] - x["rewards_rejected"], abs=1e-12)
+        assert x["rewards_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 pairs per step
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), (x["step"], k)
+    assert a[1]["rewards_margin"] != 0.0
+    assert a[2]["val_loss"] == pytest.approx(b[2]["val_loss"], rel=1e-10)
+    for k in keys:
+        assert a[2][f"val_{k}"] == pytest.approx(b[2][f"val_{k}"], rel=1e-9, abs=1e-12)
     ref_a = json.loads((single / "reference_logps.json").read_text())
     ref_b = json.loads((parallel / "reference_logps.json").read_text())
-    assert ref_a.keys() == ref_b.keys() and len(ref_a) == 24
+    assert ref_a.keys() == ref_b.keys() and len(ref_a) == 24 + 4  # training and validation pairs
     for k in ref_a:
         assert ref_a[k] == pytest.approx(ref_b[k], rel=1e-12)
 

@@ -30,6 +30,7 @@ METRICS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accu
 
 class DPOObjective:
     name = "dpo"
+    metrics = METRICS  # logged per step (means over pairs) next to the loss
 
     def __init__(self, tp: Comm | None, loss_type: str, beta: float, label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, fused_cross_entropy: bool = False, nll_weight: float = 0.0) -> None:

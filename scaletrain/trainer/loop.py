@@ -113,7 +113,7 @@ class Trainer:
             self.sinks.info(f"checkpoint {path} complete")
             self._pending = None
 
-    def _validate(self) -> float | None:
+    def _validate(self) -> tuple[float, dict[str, float]] | None:
         if self.valid_batches_fn is None:
             return None
         return evaluate(self.model, self.objective, self.valid_batches_fn(), precision=self.precision,
@@ -156,13 +156,16 @@ class Trainer:
                 "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
                 "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                 "step_time_s": dt, "loss_tokens": result.items, "consumed_samples": self.state.consumed_samples,
-                "mem_gb": memory_gb(self.device),
+                "mem_gb": memory_gb(self.device), **result.metrics,
             }
             if result.skipped:
                 metrics["skipped"] = True
                 self.sinks.info(f"step {step}: non-finite gradient norm, update skipped")
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
-                metrics["val_loss"] = self._validate()
+                val = self._validate()
+                metrics["val_loss"] = None if val is None else val[0]
+                if val is not None:
+                    metrics.update({f"val_{k}": v for k, v in val[1].items()})
             if step == start_step + 1:  # after the first update every buffer exists
                 report = memory_report(self.model, self.optimizer, self.device)
                 metrics.update({f"mem_{k}_bytes": v for k, v in report.items()})

@@ -1,7 +1,8 @@
 """Metric sinks: console (progress, ETA), metrics.jsonl, TensorBoard, wandb.
 
 metrics.jsonl holds one JSON object per optimizer step (keys: step, loss, lr, grad_norm,
-tokens_per_s, … and val_loss on validation steps). On resume, records past the checkpoint's step
+tokens_per_s, …, the objective's own metrics such as DPO's rewards_accuracy, and val_loss / val_<metric>
+on validation steps). On resume, records past the checkpoint's step
 (written by the interrupted run after its last save) are dropped, so the file reads as one run.
 """
 
@@ -40,8 +41,10 @@ class MetricSinks:
     """Fan-out of per-step metrics. Only the main rank constructs one with active sinks."""
 
     def __init__(self, run_dir: Path, cfg: LoggingConfig, *, total_steps: int, start_step: int,
-                 run_config: dict[str, Any] | None = None, active: bool = True) -> None:
+                 run_config: dict[str, Any] | None = None, active: bool = True,
+                 console_keys: tuple[str, ...] = ()) -> None:
         self.cfg, self.total_steps, self.active = cfg, total_steps, active
+        self.console_keys = console_keys  # the objective's metrics, shown on the console line too
         self.start_step, self.t_start = start_step, time.perf_counter()
         self._tb = self._wandb = None
         self._jsonl = None
@@ -91,6 +94,9 @@ class MetricSinks:
             parts.append(f"loss {r['loss']:.4f}")
         if "val_loss" in r:
             parts.append(f"val_loss {r['val_loss']:.4f}")
+        for k in self.console_keys:
+            if k in r:
+                parts.append(f"{k} {r[k]:.4f}")
         if "lr" in r:
             parts.append(f"lr {r['lr']:.2e}")
         if "grad_norm" in r:

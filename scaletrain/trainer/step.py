@@ -8,7 +8,7 @@ the schedule divides every microbatch's summed loss by that one number before ba
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,31 +27,39 @@ class StepResult:
     grad_norm: float
     items: int
     skipped: bool
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, means over the batch's items
 
 
 def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, dims: ParallelDims | None, *,
-                 normaliser: float, forward_only: bool = False) -> torch.Tensor:
-    """The schedule this layout needs; returns the global batch's normalised loss on every rank."""
+                 normaliser: float, forward_only: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """The schedule this layout needs; returns, on every rank, the global batch's normalised loss and
+    the means over its items of the objective's metrics (`objective.metrics` names them)."""
     chunks = getattr(model, "pipeline_chunks", None)
     buckets = None if forward_only else getattr(model, "grad_buckets", None)
     device = next(model.parameters()).device
     if chunks is None or dims is None:
         enable = None if buckets is None else (lambda: setattr(buckets, "sync_enabled", True))
-        loss, _ = forward_backward_no_pipelining(objective.forward_step, microbatches, model,
-                                                 normaliser=normaliser, forward_only=forward_only,
-                                                 on_last_microbatch=enable)
+        loss, sums = forward_backward_no_pipelining(objective.forward_step, microbatches, model,
+                                                    normaliser=normaliser, forward_only=forward_only,
+                                                    on_last_microbatch=enable)
     else:
-        loss, _ = forward_backward_pipelining(objective.forward_step, microbatches, chunks, dims,
-                                              normaliser=normaliser, forward_only=forward_only)
-        # Only the last stage computed the loss: share it so every rank logs the same number.
-        loss = dims.comm("pp").all_reduce(loss.reshape(1).to(device))[0]
+        loss, sums = forward_backward_pipelining(objective.forward_step, microbatches, chunks, dims,
+                                                 normaliser=normaliser, forward_only=forward_only)
     if not forward_only:  # the tied embedding's pipeline copies sum their full grads before the dp reduction
         reduce_tied_embedding(list(model.parameters()), dims)
     if buckets is not None:
         buckets.finish()
-    if dims is not None and dims.dp > 1:  # each dp rank holds its share of the global mean
-        loss = dims.comm("dp").all_reduce(loss.reshape(1).to(device))[0]
-    return loss.cpu()
+    # Loss and metric sums travel as one vector. Only the last pipeline stage computed them (the
+    # others hold zeros, so a pp sum shares them), and each dp rank holds its share of the batch.
+    names = tuple(getattr(objective, "metrics", ()))
+    vec = torch.stack([loss.detach().reshape(()).to(torch.float64).cpu()]
+                      + [torch.as_tensor(sums[k]).detach().reshape(()).to(torch.float64).cpu() if k in sums
+                         else torch.zeros((), dtype=torch.float64) for k in names])
+    if dims is not None and chunks is not None:
+        vec = dims.comm("pp").all_reduce(vec.to(device)).cpu()
+    if dims is not None and dims.dp > 1:
+        vec = dims.comm("dp").all_reduce(vec.to(device)).cpu()
+    return vec[0], {k: float(v) / normaliser for k, v in zip(names, vec[1:].tolist())}
 
 
 def prepare_batches(objective, microbatches: list[dict], device: torch.device) -> list[dict]:
@@ -96,7 +104,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
     else:
         optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
     with precision.autocast():
-        loss = run_schedule(objective, mbs, model, dims, normaliser=max(items, 1))
+        loss, metrics = run_schedule(objective, mbs, model, dims, normaliser=max(items, 1))
     zero = isinstance(optimizer, DistributedOptimizer)
     if isinstance(optimizer, DistributedOptimizer):
         optimizer.attach_grads()  # this dp rank's reduce-scattered shard, as fp32 segments
@@ -114,22 +122,26 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
             torch._foreach_mul_([g for _, g in pairs], coef.to(pairs[0][1].dtype))  # type: ignore[misc]
         with phase("optimizer"):
             optimizer.step()
-    return StepResult(loss=float(loss.item()), grad_norm=grad_norm, items=items, skipped=skipped)
+    return StepResult(loss=float(loss.item()), grad_norm=grad_norm, items=items, skipped=skipped, metrics=metrics)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision, device: torch.device,
-             dims: ParallelDims | None = None) -> float:
-    """Mean loss over all items of `batches` (an iterable of per-step microbatch lists)."""
+             dims: ParallelDims | None = None) -> tuple[float, dict[str, float]]:
+    """Mean loss, and means of the objective's metrics, over all items of `batches` (an iterable of
+    per-step microbatch lists)."""
     was_training = model.training
     model.eval()
     total, items = 0.0, 0
+    sums: dict[str, float] = {}
     for microbatches in batches:
         mbs = prepare_batches(objective, microbatches, device)
         count = _global_count(objective, mbs, dims)
         with precision.autocast():
-            loss = run_schedule(objective, mbs, model, dims, normaliser=max(count, 1), forward_only=True)
+            loss, metrics = run_schedule(objective, mbs, model, dims, normaliser=max(count, 1), forward_only=True)
         total += float(loss.item()) * count
         items += count
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v * count
     model.train(was_training)
-    return total / max(items, 1)
+    return total / max(items, 1), {k: v / max(items, 1) for k, v in sums.items()}

@@ -58,8 +58,8 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
                                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run one step's microbatches through this rank's chunks; grads accumulate in `.grad`.
 
-    Returns the normalised loss summed over the microbatches this rank finished (non-zero on the
-    last pipeline rank only; the caller reduces it over pp). `stats`, if given, receives the
+    Returns the normalised loss summed over the microbatches this rank finished, and the objective's
+    summed metrics (both non-zero on the last pipeline rank only; the caller reduces them over pp). `stats`, if given, receives the
     seconds spent waiting for receives ('wait_s') and the peak number of microbatches in flight.
     """
     import time
@@ -73,6 +73,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     pending: list[tuple[object, torch.Tensor, int]] = []  # (work, buffer kept alive, peer)
     total = torch.zeros((), dtype=torch.float64)
+    summed: dict[str, torch.Tensor] = {}  # the objective's metric sums (last pipeline rank)
     wait_s, in_flight, peak = 0.0, 0, 0
 
     def stage_of(chunk: int) -> int:
@@ -113,9 +114,11 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         with torch.set_grad_enabled(not forward_only), phase("forward"):
             output, loss_fn = forward_step(microbatches[mb], chunk)  # type: ignore[arg-type]
             if chunk.is_last:
-                loss_sum, _ = loss_fn(output)
+                loss_sum, metrics = loss_fn(output)
                 output = loss_sum / normaliser
                 total = total + output.detach().to(torch.float64).cpu()
+                for k, v in metrics.items():
+                    summed[k] = summed.get(k, 0) + v.detach()
         chunk.input_tensor = None
         if not chunk.is_last:
             send(output.detach().contiguous(), (r + 1) % pp, tag(FWD, j + 1, mb))
@@ -149,4 +152,4 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
             raise failed("completing a send to", peer, e) from e
     if stats is not None:
         stats.update(wait_s=wait_s, peak_in_flight=peak)
-    return total, {}
+    return total, summed
