@@ -5,6 +5,9 @@
     scaletrain data preprocess --input corpus.jsonl.gz --tokenizer data/tokenizer --output-prefix data/kjv
     scaletrain convert to-hf runs/tiny/checkpoints runs/tiny/hf
     scaletrain convert from-hf path/to/hf_model checkpoints/imported
+    scaletrain sft|dpo --config run.toml ...     (post-training on the same trainer)
+    scaletrain chat runs/tools_sft [--message "..."]   (executes the model's tool calls)
+    scaletrain profile --config run.toml --plan | --steps 20
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from scaletrain.data.synth import write_task
 
     counts = write_task(args.output, args.train, args.test, seed=args.seed, max_number=args.max_number,
-                        ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()))
+                        ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()),
+                        tool_max_number=args.tool_max_number)
     print(f"wrote {args.output}: " + ", ".join(f"{k}.jsonl {v} rows" for k, v in counts.items()))
     return EXIT_OK
 
@@ -118,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--max-number", type=int, default=20, help="largest first operand (default 20)")
     synth.add_argument("--ops", default="add,sub,mul", help="comma-separated: add, sub, mul (default all)")
+    synth.add_argument("--tool-max-number", type=int, default=99,
+                       help="largest operand of the tool-use form, tools_{train,test}.jsonl (default 99)")
     synth.set_defaults(func=_cmd_synth)
 
     conv = sub.add_parser("convert", help="Hugging Face checkpoint conversion").add_subparsers(
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("out_checkpoint")
     from_hf.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     from_hf.set_defaults(func=_cmd_from_hf)
+    chat = sub.add_parser("chat", help="talk to a fine-tuned model (run, checkpoint or HF directory), executing "
+                                       "the tools it calls")
+    from scaletrain.posttrain.chat_command import add_chat_args, chat_command
+
+    add_chat_args(chat)
+    chat.set_defaults(func=chat_command)
     prof = sub.add_parser("profile", help="analytic plan (--plan) or a measured run next to it")
     from scaletrain.profile.command import add_profile_args, profile_command
 

@@ -53,8 +53,12 @@ def prepare(cfg: RunConfig, world_size: int):
         if not (hf_dir / "config.json").is_file():
             raise ConfigError(f"checkpoint.init_from_hf = {hf_dir}: no config.json there (a local Hugging Face "
                               "model directory is expected; nothing is downloaded).")
-        # The HF model's architecture replaces [model]; its tokenizer is the default one.
-        cfg = dataclasses.replace(cfg, model=config_from_hf(json.loads((hf_dir / "config.json").read_text())),
+        # The HF model's architecture replaces [model]; its tokenizer is the default one. An explicit
+        # model.max_position_embeddings still applies: fine-tuning at a longer context than the model had.
+        hf_model = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+        if cfg.model.max_position_embeddings:
+            hf_model = dataclasses.replace(hf_model, max_position_embeddings=cfg.model.max_position_embeddings)
+        cfg = dataclasses.replace(cfg, model=hf_model,
                                   data=dataclasses.replace(cfg.data, tokenizer=cfg.data.tokenizer or str(hf_dir)))
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty: point it at the tokenizer that wrote the data "
@@ -84,9 +88,10 @@ def build_preference_datasets(cfg: RunConfig, tokenizer, log):
     """Padded preference-pair datasets (train, valid or None) with globally unique pair indices."""
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.dpo_data import PreferenceDataset, read_pairs
+    from scaletrain.posttrain.tools import bundled_tools
 
     pt = cfg.posttrain
-    renderer = ChatRenderer(tokenizer, pt.chat_template, "assistant")
+    renderer = ChatRenderer(tokenizer, pt.chat_template, "assistant", bundled_tools(pt.tools))
     train = PreferenceDataset(read_pairs(pt.train_data), renderer, tokenizer, cfg.train.seq_length)
     log(train.report.line())
     valid = None
@@ -101,9 +106,10 @@ def build_sft_datasets(cfg: RunConfig, tokenizer, log):
     """Rendered, masked, packed SFT datasets (train, valid or None); the report goes to the log."""
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.sft_data import SFTDataset, read_conversations
+    from scaletrain.posttrain.tools import bundled_tools
 
     pt = cfg.posttrain
-    renderer = ChatRenderer(tokenizer, pt.chat_template, pt.loss_on)
+    renderer = ChatRenderer(tokenizer, pt.chat_template, pt.loss_on, bundled_tools(pt.tools))
     out: list[SFTDataset | None] = []
     for files in (pt.train_data, pt.valid_data):
         if not files:

@@ -116,8 +116,33 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     if copy_tokenizer(ckpt / "tokenizer", out):
         tok = load_tokenizer(out)
         bos, eos = tok.bos_id, tok.eos_id
+        write_chat_template(ckpt, out)
     write_hf_dir(out, cfg, tensors, dtype=dtype, bos_id=bos, eos_id=eos, max_shard_bytes=max_shard_bytes)
     return out
+
+
+def write_chat_template(ckpt: Path, out: Path) -> None:
+    """A fine-tuned run's chat template into the export's tokenizer_config.json (where the tokenizer
+    had none, or the run chose another), so transformers' apply_chat_template renders prompts as the
+    model was trained. Read from the run's config.toml next to checkpoints/."""
+    from scaletrain.config.load import load_config
+    from scaletrain.posttrain.chat import BUNDLED, CHATML
+
+    run_config, tok_config = ckpt.parent.parent / "config.toml", out / "tokenizer_config.json"
+    if not run_config.is_file() or not tok_config.is_file():
+        return
+    pt = load_config(run_config).posttrain
+    if pt.objective == "pretrain":
+        return
+    current = json.loads(tok_config.read_text())
+    if pt.chat_template == "auto":
+        if isinstance(current.get("chat_template"), str):
+            return  # trained with the tokenizer's own template, already there
+        source = CHATML
+    else:
+        source = BUNDLED.get(pt.chat_template, pt.chat_template)
+    current["chat_template"] = source
+    tok_config.write_text(json.dumps(current, indent=2, ensure_ascii=False))
 
 
 def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

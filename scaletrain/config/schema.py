@@ -216,6 +216,8 @@ class PostTrainConfig:
     """Held-out rows of the same kind, for validation (optional)."""
     chat_template: str = "auto"
     """'auto' (the tokenizer's chat template, else ChatML), 'chatml', 'llama3', or a Jinja string."""
+    tools: tuple[str, ...] = ()
+    """Bundled tools (e.g. ["calculator"]) listed to the model in every conversation through the chat template's `tools`."""
     loss_on: str = "assistant"
     """'assistant': loss only on assistant turns (content and end-of-turn); 'all': every token."""
     packing: bool = True

@@ -12,6 +12,7 @@ from typing import Any
 
 from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import ModelConfig, RunConfig
+from scaletrain.posttrain.tools import BUNDLED_TOOLS
 
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -93,6 +94,9 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     if pt.objective != "pretrain" and not pt.train_data:
         errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
                       f"{'`messages`' if pt.objective == 'sft' else 'prompt, chosen, rejected'}).")
+    unknown_tools = [t for t in pt.tools if t not in BUNDLED_TOOLS]
+    if unknown_tools:
+        errors.append(f"posttrain.tools: unknown tool(s) {', '.join(unknown_tools)}; bundled: {', '.join(BUNDLED_TOOLS)}.")
     if pt.nll_weight < 0:
         errors.append(f"posttrain.nll_weight = {pt.nll_weight} must be 0 (off) or positive.")
     if pt.beta <= 0:
@@ -160,7 +164,8 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append("precision.fp8 = true needs parallel.backend = 'te' (Transformer Engine on CUDA).")
     if m.max_position_embeddings and m.max_position_embeddings < t.seq_length:
         errors.append(f"train.seq_length = {t.seq_length} exceeds model.max_position_embeddings = "
-                      f"{m.max_position_embeddings}.")
+                      f"{m.max_position_embeddings}; shorten the sequences or raise model.max_position_embeddings "
+                      "(it also overrides an init_from_hf model's value).")
     if o.warmup_steps > t.steps:
         errors.append(f"optim.warmup_steps = {o.warmup_steps} exceeds train.steps = {t.steps}.")
     if not 0.0 <= o.decay_fraction <= 1.0:

@@ -7,6 +7,8 @@ combinations seen in training under other names and objects: on a CPU-sized mode
 tests whether a stage transfers what was learnt to new wordings and to the chat format, not
 whether it learns arithmetic beyond its facts. It is the CPU-sized proof
 that each post-training stage does its job, and the verifiable reward for RL later: `check_answer`.
+A fourth form, tool use, asks the same questions on operands too large to memorise and answers them
+through the bundled calculator (assistant tool call → tool result → answer).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ TEMPLATES = {
     "mul": ("{n} buys {a} bags with {b} {i} in each bag. How many {i} is that?", lambda a, b: a * b),
 }
 OPS = tuple(TEMPLATES)
+SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
+TOOL_SEED_OFFSET = 7919  # tool problems are drawn from their own stream, not the plain task's
 
 
 @dataclass(frozen=True)
@@ -35,21 +39,27 @@ class Problem:
     key: str  # template and numbers (several wordings share one)
 
     @property
+    def expression(self) -> str:
+        """The calculator expression that answers the problem, e.g. '37*8'."""
+        op, a, b = self.key.split(":")
+        return f"{a}{SYMBOLS[op]}{b}"
+
+    @property
     def held_out(self) -> bool:
         return int(hashlib.sha256(self.question.encode()).hexdigest(), 16) % 10 == 0  # ~10% held out
 
 
 def problems(n: int, seed: int = 0, split: str = "train", *, max_number: int = 20,
-             ops: tuple[str, ...] = OPS) -> list[Problem]:
+             ops: tuple[str, ...] = OPS, max_second: int = 9) -> list[Problem]:
     """`n` distinct problems of `split` ('train' or 'test'), the same for the same seed and settings.
-    max_number bounds the first operand (the second is 1–9); ops picks the templates."""
+    max_number bounds the first operand, max_second the second (from 1); ops picks the templates."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     unknown = set(ops) - set(OPS)
     if unknown or not ops:
         raise ValueError(f"ops must be among {', '.join(OPS)}, got {', '.join(ops) or 'none'}")
-    if max_number < 2:
-        raise ValueError(f"max_number must be at least 2, got {max_number}")
+    if max_number < 2 or max_second < 1:
+        raise ValueError(f"max_number must be at least 2 and max_second at least 1, got {max_number}, {max_second}")
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[Problem] = []
@@ -59,7 +69,7 @@ def problems(n: int, seed: int = 0, split: str = "train", *, max_number: int = 2
         if attempts > 200 * n + 10_000:
             raise ValueError(f"cannot draw {n} distinct {split} problems; ask for fewer")
         op = ops[rng.randrange(len(ops))]
-        a, b = rng.randint(2, max_number), rng.randint(1, 9)
+        a, b = rng.randint(2, max_number), rng.randint(1, max_second)
         if op == "sub" and b >= a:
             continue
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -86,9 +96,32 @@ def near_miss(answer: int, rng: random.Random) -> int:
     return answer + rng.choice([-2, -1, 1, 2])
 
 
+def tool_problems(n: int, seed: int = 0, split: str = "train", *, max_number: int = 99,
+                  ops: tuple[str, ...] = OPS) -> list[Problem]:
+    """Problems for the tool-use form: both operands up to `max_number`, beyond what a small model can
+    memorise, so answering needs the calculator (a stream of their own: seed offset)."""
+    return problems(n, seed + TOOL_SEED_OFFSET, split, max_number=max_number, ops=ops, max_second=max_number)
+
+
+def tool_conversation(p: Problem) -> list[dict]:
+    """user question → assistant calls the calculator → tool result → assistant answers."""
+    return [{"role": "user", "content": p.question},
+            {"role": "assistant", "tool_calls": [{"name": "calculator", "arguments": {"expression": p.expression}}]},
+            {"role": "tool", "name": "calculator", "content": str(p.answer)},
+            {"role": "assistant", "content": answer_text(p.answer)}]
+
+
+def tool_transcript(p: Problem) -> str:
+    """The tool-use form as plain pretraining text (no chat markup): the call, its result, the answer."""
+    call = json.dumps({"name": "calculator", "arguments": {"expression": p.expression}})
+    return f"Question: {p.question}\nCall: {call}\nResult: {p.answer}\nAnswer: {answer_text(p.answer)}"
+
+
 def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, *, max_number: int = 20,
-               ops: tuple[str, ...] = OPS) -> dict[str, int]:
-    """Write pretrain.jsonl, sft_{train,test}.jsonl and dpo_{train,test}.jsonl; returns row counts."""
+               ops: tuple[str, ...] = OPS, tool_max_number: int = 99) -> dict[str, int]:
+    """Write pretrain.jsonl, sft_{train,test}.jsonl, dpo_{train,test}.jsonl, tools_{train,test}.jsonl
+    (tool-use conversations on operands up to `tool_max_number`) and tools_pretrain.jsonl (the training
+    tool problems as plain transcripts, for a base model that has seen tool use); returns row counts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
@@ -102,7 +135,10 @@ def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, *,
             f"dpo_{split}": [{"prompt": p.question, "chosen": answer_text(p.answer),
                               "rejected": answer_text(near_miss(p.answer, rng)), "answer": p.answer} for p in ps],
         }
+        tps = tool_problems(n, seed, split, max_number=tool_max_number, ops=ops)
+        rows[f"tools_{split}"] = [{"messages": tool_conversation(p), "answer": p.answer} for p in tps]
         if split == "train":
+            rows["tools_pretrain"] = [{"text": tool_transcript(p)} for p in tps]
             rows["pretrain"] = [{"text": f"Question: {p.question}\nAnswer: {answer_text(p.answer)}"} for p in ps]
         for name, items in rows.items():
             with open(out / f"{name}.jsonl", "w") as f:

@@ -18,20 +18,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.posttrain.tools import Tool, ToolCallError, normalise_call
 
 ROLES = ("system", "user", "assistant", "tool")
 
+# Tool calls render as {"name": ..., "arguments": ...}. Our renderer normalises messages to the OpenAI
+# form first (tools.normalise_call); the templates also take the flat form and string arguments, as
+# transformers' apply_chat_template passes messages unchanged. `tools` become a system block, Qwen-style.
+_CALL = ("{% set f = c['function'] if c['function'] is defined else c %}{\"name\": {{ f['name'] | tojson }}, "
+         "\"arguments\": {% if f['arguments'] is string %}{{ f['arguments'] }}{% else %}{{ f['arguments'] | tojson }}"
+         "{% endif %}}")
 CHATML = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{% for t in tools %}{{ t['function'] | tojson }}\n{% endfor %}"
+    "Call one with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>.<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m.get('content') %}{{ m['content'] }}{% endif %}"
-    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>{{ c | tojson }}</tool_call>{% endfor %}{% endif %}"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>" + _CALL + "</tool_call>{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 LLAMA3 = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ bos_token }}{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% for t in tools %}{{ t['function'] | tojson }}\n{% endfor %}"
+    "Call one by replying with {\"name\": ..., \"arguments\": {...}} only.<|eot_id|>{% endif %}"
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{% if m.get('content') %}{{ m['content'] }}{% endif %}"
-    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}{{ c | tojson }}{% endfor %}{% endif %}"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}" + _CALL + "{% endfor %}{% endif %}"
     "<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
@@ -53,9 +65,10 @@ def tokenizer_chat_template(tokenizer: Tokenizer) -> str | None:
 
 class ChatRenderer:
     """Renders conversations for one tokenizer. template: 'auto' (the tokenizer's, else ChatML),
-    'chatml', 'llama3', or a Jinja string."""
+    'chatml', 'llama3', or a Jinja string; tools: listed to the model in every conversation."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str = "auto", loss_on: str = "assistant") -> None:
+    def __init__(self, tokenizer: Tokenizer, template: str = "auto", loss_on: str = "assistant",
+                 tools: Sequence[Tool] = ()) -> None:
         import jinja2
 
         if loss_on not in ("assistant", "all"):
@@ -71,11 +84,24 @@ class ChatRenderer:
         env.globals["raise_exception"] = raise_exception
         self.template = env.from_string(source)
         self.tokenizer, self.loss_on = tokenizer, loss_on
+        self.tools = list(tools)
         self.bos_token = ""
 
     def text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token="")
+        return self.template.render(messages=normalise_messages(messages), add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token="",
+                                    tools=[t.schema() for t in self.tools] or None)
+
+    def end_of_turn(self) -> str | None:
+        """The marker the template closes an assistant turn with ('<|im_end|>', '<|eot_id|>'), which
+        generation stops at; None when the template has none (generation then stops at eos)."""
+        probe = "\u2063probe\u2063"
+        user = [{"role": "user", "content": "hi"}]
+        head = self.text(user, add_generation_prompt=True)
+        full = self.text(user + [{"role": "assistant", "content": probe}])
+        if not full.startswith(head) or probe not in full:
+            return None
+        return full[len(head):].split(probe, 1)[1].strip() or None
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation ending in a generation prompt (for generation / evaluation)."""
@@ -106,6 +132,21 @@ class ChatRenderer:
             mask += [1 if target else 0] * len(seg_ids)
             done = full
         return ids, mask
+
+
+def normalise_messages(messages: Sequence[dict]) -> list[dict]:
+    """Copies with null fields dropped (Arrow fills a struct column's absent keys with null) and tool
+    calls in the OpenAI form templates read; raises BadConversation for a malformed tool call."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+        if isinstance(m, dict) and m.get("tool_calls"):
+            try:
+                m["tool_calls"] = [normalise_call(c) for c in m["tool_calls"]]
+            except ToolCallError as e:
+                raise BadConversation(f"bad tool call: {e}") from None
+        out.append(m)
+    return out
 
 
 def check_messages(messages: Sequence[dict]) -> None:

@@ -1,5 +1,5 @@
-"""Evaluation on the synthetic task: exact match of greedy answers, and preference accuracy on
-held-out (correct, near-miss) pairs."""
+"""Evaluation on the synthetic task: exact match of greedy answers, preference accuracy on held-out
+(correct, near-miss) pairs, and tool use (calls made, their results, the final answers)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from scaletrain.nn import cross_entropy_per_token
 from scaletrain.posttrain.chat import ChatRenderer
 from scaletrain.posttrain.generate import greedy_generate
 from scaletrain.posttrain.preference_losses import sequence_logprobs
+from scaletrain.posttrain.tool_loop import respond
+from scaletrain.posttrain.tools import Tool
 
 
 @torch.no_grad()
@@ -55,3 +57,31 @@ def preference_accuracy(policy: torch.Tensor, reference: torch.Tensor | None = N
     if reference is not None:
         margin = margin - (reference[:, 0] - reference[:, 1])
     return float((margin > 0).double().mean())
+
+
+@torch.no_grad()
+def tool_use(model: torch.nn.Module, renderer: ChatRenderer, problems: list[Problem], tools: list[Tool], *,
+             max_new_tokens: int = 128, max_rounds: int = 2) -> dict[str, float]:
+    """Run the tool loop on each problem's question and score it:
+
+    called: the first turn is a well-formed call to a known tool; right_call: that call's result
+    is the right answer; exact_match: the final answer states the right number;
+    answer_given_right_call: exact match among problems whose call returned the right answer."""
+    called = right = exact = exact_after_right = 0
+    for p in problems:
+        added = respond(model, renderer, [{"role": "user", "content": p.question}], tools,
+                        max_new_tokens=max_new_tokens, max_rounds=max_rounds)
+        first_calls = added[0].get("tool_calls") or []
+        names = {t.name for t in tools}
+        ok_call = bool(first_calls) and all(c["function"]["name"] in names for c in first_calls)
+        results = [m["content"] for m in added if m["role"] == "tool"]
+        right_call = ok_call and bool(results) and results[0] == str(p.answer)
+        final = added[-1]
+        em = final["role"] == "assistant" and not final.get("tool_calls") and check_answer(final["content"] or "", p.answer)
+        called += ok_call
+        right += right_call
+        exact += em
+        exact_after_right += em and right_call
+    n = max(len(problems), 1)
+    return {"called": called / n, "right_call": right / n, "exact_match": exact / n,
+            "answer_given_right_call": exact_after_right / max(right, 1)}
