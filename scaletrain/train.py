@@ -273,18 +273,34 @@ def run(cfg: RunConfig) -> str:
         owns_group = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
         try:
             trainer = build_trainer(cfg, prepared)
-            if trainer is None:
-                return "done"
-            trainer.stop = stop
-            try:
-                return trainer.run()
-            finally:
-                trainer.sinks.close()
+            result = "done"  # None: the run had already finished (an export may still be missing)
+            if trainer is not None:
+                trainer.stop = stop
+                try:
+                    result = trainer.run()
+                finally:
+                    trainer.sinks.close()
         finally:
             if owns_group:
                 shutdown_distributed()
     finally:
         stop.close()
+    if result == "done" and cfg.checkpoint.export_hf and env.rank == 0:
+        export_final(cfg)
+    return result
+
+
+def export_final(cfg: RunConfig) -> Path:
+    """checkpoint.export_hf: the final checkpoint → a Hugging Face directory, on rank 0 after the process
+    group is gone (no peer waits on it; the full model is assembled in CPU memory, as `convert to-hf`)."""
+    from scaletrain.checkpoint.hf import export_to_hf
+
+    run_dir = Path(cfg.train.run_dir)
+    out = Path(cfg.checkpoint.export_hf)
+    out = out if out.is_absolute() else run_dir / out
+    export_to_hf(run_dir / "checkpoints", out)
+    print(f"exported the final checkpoint to Hugging Face format: {out}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

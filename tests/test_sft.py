@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from scaletrain.cli import main
 from scaletrain.data.tokenizer import load_tokenizer
@@ -75,9 +76,16 @@ def test_sft_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir,
                                                        layout, world):
     a, b = run_single_and_parallel(
         lambda par: (tmp_path / str(par), _sft_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, sft_file,
-                                                    **(layout if par else {}))), world)
+                                                    **{"checkpoint.export_hf": "hf"}, **(layout if par else {}))), world)
     assert len(a) == 3
     assert_same_steps(a, b, 1e-10)
+    # Each run exported its final model (checkpoint.export_hf); the sharded run's export equals the single one's.
+    from safetensors.torch import load_file
+
+    single, sharded = (load_file(str(tmp_path / str(par) / "hf" / "model.safetensors")) for par in (False, True))
+    assert single.keys() == sharded.keys()
+    for k in single:
+        assert torch.allclose(single[k], sharded[k], rtol=1e-9, atol=1e-12), k
     assert [x["loss_tokens"] for x in a] == [y["loss_tokens"] for y in b]
     rows = [json.loads(line) for line in sft_file.read_text().splitlines()]
     assert a[0]["loss_tokens"] > 0 and len(rows) == 40

@@ -158,7 +158,7 @@ def test_chat_command_on_a_run_directory_and_its_export(tmp_path, tokenizer_dir,
     args = ["sft", "--config", TINY]
     for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
             "posttrain.train_data": f'["{tmp_path / "d" / "tools_train.jsonl"}"]', "posttrain.tools": '["calculator"]',
-            "posttrain.chat_template": "llama3", "train.seq_length": 1024, "train.steps": 2,
+            "posttrain.chat_template": "llama3", "train.seq_length": 1024, "train.steps": 2, "checkpoint.export_hf": "hf",
             "train.global_batch_size": 2, "train.micro_batch_size": 1}):
         args += ["--set", s]
     assert main(args) == 0
@@ -169,20 +169,22 @@ def test_chat_command_on_a_run_directory_and_its_export(tmp_path, tokenizer_dir,
     transcript = json.loads(out.out)
     assert [m["role"] for m in transcript][:2] == ["user", "assistant"] and transcript.count(transcript[0]) == 1
     assert sum(m["role"] == "user" for m in transcript) == 2 and "you> And 3 more?" in out.err
-    # The export carries the run's chat template, so transformers renders prompts as the model was trained.
-    assert main(["convert", "to-hf", str(run / "checkpoints"), str(tmp_path / "hf")]) == 0
-    from transformers import AutoTokenizer
+    # The run's own export at the end (checkpoint.export_hf, under the run directory) carries its chat
+    # template, so transformers renders prompts as the model was trained.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    hf = run / "hf"
+    assert AutoModelForCausalLM.from_pretrained(str(hf)).config.num_hidden_layers == 2
+    hf_tok = AutoTokenizer.from_pretrained(str(hf))
     conv = read_conversations([str(tmp_path / "d" / "tools_train.jsonl")])[0]
-    ours = ChatRenderer(load_tokenizer(str(tmp_path / "hf")), "auto", tools=bundled_tools(["calculator"]))
+    ours = ChatRenderer(load_tokenizer(str(hf)), "auto", tools=bundled_tools(["calculator"]))
     # (transformers fills the template's bos_token with "<s>"; our renderer leaves BOS out, as the
     # pretraining data of scaletrain-trained tokenizers has none.)
     assert hf_tok.apply_chat_template(conv, tools=[CALCULATOR.schema()], tokenize=False) == \
         hf_tok.bos_token + ours.text(conv)
     assert "<|start_header_id|>" in ours.text(conv)
     capsys.readouterr()
-    assert main(["chat", str(tmp_path / "hf"), "--max-new-tokens", "3", "--message", "hi"]) == 0
+    assert main(["chat", str(hf), "--max-new-tokens", "3", "--message", "hi"]) == 0
     assert "assistant>" in capsys.readouterr().out
     assert main(["chat", str(tmp_path / "nothing-here")]) == 2
     assert "neither a Hugging Face model directory" in capsys.readouterr().err

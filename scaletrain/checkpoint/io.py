@@ -365,7 +365,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
                               "precision.dtype as the run that saved it?):\n  " + "\n  ".join(lines))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)))
+        # dims None: this process loads the whole model on its own (export, chat), even where a
+        # process group exists; DCP would otherwise coordinate the load over that group.
+        dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=dims is None)
     target = _local(target)
     if optimizer is None:
         model.load_state_dict(target["model"])

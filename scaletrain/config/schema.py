@@ -186,6 +186,8 @@ class CheckpointConfig:
     """Write checkpoints in a background thread from an in-memory copy (latest moves when complete)."""
     init_from_hf: str = ""
     """Start a fresh run from a local Hugging Face model directory (its config replaces [model])."""
+    export_hf: str = ""
+    """When the run completes, export its final checkpoint to this Hugging Face directory ('' off; relative: under run_dir)."""
 
 
 @dataclass(frozen=True)

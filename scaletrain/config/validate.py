@@ -94,6 +94,8 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     if pt.objective != "pretrain" and not pt.train_data:
         errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
                       f"{'`messages`' if pt.objective == 'sft' else 'prompt, chosen, rejected'}).")
+    if cfg.checkpoint.export_hf and not cfg.checkpoint.save_at_end:
+        errors.append("checkpoint.export_hf needs checkpoint.save_at_end = true (the export reads the final checkpoint).")
     unknown_tools = [t for t in pt.tools if t not in BUNDLED_TOOLS]
     if unknown_tools:
         errors.append(f"posttrain.tools: unknown tool(s) {', '.join(unknown_tools)}; bundled: {', '.join(BUNDLED_TOOLS)}.")
