@@ -27,6 +27,7 @@ from scaletrain.distributed import ParallelDims, init_distributed, read_env, shu
 from scaletrain.nn.backend import select_backend
 from scaletrain.nn.fused import check_available, expand
 from scaletrain.trainer.flops import parameter_counts
+from scaletrain.trainer.optimizer import optimizer_problem
 from scaletrain.trainer.precision import resolve_precision
 from scaletrain.trainer.stop import EXIT_REQUEUE, StopRequest
 
@@ -68,9 +69,13 @@ def prepare(cfg: RunConfig, world_size: int):
                           seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)
     dp = validate(cfg, world_size)
-    problem = check_available(cfg.parallel.kernels, device_type(cfg))
+    problem = check_available(cfg.parallel.kernels, device_type(cfg)) or optimizer_problem(cfg.optim, device_type(cfg))
     if problem:
         raise ConfigError(problem)
+    try:  # te refused where it cannot run, before any process group or data exists
+        select_backend(cfg.parallel.backend, tuple(cfg.parallel.kernels))
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
     if model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
@@ -165,7 +170,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
     resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else latest_checkpoint(ckpt_root)
-    backend, backend_reason = select_backend(cfg.parallel.backend)
+    backend, backend_reason = select_backend(cfg.parallel.backend, tuple(cfg.parallel.kernels))
     device = _configure_runtime(cfg)
     precision = resolve_precision(cfg.precision, device)
     init_distributed(env, device.type, cfg.parallel.timeout_s)  # no-op when run() (or a harness) already did
@@ -193,10 +198,14 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
             log(f"warning: {w}")
     if dims.pp > 1:  # build on meta: each rank materialises only its own stage
         with torch.device("meta"):
-            model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype)
+            model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend)
     else:
-        model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype).to(device)
+        model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend).to(device)
     model = parallelize(model, dims, cfg.parallel, device, shard_optimizer=cfg.optim.distributed)
+    if cfg.precision.fp8:
+        from scaletrain.parallel.parallelize import enable_fp8
+
+        log(enable_fp8(model, dims, cfg.precision))
     init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
     if resume_from is None and cfg.checkpoint.init_from_hf:
         from scaletrain.checkpoint.hf import load_hf_weights

@@ -181,7 +181,7 @@ def import_from_hf(hf_dir: str | Path, out_checkpoint: str | Path, dtype: str = 
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, tp_rank: int = 0, tp_size: int = 1) -> None:
     """Copy HF weights into a (possibly tp-sharded, pipeline-pruned) built model: each rank takes its slice."""
-    from scaletrain.nn.init import spec_of
+    from scaletrain.nn.init import logical, spec_of
 
     _cfg, sd = read_hf_dir(hf_dir)
     for name, p in model.named_parameters():
@@ -189,4 +189,4 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, tp_rank: int = 0
         spec = spec_of(p)
         if spec.shard_dim is not None and tp_size > 1:
             full = full.chunk(tp_size, dim=spec.shard_dim)[tp_rank]
-        p.copy_(full.to(p.dtype))
+        logical(p, spec).copy_(full.to(p.dtype))

@@ -72,6 +72,15 @@ def _to_global(local: Any, spec, dims) -> Any:
                               shape=shape, stride=stride)
 
 
+def _logical(t: Any, spec) -> Any:
+    """Parameter-shaped tensors in their logical shape (a view: DCP loads into the same memory)."""
+    from scaletrain.nn.init import logical
+
+    if not isinstance(t, torch.Tensor) or spec is None or spec.view is None or t.numel() != torch.Size(spec.view).numel():
+        return t
+    return logical(t, spec)
+
+
 def _is_zero(optimizer: Any) -> bool:
     return isinstance(optimizer, DistributedOptimizer)
 
@@ -99,8 +108,13 @@ def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         msd, optim_sd = get_state_dict(model, optimizer)
         model_sd = dict(msd)
         optim_state, groups = dict(optim_sd["state"]), list(optim_sd["param_groups"])  # type: ignore[arg-type,call-overload]
+    specs = {name: spec_of(p) for name, p in model.named_parameters()}
+    if any(s.view is not None for s in specs.values()):  # a backend's storage shape → the logical one
+        model_sd = {k: _logical(v, specs.get(k)) for k, v in model_sd.items()}
+        if optim_state is not None:
+            optim_state = {fqn: {k: _logical(v, specs.get(fqn)) for k, v in st.items()}
+                           for fqn, st in optim_state.items()}
     if dims is not None and dims.tp > 1:
-        specs = {name: spec_of(p) for name, p in model.named_parameters()}
         model_sd = {k: _to_global(v, specs.get(k), dims) for k, v in model_sd.items()}
         if optim_state is not None:
             optim_state = {fqn: {k: _to_global(v, specs.get(fqn), dims) for k, v in st.items()}
@@ -369,6 +383,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         # process group exists; DCP would otherwise coordinate the load over that group.
         dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=dims is None)
     target = _local(target)
+    if any(getattr(getattr(p, "scaletrain_spec", None), "view", None) is not None for p in model.parameters()):  # logical views back to the storage shapes the modules use
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        target["model"] = {k: v.reshape(shapes[k]) if k in shapes else v for k, v in target["model"].items()}
+        if "optim" in target:
+            target["optim"]["state"] = {fqn: {k: v.reshape(shapes[fqn]) if isinstance(v, torch.Tensor)
+                                              and fqn in shapes and v.numel() == shapes[fqn].numel() else v
+                                              for k, v in st.items()} for fqn, st in target["optim"]["state"].items()}
     if optimizer is None:
         model.load_state_dict(target["model"])
     elif _is_zero(optimizer):

@@ -90,6 +90,16 @@ class PrecisionConfig:
     """'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float64'."""
     fp8: bool = False
     """FP8 compute through Transformer Engine (needs backend te)."""
+    fp8_recipe: str = "current"
+    """'current' (per-tensor current scaling), 'delayed' (amax history) or 'blockwise' (where the installed TE offers it)."""
+    fp8_format: str = "hybrid"
+    """'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3' (both)."""
+    fp8_amax_history: int = 1024
+    """delayed recipe: amax history length."""
+    fp8_margin: int = 0
+    """delayed recipe: scaling-factor margin (powers of two)."""
+    fp8_bf16_layers: int = 0
+    """Keep this many first and as many last transformer layers out of FP8 (bf16), as Megatron/NeMo recipes do."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,8 @@ class OptimConfig:
     """wsd: shape of the final decay, 'linear', 'cosine' or '1-sqrt'."""
     distributed: bool = False
     """ZeRO-1: shard optimizer state over dp."""
+    impl: str = "torch"
+    """AdamW kernel: 'torch' (fused on CUDA, foreach elsewhere), 'te' (Transformer Engine FusedAdam) or 'apex' (if importable)."""
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,24 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     if p.sequence_parallel and t.seq_length % p.tp:
         errors.append(f"train.seq_length = {t.seq_length} is not divisible by parallel.tp = {p.tp} "
                       "(sequence parallelism splits the sequence over tp).")
+    pr = cfg.precision
+    _choice(errors, "precision.fp8_recipe", pr.fp8_recipe, ("current", "delayed", "blockwise"))
+    _choice(errors, "precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
+    if pr.fp8:
+        if pr.dtype not in ("auto", "bfloat16"):
+            errors.append(f"precision.fp8 = true runs under bf16 autocast; precision.dtype = '{pr.dtype}' cannot "
+                          "be combined with it (use 'auto' or 'bfloat16').")
+        if not 0 <= 2 * pr.fp8_bf16_layers < cfg.model.num_layers:
+            errors.append(f"precision.fp8_bf16_layers = {pr.fp8_bf16_layers}: keeping that many first and last "
+                          f"layers in bf16 leaves none of the {cfg.model.num_layers} in FP8.")
+        if pr.fp8_amax_history < 1:
+            errors.append(f"precision.fp8_amax_history = {pr.fp8_amax_history} must be at least 1.")
+        if p.recompute != "none":
+            errors.append("precision.fp8 with parallel.recompute: recomputation under FP8 needs Transformer Engine's "
+                          "own checkpointing, not wired yet; set parallel.recompute = 'none'.")
+    if p.backend == "te" and p.kernels:
+        errors.append("parallel.kernels are the torch backend's fused kernels; Transformer Engine fuses its own "
+                      "(set parallel.kernels = [] with parallel.backend = 'te').")
     if cfg.precision.fp8 and p.backend != "te":
         errors.append("precision.fp8 = true needs parallel.backend = 'te' (Transformer Engine on CUDA).")
     if m.max_position_embeddings and m.max_position_embeddings < t.seq_length:
@@ -210,7 +228,4 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     out = []
     if p.cp > 1:
         out.append(f"parallel.cp = {p.cp}: context parallelism is not implemented yet; set it to 1.")
-    if p.backend == "te" or cfg.precision.fp8:
-        out.append("parallel.backend = 'te' / precision.fp8: the Transformer Engine backend is not implemented "
-                   "yet; use parallel.backend = 'torch' or 'auto'.")
     return out

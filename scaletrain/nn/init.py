@@ -19,23 +19,35 @@ class ParamSpec:
     """How a parameter is initialised and sharded.
 
     init: 'normal' (std), 'ones' or 'zeros'. shard_dim: the dim split over tp (None: replicated).
-    global_shape: the full tensor's shape.
+    global_shape: the full tensor's shape. view: the local tensor's logical shape where a backend
+    stores it differently (Transformer Engine keeps the fused gate/up weight 2-D, [2·f/tp, h], while
+    checkpoints, HF maps and the torch backend see [2, f/tp, h]; same memory, so a view).
     """
 
     init: str
     std: float
     shard_dim: int | None
     global_shape: tuple[int, ...]
+    view: tuple[int, ...] | None = None
 
 
 def mark(param: torch.nn.Parameter, init: str, std: float = 0.0, shard_dim: int | None = None,
-         tp_size: int = 1) -> torch.nn.Parameter:
-    """Attach a ParamSpec to `param` (local shape) and return it."""
-    shape = list(param.shape)
+         tp_size: int = 1, view: tuple[int, ...] | None = None) -> torch.nn.Parameter:
+    """Attach a ParamSpec to `param` (local shape, or its logical local shape `view`) and return it."""
+    shape = list(view or param.shape)
+    if view is not None and param.numel() != torch.Size(view).numel():
+        raise ValueError(f"view {view} does not fit a parameter of shape {tuple(param.shape)}")
     if shard_dim is not None:
         shape[shard_dim] *= tp_size
-    param.scaletrain_spec = ParamSpec(init, std, shard_dim, tuple(shape))  # type: ignore[attr-defined]
+    param.scaletrain_spec = ParamSpec(init, std, shard_dim, tuple(shape), view)  # type: ignore[attr-defined]
     return param
+
+
+def logical(t: torch.Tensor, spec: ParamSpec | None) -> torch.Tensor:
+    """A parameter-shaped tensor (the parameter, its grad or optimizer state) in its logical local shape."""
+    if spec is None or spec.view is None or tuple(t.shape) == spec.view:
+        return t
+    return t.view(spec.view)
 
 
 def spec_of(param: torch.Tensor) -> ParamSpec:
@@ -73,4 +85,26 @@ def init_parameters(model: torch.nn.Module, seed: int, tp_rank: int = 0, tp_size
         full = full_init(spec, seed, name, param.dtype)
         if spec.shard_dim is not None and tp_size > 1:
             full = full.chunk(tp_size, dim=spec.shard_dim)[tp_rank]
-        param.copy_(full.to(param.device))
+        logical(param, spec).copy_(full.to(param.device))
+
+
+def store_fused_flat(module: torch.nn.Module, fused: int) -> None:
+    """For a layer that keeps a fused weight (and bias) flat, [fused·n, …], where the logical shape is
+    [fused, n, …] (Transformer Engine's gate/up): its state_dict shows the logical shape and its
+    load_state_dict accepts either. The ParamSpec's `view` covers checkpoints and initialisation."""
+
+    def to_logical(mod, state_dict: dict, prefix: str, local_metadata) -> None:
+        for name in ("weight", "bias"):
+            t, own = state_dict.get(prefix + name), getattr(mod, name, None)
+            if isinstance(t, torch.Tensor) and isinstance(own, torch.Tensor) and t.numel() and t.dim() == own.dim():
+                state_dict[prefix + name] = t.view(fused, -1, *t.shape[1:])
+
+    def to_storage(state_dict: dict, prefix: str, *args) -> None:
+        for name in ("weight", "bias"):
+            t = state_dict.get(prefix + name)
+            own = getattr(module, name, None)
+            if isinstance(t, torch.Tensor) and isinstance(own, torch.Tensor) and t.dim() == own.dim() + 1:
+                state_dict[prefix + name] = t.flatten(0, 1)
+
+    module._register_state_dict_hook(to_logical)
+    module._register_load_state_dict_pre_hook(to_storage)

@@ -27,6 +27,9 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
     """Allocate a meta-device model on `device` (uninitialised) keeping every ParamSpec."""
     specs = {name: spec_of(p) for name, p in model.named_parameters()}
     model.to_empty(device=device)
+    for module in model.modules():  # Transformer Engine finishes a meta-device module's set-up here
+        if getattr(module, "te_deferred_init", False):
+            module.reset_parameters()  # type: ignore[operator]  # init_method is a no-op: init_parameters fills values
     for name, p in model.named_parameters():
         p.scaletrain_spec = specs[name]  # type: ignore[attr-defined]
     for module in model.modules():
@@ -68,10 +71,10 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     if any(p.is_meta for p in model.parameters()):
         materialize(model, device or torch.device("cpu"))
     for module in model.modules():
-        if isinstance(module, TPBound):
-            module.bind_tp(dims.tp_comm, sp)
-        if sp and isinstance(module, RMSNorm):
-            module.weight.sequence_parallel_grad = True  # type: ignore[attr-defined]
+        if isinstance(module, TPBound) or getattr(module, "binds_tp", False):  # torch or te role layers
+            module.bind_tp(dims.tp_comm, sp)  # type: ignore[operator]
+        if sp and (isinstance(module, RMSNorm) or getattr(module, "role", None) == "norm"):
+            module.weight.sequence_parallel_grad = True  # type: ignore[union-attr]
     mark_tied_embedding(model, dims)
     if cfg.kernels:
         enable_kernels(model, cfg.kernels)
@@ -81,3 +84,30 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         # ZeRO-1 reduce-scatters the buckets instead of all-reducing them.
         model.grad_buckets = GradBuckets(model, dims.comm("dp"), shard=shard_optimizer)  # type: ignore[assignment]
     return model
+
+
+def enable_fp8(model: torch.nn.Module, dims: ParallelDims, precision_cfg) -> str:
+    """precision.fp8 on the te backend: the model forward enters TE's FP8 autocast (amax reduced over
+    the tp×dp ranks of this pipeline stage, as Megatron does), and the first / last
+    precision.fp8_bf16_layers blocks (global indices) stay in bf16. Collective: every rank calls it.
+    Returns a line for the log."""
+    import torch.distributed as dist
+
+    from scaletrain.nn import te_backend
+
+    group = None
+    if dims.world_size > 1:
+        size = dims.world_size // dims.pp  # ranks are pp-major: stage k holds [k·size, (k+1)·size)
+        for k in range(dims.pp):  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(k * size, (k + 1) * size)))
+            if k == dims.pp_rank:
+                group = g
+    model.fp8_context = te_backend.fp8_context(precision_cfg, group)  # type: ignore[assignment,operator]
+    n, total = precision_cfg.fp8_bf16_layers, model.cfg.num_layers  # type: ignore[union-attr]
+    kept = []
+    for key, block in model.layers.items():  # type: ignore[union-attr,operator]
+        if int(key) < n or int(key) >= total - n:
+            block.precision_override = te_backend.fp8_disabled
+            kept.append(key)
+    return (f"fp8: recipe {precision_cfg.fp8_recipe} ({precision_cfg.fp8_format}), amax over {dims.world_size // dims.pp} "
+            f"rank(s) per stage; bf16 blocks here: {', '.join(kept) or 'none'}")

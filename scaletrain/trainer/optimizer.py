@@ -23,15 +23,50 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+IMPLS = ("torch", "te", "apex")
+
+
+def optimizer_problem(cfg: OptimConfig, device_type: str) -> str | None:
+    """Why optim.impl cannot run here (None when it can): checked before any heavy work."""
+    if cfg.impl == "torch":
+        return None
+    if cfg.impl not in IMPLS:
+        return f"optim.impl = {cfg.impl!r}: choose one of {', '.join(IMPLS)}."
+    if device_type != "cuda":
+        return f"optim.impl = '{cfg.impl}' is a CUDA kernel and this run is on {device_type}; use 'torch'."
+    if cfg.distributed:
+        return f"optim.impl = '{cfg.impl}' with optim.distributed: ZeRO-1 runs torch's AdamW on its shards; use 'torch'."
+    try:
+        if cfg.impl == "te":
+            from transformer_engine.pytorch.optimizers import FusedAdam  # noqa: F401
+        else:
+            from apex.optimizers import FusedAdam  # type: ignore[no-redef]  # noqa: F401
+    except Exception as e:  # ImportError, or a broken CUDA extension
+        where = ("pip install -e '.[gpu]'" if cfg.impl == "te" else
+                 "NVIDIA apex is not on PyPI (the PyPI 'apex' is another project); build it from github.com/NVIDIA/apex")
+        return f"optim.impl = '{cfg.impl}': cannot import its FusedAdam ({type(e).__name__}: {e}); {where}."
+    return None
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, dims=None):
-    """torch AdamW (fused kernel on CUDA, foreach elsewhere), or ZeRO-1 with optim.distributed over dp > 1."""
+    """AdamW: torch's (fused kernel on CUDA, foreach elsewhere), Transformer Engine's or apex's
+    FusedAdam (optim.impl), or ZeRO-1 with optim.distributed over dp > 1."""
     buckets = getattr(model, "grad_buckets", None)
     if cfg.distributed and buckets is not None and buckets.shard:
         from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
 
         return DistributedOptimizer(model, buckets, cfg, dims.comm("dp"))
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.impl == "te":
+        from transformer_engine.pytorch.optimizers import FusedAdam
+
+        return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
+    if cfg.impl == "apex":
+        from apex.optimizers import FusedAdam  # type: ignore[no-redef]
+
+        return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
     fused = device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=fused or None, foreach=None if fused else True,
     )

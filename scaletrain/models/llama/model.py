@@ -10,7 +10,9 @@ then its v rows. A contiguous tp slice then holds whole groups.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,19 +20,18 @@ from torch import nn
 from scaletrain.config.schema import ModelConfig
 from scaletrain.nn import (
     ColumnParallelLinear,
-    CoreAttention,
     RMSNorm,
     RotaryEmbedding,
-    RowParallelLinear,
     VocabParallelEmbedding,
     fused,
 )
+from scaletrain.nn.backend import Roles, roles
 
 
 class Attention(nn.Module):
     """Self-attention block body. Input/output [b, s, hidden] replicated over tp."""
 
-    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None) -> None:
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None, r: Roles) -> None:
         super().__init__()
         self.heads_per_partition = cfg.num_heads // tp_size
         self.kv_per_partition = cfg.num_kv_heads // tp_size
@@ -38,11 +39,11 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, tp_size=tp_size, bias=cfg.qkv_bias,
-                                        init_std=cfg.init_std, dtype=dtype)
-        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_size=tp_size,
-                                      init_std=out_std, dtype=dtype)
-        self.core = CoreAttention(self.heads_per_partition, self.kv_per_partition, cfg.head_dim)
+        self.qkv = r.column(cfg.hidden_size, qkv_out, tp_size=tp_size, bias=cfg.qkv_bias,
+                            init_std=cfg.init_std, dtype=dtype)
+        self.proj = r.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_size=tp_size,
+                          init_std=out_std, dtype=dtype)
+        self.core = r.attention(self.heads_per_partition, self.kv_per_partition, cfg.head_dim)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,13 +61,13 @@ class SwiGLU(nn.Module):
 
     fused_kernel = "swiglu"  # parallel.kernels name of the fused activation (scaletrain.nn.fused)
 
-    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None) -> None:
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None, r: Roles) -> None:
         super().__init__()
         self.use_fused = False
-        self.gate_up = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp_size=tp_size, fused=2,
-                                            init_std=cfg.init_std, dtype=dtype)
-        self.down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp_size=tp_size,
-                                      init_std=cfg.init_std / math.sqrt(2 * cfg.num_layers), dtype=dtype)
+        self.gate_up = r.column(cfg.hidden_size, cfg.ffn_hidden_size, tp_size=tp_size, fused=2,
+                                init_std=cfg.init_std, dtype=dtype)
+        self.down = r.row(cfg.ffn_hidden_size, cfg.hidden_size, tp_size=tp_size,
+                          init_std=cfg.init_std / math.sqrt(2 * cfg.num_layers), dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -78,17 +79,21 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(·))."""
 
-    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None) -> None:
+    # Set by parallelize for blocks that precision.fp8_bf16_layers keeps out of FP8 (te backend).
+    precision_override: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None, r: Roles) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
-        self.attn = Attention(cfg, tp_size, dtype)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
-        self.mlp = SwiGLU(cfg, tp_size, dtype)
+        self.attn_norm = r.norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, tp_size, dtype, r)
+        self.mlp_norm = r.norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.mlp = SwiGLU(cfg, tp_size, dtype, r)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, position_ids, attention_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        with self.precision_override() if self.precision_override is not None else contextlib.nullcontext():
+            x = x + self.attn(self.attn_norm(x), rope, position_ids, attention_mask)
+            return x + self.mlp(self.mlp_norm(x))
 
 
 class LlamaModel(nn.Module):
@@ -100,9 +105,14 @@ class LlamaModel(nn.Module):
     Parameters are created uninitialised; `scaletrain.nn.init_parameters` fills them from the seed.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_size: int = 1, dtype: torch.dtype | None = None) -> None:
+    # Set by enable_fp8 (te backend, precision.fp8): the FP8 autocast factory.
+    fp8_context: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1, dtype: torch.dtype | None = None,
+                 backend: str = "torch") -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.backend = cfg, backend
+        r = roles(backend)
         self.embed: VocabParallelEmbedding | None = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_size=tp_size,
                                             init_std=cfg.init_std, dtype=dtype)
         self.rope = RotaryEmbedding(
@@ -110,7 +120,7 @@ class LlamaModel(nn.Module):
             factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
             high_freq_factor=cfg.rope_high_freq_factor, original_max_position=cfg.rope_original_max_position,
         )
-        self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype, r) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
         self.head: ColumnParallelLinear | None = None
         if not cfg.tie_embeddings:
@@ -125,6 +135,13 @@ class LlamaModel(nn.Module):
         otherwise the hidden states do. A pipeline split (parallel/pipeline) prunes the module
         tree and chooses the keys; the model itself knows no stages.
         """
+        if self.fp8_context is not None:  # the one place FP8 is entered (te backend): forward only
+            with self.fp8_context():
+                return self._forward(inputs, position_ids, attention_mask, layer_keys)
+        return self._forward(inputs, position_ids, attention_mask, layer_keys)
+
+    def _forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None, layer_keys: list[str] | None) -> torch.Tensor:
         if inputs.is_floating_point():
             x = inputs
         else:
