@@ -1,6 +1,6 @@
 """Pipeline bubble and in-flight activations: measured per rank against 1F1B / interleaved theory.
 
-    python benchmarks/bench_pipeline.py [--pp 2] [--hidden 256] [--seq 128]
+    python benchmarks/bench_pipeline.py [--pp 2] [--hidden 768] [--seq 128] [--steps 6]
 
 Forked gloo ranks (one thread each) run the real schedule on a Llama whose layers split evenly.
 Idle time is what a rank spends blocked in receives during one step's schedule (the optimizer step
@@ -70,11 +70,13 @@ def _measure(rank: int, world: int, cfg: ModelConfig, vpp: int, m: int, b: int, 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pp", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=384)
+    # 768: a microbatch's compute must dwarf gloo's per-message latency on localhost, or the measured
+    # idle time is mostly communication and the interleaved rows (twice the messages) drift from theory.
+    ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=64, help="small, so the head adds little to the last stage")
     args = ap.parse_args()
     pp = args.pp
