@@ -14,16 +14,8 @@ right answer, and exact match of the final answer; and the base model's exact ma
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str) -> None:
-    print("+ scaletrain", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "scaletrain.cli", *args], cwd=REPO, check=True)
+from _cli import REPO, run  # examples/_cli.py (the script's folder is on sys.path)
 
 
 def main() -> int:
