@@ -41,7 +41,7 @@ from scaletrain.nn.init import mark, store_fused_flat
 _EXTRA = "_extra_state"
 
 
-def _device(dtype: torch.dtype | None) -> str:
+def _device() -> str:
     # Built under `with torch.device("meta")` for pipeline stages; TE takes the device as an argument.
     return "meta" if torch.empty(0).is_meta else "cuda"
 
@@ -71,7 +71,7 @@ class _TELinear(te.Linear):
                  dtype: torch.dtype | None) -> None:
         super().__init__(in_features, out_features, bias=bias, tp_size=tp_size, tp_group=None,
                          parallel_mode=self.parallel_mode_name, sequence_parallel=False,
-                         params_dtype=dtype, device=_device(dtype),
+                         params_dtype=dtype, device=_device(),
                          init_method=lambda w: None)  # scaletrain.nn.init_parameters fills every weight
         self.sp = False
         _without_extra_state(self)
@@ -137,7 +137,7 @@ class TERMSNorm(te.RMSNorm):
     te_deferred_init = True
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, dtype: torch.dtype | None = None) -> None:
-        super().__init__(hidden_size, eps=eps, device=_device(dtype), dtype=dtype)
+        super().__init__(hidden_size, eps=eps, device=_device(), dtype=dtype)
         mark(self.weight, "ones")
         _without_extra_state(self)
 

@@ -68,11 +68,11 @@ def tool_use(model: torch.nn.Module, renderer: ChatRenderer, problems: list[Prob
     is the right answer; exact_match: the final answer states the right number;
     answer_given_right_call: exact match among problems whose call returned the right answer."""
     called = right = exact = exact_after_right = 0
+    names = {t.name for t in tools}
     for p in problems:
         added = respond(model, renderer, [{"role": "user", "content": p.question}], tools,
                         max_new_tokens=max_new_tokens, max_rounds=max_rounds)
         first_calls = added[0].get("tool_calls") or []
-        names = {t.name for t in tools}
         ok_call = bool(first_calls) and all(c["function"]["name"] in names for c in first_calls)
         results = [m["content"] for m in added if m["role"] == "tool"]
         right_call = ok_call and bool(results) and results[0] == str(p.answer)

@@ -52,13 +52,13 @@ def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, di
     # Loss and metric sums travel as one vector. Only the last pipeline stage computed them (the
     # others hold zeros, so a pp sum shares them), and each dp rank holds its share of the batch.
     names = tuple(getattr(objective, "metrics", ()))
-    vec = torch.stack([loss.detach().reshape(()).to(torch.float64).cpu()]
-                      + [torch.as_tensor(sums[k]).detach().reshape(()).to(torch.float64).cpu() if k in sums
-                         else torch.zeros((), dtype=torch.float64) for k in names])
+    vec = torch.stack([torch.as_tensor(t).detach().reshape(()).to(device, torch.float64)
+                       for t in [loss, *(sums.get(k, 0.0) for k in names)]])
     if dims is not None and chunks is not None:
-        vec = dims.comm("pp").all_reduce(vec.to(device)).cpu()
+        vec = dims.comm("pp").all_reduce(vec)
     if dims is not None and dims.dp > 1:
-        vec = dims.comm("dp").all_reduce(vec.to(device)).cpu()
+        vec = dims.comm("dp").all_reduce(vec)
+    vec = vec.cpu()  # one host sync per step (the loss is logged)
     return vec[0], {k: float(v) / normaliser for k, v in zip(names, vec[1:].tolist())}
 
 
