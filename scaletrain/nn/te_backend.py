@@ -50,7 +50,7 @@ def _drop_extra_state(module: nn.Module, state_dict: dict, prefix: str, local_me
     state_dict.pop(prefix + _EXTRA, None)
 
 
-def _empty_extra_state(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+def _empty_extra_state(state_dict: dict, prefix: str, *args) -> None:
     # An empty uint8 tensor is what TE itself stores when there is no FP8 state; set_extra_state skips it.
     state_dict.setdefault(prefix + _EXTRA, torch.empty(0, dtype=torch.uint8))
 
