@@ -73,10 +73,11 @@ def _to_global(local: Any, spec, dims) -> Any:
 
 
 def _logical(t: Any, spec) -> Any:
-    """Parameter-shaped tensors in their logical shape (a view: DCP loads into the same memory)."""
+    """Parameter-shaped tensors (not scalars like Adam's step) in their logical shape: a view, so DCP
+    loads into the same memory."""
     from scaletrain.nn.init import logical
 
-    if not isinstance(t, torch.Tensor) or spec is None or spec.view is None or t.numel() != torch.Size(spec.view).numel():
+    if not isinstance(t, torch.Tensor) or spec is None or spec.view is None or t.numel() == 1:
         return t
     return logical(t, spec)
 
@@ -383,13 +384,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         # process group exists; DCP would otherwise coordinate the load over that group.
         dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=dims is None)
     target = _local(target)
-    if any(getattr(getattr(p, "scaletrain_spec", None), "view", None) is not None for p in model.parameters()):  # logical views back to the storage shapes the modules use
+    if "optim" in target:  # optimizer state back from logical views to the shapes the optimizer steps with
+        # (model tensors need no such step: a flat-storing layer's load_state_dict hook takes either shape)
         shapes = {n: p.shape for n, p in model.named_parameters()}
-        target["model"] = {k: v.reshape(shapes[k]) if k in shapes else v for k, v in target["model"].items()}
-        if "optim" in target:
-            target["optim"]["state"] = {fqn: {k: v.reshape(shapes[fqn]) if isinstance(v, torch.Tensor)
-                                              and fqn in shapes and v.numel() == shapes[fqn].numel() else v
-                                              for k, v in st.items()} for fqn, st in target["optim"]["state"].items()}
+        target["optim"]["state"] = {
+            fqn: {k: v.reshape(shapes[fqn]) if isinstance(v, torch.Tensor) and fqn in shapes and v.numel() > 1 else v
+                  for k, v in st.items()} for fqn, st in target["optim"]["state"].items()}
     if optimizer is None:
         model.load_state_dict(target["model"])
     elif _is_zero(optimizer):

@@ -85,23 +85,26 @@ class ChatRenderer:
         self.template = env.from_string(source)
         self.tokenizer, self.loss_on = tokenizer, loss_on
         self.tools = list(tools)
+        self._schemas = [t.schema() for t in self.tools] or None
         self.bos_token = ""
+        self._end: tuple[str | None] | None = None
 
     def text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         return self.template.render(messages=normalise_messages(messages), add_generation_prompt=add_generation_prompt,
                                     bos_token=self.bos_token, eos_token="",
-                                    tools=[t.schema() for t in self.tools] or None)
+                                    tools=self._schemas)
 
     def end_of_turn(self) -> str | None:
         """The marker the template closes an assistant turn with ('<|im_end|>', '<|eot_id|>'), which
         generation stops at; None when the template has none (generation then stops at eos)."""
-        probe = "\u2063probe\u2063"
-        user = [{"role": "user", "content": "hi"}]
-        head = self.text(user, add_generation_prompt=True)
-        full = self.text(user + [{"role": "assistant", "content": probe}])
-        if not full.startswith(head) or probe not in full:
-            return None
-        return full[len(head):].split(probe, 1)[1].strip() or None
+        if self._end is None:  # rendered once per renderer
+            probe = "\u2063probe\u2063"
+            user = [{"role": "user", "content": "hi"}]
+            head = self.text(user, add_generation_prompt=True)
+            full = self.text(user + [{"role": "assistant", "content": probe}])
+            ok = full.startswith(head) and probe in full
+            self._end = (full[len(head):].split(probe, 1)[1].strip() or None if ok else None,)
+        return self._end[0]
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation ending in a generation prompt (for generation / evaluation)."""
