@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaletrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from scaletrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from scaletrain.config import ConfigError, RunConfig, dump_config, load_config, resolve_model, validate
 from scaletrain.config.load import config_to_dict
 from scaletrain.data.indexed import DatasetError
@@ -127,6 +127,84 @@ def build_sft_datasets(cfg: RunConfig, tokenizer, log):
     return out[0], out[1]
 
 
+def build_prompt_datasets(cfg: RunConfig, tokenizer, log):
+    """GRPO prompts (train, valid or None): rendered generation prompts with their rows, checked for the
+    fields the rewards read before any parameter exists."""
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.grpo_data import PromptDataset, read_prompt_rows
+    from scaletrain.posttrain.rewards import required_fields
+    from scaletrain.posttrain.tools import bundled_tools
+
+    pt = cfg.posttrain
+    renderer = ChatRenderer(tokenizer, pt.chat_template, "assistant", bundled_tools(pt.tools))
+    out: list[PromptDataset | None] = []
+    for files in (pt.train_data, pt.valid_data):
+        if not files:
+            out.append(None)
+            continue
+        ds = PromptDataset(read_prompt_rows(files), renderer, seq_length=cfg.train.seq_length,
+                           max_new_tokens=pt.max_new_tokens)
+        for name in pt.rewards:
+            for key in required_fields(name):
+                missing = sum(1 for row in ds.rows if row.get(key) is None)
+                if missing:
+                    raise ConfigError(f"posttrain.rewards: '{name}' reads the `{key}` field, which {missing} of "
+                                      f"{len(ds.rows)} prompt rows of {', '.join(files)} lack.")
+        log(("validation " if out else "") + ds.report.line())
+        out.append(ds)
+    return out[0], out[1]
+
+
+def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dims, precision, device,
+                    consumed_samples: int, fused_cross_entropy: bool):
+    """GRPO's train_batches: fresh rollouts per step (posttrain/grpo_batches.py)."""
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.grpo_batches import RolloutBatches
+    from scaletrain.posttrain.rewards import resolve_reward
+
+    pt, t = cfg.posttrain, cfg.train
+    # The template's end-of-turn marker ends a completion (and is learnt, like eos).
+    marker = ChatRenderer(tokenizer, pt.chat_template).end_of_turn()
+    return RolloutBatches(
+        prompts, model=model, reference=reference, dims=dims, rewards={n: resolve_reward(n) for n in pt.rewards},
+        reward_weights=pt.reward_weights, group_size=pt.group_size, max_new_tokens=pt.max_new_tokens,
+        temperature=pt.temperature, scale_rewards=pt.scale_rewards, global_batch=t.global_batch_size,
+        micro_batch=t.micro_batch_size, seq_length=t.seq_length, seed=t.seed, consumed_samples=consumed_samples,
+        tokenizer=tokenizer, stop_text=marker, precision=precision, device=device,
+        fused_cross_entropy=fused_cross_entropy, run_dir=Path(t.run_dir),
+        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+
+
+REFERENCE_DIR = "reference"
+
+
+def build_reference(cfg: RunConfig, dims, precision, device, backend, policy, run_dir: Path, log):
+    """The frozen reference policy for GRPO's KL penalty: the same model in the same layout, without
+    gradients. A run's first start copies the policy's starting weights into it and saves them
+    under run_dir/reference (a checkpoint like any other); a resumed run loads them from there."""
+    from scaletrain.models import build_model
+    from scaletrain.parallel.parallelize import parallelize
+
+    with torch.device("meta") if dims.pp > 1 else torch.device(device):
+        ref = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend)
+    ref.requires_grad_(False)  # no gradient buffers, no dp buckets
+    ref = parallelize(ref, dims, dataclasses.replace(cfg.parallel, recompute="none"), device)
+    root = run_dir / REFERENCE_DIR
+    saved = latest_checkpoint(root)
+    if saved is not None:
+        load_checkpoint(saved, ref, None, dims=dims)
+        log(f"reference policy: loaded from {saved}")
+    elif latest_checkpoint(run_dir / "checkpoints") is not None:
+        raise CheckpointError(f"{root} is missing: a resumed GRPO run with posttrain.kl_beta > 0 needs the reference "
+                              "policy saved at its first start; restore it or start a new run directory")
+    else:
+        ref.load_state_dict(policy.state_dict())
+        path = save_checkpoint(root, 0, ref, None, {"model_config": dataclasses.asdict(cfg.model)}, dims=dims)
+        log(f"reference policy: the starting weights, saved to {path}")
+    ref.eval()
+    return ref
+
+
 def device_type(cfg: RunConfig) -> str:
     """'cuda' or 'cpu', by train.device ('auto': cuda where one is visible)."""
     return "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -182,7 +260,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     counts = parameter_counts(cfg.model)
     log = print if dims.is_main else (lambda *a, **k: None)
     # SFT data is rendered before any parameter exists: a bad file fails here, cheaply.
-    post_datasets = {"sft": build_sft_datasets, "dpo": build_preference_datasets}.get(
+    post_datasets = {"sft": build_sft_datasets, "dpo": build_preference_datasets, "grpo": build_prompt_datasets}.get(
         cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
@@ -224,6 +302,11 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 
         objective = DPOObjective(dims.tp_comm, pt.dpo_loss, pt.beta, pt.label_smoothing, pt.simpo_gamma,
                                  fused_cross_entropy=fused_ce, nll_weight=pt.nll_weight)
+    elif pt.objective == "grpo":
+        from scaletrain.posttrain.grpo import GRPOObjective
+
+        objective = GRPOObjective(dims.tp_comm, kl_beta=pt.kl_beta, temperature=pt.temperature,
+                                  loss_norm=pt.grpo_loss_norm, fused_cross_entropy=fused_ce)
     else:
         objective = LanguageModelingObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
     if cfg.parallel.kernels:
@@ -253,10 +336,17 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         train_ds, valid_ds = build_gpt_datasets(
             cfg.data, seq_length=t.seq_length, seed=t.seed, eod_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,
             train_samples=t.steps * t.global_batch_size, valid_samples=eval_points * t.eval_iters * t.global_batch_size)
-    train_batches = StepBatches(train_ds, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
-                                dp_rank=dims.dp_rank, dp_size=dims.dp, consumed_samples=state.consumed_samples,
-                                num_workers=cfg.data.num_workers)
-    valid_fn = None
+    train_batches: Any
+    if pt.objective == "grpo":
+        reference = build_reference(cfg, dims, precision, device, backend, model, run_dir, log) if pt.kl_beta else None
+        train_batches = rollout_batches(cfg, train_ds, tokenizer, model=model, reference=reference, dims=dims,
+                                        precision=precision, device=device, consumed_samples=state.consumed_samples,
+                                        fused_cross_entropy=fused_ce)
+    else:
+        train_batches = StepBatches(train_ds, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
+                                    dp_rank=dims.dp_rank, dp_size=dims.dp, consumed_samples=state.consumed_samples,
+                                    num_workers=cfg.data.num_workers)
+    valid_fn: Any = None
     if valid_ds is not None and t.eval_interval:
         # The same validation batches every time, so validation losses compare across steps and runs.
         def valid_fn():
@@ -265,10 +355,15 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 
     sinks = MetricSinks(run_dir, cfg.logging, total_steps=t.steps, start_step=state.step,
                         run_config=config_to_dict(cfg), active=dims.is_main,
-                        console_keys=tuple(getattr(objective, "metrics", ())))
+                        console_keys=tuple(getattr(objective, "metrics", ())) + tuple(getattr(train_batches, "console_keys", ())))
+    validator: Any = None
+    if pt.objective == "grpo" and valid_ds is not None and t.eval_interval:
+        def held_out_rewards():  # of greedy completions (posttrain/grpo_batches.py); no validation loss
+            return None, train_batches.evaluate(valid_ds)
+        validator, valid_fn = held_out_rewards, None
     return Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
                    valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
-                   run_dir=run_dir, state=state, dims=dims)
+                   run_dir=run_dir, state=state, dims=dims, validator=validator)
 
 
 def run(cfg: RunConfig) -> str:

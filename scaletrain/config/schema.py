@@ -223,9 +223,10 @@ class PostTrainConfig:
     """The training objective and, for post-training stages, their data and loss settings."""
 
     objective: str = "pretrain"
-    """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns) or 'dpo' (preference pairs)."""
+    """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns), 'dpo' (preference pairs) or 'grpo' (RL on verifiable rewards)."""
     train_data: tuple[str, ...] = ()
-    """sft: jsonl/parquet files with a `messages` list per row; dpo: rows with prompt, chosen, rejected."""
+    """sft: jsonl/parquet files with a `messages` list per row; dpo: rows with prompt, chosen, rejected; grpo: rows
+    with `messages` (a trailing assistant turn is dropped) or `prompt`, plus the fields the rewards read (`answer`)."""
     valid_data: tuple[str, ...] = ()
     """Held-out rows of the same kind, for validation (optional)."""
     chat_template: str = "auto"
@@ -248,6 +249,23 @@ class PostTrainConfig:
     """simpo: the target reward margin γ."""
     nll_weight: float = 0.0
     """dpo: add this × the chosen response's mean token NLL to each pair's loss (RPO; keeps the chosen likely)."""
+    rewards: tuple[str, ...] = ("math_answer",)
+    """grpo: verifiable reward functions summed per completion: bundled 'math_answer' (the row's `answer`),
+    'python_tests' (the row's `tests` run against the completion's code) or 'package.module:function'."""
+    reward_weights: tuple[float, ...] = ()
+    """grpo: one weight per reward function (empty: all 1)."""
+    group_size: int = 8
+    """grpo: completions sampled per prompt (the group whose rewards are compared); train.global_batch_size counts completions."""
+    max_new_tokens: int = 32
+    """grpo: longest completion; prompt + completion must fit in train.seq_length + 1 tokens."""
+    temperature: float = 1.0
+    """grpo: sampling temperature of the rollouts (log-probs in the loss use the same temperature)."""
+    kl_beta: float = 0.0
+    """grpo: weight of the k3 KL penalty to the frozen starting policy (0: no reference model is built)."""
+    scale_rewards: bool = True
+    """grpo: divide each group's centred rewards by its standard deviation (False: Dr. GRPO's plain centring)."""
+    grpo_loss_norm: str = "token"
+    """grpo: 'token' (sum over all completion tokens / their global count, DAPO) or 'sequence' (mean per completion, then over completions: the original GRPO)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
-OBJECTIVES = ("pretrain", "sft", "dpo")
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -92,8 +92,11 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
     _choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
     if pt.objective != "pretrain" and not pt.train_data:
+        rows = {"sft": "`messages`", "dpo": "prompt, chosen, rejected", "grpo": "`messages` or `prompt`, and `answer`"}
         errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
-                      f"{'`messages`' if pt.objective == 'sft' else 'prompt, chosen, rejected'}).")
+                      f"{rows[pt.objective] if pt.objective in rows else 'rows'}).")
+    if pt.objective == "grpo":
+        _grpo_errors(errors, cfg)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_at_end:
         errors.append("checkpoint.export_hf needs checkpoint.save_at_end = true (the export reads the final checkpoint).")
     unknown_tools = [t for t in pt.tools if t not in BUNDLED_TOOLS]
@@ -216,6 +219,11 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"interleaved 1F1B (parallel.vpp = {p.vpp}) needs the microbatches per step "
                       f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of parallel.pp = {p.pp}; "
                       "change train.global_batch_size or train.micro_batch_size.")
+    elif cfg.posttrain.objective == "grpo" and cfg.posttrain.group_size >= 2 \
+            and (t.global_batch_size // dp) % cfg.posttrain.group_size:
+        errors.append(f"grpo: each dp rank samples whole groups, so train.global_batch_size / dp = "
+                      f"{t.global_batch_size}/{dp} must be a multiple of posttrain.group_size = "
+                      f"{cfg.posttrain.group_size}.")
     errors.extend(_not_yet_supported(cfg, dp))
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
@@ -229,3 +237,34 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     if p.cp > 1:
         out.append(f"parallel.cp = {p.cp}: context parallelism is not implemented yet; set it to 1.")
     return out
+
+
+def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
+    """GRPO's cross-field rules: groups fill the batch and stay on one dp rank, rollouts fit the rows."""
+    from scaletrain.posttrain.rewards import reward_problem
+
+    pt, t = cfg.posttrain, cfg.train
+    _choice(errors, "posttrain.grpo_loss_norm", pt.grpo_loss_norm, ("token", "sequence"))
+    if pt.group_size < 2:
+        errors.append(f"posttrain.group_size = {pt.group_size}: GRPO compares completions of one prompt, so it "
+                      "needs at least 2 (typically 8-16).")
+    elif t.global_batch_size % pt.group_size:
+        errors.append(f"train.global_batch_size = {t.global_batch_size} (completions per step) must be a multiple "
+                      f"of posttrain.group_size = {pt.group_size}.")
+    if pt.max_new_tokens < 1 or pt.max_new_tokens >= t.seq_length:
+        errors.append(f"posttrain.max_new_tokens = {pt.max_new_tokens} must be in [1, train.seq_length = "
+                      f"{t.seq_length}): prompt and completion share one row.")
+    if pt.temperature <= 0:
+        errors.append(f"posttrain.temperature = {pt.temperature} must be positive: a group of greedy completions "
+                      "is one completion repeated, with no reward differences to learn from.")
+    if pt.kl_beta < 0:
+        errors.append(f"posttrain.kl_beta = {pt.kl_beta} must be 0 (no KL penalty) or positive.")
+    if not pt.rewards:
+        errors.append("posttrain.rewards is empty: GRPO needs at least one reward function (e.g. [\"math_answer\"]).")
+    if pt.reward_weights and len(pt.reward_weights) != len(pt.rewards):
+        errors.append(f"posttrain.reward_weights has {len(pt.reward_weights)} entries for {len(pt.rewards)} "
+                      "posttrain.rewards: give one weight per reward (or none).")
+    for name in pt.rewards:
+        problem = reward_problem(name)
+        if problem:
+            errors.append(f"posttrain.rewards: {problem}")

@@ -85,3 +85,31 @@ def tool_use(model: torch.nn.Module, renderer: ChatRenderer, problems: list[Prob
     n = max(len(problems), 1)
     return {"called": called / n, "right_call": right / n, "exact_match": exact / n,
             "answer_given_right_call": exact_after_right / max(right, 1)}
+
+
+@torch.no_grad()
+def sampled_accuracy(model: torch.nn.Module, renderer: ChatRenderer, problems: list[Problem], *, samples: int = 1,
+                     temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 24,
+                     micro_batch: int = 64) -> float:
+    """Share of (problem, sample) pairs whose answer is right, batched with the rollout sampler (KV
+    cache): `samples` completions per problem at `temperature` (0: one greedy completion each)."""
+    from scaletrain.posttrain.rollout import sample_completions, sampling_generator
+    from scaletrain.trainer.precision import Precision
+
+    tok = renderer.tokenizer
+    param = next(model.parameters())
+    prompts = [renderer.prompt_ids([{"role": "user", "content": p.question}]) for p in problems]
+    group = samples if temperature > 0 else 1
+    generators = [sampling_generator(seed, i) for i in range(len(prompts))] if temperature > 0 else None
+    marker = renderer.end_of_turn()
+    completions, _ = sample_completions(
+        model, None, prompts, generators, group_size=group, max_new_tokens=max_new_tokens, temperature=temperature,
+        stop_ids={tok.eos_id}, stop_text=marker, decode=tok.decode,
+        pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id, vocab_limit=tok.vocab_size,
+        micro_batch=micro_batch, precision=Precision(param.dtype, None, param.device.type, "eval"),
+        device=param.device)
+    right = 0
+    for i, c in enumerate(completions):
+        text = tok.decode(c)
+        right += check_answer(text.split(marker, 1)[0] if marker else text, problems[i // group].answer)
+    return right / max(len(completions), 1)

@@ -1,7 +1,7 @@
 """Greedy decoding on the (single-process) model: the reference for generation parity checks.
 
-Full recomputation per new token (no KV cache): simple and exact; rollouts for RL will need a
-cached, batched generator.
+Full recomputation per new token (no KV cache): simple and exact. Batched, cached sampling on any
+parallel layout (RL rollouts) is posttrain/rollout.py.
 """
 
 from __future__ import annotations

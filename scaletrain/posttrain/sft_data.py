@@ -32,8 +32,8 @@ class SFTReport:
                 f"dropped: {dropped}; {self.target_tokens} target tokens")
 
 
-def read_rows(files: tuple[str, ...] | list[str], columns: tuple[str, ...]) -> list[dict]:
-    """The `columns` of every row of local jsonl/json/parquet files, in file order (HF datasets)."""
+def read_rows(files: tuple[str, ...] | list[str], columns: tuple[str, ...] | None) -> list[dict]:
+    """The `columns` (None: all) of every row of local jsonl/json/parquet files, in file order (HF datasets)."""
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar
 
@@ -43,9 +43,11 @@ def read_rows(files: tuple[str, ...] | list[str], columns: tuple[str, ...]) -> l
         raise FileNotFoundError(f"posttrain data file(s) not found: {', '.join(missing)}")
     kind = "parquet" if all(str(f).endswith(".parquet") for f in files) else "json"
     ds = load_dataset(kind, data_files=list(files), split="train")
-    need = set(columns) - set(ds.column_names)
+    need = set(columns or ()) - set(ds.column_names)
     if need:
         raise ValueError(f"{files[0]}: rows need {', '.join(sorted(need))} (columns: {', '.join(ds.column_names)})")
+    if columns is None:
+        return list(ds)
     return [{c: row[c] for c in columns} for row in ds.select_columns(list(columns))]
 
 

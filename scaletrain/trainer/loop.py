@@ -11,6 +11,7 @@ import dataclasses
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,11 +80,13 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective,
                  train_batches, valid_batches_fn, precision: Precision, device: torch.device,
-                 sinks: MetricSinks, run_dir: Path, state: LoopState, dims=None) -> None:
+                 sinks: MetricSinks, run_dir: Path, state: LoopState, dims=None,
+                 validator: Callable[[], tuple[float | None, dict[str, float]]] | None = None) -> None:
         self.cfg, self.model, self.optimizer, self.objective = cfg, model, optimizer, objective
         self.train_batches, self.valid_batches_fn = train_batches, valid_batches_fn
         self.precision, self.device, self.sinks, self.run_dir = precision, device, sinks, run_dir
         self.state, self.dims = state, dims
+        self.validator = validator  # replaces the loss pass over valid batches (GRPO: held-out rewards)
         self._pending: PendingSave | None = None  # an asynchronous checkpoint still being written
         self.stop: StopRequest | None = None  # set by the entry point: signals that ask to save and stop
         self.world_size = 1 if dims is None else dims.world_size
@@ -113,7 +116,9 @@ class Trainer:
             self.sinks.info(f"checkpoint {path} complete")
             self._pending = None
 
-    def _validate(self) -> tuple[float, dict[str, float]] | None:
+    def _validate(self) -> tuple[float | None, dict[str, float]] | None:
+        if self.validator is not None:
+            return self.validator()
         if self.valid_batches_fn is None:
             return None
         return evaluate(self.model, self.objective, self.valid_batches_fn(), precision=self.precision,
@@ -157,6 +162,7 @@ class Trainer:
                 "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                 "step_time_s": dt, "loss_tokens": result.items, "consumed_samples": self.state.consumed_samples,
                 "mem_gb": memory_gb(self.device), **result.metrics,
+                **getattr(self.train_batches, "last_metrics", {}),  # e.g. GRPO's rollout rewards
             }
             if result.skipped:
                 metrics["skipped"] = True

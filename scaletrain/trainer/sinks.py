@@ -82,7 +82,7 @@ class MetricSinks:
                     self._tb.add_scalar(f"train/{k}" if not k.startswith("val_") else f"val/{k[4:]}", v, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        if step % self.cfg.interval == 0 or step == self.total_steps or "val_loss" in record:
+        if step % self.cfg.interval == 0 or step == self.total_steps or any(k.startswith("val_") for k in record):
             print(self._console_line(step, record), flush=True)
 
     def _console_line(self, step: int, r: dict[str, Any]) -> str:
@@ -92,11 +92,12 @@ class MetricSinks:
         parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
         if "loss" in r:
             parts.append(f"loss {r['loss']:.4f}")
-        if "val_loss" in r:
+        if "val_loss" in r:  # absent: a validation without a loss (GRPO's held-out rewards)
             parts.append(f"val_loss {r['val_loss']:.4f}")
         for k in self.console_keys:
-            if k in r:
-                parts.append(f"{k} {r[k]:.4f}")
+            for key in (k, f"val_{k}"):
+                if key in r:
+                    parts.append(f"{key} {r[key]:.4f}")
         if "lr" in r:
             parts.append(f"lr {r['lr']:.2e}")
         if "grad_norm" in r:

@@ -62,6 +62,18 @@ def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, di
     return vec[0], {k: float(v) / normaliser for k, v in zip(names, vec[1:].tolist())}
 
 
+@torch.no_grad()
+def forward_pass(forward_step, microbatches: list[dict], model: torch.nn.Module, dims: ParallelDims | None) -> None:
+    """Forward only, through this layout's schedule, with no reduction of anything: for passes whose
+    loss_fn records what it needs on the last pipeline stage (rollout logits, reference log-probs).
+    Collective over tp and pp only, so each dp replica may run as many passes as it needs."""
+    chunks = getattr(model, "pipeline_chunks", None)
+    if chunks is None or dims is None:
+        forward_backward_no_pipelining(forward_step, microbatches, model, normaliser=1.0, forward_only=True)
+    else:
+        forward_backward_pipelining(forward_step, microbatches, chunks, dims, normaliser=1.0, forward_only=True)
+
+
 def prepare_batches(objective, microbatches: list[dict], device: torch.device) -> list[dict]:
     """Microbatches on the device, in the layout the objective's model input needs: an objective may
     define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens` [2M, s]); every

@@ -26,6 +26,7 @@ from scaletrain.nn import (
     fused,
 )
 from scaletrain.nn.backend import Roles, roles
+from scaletrain.nn.kv_cache import KVCache, LayerCache
 
 
 class Attention(nn.Module):
@@ -46,13 +47,17 @@ class Attention(nn.Module):
         self.core = r.attention(self.heads_per_partition, self.kv_per_partition, cfg.head_dim)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None,
-                attention_mask: torch.Tensor | None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
+        """kv_cache: incremental decoding — this call's keys/values are appended to the cached ones and
+        attended to with them (attention_mask then is [b, 1, s_new, s_cached + s_new])."""
         qkv = self.qkv(x)  # full sequence even when x is sequence-sharded (SP gathers it)
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.kv_per_partition, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.heads_per_partition, self.head_dim)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         q, k = rope(q, k, position_ids)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)
         return self.proj(self.core(q, k, v, attention_mask))
 
 
@@ -90,9 +95,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg, tp_size, dtype, r)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, kv_cache: LayerCache | None = None) -> torch.Tensor:
         with self.precision_override() if self.precision_override is not None else contextlib.nullcontext():
-            x = x + self.attn(self.attn_norm(x), rope, position_ids, attention_mask)
+            x = x + self.attn(self.attn_norm(x), rope, position_ids, attention_mask, kv_cache)
             return x + self.mlp(self.mlp_norm(x))
 
 
@@ -128,7 +133,8 @@ class LlamaModel(nn.Module):
                                              init_std=cfg.init_std, dtype=dtype)
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, layer_keys: list[str] | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, layer_keys: list[str] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         """inputs: token ids [b, s], embedded here, or hidden states [b, s(/tp), h] handed over by the
         previous pipeline stage. layer_keys: the blocks to run (default: every block this module
         holds). After the model's last block the final norm and head run and logits come out;
@@ -137,11 +143,12 @@ class LlamaModel(nn.Module):
         """
         if self.fp8_context is not None:  # the one place FP8 is entered (te backend): forward only
             with self.fp8_context():
-                return self._forward(inputs, position_ids, attention_mask, layer_keys)
-        return self._forward(inputs, position_ids, attention_mask, layer_keys)
+                return self._forward(inputs, position_ids, attention_mask, layer_keys, kv_cache)
+        return self._forward(inputs, position_ids, attention_mask, layer_keys, kv_cache)
 
     def _forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None,
-                 attention_mask: torch.Tensor | None, layer_keys: list[str] | None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None, layer_keys: list[str] | None,
+                 kv_cache: KVCache | None = None) -> torch.Tensor:
         if inputs.is_floating_point():
             x = inputs
         else:
@@ -149,7 +156,8 @@ class LlamaModel(nn.Module):
             x = self.embed(inputs)
         keys = list(self.layers.keys()) if layer_keys is None else layer_keys
         for key in keys:
-            x = self.layers[key](x, self.rope, position_ids, attention_mask)
+            x = self.layers[key](x, self.rope, position_ids, attention_mask,
+                                 kv_cache.layer(key) if kv_cache is not None else None)
         if not keys or int(keys[-1]) != self.cfg.num_layers - 1:
             return x
         assert self.norm is not None, "the last block ran on a stage without the final norm"

@@ -1,0 +1,80 @@
+"""The GRPO objective: group-relative policy gradient on verifiable rewards (DeepSeekMath's GRPO,
+with DAPO's token-level normalisation by default).
+
+For each prompt a group of G completions is sampled (posttrain/grpo_batches.py); each completion's
+advantage is its reward minus the group mean, divided by the group's standard deviation (sample
+std, + 1e-4; `scale_rewards = false` leaves it centred only, as Dr. GRPO argues). Every completion
+token gets its completion's advantage A. One policy update per rollout batch (on-policy, TRL's
+default), so the importance ratio π/π_old is 1 in value and the per-token loss is
+
+    −A · exp(log π − sg(log π))  [+ β · (exp(r − log π) − (r − log π) − 1),  r = log π_ref]
+
+whose gradient is −A ∇log π plus β times the gradient of the k3 estimate of KL(π ‖ π_ref).
+Log-probs are taken at the sampling temperature and through the vocab-parallel cross-entropy (the
+vocabulary is never gathered). Normalisation ('token': all completion tokens of the global batch;
+'sequence': per-completion means over the global number of completions) goes through the shared
+normaliser (`count`) like every objective.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.distributed.comm import Comm
+from scaletrain.nn import cross_entropy_per_token
+from scaletrain.posttrain.packing import block_causal_mask
+
+ADVANTAGE_EPS = 1e-4
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """[n] rewards of consecutive groups → [n] advantages: centred per group, divided by its std
+    (unbiased) + 1e-4 when `scale`. A group whose rewards are all equal gets zeros (no signal)."""
+    r = rewards.double().reshape(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (r.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
+    return centred.reshape(-1)
+
+
+class GRPOObjective:
+    name = "grpo"
+
+    def __init__(self, tp: Comm | None, *, kl_beta: float = 0.0, temperature: float = 1.0,
+                 loss_norm: str = "token", fused_cross_entropy: bool = False) -> None:
+        if loss_norm not in ("token", "sequence"):
+            raise ValueError(f"loss_norm must be 'token' or 'sequence', got {loss_norm!r}")
+        self.tp, self.kl_beta, self.temperature = tp, kl_beta, temperature
+        self.loss_norm, self.fused = loss_norm, fused_cross_entropy
+        self.metrics = ("kl",) if kl_beta else ()  # means per loss item, like the loss
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_norm == "token":
+            return batch["loss_mask"].sum()
+        return torch.tensor(batch["loss_mask"].shape[0], device=batch["loss_mask"].device)
+
+    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.loss_norm == "token":
+            return (per_token * mask).sum()
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).sum()
+
+    def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
+        logits = model(batch["tokens"], position_ids=batch["position_ids"],
+                       attention_mask=block_causal_mask(batch["document_ids"]))
+        labels = batch["labels"]
+
+        def loss_fn(output: torch.Tensor):
+            scaled = output if self.temperature == 1.0 else output / self.temperature
+            logp = -cross_entropy_per_token(scaled, labels, self.tp, fused=self.fused)
+            mask = batch["loss_mask"].to(logp.dtype)
+            advantages = batch["advantages"].to(logp.dtype)[:, None]
+            per_token = -torch.exp(logp - logp.detach()) * advantages  # on-policy ratio: 1, gradient ∇log π
+            metrics: dict[str, torch.Tensor] = {}
+            if self.kl_beta:
+                d = batch["ref_logps"].to(logp.dtype) - logp
+                kl = torch.exp(d) - d - 1  # k3: unbiased, always ≥ 0
+                per_token = per_token + self.kl_beta * kl
+                metrics["kl"] = self._reduce(kl.detach(), mask)
+            return self._reduce(per_token, mask), metrics
+
+        return logits, loss_fn

@@ -1,0 +1,183 @@
+"""GRPO's batches: per step, fresh rollouts of the current policy on this dp rank's prompts, scored by
+the verifiable rewards, as microbatches for the shared train step (the Trainer's `train_batches`).
+
+Step k draws prompts k·P … k·P+P−1 of a seeded per-epoch permutation (P = global batch / group
+size); dp rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its
+advantages need no communication. The step's rollout metrics (means over the global batch's
+completions, reduced over dp) are left in `last_metrics` for the step's metrics record. Rewards are
+computed once per replica (its first tp rank on the last stage: a timed-out unit test must not
+score differently on two tp ranks) and broadcast to the replica's other ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scaletrain.data.loader import collate
+from scaletrain.posttrain.grpo import group_advantages
+from scaletrain.posttrain.grpo_data import PromptDataset
+from scaletrain.posttrain.rewards import RewardFn, reward_label
+from scaletrain.posttrain.rollout import sample_completions, sampling_generator, token_logprobs, training_rows
+
+ROLLOUT_LOG = "rollouts.jsonl"
+
+
+class RolloutBatches:
+    def __init__(self, prompts: PromptDataset, *, model: torch.nn.Module, reference: torch.nn.Module | None, dims,
+                 rewards: dict[str, RewardFn], reward_weights: tuple[float, ...], group_size: int,
+                 max_new_tokens: int, temperature: float, scale_rewards: bool, global_batch: int, micro_batch: int,
+                 seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
+                 precision, device: torch.device, fused_cross_entropy: bool = False,
+                 run_dir: Path | None = None, width_multiple: int = 1) -> None:
+        self.prompts, self.model, self.reference, self.dims = prompts, model, reference, dims
+        self.rewards = rewards
+        self.weights = torch.tensor(reward_weights or [1.0] * len(rewards), dtype=torch.float64)
+        self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
+        self.scale_rewards, self.global_batch, self.micro_batch = scale_rewards, global_batch, micro_batch
+        self.seq_length, self.seed, self.consumed_samples = seq_length, seed, consumed_samples
+        self.tokenizer, self.stop_text = tokenizer, stop_text
+        self.stop_ids = {tokenizer.eos_id, *self._single_token(stop_text)}
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        self.precision, self.device, self.fused = precision, device, fused_cross_entropy
+        self.width_multiple = width_multiple  # rollout rows' width: tp under sequence parallelism
+        self.log_path = run_dir / ROLLOUT_LOG if run_dir is not None and (dims is None or dims.is_main) else None
+        self.last_metrics: dict[str, float] = {}
+        self.console_keys = ("reward",)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __iter__(self) -> RolloutBatches:
+        return self
+
+    def _prompt_index(self, draw: int) -> int:
+        n = len(self.prompts)
+        epoch = draw // n
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.RandomState((self.seed + epoch) % 2**32).permutation(n)}
+        return int(self._perms[epoch][draw % n])
+
+    def _single_token(self, text: str | None) -> list[int]:
+        ids = self.tokenizer.encode(text) if text else []
+        return ids if len(ids) == 1 else []
+
+    def _text(self, completion: list[int]) -> str:
+        """What the rewards read: the completion's text before its stop token or end-of-turn marker."""
+        if completion and completion[-1] in self.stop_ids:
+            completion = completion[:-1]
+        text = self.tokenizer.decode(completion)
+        return text.split(self.stop_text, 1)[0] if self.stop_text else text
+
+    def _replica_broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """This replica's lead rank's values (tp rank 0 of the last stage) on all of its ranks."""
+        d = self.dims
+        if d is None:
+            return t
+        t = d.tp_comm.broadcast(t.to(self.device), src_group_rank=0)
+        if d.pp > 1:
+            t = d.comm("pp").broadcast(t, src_group_rank=d.pp - 1)
+        return t.cpu()
+
+    def _score(self, rows: list[dict], texts: list[str]) -> torch.Tensor:
+        """[completions, rewards] reward values, computed on the replica's lead rank."""
+        d = self.dims
+        scores = torch.zeros(len(texts), len(self.rewards), dtype=torch.float64)
+        if d is None or (d.tp_rank == 0 and d.pp_rank == d.pp - 1):
+            for i, (row, text) in enumerate(zip(rows, texts)):
+                for j, fn in enumerate(self.rewards.values()):
+                    scores[i, j] = float(fn(text, row))
+        return self._replica_broadcast(scores)
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        d, g = self.dims, self.group_size
+        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
+        per_step = self.global_batch // g
+        per_rank = per_step // dp
+        step = self.consumed_samples // self.global_batch
+        draws = [step * per_step + dp_rank * per_rank + j for j in range(per_rank)]
+        index = [self._prompt_index(k) for k in draws]
+        t0 = time.perf_counter()
+        prompts = [self.prompts.prompts[i] for i in index]
+        completions, stopped = sample_completions(
+            self.model, d, prompts, [sampling_generator(self.seed, k) for k in draws], group_size=g,
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, stop_ids=self.stop_ids,
+            stop_text=self.stop_text, decode=self.tokenizer.decode,
+            pad_id=self.pad_id, vocab_limit=self.tokenizer.vocab_size, micro_batch=self.micro_batch,
+            precision=self.precision, device=self.device, width_multiple=self.width_multiple)
+        texts = [self._text(c) for c in completions]
+        rows = [self.prompts.rows[i] for i in index for _ in range(g)]
+        scores = self._score(rows, texts)
+        total = scores @ self.weights
+        advantages = group_advantages(total, g, self.scale_rewards)
+        items = [training_rows(prompts[i // g], c, self.seq_length, self.pad_id) for i, c in enumerate(completions)]
+        for item, a in zip(items, advantages):
+            item["advantages"] = a.float()
+        mbs = [collate(items[s:s + self.micro_batch]) for s in range(0, len(items), self.micro_batch)]
+        if self.reference is not None:
+            on_device = [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs]
+            ref = token_logprobs(self.reference, d, on_device, temperature=self.temperature, precision=self.precision,
+                                 fused_cross_entropy=self.fused)
+            for mb, r in zip(mbs, ref):
+                mb["ref_logps"] = r.cpu()
+        self._record_metrics(scores, total, completions, stopped)
+        self.last_metrics["rollout_s"] = time.perf_counter() - t0  # sampling, rewards, reference log-probs
+        self._log_rollouts(step + 1, prompts[0], texts[:g], total[:g].tolist())
+        self.consumed_samples += self.global_batch
+        return mbs
+
+    def evaluate(self, prompts: PromptDataset) -> dict[str, float]:
+        """Held-out rewards: one greedy completion per prompt of `prompts` (the policy's mode, so
+        validations compare across steps), prompts split over dp ranks; means over all prompts."""
+        d = self.dims
+        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
+        per_rank = -(-len(prompts) // dp)
+        mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
+        # Every pass needs whole microbatches (and, interleaved, whole pipeline groups): pad with
+        # repeats of the last prompt, not scored.
+        completions: list[list[int]] = []
+        if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
+            unit = self.micro_batch * (d.pp if d is not None and d.vpp > 1 else 1)
+            padded = mine + [mine[-1]] * (-len(mine) % unit)
+            completions, _ = sample_completions(
+                self.model, d, [prompts.prompts[i] for i in padded], None, group_size=1,
+                max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids,
+                stop_text=self.stop_text, decode=self.tokenizer.decode, pad_id=self.pad_id,
+                vocab_limit=self.tokenizer.vocab_size, micro_batch=self.micro_batch, precision=self.precision,
+                device=self.device, width_multiple=self.width_multiple)
+        n = len(mine)
+        scores = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]]) if mine \
+            else torch.zeros(0, len(self.rewards), dtype=torch.float64)
+        sums = torch.cat([(scores @ self.weights).sum().reshape(1), scores.sum(dim=0),
+                          torch.tensor([float(sum(len(c) for c in completions[:n])), float(n)], dtype=torch.float64)])
+        if d is not None and d.dp > 1:
+            sums = d.comm("dp").all_reduce(sums.to(self.device)).cpu()
+        names = ["reward", *(f"reward_{reward_label(k)}" for k in self.rewards), "completion_tokens"]
+        return {k: float(v) / max(float(sums[-1]), 1.0) for k, v in zip(names, sums[:-1].tolist())}
+
+    def _record_metrics(self, scores: torch.Tensor, total: torch.Tensor, completions: list[list[int]],
+                        stopped: list[bool]) -> None:
+        g = self.group_size
+        groups = total.reshape(-1, g)
+        sums = torch.cat([
+            total.sum().reshape(1), scores.sum(dim=0),
+            groups.std(dim=1).sum().reshape(1) * g,  # weighted per completion, like the other means
+            (groups.max(dim=1).values == groups.min(dim=1).values).double().sum().reshape(1) * g,
+            torch.tensor([float(sum(len(c) for c in completions)), float(sum(not s for s in stopped)),
+                          float(len(completions))], dtype=torch.float64)])
+        if self.dims is not None and self.dims.dp > 1:
+            sums = self.dims.comm("dp").all_reduce(sums.to(self.device)).cpu()
+        n = float(sums[-1])
+        names = ["reward", *(f"reward_{reward_label(k)}" for k in self.rewards), "reward_std", "zero_std_groups",
+                 "completion_tokens", "truncated"]
+        self.last_metrics = {k: float(v) / n for k, v in zip(names, sums[:-1].tolist())}
+
+    def _log_rollouts(self, step: int, prompt: list[int], texts: list[str], rewards: list[float]) -> None:
+        """One group per step into run_dir/rollouts.jsonl (main rank): what the policy writes, as it learns."""
+        if self.log_path is None:
+            return
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"step": step, "prompt": self.tokenizer.decode(prompt), "completions": texts,
+                                "rewards": rewards}) + "\n")

@@ -1,0 +1,235 @@
+"""Rollouts on the training layout: sample completions from the policy as it is sharded for training
+(tp, pp), and per-token log-probs of finished rows, through the same forward-only schedules.
+
+Each dp replica samples its own prompts; within a replica every rank runs the same loop (tp ranks
+hold identical inputs, pipeline stages pass activations as in training). Rows are left-padded to
+one width (a pipeline pass has one activation shape): the padding is a document of its own
+(block-diagonal mask, posttrain/packing.py) and position ids start at 0 at each prompt's first
+token, so a padded row computes what the unpadded one would.
+
+Sampling happens on the last pipeline stage: it gathers the last position's logits over tp (rows ×
+vocabulary, small), samples with one torch.Generator per prompt seeded from (run seed, global prompt
+draw) — so completions depend neither on the layout nor on which dp rank draws the prompt, and a
+resumed run samples what the uninterrupted one would — then broadcasts the new tokens over pp.
+
+Where one process holds every layer (no pipeline split, no sequence parallelism, torch backend)
+decoding is incremental with a KV cache per microbatch; elsewhere each new token recomputes its
+prefix through the forward-only schedule (O(length²), exact). Both give the same tokens (tested:
+the parity test compares a cached single process with a recomputing tp2·pp2 run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from scaletrain.nn import cross_entropy_per_token
+from scaletrain.nn.kv_cache import KVCache
+from scaletrain.posttrain.packing import block_causal_mask
+from scaletrain.trainer.step import forward_pass
+
+
+def sampling_generator(seed: int, draw: int) -> torch.Generator:
+    """The generator of one prompt draw (the draw-th prompt the run samples, over all steps)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + draw) % (2**63 - 1))
+
+
+def _left_padded(rows: Sequence[list[int]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    document_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r)
+        tokens[i, width - n:] = torch.tensor(r)
+        position_ids[i, width - n:] = torch.arange(n)
+        document_ids[i, width - n:] = 0
+    return {"tokens": tokens, "position_ids": position_ids, "document_ids": document_ids}
+
+
+def _microbatches(batch: dict[str, torch.Tensor], micro_batch: int, device: torch.device) -> list[dict]:
+    n = batch["tokens"].shape[0]
+    out = []
+    for start in range(0, n, micro_batch):
+        mb = {k: v[start:start + micro_batch].to(device) for k, v in batch.items()}
+        mb["row"] = torch.arange(start, min(start + micro_batch, n), device=device)
+        out.append(mb)
+    return out
+
+
+def _is_last_stage(dims) -> bool:
+    return dims is None or dims.pp_rank == dims.pp - 1
+
+
+@torch.no_grad()
+def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
+                       generators: Sequence[torch.Generator] | None,
+                       *, group_size: int, max_new_tokens: int, temperature: float,
+                       stop_ids: set[int], stop_text: str | None = None, decode=None, pad_id: int, vocab_limit: int,
+                       micro_batch: int, precision, device: torch.device,
+                       width_multiple: int = 1) -> tuple[list[list[int]], list[bool]]:
+    """`group_size` sampled completions per prompt, in prompt order (prompt i's are rows i·G … i·G+G−1);
+    temperature 0 (generators None) decodes greedily.
+
+    A completion stops at a token in `stop_ids` (eos, a one-token end-of-turn marker) or once its
+    decoded text contains `stop_text` (a marker the tokenizer splits into pieces, which need not
+    tokenise alone as in context); the stopping token is kept (the model learns to stop). Returns
+    (completion token ids, stopped: False where max_new_tokens ran out). Collective over tp and pp of
+    this replica; identical on its ranks. width_multiple: rows are padded to a multiple of it (tp under
+    sequence parallelism, which shards the sequence).
+    """
+    tp = dims.tp_comm if dims is not None else None
+    pp = dims.comm("pp") if dims is not None and dims.pp > 1 else None
+    rows = [list(p) for p in prompts for _ in range(group_size)]
+    new: list[list[int]] = [[] for _ in rows]
+    stopped = [False] * len(rows)
+    cached = can_use_kv_cache(model, width_multiple)
+    next_logits = _CachedLogits(model, rows, pad_id, micro_batch, device, tp) if cached else None
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(max_new_tokens):
+            with precision.autocast():
+                if next_logits is not None:
+                    last = next_logits(step, [n[-1] if n else pad_id for n in new])
+                else:
+                    last = _recomputed_logits(model, dims, [r + n for r, n in zip(rows, new)], pad_id, micro_batch,
+                                              device, tp, width_multiple)
+            nxt = torch.full((len(rows),), pad_id, dtype=torch.long)
+            if _is_last_stage(dims):
+                logits = torch.stack([last[r] for r in range(len(rows))])[:, :vocab_limit]
+                if temperature == 0 or generators is None:
+                    nxt = logits.argmax(dim=-1)
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    for g, gen in enumerate(generators):  # one generator per prompt: layout-independent draws
+                        sl = slice(g * group_size, (g + 1) * group_size)
+                        nxt[sl] = torch.multinomial(probs[sl], 1, generator=gen)[:, 0]
+            if pp is not None:
+                nxt = pp.broadcast(nxt.to(device), src_group_rank=dims.pp - 1).cpu()
+            for i, t in enumerate(nxt.tolist()):
+                if stopped[i]:
+                    continue
+                new[i].append(t)
+                stopped[i] = t in stop_ids or (stop_text is not None and stop_text in decode(new[i]))
+            if all(stopped):
+                break
+    finally:
+        model.train(was_training)
+    return new, stopped
+
+
+def can_use_kv_cache(model: torch.nn.Module, width_multiple: int = 1) -> bool:
+    """Incremental decoding runs where one process holds every layer (no pipeline split), the sequence
+    is not sharded (no SP) and attention is the torch backend's; elsewhere each token recomputes."""
+    return (getattr(model, "pipeline_chunks", None) is None and width_multiple == 1
+            and getattr(model, "backend", None) == "torch")
+
+
+def _gathered_last(output: torch.Tensor, tp) -> torch.Tensor:
+    final = output[:, -1].double()  # [b, vocab/tp] at the last position
+    return (tp.all_gather(final, dim=-1) if tp is not None else final).cpu()
+
+
+def _recomputed_logits(model: torch.nn.Module, dims, rows: list[list[int]], pad_id: int, micro_batch: int,
+                       device: torch.device, tp, width_multiple: int) -> dict[int, torch.Tensor]:
+    """Next-token logits of every row (full vocabulary), recomputing each row's whole prefix through
+    the layout's forward-only schedule; filled on the last pipeline stage only."""
+    last: dict[int, torch.Tensor] = {}
+
+    def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
+        logits = module(batch["tokens"], position_ids=batch["position_ids"],
+                        attention_mask=block_causal_mask(batch["document_ids"]))
+
+        def record(output: torch.Tensor):
+            for r, values in zip(batch["row"].tolist(), _gathered_last(output, tp)):
+                last[r] = values
+            return output.new_zeros(()), {}
+
+        return logits, record
+
+    batch = _left_padded(rows, pad_id, width_multiple)
+    forward_pass(forward_step, _microbatches(batch, micro_batch, device), model, dims)
+    return last
+
+
+class _CachedLogits:
+    """Incremental decoding with a KV cache per microbatch: the first call runs the left-padded prompts,
+    each later one only the token each row took last. Padding stays masked out; a finished row keeps
+    being fed (its outputs are ignored), so all rows advance together."""
+
+    def __init__(self, model: torch.nn.Module, rows: list[list[int]], pad_id: int, micro_batch: int,
+                 device: torch.device, tp) -> None:
+        self.model, self.micro_batch, self.device, self.tp = model, micro_batch, device, tp
+        self.batch = _left_padded(rows, pad_id)
+        self.lengths = torch.tensor([len(r) for r in rows])
+        self.caches = [KVCache() for _ in range(0, len(rows), micro_batch)]
+
+    def __call__(self, step: int, previous: list[int]) -> dict[int, torch.Tensor]:
+        b = self.batch
+        if step == 0:
+            tokens, positions, mask = b["tokens"], b["position_ids"], block_causal_mask(b["document_ids"])
+        else:
+            tokens = torch.tensor(previous)[:, None]
+            positions = (self.lengths + step - 1)[:, None]
+            b["document_ids"] = torch.cat([b["document_ids"], torch.zeros_like(tokens)], dim=1)
+            mask = (b["document_ids"] == 0)[:, None, None, :]  # the prompt and every decoded token
+        last: dict[int, torch.Tensor] = {}
+        for m, start in enumerate(range(0, tokens.shape[0], self.micro_batch)):
+            sl = slice(start, start + self.micro_batch)
+            out = self.model(tokens[sl].to(self.device), position_ids=positions[sl].to(self.device),
+                             attention_mask=mask[sl].to(self.device), kv_cache=self.caches[m])
+            for r, values in enumerate(_gathered_last(out, self.tp), start=start):
+                last[r] = values
+        return last
+
+
+def training_rows(prompt: list[int], completion: list[int], seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """prompt + completion as one right-padded training row: tokens, labels, loss_mask (1 where the
+    label is a completion token), position_ids, document_ids (−1 on padding) — all [seq_length]."""
+    full = prompt + completion
+    if len(full) > seq_length + 1:
+        raise ValueError(f"prompt + completion = {len(full)} tokens > train.seq_length + 1 = {seq_length + 1}")
+    n = len(full) - 1
+    pad = seq_length - n
+    tokens = torch.tensor(full[:-1] + [pad_id] * pad)
+    labels = torch.tensor(full[1:] + [pad_id] * pad)
+    mask = torch.zeros(seq_length, dtype=torch.long)
+    mask[len(prompt) - 1:n] = 1
+    position_ids = torch.cat([torch.arange(n), torch.zeros(pad, dtype=torch.long)])
+    document_ids = torch.cat([torch.zeros(n, dtype=torch.long), torch.full((pad,), -1, dtype=torch.long)])
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": position_ids,
+            "document_ids": document_ids}
+
+
+@torch.no_grad()
+def token_logprobs(model: torch.nn.Module, dims, microbatches: list[dict], *, temperature: float, precision,
+                   fused_cross_entropy: bool = False) -> list[torch.Tensor]:
+    """Per-token log-probs of each microbatch's labels, [M, s] each (fp32 or wider), under `model` (a frozen
+    reference) at sampling temperature. Exact on the last pipeline stage (where the loss needs
+    them); zeros elsewhere. Collective over tp and pp."""
+    tp = dims.tp_comm if dims is not None else None
+    out: dict[int, torch.Tensor] = {}
+
+    def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
+        logits = module(batch["tokens"], position_ids=batch["position_ids"],
+                        attention_mask=block_causal_mask(batch["document_ids"]))
+
+        def record(output: torch.Tensor):
+            scaled = output if temperature == 1.0 else output / temperature
+            out[int(batch["mb"])] = -cross_entropy_per_token(scaled, batch["labels"], tp, fused=fused_cross_entropy)
+            return output.new_zeros(()), {}
+
+        return logits, record
+
+    was_training = model.training
+    model.eval()
+    try:
+        tagged = [{**mb, "mb": torch.tensor(i)} for i, mb in enumerate(microbatches)]
+        with precision.autocast():
+            forward_pass(forward_step, tagged, model, dims)
+    finally:
+        model.train(was_training)
+    return [out.get(i, torch.zeros(mb["labels"].shape, device=mb["labels"].device))
+            for i, mb in enumerate(microbatches)]

@@ -1,0 +1,275 @@
+"""GRPO: advantages and loss against hand computations, the verifiable rewards, layout-independent
+rollouts, the whole step at tp2·pp2 and dp2 equal to the single process (float64), exact resume with
+the saved reference policy, the up-front errors, and a run that raises its reward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scaletrain.cli import main
+
+from conftest import TINY, read_metrics, tiny_overrides
+from parity import assert_same_steps, run_single_and_parallel
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--output", str(out), "--train", "64", "--test", "5"]) == 0
+    return out / "sft_train.jsonl"
+
+
+def _args(run_dir, tokenizer_dir, prefix, prompts, **extra):
+    args = ["grpo", "--config", TINY]
+    for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
+            "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
+            "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64",
+            "posttrain.group_size": 4, "posttrain.max_new_tokens": 6, "posttrain.rewards": '["grpo_rewards:digits"]',
+            "posttrain.kl_beta": 0.1, "optim.warmup_steps": 1, **extra}):
+        args += ["--set", s]
+    return args
+
+
+# ---------------------------------------------------------------------------------------- maths
+
+def test_group_advantages_by_hand():
+    from scaletrain.posttrain.grpo import group_advantages
+
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 3.0])
+    a = group_advantages(r, 4)
+    std1 = (4 * 0.25 / 3) ** 0.5  # unbiased std of (1, 0, 0, 1)
+    std3 = ((3 * 0.75**2 + 2.25**2) / 3) ** 0.5
+    expect = [0.5 / (std1 + 1e-4), -0.5 / (std1 + 1e-4), -0.5 / (std1 + 1e-4), 0.5 / (std1 + 1e-4), 0, 0, 0, 0,
+              *(-0.75 / (std3 + 1e-4),) * 3, 2.25 / (std3 + 1e-4)]
+    assert a.tolist() == pytest.approx(expect, rel=1e-12, abs=1e-15)
+    assert group_advantages(r, 4, scale=False).tolist() == pytest.approx(
+        [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.75, -0.75, -0.75, 2.25], abs=1e-15)
+
+
+def _tiny_model(init_std: float = 0.02):
+    from scaletrain.config.schema import ModelConfig
+    from scaletrain.config.validate import resolve_model
+    from scaletrain.models import build_model
+    from scaletrain.nn import init_parameters
+
+    m = resolve_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                                  vocab_size=64, init_std=init_std), tokenizer_vocab=None, tp=1, seq_length=16)
+    model = build_model(m, dtype=torch.float64)
+    init_parameters(model, 3, tp_rank=0, tp_size=1)
+    return model
+
+
+@pytest.mark.parametrize("norm", ["token", "sequence"])
+def test_loss_value_and_gradient_by_hand(norm):
+    from scaletrain.posttrain.grpo import GRPOObjective
+    from scaletrain.posttrain.rollout import training_rows
+
+    model = _tiny_model()
+    rows = [training_rows([1, 2, 3], [4, 5, 6, 7], 12, 0), training_rows([8, 9], [10, 11], 12, 0)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    batch["advantages"] = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    batch["ref_logps"] = -torch.rand(2, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 3
+    beta, temp = 0.2, 0.8
+    obj = GRPOObjective(None, kl_beta=beta, temperature=temp, loss_norm=norm)
+    out, loss_fn = obj.forward_step(batch, model)
+    loss, metrics = loss_fn(out)
+    loss.backward()
+    loss = loss.detach()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    # Independently: log-softmax at temperature, the policy-gradient surrogate −A·log π and the k3 KL.
+    logits = model(batch["tokens"], position_ids=batch["position_ids"],
+                   attention_mask=torch.ones(2, 1, 12, 12, dtype=torch.bool).tril()
+                   & (batch["document_ids"][:, None, :, None] == batch["document_ids"][:, None, None, :]))
+    logp = torch.log_softmax(logits / temp, -1).gather(-1, batch["labels"][..., None])[..., 0]
+    m = batch["loss_mask"].double()
+    d = batch["ref_logps"] - logp
+    kl = torch.exp(d) - d - 1
+    surrogate = -batch["advantages"][:, None] * logp + beta * kl
+    value = (-batch["advantages"][:, None] + beta * kl).detach()  # the ratio is 1 in value
+    if norm == "token":
+        reduce = lambda t: (t * m).sum()  # noqa: E731
+    else:
+        reduce = lambda t: ((t * m).sum(-1) / m.sum(-1)).sum()  # noqa: E731
+    assert m.sum(-1).tolist() == [4.0, 2.0]  # the completion tokens are the targets
+    assert float(loss) == pytest.approx(float(reduce(value)), rel=1e-12)
+    assert float(metrics["kl"]) == pytest.approx(float(reduce(kl)), rel=1e-12)
+    assert int(obj.count(batch)) == (6 if norm == "token" else 2)
+    reduce(surrogate).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(ours[n], p.grad, rtol=1e-10, atol=1e-14), n
+
+
+def test_training_rows_mask_the_completion():
+    from scaletrain.posttrain.rollout import training_rows
+
+    r = training_rows([5, 6, 7], [8, 9], 8, 0)
+    assert r["tokens"].tolist() == [5, 6, 7, 8, 0, 0, 0, 0]
+    assert r["labels"].tolist() == [6, 7, 8, 9, 0, 0, 0, 0]
+    assert r["loss_mask"].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]  # labels 8 and 9: the completion
+    assert r["position_ids"].tolist() == [0, 1, 2, 3, 0, 0, 0, 0]
+    assert r["document_ids"].tolist() == [0, 0, 0, 0, -1, -1, -1, -1]
+    with pytest.raises(ValueError, match="seq_length"):
+        training_rows([1] * 6, [2] * 4, 8, 0)
+
+
+def test_left_padding_does_not_change_what_a_prompt_samples():
+    from scaletrain.posttrain.rollout import sample_completions, sampling_generator
+    from scaletrain.trainer.precision import Precision
+
+    model = _tiny_model()
+    kw = dict(group_size=3, max_new_tokens=5, temperature=1.0, stop_ids={63}, pad_id=0, vocab_limit=60,
+              micro_batch=3, precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
+    short, long = [4, 5], [7, 8, 9, 10, 11, 12]
+    alone, _ = sample_completions(model, None, [short], [sampling_generator(1, 0)], **kw)
+    both, stopped = sample_completions(model, None, [long, short], [sampling_generator(1, 5), sampling_generator(1, 0)],
+                                       **kw)
+    assert both[3:] == alone  # the short prompt, left-padded beside a longer one, samples the same tokens
+    assert all(len(c) == 5 for c in alone) and all(t < 60 for c in both for t in c)  # vocab limit respected
+    assert len(set(map(tuple, alone))) > 1  # a group's samples differ
+    assert stopped == [False] * 6
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_decodes_what_recomputation_does(temperature):
+    from scaletrain.posttrain.rollout import can_use_kv_cache, sample_completions, sampling_generator
+    from scaletrain.trainer.precision import Precision
+
+    model = _tiny_model(init_std=0.5)  # sharp attention: a wrong position or mask changes the tokens
+    assert can_use_kv_cache(model) and not can_use_kv_cache(model, width_multiple=2)
+    kw = dict(group_size=4, max_new_tokens=8, temperature=temperature, stop_ids=set(range(1, 16)), pad_id=0,
+              vocab_limit=60, micro_batch=4, precision=Precision(torch.float64, None, "cpu", "test"),
+              device=torch.device("cpu"))
+    prompts = [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]]
+
+    def gens():
+        return [sampling_generator(2, i) for i in range(3)] if temperature else None
+
+    cached = sample_completions(model, None, prompts, gens(), **kw)
+    recomputed = sample_completions(model, None, prompts, gens(), width_multiple=2, **kw)  # padded: no cache
+    assert cached == recomputed
+    lengths = {len(c) for c in cached[0]}
+    assert len(lengths) > 1  # rows finished at different steps: the cache kept finished rows aligned
+
+
+# ---------------------------------------------------------------------------------------- rewards
+
+def test_math_answer_reward():
+    from scaletrain.posttrain.rewards import math_answer
+
+    assert math_answer("The answer is 12.", {"answer": 12}) == 1.0
+    assert math_answer("The answer is 13.", {"answer": 12}) == 0.0
+    assert math_answer("so \\boxed{3/4}", {"answer": "0.75"}) == 1.0
+    assert math_answer("work... #### 1,200", {"answer": 1200}) == 1.0
+    assert math_answer("The answer is -3 and not \\boxed{4}", {"answer": 4}) == 1.0  # boxed wins
+    assert math_answer("twelve", {"answer": 12}) == 0.0
+    with pytest.raises(KeyError, match="answer"):
+        math_answer("The answer is 1", {})
+
+
+def test_python_tests_reward_runs_code_apart_and_bounded():
+    from scaletrain.posttrain.rewards import python_tests, run_python_tests
+
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+    good = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```"
+    assert python_tests(good, {"tests": tests}) == 1.0
+    assert python_tests("```python\ndef add(a, b):\n    return a - b\n```", {"tests": tests}) == 0.0
+    assert python_tests("def add(a, b) return", {"tests": tests}) == 0.0  # a syntax error fails, nothing raises
+    assert not run_python_tests("while True:\n    pass", "", timeout_s=1.0)  # killed at the timeout
+    assert not run_python_tests("x = bytearray(4 << 30)", "", memory_bytes=1 << 28)  # the memory limit holds
+
+
+def test_custom_rewards_resolve_or_fail_clearly():
+    from scaletrain.posttrain.rewards import resolve_reward, reward_problem
+
+    assert resolve_reward("grpo_rewards:digits")("a1b2", {}) == 0.5
+    assert "bundled ones are math_answer, python_tests" in reward_problem("answer")
+    assert "cannot be imported" in reward_problem("no_such_module_xyz:f")
+
+
+# ---------------------------------------------------------------------------------------- through the CLI
+
+@pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
+                                          ({}, 2)])
+def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, prompts,
+                                                        layout, world):
+    single, parallel = tmp_path / "False", tmp_path / "True"
+    # 5 held-out prompts: uneven over dp2, padded to whole microbatches — the padding must not count.
+    valid = {"posttrain.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
+    a, b = run_single_and_parallel(
+        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts,
+                                                **valid, **(layout if par else {}))), world)
+    assert len(a) == 3
+    assert a[0]["kl"] == 0.0 and a[1]["kl"] > 0  # the policy starts as the reference, then moves away
+    assert all(x["grad_norm"] > 0 for x in a)  # graded rewards: real advantages, a real gradient
+    assert_same_steps(a, b, 1e-10)
+    for x, y in zip(a, b):
+        for k in ("kl", "reward", "reward_digits", "reward_std", "zero_std_groups", "completion_tokens", "truncated"):
+            assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), (x["step"], k)
+    assert "val_loss" not in a[2] and a[2]["val_completion_tokens"] > 0  # held-out rewards, no loss
+    for k in ("val_reward", "val_reward_digits", "val_completion_tokens"):
+        assert a[2][k] == pytest.approx(b[2][k], rel=1e-12, abs=1e-15), k
+    # The layouts sampled the same completions (the main rank logs its first group per step).
+    logs = [[json.loads(line) for line in (d / "rollouts.jsonl").read_text().splitlines()] for d in (single, parallel)]
+    assert [r["completions"] for r in logs[0]] == [r["completions"] for r in logs[1]] and len(logs[0]) == 3
+
+
+def test_resume_is_exact_and_keeps_the_starting_reference(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(_args(straight, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4, "train.exit_interval": 2})) == 0
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
+    assert "reference policy: loaded from" in capsys.readouterr().out
+    keys = ("loss", "grad_norm", "kl", "reward")
+    assert [[m[k] for k in keys] for m in read_metrics(stopped)] == [[m[k] for k in keys] for m in read_metrics(straight)]
+    import shutil
+
+    shutil.rmtree(stopped / "reference")
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 6})) == 2
+    assert "needs the reference policy saved at its first start" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"posttrain.group_size": 1}, "needs at least 2"),
+    ({"posttrain.group_size": 3}, "multiple of posttrain.group_size = 3"),
+    ({"posttrain.temperature": 0.0}, "must be positive"),
+    ({"posttrain.rewards": '["answer"]'}, "bundled ones are math_answer"),
+    ({"posttrain.reward_weights": "[1.0, 2.0]"}, "one weight per reward"),
+    ({"posttrain.max_new_tokens": 96}, "posttrain.max_new_tokens = 96"),
+    ({"posttrain.rewards": '["python_tests"]'}, "reads the `tests` field, which 64 of 64"),
+    ({"posttrain.grpo_loss_norm": "seq"}, "posttrain.grpo_loss_norm"),
+])
+def test_bad_grpo_configs_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys, extra, message):
+    assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_groups_must_stay_on_one_dp_rank(tmp_path, tokenizer_dir, dataset_prefix, prompts):
+    from scaletrain.config import ConfigError, load_config, validate
+
+    cfg = load_config(TINY, tiny_overrides(tmp_path, tokenizer_dir, dataset_prefix, **{
+        "posttrain.objective": "grpo", "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 4,
+        "train.global_batch_size": 8, "train.micro_batch_size": 1, "train.seq_length": 96,
+        "posttrain.max_new_tokens": 6}))
+    assert validate(cfg, 2) == 2
+    with pytest.raises(ConfigError, match="each dp rank samples whole groups"):
+        validate(cfg, 4)
+
+
+@pytest.mark.slow
+def test_grpo_raises_its_reward(tmp_path, tokenizer_dir, dataset_prefix, prompts):
+    """From a random policy, 40 GRPO steps on the graded digit reward: the mean reward of the last
+    steps is far above the first steps' (float32, the plain-CPU setting a user runs)."""
+    run = tmp_path / "r"
+    assert main(_args(run, tokenizer_dir, dataset_prefix, prompts, **{
+        "precision.dtype": "float32", "train.steps": 40, "optim.lr": 1e-2, "train.global_batch_size": 32,
+        "train.micro_batch_size": 16, "posttrain.group_size": 8, "posttrain.kl_beta": 0.0, "optim.weight_decay": 0.0,
+        "model.num_layers": 2})) == 0
+    rewards = [m["reward"] for m in read_metrics(run)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, (first, last)
