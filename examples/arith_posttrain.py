@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from _cli import REPO, run  # examples/_cli.py (the script's folder is on sys.path)
+from _cli import REPO, prepare_arith_task, run  # examples/_cli.py (the script's folder is on sys.path)
 
 
 def main() -> int:
@@ -30,15 +30,7 @@ def main() -> int:
     p.add_argument("--ops", default="add,sub", help="task operations (add, sub, mul)")
     args = p.parse_args()
     w = (REPO / args.work).resolve()
-    data, tok = w / "data", w / "tokenizer"
-    if not (data / "pretrain.jsonl").exists():
-        run("data", "synth", "--output", str(data), "--train", "4000", "--test", str(args.eval),
-            "--max-number", str(args.max_number), "--ops", args.ops)
-    if not (tok / "tokenizer.model").exists():
-        run("data", "tokenizer", "--input", str(data / "pretrain.jsonl"), "--vocab-size", "384", "--output", str(tok))
-    if not (w / "pretrain_text_document.idx").exists():
-        run("data", "preprocess", "--input", str(data / "pretrain.jsonl"), "--tokenizer", str(tok),
-            "--output-prefix", str(w / "pretrain_text_document"))
+    data, tok = prepare_arith_task(w, args.eval, args.max_number, args.ops)
     common = ["--config", "configs/tiny.toml", "--set", f"data.tokenizer={tok}", "--set", "train.eval_interval=0",
               "--set", "logging.interval=50", "--set", "logging.tensorboard=false"]
     run("train", *common, "--set", f'data.prefixes=["{w / "pretrain_text_document"}"]',

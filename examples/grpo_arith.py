@@ -1,20 +1,21 @@
 """RL on verifiable rewards on CPU, end to end: pretrain a tiny model on the synthetic arithmetic task's
-text form, a short SFT on its chat form (a policy that answers in the right format but is often
-wrong), then GRPO against the checkable answer (`math_answer`: the completion's 'The answer is N'
+text form, SFT on its chat form (a policy that answers in the right format but is often wrong,
+more so when it samples), then GRPO against the checkable answer (`math_answer`: the completion's 'The answer is N'
 equals the row's answer). Prints held-out exact match (greedy) and sampled accuracy (temperature 1)
 after each stage. Every training step is the real CLI.
 
-    python examples/grpo_arith.py [--work runs/grpo_arith] [--sft-steps 40] [--grpo-steps 150]
-        [--group-size 8 --prompts-per-step 8 --grpo-lr 3e-4 --kl-beta 0.02]
+    python examples/grpo_arith.py [--work runs/grpo_arith] [--sft-steps 300] [--grpo-steps 200]
+        [--group-size 8 --prompts-per-step 8 --grpo-lr 1e-4 --kl-beta 0.02]
 
-About 10 minutes on 2 CPU cores.
+About 16 minutes on 2 CPU cores from scratch (GRPO ≈ 10 of them). Measured: held-out exact match
+73.0% → 89.5%, sampled accuracy 55.4% → 64.9% (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from _cli import REPO, run  # examples/_cli.py (the script's folder is on sys.path)
+from _cli import REPO, prepare_arith_task, run  # examples/_cli.py (the script's folder is on sys.path)
 
 
 def main() -> int:
@@ -32,15 +33,7 @@ def main() -> int:
     p.add_argument("--ops", default="add,sub", help="task operations (add, sub, mul)")
     args = p.parse_args()
     w = (REPO / args.work).resolve()
-    data, tok = w / "data", w / "tokenizer"
-    if not (data / "pretrain.jsonl").exists():
-        run("data", "synth", "--output", str(data), "--train", "4000", "--test", str(args.eval),
-            "--max-number", str(args.max_number), "--ops", args.ops)
-    if not (tok / "tokenizer.model").exists():
-        run("data", "tokenizer", "--input", str(data / "pretrain.jsonl"), "--vocab-size", "384", "--output", str(tok))
-    if not (w / "pretrain_text_document.idx").exists():
-        run("data", "preprocess", "--input", str(data / "pretrain.jsonl"), "--tokenizer", str(tok),
-            "--output-prefix", str(w / "pretrain_text_document"))
+    data, tok = prepare_arith_task(w, args.eval, args.max_number, args.ops)
     common = ["--config", "configs/tiny.toml", "--set", f"data.tokenizer={tok}", "--set", "train.eval_interval=0",
               "--set", "logging.interval=25", "--set", "logging.tensorboard=false"]
     run("train", *common, "--set", f'data.prefixes=["{w / "pretrain_text_document"}"]',

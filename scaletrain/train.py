@@ -172,7 +172,7 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
         micro_batch=t.micro_batch_size, seq_length=t.seq_length, seed=t.seed, consumed_samples=consumed_samples,
         tokenizer=tokenizer, stop_text=marker, precision=precision, device=device,
         fused_cross_entropy=fused_cross_entropy, run_dir=Path(t.run_dir),
-        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, iterations=pt.grpo_iterations)
 
 
 REFERENCE_DIR = "reference"
@@ -306,7 +306,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         from scaletrain.posttrain.grpo import GRPOObjective
 
         objective = GRPOObjective(dims.tp_comm, kl_beta=pt.kl_beta, temperature=pt.temperature,
-                                  loss_norm=pt.grpo_loss_norm, fused_cross_entropy=fused_ce)
+                                  loss_norm=pt.grpo_loss_norm, fused_cross_entropy=fused_ce,
+                                  clipped=pt.grpo_iterations > 1, clip_eps=pt.clip_eps, clip_eps_high=pt.clip_eps_high)
     else:
         objective = LanguageModelingObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
     if cfg.parallel.kernels:

@@ -104,6 +104,45 @@ def test_loss_value_and_gradient_by_hand(norm):
         assert torch.allclose(ours[n], p.grad, rtol=1e-10, atol=1e-14), n
 
 
+def test_clipped_surrogate_by_hand():
+    """grpo_iterations > 1: −min(ρA, clip(ρ, 1−ε, 1+ε_high)A) against the sampling-time log-probs; tokens
+    on the clipped branch contribute no gradient."""
+    from scaletrain.posttrain.grpo import GRPOObjective
+    from scaletrain.posttrain.rollout import training_rows
+
+    model = _tiny_model()
+    rows = [training_rows([1, 2, 3], [4, 5, 6, 7], 12, 0), training_rows([8, 9], [10, 11], 12, 0)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    batch["advantages"] = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    with torch.no_grad():  # sampling-time log-probs, moved so that some ratios leave the clip range
+        logits = model(batch["tokens"], position_ids=batch["position_ids"])
+        now = torch.log_softmax(logits, -1).gather(-1, batch["labels"][..., None])[..., 0]
+    shift = torch.linspace(-0.5, 0.5, 12, dtype=torch.float64)
+    batch["old_logps"] = now + shift
+    obj = GRPOObjective(None, clipped=True, clip_eps=0.2, clip_eps_high=0.28)
+    assert obj.metrics == ("clip_fraction",)
+    out, loss_fn = obj.forward_step(batch, model)
+    loss, metrics = loss_fn(out)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits = model(batch["tokens"], position_ids=batch["position_ids"],
+                   attention_mask=torch.ones(2, 1, 12, 12, dtype=torch.bool).tril()
+                   & (batch["document_ids"][:, None, :, None] == batch["document_ids"][:, None, None, :]))
+    logp = torch.log_softmax(logits, -1).gather(-1, batch["labels"][..., None])[..., 0]
+    m = batch["loss_mask"].double()
+    a = batch["advantages"][:, None]
+    ratio = torch.exp(logp - batch["old_logps"])
+    surrogate = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
+    assert float(loss.detach()) == pytest.approx(float((surrogate * m).sum()), rel=1e-12)
+    active = ((ratio.clamp(0.8, 1.28) * a < ratio * a).double() * m).sum()
+    assert 0 < float(active) < 6 and float(metrics["clip_fraction"]) == float(active)
+    (surrogate * m).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(ours[n], p.grad, rtol=1e-10, atol=1e-14), n
+
+
 def test_training_rows_mask_the_completion():
     from scaletrain.posttrain.rollout import training_rows
 
@@ -150,8 +189,9 @@ def test_kv_cache_decodes_what_recomputation_does(temperature):
         return [sampling_generator(2, i) for i in range(3)] if temperature else None
 
     cached = sample_completions(model, None, prompts, gens(), **kw)
-    recomputed = sample_completions(model, None, prompts, gens(), width_multiple=2, **kw)  # padded: no cache
-    assert cached == recomputed
+    recomputed = sample_completions(model, None, prompts, gens(), kv_cache=False, **kw)
+    padded = sample_completions(model, None, prompts, gens(), width_multiple=2, **kw)  # wider rows: no cache
+    assert cached == recomputed == padded
     lengths = {len(c) for c in cached[0]}
     assert len(lengths) > 1  # rows finished at different steps: the cache kept finished rows aligned
 
@@ -194,15 +234,17 @@ def test_custom_rewards_resolve_or_fail_clearly():
 # ---------------------------------------------------------------------------------------- through the CLI
 
 @pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
-                                          ({}, 2)])
+                                          ({"posttrain.grpo_iterations": 2}, 2)])
 def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, prompts,
                                                         layout, world):
     single, parallel = tmp_path / "False", tmp_path / "True"
     # 5 held-out prompts: uneven over dp2, padded to whole microbatches — the padding must not count.
     valid = {"posttrain.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
     a, b = run_single_and_parallel(
-        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts,
-                                                **valid, **(layout if par else {}))), world)
+        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **valid,
+                                                **{k: v for k, v in layout.items() if par or k.startswith("posttrain")})),
+        world)
+    iterations = layout.get("posttrain.grpo_iterations", 1)
     assert len(a) == 3
     assert a[0]["kl"] == 0.0 and a[1]["kl"] > 0  # the policy starts as the reference, then moves away
     assert all(x["grad_norm"] > 0 for x in a)  # graded rewards: real advantages, a real gradient
@@ -215,7 +257,11 @@ def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir,
         assert a[2][k] == pytest.approx(b[2][k], rel=1e-12, abs=1e-15), k
     # The layouts sampled the same completions (the main rank logs its first group per step).
     logs = [[json.loads(line) for line in (d / "rollouts.jsonl").read_text().splitlines()] for d in (single, parallel)]
-    assert [r["completions"] for r in logs[0]] == [r["completions"] for r in logs[1]] and len(logs[0]) == 3
+    assert [r["completions"] for r in logs[0]] == [r["completions"] for r in logs[1]]
+    assert len(logs[0]) == (3 if iterations == 1 else 2)  # rollouts at steps 1, 2, 3 — or 1 and 3
+    if iterations > 1:  # step 2 reuses step 1's batch: the same rewards, a second (clipped-ratio) update
+        assert a[1]["reward"] == a[0]["reward"] and a[1]["rollout_s"] == 0.0 and a[1]["loss"] != a[0]["loss"]
+        assert all(x["clip_fraction"] == pytest.approx(y["clip_fraction"], abs=1e-12) for x, y in zip(a, b))
 
 
 def test_resume_is_exact_and_keeps_the_starting_reference(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
@@ -233,6 +279,29 @@ def test_resume_is_exact_and_keeps_the_starting_reference(tmp_path, tokenizer_di
     assert "needs the reference policy saved at its first start" in capsys.readouterr().err
 
 
+def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
+    """grpo_iterations 2, stopped after step 3 (step 4 trains on step 3's rollouts): the batch comes back
+    from run_dir/rollout_buffer and the run equals the uninterrupted one."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    extra = {"train.steps": 4, "posttrain.grpo_iterations": 2}
+    assert main(_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 3})) == 0
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    keys = ("loss", "grad_norm", "kl", "reward", "clip_fraction")
+    assert [[m[k] for k in keys] for m in read_metrics(stopped)] == [[m[k] for k in keys] for m in read_metrics(straight)]
+    # Pruned to what the latest checkpoint (step 4: the next batch starts fresh) can need.
+    assert sorted(f.name for f in (stopped / "rollout_buffer").iterdir()) == ["step_0000002.rank_0.safetensors"]
+    import shutil
+
+    shutil.rmtree(stopped / "checkpoints" / "step_0000004")
+    (stopped / "checkpoints" / "latest").write_text("step_0000003")
+    for f in (stopped / "rollout_buffer").iterdir():
+        f.unlink()
+    capsys.readouterr()
+    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
+    assert "rollout_buffer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"posttrain.group_size": 1}, "needs at least 2"),
     ({"posttrain.group_size": 3}, "multiple of posttrain.group_size = 3"),
@@ -242,6 +311,8 @@ def test_resume_is_exact_and_keeps_the_starting_reference(tmp_path, tokenizer_di
     ({"posttrain.max_new_tokens": 96}, "posttrain.max_new_tokens = 96"),
     ({"posttrain.rewards": '["python_tests"]'}, "reads the `tests` field, which 64 of 64"),
     ({"posttrain.grpo_loss_norm": "seq"}, "posttrain.grpo_loss_norm"),
+    ({"posttrain.grpo_iterations": 0}, "must be at least 1"),
+    ({"posttrain.clip_eps": 1.5}, "posttrain.clip_eps = 1.5"),
 ])
 def test_bad_grpo_configs_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys, extra, message):
     assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2

@@ -264,6 +264,12 @@ class PostTrainConfig:
     """grpo: weight of the k3 KL penalty to the frozen starting policy (0: no reference model is built)."""
     scale_rewards: bool = True
     """grpo: divide each group's centred rewards by its standard deviation (False: Dr. GRPO's plain centring)."""
+    grpo_iterations: int = 1
+    """grpo: policy updates per rollout batch (μ; > 1 uses PPO's clipped ratio against the sampling-time log-probs)."""
+    clip_eps: float = 0.2
+    """grpo (grpo_iterations > 1): the ratio's clip range below 1 (and above, unless clip_eps_high)."""
+    clip_eps_high: float = 0.0
+    """grpo: the clip range above 1 (0: clip_eps; larger: DAPO's clip-higher)."""
     grpo_loss_norm: str = "token"
     """grpo: 'token' (sum over all completion tokens / their global count, DAPO) or 'sequence' (mean per completion, then over completions: the original GRPO)."""
 

@@ -257,6 +257,11 @@ def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
     if pt.temperature <= 0:
         errors.append(f"posttrain.temperature = {pt.temperature} must be positive: a group of greedy completions "
                       "is one completion repeated, with no reward differences to learn from.")
+    if pt.grpo_iterations < 1:
+        errors.append(f"posttrain.grpo_iterations = {pt.grpo_iterations} must be at least 1 (updates per rollout batch).")
+    if not 0 < pt.clip_eps < 1 or not 0 <= pt.clip_eps_high < 10:
+        errors.append(f"posttrain.clip_eps = {pt.clip_eps} must be in (0, 1) and posttrain.clip_eps_high = "
+                      f"{pt.clip_eps_high} in [0, 10) (0: the same as clip_eps).")
     if pt.kl_beta < 0:
         errors.append(f"posttrain.kl_beta = {pt.kl_beta} must be 0 (no KL penalty) or positive.")
     if not pt.rewards:

@@ -4,12 +4,15 @@ with DAPO's token-level normalisation by default).
 For each prompt a group of G completions is sampled (posttrain/grpo_batches.py); each completion's
 advantage is its reward minus the group mean, divided by the group's standard deviation (sample
 std, + 1e-4; `scale_rewards = false` leaves it centred only, as Dr. GRPO argues). Every completion
-token gets its completion's advantage A. One policy update per rollout batch (on-policy, TRL's
-default), so the importance ratio π/π_old is 1 in value and the per-token loss is
+token gets its completion's advantage A. With one policy update per rollout batch (on-policy, TRL's
+default) the importance ratio π/π_old is 1 in value and the per-token loss is
 
     −A · exp(log π − sg(log π))  [+ β · (exp(r − log π) − (r − log π) − 1),  r = log π_ref]
 
-whose gradient is −A ∇log π plus β times the gradient of the k3 estimate of KL(π ‖ π_ref).
+whose gradient is −A ∇log π plus β times the gradient of the k3 estimate of KL(π ‖ π_ref). With
+posttrain.grpo_iterations = μ > 1 each batch serves μ updates, and the surrogate is PPO's clipped one
+against the log-probs at sampling time: −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A), ρ = exp(log π − log π_old)
+(ε_high > ε is DAPO's clip-higher); `clip_fraction` counts the tokens whose clipped branch is active.
 Log-probs are taken at the sampling temperature and through the vocab-parallel cross-entropy (the
 vocabulary is never gathered). Normalisation ('token': all completion tokens of the global batch;
 'sequence': per-completion means over the global number of completions) goes through the shared
@@ -41,12 +44,15 @@ class GRPOObjective:
     name = "grpo"
 
     def __init__(self, tp: Comm | None, *, kl_beta: float = 0.0, temperature: float = 1.0,
-                 loss_norm: str = "token", fused_cross_entropy: bool = False) -> None:
+                 loss_norm: str = "token", fused_cross_entropy: bool = False, clipped: bool = False,
+                 clip_eps: float = 0.2, clip_eps_high: float = 0.0) -> None:
         if loss_norm not in ("token", "sequence"):
             raise ValueError(f"loss_norm must be 'token' or 'sequence', got {loss_norm!r}")
         self.tp, self.kl_beta, self.temperature = tp, kl_beta, temperature
         self.loss_norm, self.fused = loss_norm, fused_cross_entropy
-        self.metrics = ("kl",) if kl_beta else ()  # means per loss item, like the loss
+        self.clip_low, self.clip_high = clip_eps, clip_eps_high or clip_eps
+        # means per loss item, like the loss; clipping needs the batch's old log-probs (grpo_iterations > 1)
+        self.metrics = ("kl",) * bool(kl_beta) + ("clip_fraction",) * clipped
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.loss_norm == "token":
@@ -68,8 +74,15 @@ class GRPOObjective:
             logp = -cross_entropy_per_token(scaled, labels, self.tp, fused=self.fused)
             mask = batch["loss_mask"].to(logp.dtype)
             advantages = batch["advantages"].to(logp.dtype)[:, None]
-            per_token = -torch.exp(logp - logp.detach()) * advantages  # on-policy ratio: 1, gradient ∇log π
             metrics: dict[str, torch.Tensor] = {}
+            if "old_logps" in batch:  # the batch serves several updates: PPO's clipped surrogate
+                ratio = torch.exp(logp - batch["old_logps"].to(logp.dtype))
+                plain = ratio * advantages
+                clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high) * advantages
+                per_token = -torch.minimum(plain, clipped)
+                metrics["clip_fraction"] = self._reduce((clipped < plain).to(logp.dtype), mask)
+            else:
+                per_token = -torch.exp(logp - logp.detach()) * advantages  # on-policy ratio: 1, gradient ∇log π
             if self.kl_beta:
                 d = batch["ref_logps"].to(logp.dtype) - logp
                 kl = torch.exp(d) - d - 1  # k3: unbiased, always ≥ 0

@@ -1,8 +1,8 @@
 """GRPO's batches: per step, fresh rollouts of the current policy on this dp rank's prompts, scored by
 the verifiable rewards, as microbatches for the shared train step (the Trainer's `train_batches`).
 
-Step k draws prompts k·P … k·P+P−1 of a seeded per-epoch permutation (P = global batch / group
-size); dp rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its
+Rollout batch k draws prompts k·P … k·P+P−1 of a seeded per-epoch permutation (P = global batch /
+group size; one batch per posttrain.grpo_iterations steps, kept on disk between its updates); dp rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its
 advantages need no communication. The step's rollout metrics (means over the global batch's
 completions, reduced over dp) are left in `last_metrics` for the step's metrics record. Rewards are
 computed once per replica (its first tp rank on the last stage: a timed-out unit test must not
@@ -23,6 +23,7 @@ from scaletrain.posttrain.grpo import group_advantages
 from scaletrain.posttrain.grpo_data import PromptDataset
 from scaletrain.posttrain.rewards import RewardFn, reward_label
 from scaletrain.posttrain.rollout import sample_completions, sampling_generator, token_logprobs, training_rows
+from scaletrain.posttrain.rollout_buffer import RolloutBuffer
 
 ROLLOUT_LOG = "rollouts.jsonl"
 
@@ -33,7 +34,7 @@ class RolloutBatches:
                  max_new_tokens: int, temperature: float, scale_rewards: bool, global_batch: int, micro_batch: int,
                  seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
                  precision, device: torch.device, fused_cross_entropy: bool = False,
-                 run_dir: Path | None = None, width_multiple: int = 1) -> None:
+                 run_dir: Path | None = None, width_multiple: int = 1, iterations: int = 1) -> None:
         self.prompts, self.model, self.reference, self.dims = prompts, model, reference, dims
         self.rewards = rewards
         self.weights = torch.tensor(reward_weights or [1.0] * len(rewards), dtype=torch.float64)
@@ -46,6 +47,10 @@ class RolloutBatches:
         self.precision, self.device, self.fused = precision, device, fused_cross_entropy
         self.width_multiple = width_multiple  # rollout rows' width: tp under sequence parallelism
         self.log_path = run_dir / ROLLOUT_LOG if run_dir is not None and (dims is None or dims.is_main) else None
+        self.iterations = iterations  # updates per rollout batch (posttrain.grpo_iterations)
+        self.buffer = RolloutBuffer(run_dir, dims.rank if dims is not None else 0, iterations) \
+            if iterations > 1 and run_dir is not None else None
+        self._current: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
         self.last_metrics: dict[str, float] = {}
         self.console_keys = ("reward",)
         self._perms: dict[int, np.ndarray] = {}
@@ -92,12 +97,29 @@ class RolloutBatches:
         return self._replica_broadcast(scores)
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
+        step = self.consumed_samples // self.global_batch
+        self.consumed_samples += self.global_batch
+        generation = step - step % self.iterations  # the step whose rollouts this one trains on
+        if generation != step:  # a later update on the same batch (posttrain.grpo_iterations > 1)
+            if self._current is None or self._current[0] != generation:  # resumed between updates
+                assert self.buffer is not None
+                self._current = (generation, *self.buffer.load(generation))
+            self.last_metrics = {**self._current[2], "rollout_s": 0.0}
+            return [dict(mb) for mb in self._current[1]]
+        mbs = self._rollouts(step)
+        if self.buffer is not None:
+            self._current = (step, mbs, dict(self.last_metrics))
+            self.buffer.save(step, mbs, self.last_metrics)
+        return mbs
+
+    def _rollouts(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Sample, score and lay out the rollout batch of step index `step` (this dp rank's share)."""
         d, g = self.dims, self.group_size
         dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
         per_step = self.global_batch // g
         per_rank = per_step // dp
-        step = self.consumed_samples // self.global_batch
-        draws = [step * per_step + dp_rank * per_rank + j for j in range(per_rank)]
+        generation = step // self.iterations  # prompts advance once per rollout batch
+        draws = [generation * per_step + dp_rank * per_rank + j for j in range(per_rank)]
         index = [self._prompt_index(k) for k in draws]
         t0 = time.perf_counter()
         prompts = [self.prompts.prompts[i] for i in index]
@@ -116,16 +138,19 @@ class RolloutBatches:
         for item, a in zip(items, advantages):
             item["advantages"] = a.float()
         mbs = [collate(items[s:s + self.micro_batch]) for s in range(0, len(items), self.micro_batch)]
-        if self.reference is not None:
-            on_device = [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs]
-            ref = token_logprobs(self.reference, d, on_device, temperature=self.temperature, precision=self.precision,
-                                 fused_cross_entropy=self.fused)
-            for mb, r in zip(mbs, ref):
-                mb["ref_logps"] = r.cpu()
+        # Log-probs the loss needs besides the policy's own: the frozen reference's (KL) and, when the
+        # batch serves several updates, the sampling policy's (the clipped ratio's denominator).
+        models = {"ref_logps": self.reference, "old_logps": self.model if self.iterations > 1 else None}
+        on_device = [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs] if any(models.values()) else []
+        for key, model in models.items():
+            if model is not None:
+                values = token_logprobs(model, d, on_device, temperature=self.temperature, precision=self.precision,
+                                        fused_cross_entropy=self.fused)
+                for mb, v in zip(mbs, values):
+                    mb[key] = v.cpu()
         self._record_metrics(scores, total, completions, stopped)
-        self.last_metrics["rollout_s"] = time.perf_counter() - t0  # sampling, rewards, reference log-probs
+        self.last_metrics["rollout_s"] = time.perf_counter() - t0  # sampling, rewards, log-prob passes
         self._log_rollouts(step + 1, prompts[0], texts[:g], total[:g].tolist())
-        self.consumed_samples += self.global_batch
         return mbs
 
     def evaluate(self, prompts: PromptDataset) -> dict[str, float]:

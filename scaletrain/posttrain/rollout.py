@@ -68,7 +68,7 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
                        *, group_size: int, max_new_tokens: int, temperature: float,
                        stop_ids: set[int], stop_text: str | None = None, decode=None, pad_id: int, vocab_limit: int,
                        micro_batch: int, precision, device: torch.device,
-                       width_multiple: int = 1) -> tuple[list[list[int]], list[bool]]:
+                       width_multiple: int = 1, kv_cache: bool | None = None) -> tuple[list[list[int]], list[bool]]:
     """`group_size` sampled completions per prompt, in prompt order (prompt i's are rows i·G … i·G+G−1);
     temperature 0 (generators None) decodes greedily.
 
@@ -77,14 +77,18 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
     tokenise alone as in context); the stopping token is kept (the model learns to stop). Returns
     (completion token ids, stopped: False where max_new_tokens ran out). Collective over tp and pp of
     this replica; identical on its ranks. width_multiple: rows are padded to a multiple of it (tp under
-    sequence parallelism, which shards the sequence).
+    sequence parallelism, which shards the sequence). kv_cache: None picks incremental decoding where
+    it can run (`can_use_kv_cache`), False always recomputes (the reference for tests and benchmarks).
     """
     tp = dims.tp_comm if dims is not None else None
     pp = dims.comm("pp") if dims is not None and dims.pp > 1 else None
     rows = [list(p) for p in prompts for _ in range(group_size)]
     new: list[list[int]] = [[] for _ in rows]
     stopped = [False] * len(rows)
-    cached = can_use_kv_cache(model, width_multiple)
+    if kv_cache and not can_use_kv_cache(model, width_multiple):
+        raise ValueError("kv_cache=True needs the whole model in this process, no sequence parallelism and the "
+                         "torch backend")
+    cached = can_use_kv_cache(model, width_multiple) if kv_cache is None else kv_cache
     next_logits = _CachedLogits(model, rows, pad_id, micro_batch, device, tp) if cached else None
     was_training = model.training
     model.eval()
