@@ -2,8 +2,9 @@
 the verifiable rewards, as microbatches for the shared train step (the Trainer's `train_batches`).
 
 Rollout batch k draws prompts k·P … k·P+P−1 of a seeded per-epoch permutation (P = global batch /
-group size; one batch per posttrain.grpo_iterations steps, kept on disk between its updates); dp rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its
-advantages need no communication. The step's rollout metrics (means over the global batch's
+group size; one batch per posttrain.grpo_iterations steps, kept on disk between its updates); dp
+rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its advantages
+need no communication. The step's rollout metrics (means over the global batch's
 completions, reduced over dp) are left in `last_metrics` for the step's metrics record. Rewards are
 computed once per replica (its first tp rank on the last stage: a timed-out unit test must not
 score differently on two tp ranks) and broadcast to the replica's other ranks.
