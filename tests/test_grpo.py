@@ -135,7 +135,7 @@ def test_clipped_surrogate_by_hand():
     a = batch["advantages"][:, None]
     ratio = torch.exp(logp - batch["old_logps"])
     surrogate = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
-    assert float(loss.detach()) == pytest.approx(float((surrogate * m).sum()), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(float((surrogate * m).sum().detach()), rel=1e-12)
     active = ((ratio.clamp(0.8, 1.28) * a < ratio * a).double() * m).sum()
     assert 0 < float(active) < 6 and float(metrics["clip_fraction"]) == float(active)
     (surrogate * m).sum().backward()
