@@ -93,7 +93,7 @@ def sampled_accuracy(model: torch.nn.Module, renderer: ChatRenderer, problems: l
                      micro_batch: int = 64) -> float:
     """Share of (problem, sample) pairs whose answer is right, batched with the rollout sampler (KV
     cache): `samples` completions per problem at `temperature` (0: one greedy completion each)."""
-    from scaletrain.posttrain.rollout import sample_completions, sampling_generator
+    from scaletrain.posttrain.rollout import sample_completions, sampling_generator, stop_ids_for
     from scaletrain.trainer.precision import Precision
 
     tok = renderer.tokenizer
@@ -104,7 +104,7 @@ def sampled_accuracy(model: torch.nn.Module, renderer: ChatRenderer, problems: l
     marker = renderer.end_of_turn()
     completions, _ = sample_completions(
         model, None, prompts, generators, group_size=group, max_new_tokens=max_new_tokens, temperature=temperature,
-        stop_ids={tok.eos_id}, stop_text=marker, decode=tok.decode,
+        stop_ids=stop_ids_for(tok, marker), stop_text=marker, decode=tok.decode,
         pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id, vocab_limit=tok.vocab_size,
         micro_batch=micro_batch, precision=Precision(param.dtype, None, param.device.type, "eval"),
         device=param.device)

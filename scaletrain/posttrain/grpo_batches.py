@@ -23,7 +23,13 @@ from scaletrain.data.loader import collate
 from scaletrain.posttrain.grpo import group_advantages
 from scaletrain.posttrain.grpo_data import PromptDataset
 from scaletrain.posttrain.rewards import RewardFn, reward_label
-from scaletrain.posttrain.rollout import sample_completions, sampling_generator, token_logprobs, training_rows
+from scaletrain.posttrain.rollout import (
+    sample_completions,
+    sampling_generator,
+    stop_ids_for,
+    token_logprobs,
+    training_rows,
+)
 from scaletrain.posttrain.rollout_buffer import RolloutBuffer
 
 ROLLOUT_LOG = "rollouts.jsonl"
@@ -43,7 +49,7 @@ class RolloutBatches:
         self.scale_rewards, self.global_batch, self.micro_batch = scale_rewards, global_batch, micro_batch
         self.seq_length, self.seed, self.consumed_samples = seq_length, seed, consumed_samples
         self.tokenizer, self.stop_text = tokenizer, stop_text
-        self.stop_ids = {tokenizer.eos_id, *self._single_token(stop_text)}
+        self.stop_ids = stop_ids_for(tokenizer, stop_text)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         self.precision, self.device, self.fused = precision, device, fused_cross_entropy
         self.width_multiple = width_multiple  # rollout rows' width: tp under sequence parallelism
@@ -65,10 +71,6 @@ class RolloutBatches:
         if epoch not in self._perms:
             self._perms = {epoch: np.random.RandomState((self.seed + epoch) % 2**32).permutation(n)}
         return int(self._perms[epoch][draw % n])
-
-    def _single_token(self, text: str | None) -> list[int]:
-        ids = self.tokenizer.encode(text) if text else []
-        return ids if len(ids) == 1 else []
 
     def _text(self, completion: list[int]) -> str:
         """What the rewards read: the completion's text before its stop token or end-of-turn marker."""

@@ -30,6 +30,13 @@ from scaletrain.posttrain.packing import block_causal_mask
 from scaletrain.trainer.step import forward_pass
 
 
+def stop_ids_for(tokenizer, stop_text: str | None) -> set[int]:
+    """Token ids that end a completion: eos, and the end-of-turn marker where it is one token (a
+    special token may decode to nothing, so the text check alone would miss it)."""
+    ids = tokenizer.encode(stop_text) if stop_text else []
+    return {tokenizer.eos_id, *(ids if len(ids) == 1 else [])}
+
+
 def sampling_generator(seed: int, draw: int) -> torch.Generator:
     """The generator of one prompt draw (the draw-th prompt the run samples, over all steps)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + draw) % (2**63 - 1))
