@@ -109,7 +109,9 @@ def main() -> int:
     results: dict[str, str] = {}
     for name, test in (("fused-kernel parity (tests/test_kernels.py)", "tests/test_kernels.py"),
                        ("te backend: names/shapes, parity, checkpoint, FP8 steps (tests/test_te_backend.py)",
-                        "tests/test_te_backend.py")):
+                        "tests/test_te_backend.py"),
+                       ("context-parallel attention kernels on CUDA (tests/test_context_parallel.py -k cuda)",
+                        "tests/test_context_parallel.py::test_cuda_cp_attention_paths_equal_sdpa")):
         r = sh([sys.executable, "-m", "pytest", "-q", "-rs", test], 600)
         summary = (r.stdout.strip().splitlines() or ["no output"])[-1]
         results[name] = ("pass" if r.returncode == 0 else "FAIL") + f" ({summary})"

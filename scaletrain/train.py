@@ -73,9 +73,13 @@ def prepare(cfg: RunConfig, world_size: int):
     if problem:
         raise ConfigError(problem)
     try:  # te refused where it cannot run, before any process group or data exists
-        select_backend(cfg.parallel.backend, tuple(cfg.parallel.kernels))
+        backend, _ = select_backend(cfg.parallel.backend, tuple(cfg.parallel.kernels))
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
+    if backend == "te" and cfg.parallel.cp > 1:
+        raise ConfigError(f"parallel.cp = {cfg.parallel.cp} on the te backend: Transformer Engine's context-parallel "
+                          "attention is not wired up yet (its group binding is unverified without GPUs); set "
+                          "parallel.backend = 'torch' or parallel.cp = 1.")
     if model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
@@ -264,7 +268,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
-        f"layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "
+        f"layout tp{dims.tp}·pp{dims.pp}·{f'cp{dims.cp}·' if dims.cp > 1 else ''}dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "
         f"precision {precision.name} ({precision.reason}); device {device}")
 
     if dims.world_size > 1:

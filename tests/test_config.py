@@ -115,15 +115,17 @@ def test_validate_world_size_and_layout_rules():
 def test_layouts_not_built_yet_are_refused_not_faked():
     assert validate(_resolved(["parallel.tp=2"]), world_size=2) == 1
     assert validate(_resolved(), world_size=2) == 2
-    with pytest.raises(ConfigError, match="parallel.cp = 2: context parallelism is not implemented"):
-        validate(_resolved(["parallel.cp=2"]), world_size=2)
+    assert validate(_resolved(["parallel.cp=2"]), world_size=4) == 2  # dp counts replicas: cp ranks share samples
+    with pytest.raises(ConfigError, match="parallel.cp = 2 with posttrain.objective = 'grpo'"):
+        validate(_resolved(["parallel.cp=2", "posttrain.objective=grpo", 'posttrain.train_data=["p.jsonl"]']),
+                 world_size=2)
     assert validate(_resolved(["parallel.pp=2"]), world_size=2) == 1
     with pytest.raises(ConfigError, match=r"interleaved 1F1B \(parallel.vpp = 2\) needs the microbatches per step \(2\)"):
         validate(_resolved(["parallel.pp=4", "parallel.vpp=1", "parallel.vpp=2", "model.num_layers=8"]), world_size=4)
     assert validate(_resolved(["optim.distributed=true"]), world_size=2) == 2
 
 
-@pytest.mark.parametrize("name", ["llama3_1b", "llama3_3b", "llama3_8b", "llama3_70b", "llama3_405b"])
+@pytest.mark.parametrize("name", ["llama3_1b", "llama3_3b", "llama3_8b", "llama3_70b", "llama3_405b", "llama3_8b_long"])
 def test_published_shapes_load(name):
     from conftest import REPO
 

@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
 OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")
+CP_OBJECTIVES = ("pretrain", "sft")  # token-level losses: each cp rank's tokens are independent terms
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -162,7 +163,9 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append("parallel.vpp > 1 needs parallel.pp > 1 (virtual stages interleave a real pipeline).")
     if p.sequence_parallel and p.tp == 1:
         errors.append("parallel.sequence_parallel = true needs parallel.tp > 1.")
-    if p.sequence_parallel and t.seq_length % p.tp:
+    if p.cp > 1:
+        _context_parallel_errors(errors, cfg)
+    elif p.sequence_parallel and t.seq_length % p.tp:
         errors.append(f"train.seq_length = {t.seq_length} is not divisible by parallel.tp = {p.tp} "
                       "(sequence parallelism splits the sequence over tp).")
     pr = cfg.precision
@@ -232,11 +235,24 @@ def validate(cfg: RunConfig, world_size: int) -> int:
 
 def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     """Layouts whose machinery has not landed yet: refused, never silently run as something else."""
-    p = cfg.parallel
     out = []
-    if p.cp > 1:
-        out.append(f"parallel.cp = {p.cp}: context parallelism is not implemented yet; set it to 1.")
+    if cfg.parallel.cp > 1 and cfg.posttrain.objective not in CP_OBJECTIVES:
+        out.append(f"parallel.cp = {cfg.parallel.cp} with posttrain.objective = '{cfg.posttrain.objective}': context "
+                   f"parallelism runs the token-level objectives ({', '.join(CP_OBJECTIVES)}); sequence log-probs and "
+                   "rollouts are not split over cp yet. Set parallel.cp = 1 (long rows: tp with sequence_parallel).")
     return out
+
+
+def _context_parallel_errors(errors: list[str], cfg: RunConfig) -> None:
+    """cp splits each sequence into 2·cp chunks (two per rank, load-balanced under the causal mask);
+    with sequence parallelism each rank's share is split again over tp."""
+    p, t = cfg.parallel, cfg.train
+    if t.seq_length % (2 * p.cp):
+        errors.append(f"train.seq_length = {t.seq_length} is not divisible by 2·parallel.cp = {2 * p.cp} (context "
+                      "parallelism gives every cp rank two of 2·cp equal chunks); change one of them.")
+    elif p.sequence_parallel and (t.seq_length // p.cp) % p.tp:
+        errors.append(f"train.seq_length / parallel.cp = {t.seq_length // p.cp} tokens per cp rank are not divisible "
+                      f"by parallel.tp = {p.tp} (sequence parallelism splits them over tp).")
 
 
 def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:

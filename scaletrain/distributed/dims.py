@@ -53,7 +53,8 @@ class ParallelDims:
         return self.rank == 0
 
     def comm(self, axis: str) -> Comm:
-        """The communicator of one mesh axis ('tp', 'dp', 'cp', 'pp'); size 1 when the axis is trivial."""
+        """The communicator of one mesh axis ('tp', 'dp', 'cp', 'pp'), or of the ranks that share the
+        parameters ('dp_cp'); size 1 when trivial."""
         if axis not in self.comms:
             raise KeyError(f"no mesh axis {axis!r}; axes: {', '.join(MESH_AXES)}")
         return self.comms[axis]
@@ -81,6 +82,7 @@ class ParallelDims:
                                     mesh_dim_names=MESH_AXES)
         comms = {a: Comm(mesh[a].get_group() if mesh is not None and sizes[a] > 1 else None, sizes[a], ranks[a], a)
                  for a in MESH_AXES}
+        comms["dp_cp"] = _dp_cp_comm(comms, sizes, ranks, world_size)
         comms["world"] = Comm(None, world_size, rank, "world")  # None: the default group
         comms["embed"] = _embedding_comm(sizes, ranks, rank, world_size)
         if world_size > 1:  # a group of its own for background checkpoint writes (never mixed with training's)
@@ -90,6 +92,27 @@ class ParallelDims:
         else:
             comms["ckpt"] = Comm.single("ckpt")
         return cls(tp=cfg.tp, cp=cfg.cp, dp=dp, pp=cfg.pp, vpp=cfg.vpp, rank=rank, mesh=mesh, comms=comms)
+
+
+def _dp_cp_comm(comms: dict[str, Comm], sizes: dict[str, int], ranks: dict[str, int], world_size: int) -> Comm:
+    """The ranks that hold the same parameters (same pp stage and tp slice): dp × cp. Gradients,
+    the loss normaliser and ZeRO shards go over it, since cp ranks hold partial sums like dp ranks.
+    Its rank is dp_rank·cp + cp_rank."""
+    if sizes["cp"] == 1:
+        return comms["dp"]
+    if sizes["dp"] == 1:
+        return comms["cp"]
+    import torch.distributed as dist
+
+    tp, cp, dp = sizes["tp"], sizes["cp"], sizes["dp"]
+    mine = None
+    for pp_rank in range(sizes["pp"]):  # every rank creates every group, in the same order
+        for tp_rank in range(tp):
+            members = [pp_rank * tp * cp * dp + d * tp * cp + c * tp + tp_rank for d in range(dp) for c in range(cp)]
+            group = dist.new_group(members)
+            if pp_rank == ranks["pp"] and tp_rank == ranks["tp"]:
+                mine = group
+    return Comm(mine, dp * cp, ranks["dp"] * cp + ranks["cp"], "dp_cp")
 
 
 def _embedding_comm(sizes: dict[str, int], ranks: dict[str, int], rank: int, world_size: int) -> Comm:

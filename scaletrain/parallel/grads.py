@@ -67,8 +67,8 @@ def global_grad_norm(pairs: GradPairs, dims: ParallelDims | None, *, sharded_ove
         part = sq([g for (_, g), s in zip(pairs, is_sharded) if s])
         dims.tp_comm.all_reduce(part)  # type: ignore[union-attr]
         total = total + part
-    if dims is not None and sharded_over_dp and dims.dp > 1:
-        dims.comm("dp").all_reduce(total)
+    if dims is not None and sharded_over_dp and dims.dp * dims.cp > 1:  # ZeRO shards span dp × cp
+        dims.comm("dp_cp").all_reduce(total)
     if dims is not None and dims.pp > 1:
         dims.comm("pp").all_reduce(total)
     return total[0].sqrt()

@@ -5,7 +5,8 @@ Order: (1) split pipeline stages — prune the (meta-device) model to this rank'
 (2) materialise on the device (only what this rank runs is ever allocated); (3) bind the tp
 communicator and sequence parallelism to every role layer and tag the parameters whose gradients
 need a reduction (SP norm weights over tp, tied-embedding copies over the embedding group).
-(4) data parallelism: bucketed gradient all-reduce hooks (`model.grad_buckets`).
+(4) context parallelism: bind the cp communicator to core attention; (5) data parallelism: bucketed
+gradient all-reduce hooks over dp × cp (`model.grad_buckets`).
 Still to come, between (3) and (4): activation recomputation and torch.compile.
 """
 
@@ -58,7 +59,7 @@ def apply_full_recompute(model: torch.nn.Module) -> None:
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
                 device: torch.device | None = None, *, shard_optimizer: bool = False) -> torch.nn.Module:
     """Apply the parallel layout in place and return the model. Order: pipeline split, materialise,
-    bind tp/SP, tied-embedding tags, activation recomputation, data-parallel gradient buckets.
+    bind tp/SP, bind cp, tied-embedding tags, activation recomputation, data-parallel gradient buckets.
 
     With pp > 1 the model is pruned to this rank's stage and `model.pipeline_chunks` lists its
     virtual stages for the schedule. Under sequence parallelism each tp rank normalises a
@@ -75,14 +76,20 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
             module.bind_tp(dims.tp_comm, sp)  # type: ignore[operator]
         if sp and (isinstance(module, RMSNorm) or getattr(module, "role", None) == "norm"):
             module.weight.sequence_parallel_grad = True  # type: ignore[union-attr]
+    if dims.cp > 1:  # attention gathers keys/values over cp (torch backend; te + cp is refused up front)
+        from scaletrain.nn.attention import CoreAttention
+
+        for module in model.modules():
+            if isinstance(module, CoreAttention):
+                module.bind_cp(dims.comm("cp"))
     mark_tied_embedding(model, dims)
     if cfg.kernels:
         enable_kernels(model, cfg.kernels)
     if cfg.recompute == "full":
         apply_full_recompute(model)
-    if dims.dp > 1:
-        # ZeRO-1 reduce-scatters the buckets instead of all-reducing them.
-        model.grad_buckets = GradBuckets(model, dims.comm("dp"), shard=shard_optimizer)  # type: ignore[assignment]
+    if dims.dp * dims.cp > 1:
+        # Over dp × cp: cp ranks hold partial gradients too. ZeRO-1 reduce-scatters instead of all-reducing.
+        model.grad_buckets = GradBuckets(model, dims.comm("dp_cp"), shard=shard_optimizer)  # type: ignore[assignment]
     return model
 
 

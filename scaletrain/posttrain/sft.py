@@ -24,7 +24,8 @@ class SFTObjective:
         return batch["loss_mask"].sum()
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
-        mask = block_causal_mask(batch["document_ids"])
+        # Under context parallelism the batch brings the mask to the gathered keys (built before the split).
+        mask = batch["attention_mask"] if "attention_mask" in batch else block_causal_mask(batch["document_ids"])
         logits = model(batch["tokens"], position_ids=batch["position_ids"], attention_mask=mask)
         labels, loss_mask = batch["labels"], batch["loss_mask"]
 

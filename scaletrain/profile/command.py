@@ -163,8 +163,8 @@ def _activation_bytes(trainer) -> int | None:
     """Bytes one microbatch's forward saves for backward on this rank (no pipeline: the whole model)."""
     from scaletrain.profile.activations import saved_activation_bytes
 
-    if getattr(trainer.model, "pipeline_chunks", None) is not None:
-        return None  # a stage's forward needs its peers; the plan's figure stands alone there
+    if getattr(trainer.model, "pipeline_chunks", None) is not None or trainer.dims.cp > 1:
+        return None  # a stage's (a cp rank's) forward needs its peers; the plan's figure stands alone there
     from scaletrain.trainer.step import prepare_batches
 
     batch = prepare_batches(trainer.objective, next(trainer.train_batches)[:1], trainer.device)[0]

@@ -15,9 +15,13 @@ Conventions (all bytes are per rank):
   parameter dtype, the matmul-region tensors in the compute dtype, flash attention (no s×s scores).
   Tensor parallelism divides the head and FFN terms; sequence parallelism also divides the norm terms.
   Full recomputation keeps each block's input plus one block's activations during its backward.
+  Context parallelism divides every per-token term by cp; each block also keeps the keys and values
+  it all-gathered over cp (the whole sequence's, in the compute dtype) for its backward; attention
+  under cp is blockwise, so no s/cp × s mask or score matrix is kept.
 - Communication is the bytes each rank sends per step with ring collectives: all-reduce 2(n-1)/n of
   the buffer, all-gather / reduce-scatter (n-1)/n; pipeline point-to-point is the activation sent
-  forward plus its gradient sent back at each stage boundary.
+  forward plus its gradient sent back at each stage boundary; cp all-gathers keys and values forward
+  and reduce-scatters their gradients back; gradients (and ZeRO-1 shards) span dp × cp.
 """
 
 from __future__ import annotations
@@ -139,7 +143,9 @@ def activation_bytes_per_layer(m: ModelConfig, layout: Layout, tokens: int, para
     attn = ((nh + 2 * nkv) * d + 2 * nh * d + nkv * d + nh * d + nh * d) * compute_bytes + 4 * nh
     # SwiGLU: fused gate/up output, silu(gate), and the product fed to the down projection.
     mlp = 4 * f * compute_bytes
-    return tokens * (norms + attn + mlp)
+    # Context parallelism: `tokens` are this rank's; attention keeps the keys/values gathered over cp.
+    gathered = 2 * nkv * d * compute_bytes * tokens * (layout.cp - 1) if layout.cp > 1 else 0
+    return tokens * (norms + attn + mlp) + gathered
 
 
 def peak_in_flight(pp: int, vpp: int, pp_rank: int, microbatches: int) -> int:
@@ -168,13 +174,13 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         compute_bytes = 2  # FP8 GEMMs still save their inputs in bf16 (TE keeps fp8 copies only for weights)
     counts = parameter_counts(m)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    tokens_mb = t.micro_batch_size * t.seq_length
+    tokens_mb = t.micro_batch_size * t.seq_length // p.cp  # this rank's share of a microbatch
 
     stages = []
     for r in range(p.pp):
         n, layers = stage_params(m, layout, r)
         weights = grads = n * param_bytes
-        optimizer = 3 * n * 4 // dp if layout.zero else 2 * n * param_bytes
+        optimizer = 3 * n * 4 // (dp * p.cp) if layout.zero else 2 * n * param_bytes
         per_layer = activation_bytes_per_layer(m, layout, tokens_mb, param_bytes, compute_bytes)
         if layout.recompute == "full":  # block inputs kept; one block's activations live in its backward
             div = p.tp if layout.sequence_parallel else 1
@@ -212,10 +218,10 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
 def _comm_bytes(m: ModelConfig, layout: Layout, microbatches: int, tokens_mb: int, compute_bytes: int,
                 param_bytes: int, stages: list[StagePlan]) -> dict[str, int]:
     """Bytes sent per rank per step on each axis (ring collectives), for the busiest stage."""
-    t, dp = layout.tp, layout.dp
+    t, dp, cp = layout.tp, layout.dp * layout.cp, layout.cp  # gradients are reduced over dp × cp
     layers = max(s.layers for s in stages)
     activation = tokens_mb * m.hidden_size * compute_bytes
-    out = {"tp": 0, "dp": 0, "pp": 0}
+    out = {"tp": 0, "dp": 0, "pp": 0, **({"cp": 0} if cp > 1 else {})}
     if t > 1:
         # Per block and microbatch: 2 all-reduces forward, 2 backward (or under SP 2 all-gathers + 2
         # reduce-scatters each way: the same bytes); recomputation repeats the forward ones.
@@ -225,6 +231,11 @@ def _comm_bytes(m: ModelConfig, layout: Layout, microbatches: int, tokens_mb: in
         grads = max(s.params for s in stages) * param_bytes
         # Plain: all-reduce of the gradients. ZeRO-1: reduce-scatter of gradients + all-gather of params.
         out["dp"] = int(2 * (dp - 1) / dp * grads)
+    if cp > 1:
+        # Per block and microbatch: keys and values all-gathered forward (again under recomputation),
+        # their gradients reduce-scattered back; this rank sends (cp-1)/cp of the gathered tensors.
+        kv = tokens_mb * cp * 2 * (m.num_kv_heads // t) * m.head_dim * compute_bytes
+        out["cp"] = int(layers * microbatches * (2 + (1 if layout.recompute == "full" else 0)) * (cp - 1) / cp * kv)
     if layout.pp > 1:
         per_boundary = activation // (t if layout.sequence_parallel else 1)
         out["pp"] = int(2 * per_boundary * microbatches * layout.vpp)  # activation forward, gradient back
@@ -236,7 +247,8 @@ def format_plan(p: Plan) -> str:
     lay = p.layout
     gib = 2**30
     lines = [
-        f"layout: tp{lay.tp}·pp{lay.pp}{f'·vpp{lay.vpp}' if lay.vpp > 1 else ''}·dp{lay.dp} "
+        f"layout: tp{lay.tp}·pp{lay.pp}{f'·vpp{lay.vpp}' if lay.vpp > 1 else ''}{f'·cp{lay.cp}' if lay.cp > 1 else ''}"
+        f"·dp{lay.dp} "
         f"({lay.world_size} GPUs){' +SP' if lay.sequence_parallel else ''}{' +ZeRO-1' if lay.zero else ''}"
         f"{' +full recompute' if lay.recompute == 'full' else ''}",
         f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in matmuls, "

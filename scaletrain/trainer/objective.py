@@ -25,7 +25,10 @@ class LanguageModelingObjective:
         return batch["loss_mask"].sum()
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
-        logits = model(batch["tokens"])
+        if "attention_mask" in batch:  # context parallelism: this rank's tokens, at their global positions
+            logits = model(batch["tokens"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
+        else:
+            logits = model(batch["tokens"])
         labels, mask = batch["labels"], batch["loss_mask"]
 
         def loss_fn(output: torch.Tensor):

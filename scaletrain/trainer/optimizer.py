@@ -55,7 +55,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if cfg.distributed and buckets is not None and buckets.shard:
         from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
 
-        return DistributedOptimizer(model, buckets, cfg, dims.comm("dp"))
+        return DistributedOptimizer(model, buckets, cfg, dims.comm("dp_cp"))
     groups = param_groups(model, cfg.weight_decay)
     if cfg.impl == "te":
         from transformer_engine.pytorch.optimizers import FusedAdam

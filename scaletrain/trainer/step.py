@@ -50,14 +50,14 @@ def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, di
     if buckets is not None:
         buckets.finish()
     # Loss and metric sums travel as one vector. Only the last pipeline stage computed them (the
-    # others hold zeros, so a pp sum shares them), and each dp rank holds its share of the batch.
+    # others hold zeros, so a pp sum shares them), and each dp (and cp) rank holds its share of the batch.
     names = tuple(getattr(objective, "metrics", ()))
     vec = torch.stack([torch.as_tensor(t).detach().reshape(()).to(device, torch.float64)
                        for t in [loss, *(sums.get(k, 0.0) for k in names)]])
     if dims is not None and chunks is not None:
         vec = dims.comm("pp").all_reduce(vec)
-    if dims is not None and dims.dp > 1:
-        vec = dims.comm("dp").all_reduce(vec)
+    if dims is not None and dims.dp * dims.cp > 1:
+        vec = dims.comm("dp_cp").all_reduce(vec)
     vec = vec.cpu()  # one host sync per step (the loss is logged)
     return vec[0], {k: float(v) / normaliser for k, v in zip(names, vec[1:].tolist())}
 
@@ -74,21 +74,27 @@ def forward_pass(forward_step, microbatches: list[dict], model: torch.nn.Module,
         forward_backward_pipelining(forward_step, microbatches, chunks, dims, normaliser=1.0, forward_only=True)
 
 
-def prepare_batches(objective, microbatches: list[dict], device: torch.device) -> list[dict]:
-    """Microbatches on the device, in the layout the objective's model input needs: an objective may
-    define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens` [2M, s]); every
-    schedule reads `tokens` for the activation shape."""
+def prepare_batches(objective, microbatches: list[dict], device: torch.device,
+                    dims: ParallelDims | None = None) -> list[dict]:
+    """Microbatches on the device, in the layout the objective's model input needs: under context
+    parallelism this cp rank's share of every sequence (parallel/context_parallel.py); then an
+    objective may define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens`
+    [2M, s]); every schedule reads `tokens` for the activation shape."""
     mbs = [_to_device(b, device) for b in microbatches]
+    if dims is not None and dims.cp > 1:
+        from scaletrain.parallel.context_parallel import shard_microbatch
+
+        mbs = [shard_microbatch(b, dims.comm("cp")) for b in mbs]
     prepare = getattr(objective, "prepare", None)
     return [prepare(b) for b in mbs] if prepare is not None else mbs
 
 
 def _global_count(objective, mbs: list[dict], dims: ParallelDims | None) -> int:
-    """The normaliser: loss items of the whole global batch, summed over microbatches and dp ranks."""
+    """The normaliser: loss items of the whole global batch, summed over microbatches and dp (and cp) ranks."""
     count = torch.stack([objective.count(b) for b in mbs]).sum().reshape(1).to(torch.float64)
-    if dims is not None and dims.dp > 1:
+    if dims is not None and dims.dp * dims.cp > 1:
         device = mbs[0]["tokens"].device
-        count = dims.comm("dp").all_reduce(count.to(device))
+        count = dims.comm("dp_cp").all_reduce(count.to(device))
     return int(count.item())  # host sync: the normaliser is needed as a number
 
 
@@ -107,7 +113,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    mbs = prepare_batches(objective, microbatches, device)
+    mbs = prepare_batches(objective, microbatches, device, dims)
     items = _global_count(objective, mbs, dims)
     buckets = getattr(model, "grad_buckets", None)
     if buckets is not None:
@@ -147,7 +153,7 @@ def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision
     total, items = 0.0, 0
     sums: dict[str, float] = {}
     for microbatches in batches:
-        mbs = prepare_batches(objective, microbatches, device)
+        mbs = prepare_batches(objective, microbatches, device, dims)
         count = _global_count(objective, mbs, dims)
         with precision.autocast():
             loss, metrics = run_schedule(objective, mbs, model, dims, normaliser=max(count, 1), forward_only=True)

@@ -136,7 +136,8 @@ class LlamaModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, layer_keys: list[str] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """inputs: token ids [b, s], embedded here, or hidden states [b, s(/tp), h] handed over by the
-        previous pipeline stage. layer_keys: the blocks to run (default: every block this module
+        previous pipeline stage. attention_mask: boolean [b, 1, s, s] (packing), or under context
+        parallelism the batch's `nn.blockwise_attention.BlockwiseMask` (s is then this cp rank's share). layer_keys: the blocks to run (default: every block this module
         holds). After the model's last block the final norm and head run and logits come out;
         otherwise the hidden states do. A pipeline split (parallel/pipeline) prunes the module
         tree and chooses the keys; the model itself knows no stages.
