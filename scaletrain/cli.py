@@ -5,7 +5,7 @@
     scaletrain data preprocess --input corpus.jsonl.gz --tokenizer data/tokenizer --output-prefix data/kjv
     scaletrain convert to-hf runs/tiny/checkpoints runs/tiny/hf
     scaletrain convert from-hf path/to/hf_model checkpoints/imported
-    scaletrain sft|dpo|grpo --config run.toml ...     (post-training on the same trainer)
+    scaletrain sft|dpo|reward|grpo --config run.toml ... (post-training on the same trainer)
     scaletrain chat runs/tools_sft [--message "..."]   (executes the model's tool calls)
     scaletrain profile --config run.toml --plan | --steps 20
 """
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "rows ([posttrain] section; = train with posttrain.objective=dpo)")
     add_train_args(dpo)
     dpo.set_defaults(func=lambda a: train_command(a, objective="dpo"))
+    reward = sub.add_parser("reward", help="train a reward model (Bradley–Terry, score head) on prompt/chosen/rejected "
+                                           "rows ([posttrain] section; = train with posttrain.objective=reward)")
+    add_train_args(reward)
+    reward.set_defaults(func=lambda a: train_command(a, objective="reward"))
     grpo = sub.add_parser("grpo", help="RL on verifiable rewards (GRPO: sampled groups, group-relative advantages; "
                                        "[posttrain] section; = train with posttrain.objective=grpo)")
     add_train_args(grpo)

@@ -59,8 +59,12 @@ def prepare(cfg: RunConfig, world_size: int):
         hf_model = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
         if cfg.model.max_position_embeddings:
             hf_model = dataclasses.replace(hf_model, max_position_embeddings=cfg.model.max_position_embeddings)
+        if cfg.model.num_labels and not hf_model.num_labels:  # a reward model from a causal LM's body
+            hf_model = dataclasses.replace(hf_model, num_labels=cfg.model.num_labels)
         cfg = dataclasses.replace(cfg, model=hf_model,
                                   data=dataclasses.replace(cfg.data, tokenizer=cfg.data.tokenizer or str(hf_dir)))
+    if cfg.posttrain.objective == "reward" and not cfg.model.num_labels:  # 0 = derive: one score per conversation
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_labels=1))
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty: point it at the tokenizer that wrote the data "
                           "(a folder with tokenizer.model or tokenizer.json).")
@@ -83,6 +87,8 @@ def prepare(cfg: RunConfig, world_size: int):
     if model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
+    if cfg.posttrain.objective == "grpo" and "reward_model" in cfg.posttrain.rewards:
+        check_reward_model(cfg, tokenizer.vocab_size)
     if cfg.posttrain.objective == "pretrain":
         check_data(cfg.data, model_vocab=model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
                    tokenizer_sha256=tokenizer.fingerprint())
@@ -160,7 +166,7 @@ def build_prompt_datasets(cfg: RunConfig, tokenizer, log):
 
 
 def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dims, precision, device,
-                    consumed_samples: int, fused_cross_entropy: bool):
+                    consumed_samples: int, fused_cross_entropy: bool, reward_scorer=None):
     """GRPO's train_batches: fresh rollouts per step (posttrain/grpo_batches.py)."""
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.grpo_batches import RolloutBatches
@@ -170,13 +176,81 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
     # The template's end-of-turn marker ends a completion (and is learnt, like eos).
     marker = ChatRenderer(tokenizer, pt.chat_template).end_of_turn()
     return RolloutBatches(
-        prompts, model=model, reference=reference, dims=dims, rewards={n: resolve_reward(n) for n in pt.rewards},
+        prompts, model=model, reference=reference, dims=dims,
+        rewards={n: reward_scorer if n == "reward_model" else resolve_reward(n) for n in pt.rewards},
         reward_weights=pt.reward_weights, group_size=pt.group_size, max_new_tokens=pt.max_new_tokens,
         temperature=pt.temperature, scale_rewards=pt.scale_rewards, global_batch=t.global_batch_size,
         micro_batch=t.micro_batch_size, seq_length=t.seq_length, seed=t.seed, consumed_samples=consumed_samples,
         tokenizer=tokenizer, stop_text=marker, precision=precision, device=device,
         fused_cross_entropy=fused_cross_entropy, run_dir=Path(t.run_dir),
         width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, iterations=pt.grpo_iterations)
+
+
+def locate_reward_model(path_text: str) -> tuple[str, Path, Any]:
+    """posttrain.reward_model → ('hf' | 'checkpoint', path, its ModelConfig): an HF directory, a
+    checkpoint, a checkpoints folder (its latest) or a run directory (its latest checkpoint)."""
+    import json
+
+    from scaletrain.checkpoint.hf import checkpoint_model_config
+    from scaletrain.checkpoint.io import STATE_FILE
+    from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
+
+    path = Path(path_text)
+    if (path / "config.json").is_file():
+        try:
+            return "hf", path, config_from_hf(json.loads((path / "config.json").read_text()))
+        except UnsupportedModelError as e:
+            raise ConfigError(f"posttrain.reward_model = {path}: {e}") from None
+    for candidate in (path if (path / STATE_FILE).is_file() else None, latest_checkpoint(path),
+                      latest_checkpoint(path / "checkpoints")):
+        if candidate is not None:
+            return "checkpoint", candidate, checkpoint_model_config(candidate)
+    raise ConfigError(f"posttrain.reward_model = {path}: neither a Hugging Face directory (config.json) nor a "
+                      "checkpoint, checkpoints folder or run directory with one.")
+
+
+def check_reward_model(cfg: RunConfig, tokenizer_vocab: int) -> None:
+    """The reward model must be one (a score head), fit the policy's layout and read its tokens."""
+    _kind, path, m = locate_reward_model(cfg.posttrain.reward_model)
+    p, problems = cfg.parallel, []
+    if m.num_labels != 1:
+        problems.append(f"it has {'no score head (a language model)' if not m.num_labels else f'{m.num_labels} labels'}; "
+                        "train one with `scaletrain reward` (model.num_labels = 1)")
+    if m.num_heads % p.tp or m.num_kv_heads % p.tp:
+        problems.append(f"its {m.num_heads} heads / {m.num_kv_heads} kv heads do not divide over parallel.tp = {p.tp}")
+    if m.num_layers % (p.pp * p.vpp):
+        problems.append(f"its {m.num_layers} layers do not divide over parallel.pp·vpp = {p.pp * p.vpp}")
+    if m.vocab_size < tokenizer_vocab:
+        problems.append(f"its vocabulary ({m.vocab_size}) is smaller than the policy tokenizer's ({tokenizer_vocab}): "
+                        "it must share the policy's tokenizer")
+    if m.max_position_embeddings and m.max_position_embeddings < cfg.train.seq_length:
+        problems.append(f"it reads at most {m.max_position_embeddings} positions < train.seq_length = {cfg.train.seq_length}")
+    if problems:
+        raise ConfigError(f"posttrain.reward_model = {path}: " + "; ".join(problems) + ".")
+
+
+def build_reward_scorer(cfg: RunConfig, tokenizer, dims, precision, device, backend, log):
+    """GRPO's learned reward (RLHF): the reward model, frozen, in the policy's layout."""
+    from scaletrain.checkpoint.hf import load_hf_weights
+    from scaletrain.models import build_model
+    from scaletrain.parallel.parallelize import parallelize
+    from scaletrain.posttrain.reward_scorer import RewardModelScorer
+
+    kind, path, m = locate_reward_model(cfg.posttrain.reward_model)
+    with torch.device("meta") if dims.pp > 1 else torch.device(device):
+        rm = build_model(m, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend)
+    rm.requires_grad_(False)  # no gradient buffers, no dp buckets
+    rm = parallelize(rm, dims, dataclasses.replace(cfg.parallel, recompute="none"), device)
+    if kind == "hf":
+        load_hf_weights(rm, path, tp_rank=dims.tp_rank, tp_size=dims.tp)
+    else:
+        load_checkpoint(path, rm, None, dims=dims)
+    rm.eval()
+    log(f"reward model: {m.num_layers}L h{m.hidden_size} from {path} ({kind}), frozen, in the policy's layout")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return RewardModelScorer(rm, dims, pad_id=pad, eos_id=tokenizer.eos_id, micro_batch=cfg.train.micro_batch_size,
+                             precision=precision, device=device,
+                             width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
 
 
 REFERENCE_DIR = "reference"
@@ -264,7 +338,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     counts = parameter_counts(cfg.model)
     log = print if dims.is_main else (lambda *a, **k: None)
     # SFT data is rendered before any parameter exists: a bad file fails here, cheaply.
-    post_datasets = {"sft": build_sft_datasets, "dpo": build_preference_datasets, "grpo": build_prompt_datasets}.get(
+    post_datasets = {"sft": build_sft_datasets, "dpo": build_preference_datasets, "reward": build_preference_datasets,
+                     "grpo": build_prompt_datasets}.get(
         cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
@@ -292,8 +367,9 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     if resume_from is None and cfg.checkpoint.init_from_hf:
         from scaletrain.checkpoint.hf import load_hf_weights
 
-        load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)
-        log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}")
+        fresh = load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)
+        log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}"
+            + (f" ({', '.join(fresh)} newly initialised: the HF model is a causal LM)" if fresh else ""))
     optimizer = build_optimizer(model, cfg.optim, device, dims)
     fused_ce = "cross_entropy" in expand(cfg.parallel.kernels)
     pt = cfg.posttrain
@@ -306,6 +382,10 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 
         objective = DPOObjective(dims.tp_comm, pt.dpo_loss, pt.beta, pt.label_smoothing, pt.simpo_gamma,
                                  fused_cross_entropy=fused_ce, nll_weight=pt.nll_weight)
+    elif pt.objective == "reward":
+        from scaletrain.posttrain.reward import RewardObjective
+
+        objective = RewardObjective(margin=pt.reward_margin, center=pt.reward_center)
     elif pt.objective == "grpo":
         from scaletrain.posttrain.grpo import GRPOObjective
 
@@ -344,9 +424,11 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     train_batches: Any
     if pt.objective == "grpo":
         reference = build_reference(cfg, dims, precision, device, backend, model, run_dir, log) if pt.kl_beta else None
+        scorer = build_reward_scorer(cfg, tokenizer, dims, precision, device, backend, log) \
+            if "reward_model" in pt.rewards else None
         train_batches = rollout_batches(cfg, train_ds, tokenizer, model=model, reference=reference, dims=dims,
                                         precision=precision, device=device, consumed_samples=state.consumed_samples,
-                                        fused_cross_entropy=fused_ce)
+                                        fused_cross_entropy=fused_ce, reward_scorer=scorer)
     else:
         train_batches = StepBatches(train_ds, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
                                     dp_rank=dims.dp_rank, dp_size=dims.dp, consumed_samples=state.consumed_samples,

@@ -70,7 +70,8 @@ def _stored_dtype(path: Path) -> torch.dtype:
 
 
 def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, dtype: str,
-                 bos_id: int | None, eos_id: int | None, max_shard_bytes: int = 5 * 2**30) -> None:
+                 bos_id: int | None, eos_id: int | None, max_shard_bytes: int = 5 * 2**30,
+                 pad_id: int | None = None) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,8 @@ def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], 
         total = sum(v.numel() * v.element_size() for v in tensors.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id, dtype=dtype), indent=2))
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id, dtype=dtype,
+                                                             pad_id=pad_id), indent=2))
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
@@ -112,12 +114,12 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     cfg, model = load_full_model(ckpt, _stored_dtype(ckpt))
     tensors = to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, cfg)
-    bos = eos = None
+    bos = eos = pad = None
     if copy_tokenizer(ckpt / "tokenizer", out):
         tok = load_tokenizer(out)
-        bos, eos = tok.bos_id, tok.eos_id
+        bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
         write_chat_template(ckpt, out)
-    write_hf_dir(out, cfg, tensors, dtype=dtype, bos_id=bos, eos_id=eos, max_shard_bytes=max_shard_bytes)
+    write_hf_dir(out, cfg, tensors, dtype=dtype, bos_id=bos, eos_id=eos, max_shard_bytes=max_shard_bytes, pad_id=pad)
     return out
 
 
@@ -179,14 +181,23 @@ def import_from_hf(hf_dir: str | Path, out_checkpoint: str | Path, dtype: str = 
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, tp_rank: int = 0, tp_size: int = 1) -> None:
-    """Copy HF weights into a (possibly tp-sharded, pipeline-pruned) built model: each rank takes its slice."""
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, tp_rank: int = 0, tp_size: int = 1) -> list[str]:
+    """Copy HF weights into a (possibly tp-sharded, pipeline-pruned) built model: each rank takes its slice.
+
+    A reward model (num_labels > 0) may start from a causal LM: its body is copied and the `score`
+    head keeps its fresh initialisation (the LM head is not used). Returns the parameters left at
+    their initialisation."""
     from scaletrain.nn.init import logical, spec_of
 
     _cfg, sd = read_hf_dir(hf_dir)
+    fresh = []
     for name, p in model.named_parameters():
+        if name == "score.weight" and name not in sd:
+            fresh.append(name)
+            continue
         full = sd[name]
         spec = spec_of(p)
         if spec.shard_dim is not None and tp_size > 1:
             full = full.chunk(tp_size, dim=spec.shard_dim)[tp_rank]
         logical(p, spec).copy_(full.to(p.dtype))
+    return fresh

@@ -54,6 +54,9 @@ class ModelConfig:
     """Share the input embedding with the output head."""
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2)."""
+    num_labels: int = 0
+    """0: the language-model head. N > 0: a sequence-classification head of N scores per position instead
+    (HF `score`, exported as *ForSequenceClassification); the reward objective sets 1 when left at 0."""
     init_std: float = 0.02
     """Std of the normal initialisation; output projections use init_std / sqrt(2·num_layers)."""
 
@@ -223,7 +226,8 @@ class PostTrainConfig:
     """The training objective and, for post-training stages, their data and loss settings."""
 
     objective: str = "pretrain"
-    """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns), 'dpo' (preference pairs) or 'grpo' (RL on verifiable rewards)."""
+    """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns), 'dpo' (preference
+    pairs), 'grpo' (RL on verifiable rewards) or 'reward' (a reward model on preference pairs)."""
     train_data: tuple[str, ...] = ()
     """sft: jsonl/parquet files with a `messages` list per row; dpo: rows with prompt, chosen, rejected; grpo: rows
     with `messages` (a trailing assistant turn is dropped) or `prompt`, plus the fields the rewards read (`answer`)."""
@@ -249,11 +253,20 @@ class PostTrainConfig:
     """simpo: the target reward margin γ."""
     nll_weight: float = 0.0
     """dpo: add this × the chosen response's mean token NLL to each pair's loss (RPO; keeps the chosen likely)."""
+    reward_margin: float = 0.0
+    """reward: required score gap, loss −log σ(r_chosen − r_rejected − margin) (Llama 2's margin term)."""
+    reward_center: float = 0.0
+    """reward: + this × (r_chosen + r_rejected)² per pair, keeping rewards centred at 0 (TRL's
+    center_rewards_coefficient; 1e-2 is typical)."""
     rewards: tuple[str, ...] = ("math_answer",)
-    """grpo: verifiable reward functions summed per completion: bundled 'math_answer' (the row's `answer`),
-    'python_tests' (the row's `tests` run against the completion's code) or 'package.module:function'."""
+    """grpo: reward functions summed per completion: bundled 'math_answer' (the row's `answer`),
+    'python_tests' (the row's `tests` run against the completion's code), 'package.module:function',
+    or 'reward_model' (the score of posttrain.reward_model: RLHF)."""
     reward_weights: tuple[float, ...] = ()
     """grpo: one weight per reward function (empty: all 1)."""
+    reward_model: str = ""
+    """grpo with the 'reward_model' reward: a trained reward model (an HF *ForSequenceClassification directory,
+    or a scaletrain checkpoint / checkpoints folder) sharing the policy's tokenizer; run in the policy's layout."""
     group_size: int = 8
     """grpo: completions sampled per prompt (the group whose rewards are compared); train.global_batch_size counts completions."""
     max_new_tokens: int = 32

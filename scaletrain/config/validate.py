@@ -22,7 +22,7 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
-OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "reward")
 CP_OBJECTIVES = ("pretrain", "sft")  # token-level losses: each cp rank's tokens are independent terms
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
@@ -93,11 +93,21 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
     _choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
     if pt.objective != "pretrain" and not pt.train_data:
-        rows = {"sft": "`messages`", "dpo": "prompt, chosen, rejected", "grpo": "`messages` or `prompt`, and `answer`"}
+        rows = {"sft": "`messages`", "dpo": "prompt, chosen, rejected", "reward": "prompt, chosen, rejected",
+                "grpo": "`messages` or `prompt`, and `answer`"}
         errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
                       f"{rows[pt.objective] if pt.objective in rows else 'rows'}).")
     if pt.objective == "grpo":
         _grpo_errors(errors, cfg)
+    if pt.objective == "reward" and m.num_labels not in (0, 1):
+        errors.append(f"model.num_labels = {m.num_labels}: a reward model scores one number per conversation; set "
+                      "model.num_labels = 1 (or leave it 0).")
+    elif pt.objective != "reward" and m.num_labels:
+        errors.append(f"model.num_labels = {m.num_labels} gives the model a score head and no token logits, which "
+                      f"posttrain.objective = '{pt.objective}' needs; set model.num_labels = 0 (or train a reward model "
+                      "with posttrain.objective = 'reward').")
+    if pt.reward_center < 0:
+        errors.append(f"posttrain.reward_center = {pt.reward_center} must be 0 (off) or positive.")
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_at_end:
         errors.append("checkpoint.export_hf needs checkpoint.save_at_end = true (the export reads the final checkpoint).")
     unknown_tools = [t for t in pt.tools if t not in BUNDLED_TOOLS]
@@ -289,3 +299,9 @@ def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
         problem = reward_problem(name)
         if problem:
             errors.append(f"posttrain.rewards: {problem}")
+    if "reward_model" in pt.rewards and not pt.reward_model:
+        errors.append("posttrain.rewards lists 'reward_model' but posttrain.reward_model is empty: point it at a trained "
+                      "reward model (an HF directory, or a checkpoint written by `scaletrain reward`).")
+    elif pt.reward_model and "reward_model" not in pt.rewards:
+        errors.append(f"posttrain.reward_model = {pt.reward_model} is set but posttrain.rewards does not list "
+                      "'reward_model'; add it (with a weight in posttrain.reward_weights) or clear posttrain.reward_model.")

@@ -7,7 +7,8 @@ rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks a
 need no communication. The step's rollout metrics (means over the global batch's
 completions, reduced over dp) are left in `last_metrics` for the step's metrics record. Rewards are
 computed once per replica (its first tp rank on the last stage: a timed-out unit test must not
-score differently on two tp ranks) and broadcast to the replica's other ranks.
+score differently on two tp ranks) and broadcast to the replica's other ranks; a reward model
+scores on all of the replica's ranks together, in the policy's layout (RLHF).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from scaletrain.data.loader import collate
 from scaletrain.posttrain.grpo import group_advantages
 from scaletrain.posttrain.grpo_data import PromptDataset
+from scaletrain.posttrain.reward_scorer import RewardModelScorer
 from scaletrain.posttrain.rewards import RewardFn, reward_label
 from scaletrain.posttrain.rollout import (
     sample_completions,
@@ -37,7 +39,7 @@ ROLLOUT_LOG = "rollouts.jsonl"
 
 class RolloutBatches:
     def __init__(self, prompts: PromptDataset, *, model: torch.nn.Module, reference: torch.nn.Module | None, dims,
-                 rewards: dict[str, RewardFn], reward_weights: tuple[float, ...], group_size: int,
+                 rewards: dict[str, RewardFn | RewardModelScorer], reward_weights: tuple[float, ...], group_size: int,
                  max_new_tokens: int, temperature: float, scale_rewards: bool, global_batch: int, micro_batch: int,
                  seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
                  precision, device: torch.device, fused_cross_entropy: bool = False,
@@ -89,15 +91,22 @@ class RolloutBatches:
             t = d.comm("pp").broadcast(t, src_group_rank=d.pp - 1)
         return t.cpu()
 
-    def _score(self, rows: list[dict], texts: list[str]) -> torch.Tensor:
-        """[completions, rewards] reward values, computed on the replica's lead rank."""
+    def _score(self, rows: list[dict], texts: list[str], prompts: list[list[int]],
+               completions: list[list[int]]) -> torch.Tensor:
+        """[completions, rewards] reward values: functions of (text, row) on the replica's lead rank,
+        then broadcast; a reward model (posttrain/reward_scorer.py) by every rank of the replica together."""
         d = self.dims
         scores = torch.zeros(len(texts), len(self.rewards), dtype=torch.float64)
         if d is None or (d.tp_rank == 0 and d.pp_rank == d.pp - 1):
             for i, (row, text) in enumerate(zip(rows, texts)):
                 for j, fn in enumerate(self.rewards.values()):
-                    scores[i, j] = float(fn(text, row))
-        return self._replica_broadcast(scores)
+                    if not isinstance(fn, RewardModelScorer):
+                        scores[i, j] = float(fn(text, row))
+        scores = self._replica_broadcast(scores)
+        for j, fn in enumerate(self.rewards.values()):
+            if isinstance(fn, RewardModelScorer) and texts:
+                scores[:, j] = fn(prompts, completions)
+        return scores
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         step = self.consumed_samples // self.global_batch
@@ -134,7 +143,7 @@ class RolloutBatches:
             precision=self.precision, device=self.device, width_multiple=self.width_multiple)
         texts = [self._text(c) for c in completions]
         rows = [self.prompts.rows[i] for i in index for _ in range(g)]
-        scores = self._score(rows, texts)
+        scores = self._score(rows, texts, [prompts[i // g] for i in range(len(completions))], completions)
         total = scores @ self.weights
         advantages = group_advantages(total, g, self.scale_rewards)
         items = [training_rows(prompts[i // g], c, self.seq_length, self.pad_id) for i, c in enumerate(completions)]
@@ -176,7 +185,8 @@ class RolloutBatches:
                 vocab_limit=self.tokenizer.vocab_size, micro_batch=self.micro_batch, precision=self.precision,
                 device=self.device, width_multiple=self.width_multiple)
         n = len(mine)
-        scores = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]]) if mine \
+        scores = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]],
+                             [prompts.prompts[i] for i in mine], completions[:n]) if mine \
             else torch.zeros(0, len(self.rewards), dtype=torch.float64)
         sums = torch.cat([(scores @ self.weights).sum().reshape(1), scores.sum(dim=0),
                           torch.tensor([float(sum(len(c) for c in completions[:n])), float(n)], dtype=torch.float64)])

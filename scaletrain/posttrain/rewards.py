@@ -9,6 +9,8 @@ Bundled:
   an empty temporary directory, CPU-time, memory and file-size limits, a wall-clock timeout. The code
   never runs inside the training process. 0.0 on any failure.
 Custom: `package.module:function` with the same signature `(completion: str, row: dict) -> float`.
+Learned: `reward_model` — a trained reward model's score (posttrain.reward_model; posttrain/reward_scorer.py),
+built by the trainer in the policy's layout rather than resolved here.
 """
 
 from __future__ import annotations
@@ -111,8 +113,8 @@ def resolve_reward(name: str) -> RewardFn:
     if name in BUNDLED_REWARDS:
         return BUNDLED_REWARDS[name]
     if ":" not in name:
-        raise ValueError(f"unknown reward {name!r}: bundled ones are {', '.join(BUNDLED_REWARDS)}, or give "
-                         "'package.module:function'")
+        raise ValueError(f"unknown reward {name!r}: bundled ones are {', '.join(BUNDLED_REWARDS)} (and "
+                         f"{MODEL_REWARD!r} with posttrain.reward_model), or give 'package.module:function'")
     module, attr = name.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), attr)
@@ -123,8 +125,13 @@ def resolve_reward(name: str) -> RewardFn:
     return fn
 
 
+MODEL_REWARD = "reward_model"  # the learned reward: posttrain.reward_model's score
+
+
 def reward_problem(name: str) -> str | None:
     """Why `name` is not a usable reward, or None (config validation)."""
+    if name == MODEL_REWARD:
+        return None
     try:
         resolve_reward(name)
     except ValueError as e:

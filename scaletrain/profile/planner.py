@@ -125,7 +125,9 @@ def stage_params(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[int, int
         n += table
     if last:
         n += m.hidden_size  # final norm
-        if not m.tie_embeddings or not first:  # own head, or the tied copy on the last stage
+        if m.num_labels:  # a reward model's replicated score head
+            n += m.num_labels * m.hidden_size
+        elif not m.tie_embeddings or not first:  # own head, or the tied copy on the last stage
             n += table
     return n, layers
 
@@ -192,7 +194,7 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
             # Final norm, the head's input (a compute-dtype copy), the softmax over this rank's vocabulary
             # slice (at least fp32) and the int64 labels + mask of the loss.
             act_mb += tokens_mb * ((2 * m.hidden_size + 1) * param_bytes + m.hidden_size * compute_bytes
-                                   + max(4, param_bytes) * m.vocab_size // p.tp + 9)
+                                   + max(4, param_bytes) * (m.num_labels or m.vocab_size // p.tp) + 9)
         in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
         # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
         chunk_share = act_mb / p.vpp if p.pp > 1 else act_mb

@@ -33,8 +33,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     per_layer_matmul = qkv + attn_out + mlp
     norms = layers * 2 * h + h
     embedding = cfg.vocab_size * h
-    head = cfg.vocab_size * h
-    total = embedding + layers * per_layer_matmul + norms + (0 if cfg.tie_embeddings else head)
+    head = cfg.num_labels * h if cfg.num_labels else cfg.vocab_size * h  # a reward model's score head, or the LM head
+    total = embedding + layers * per_layer_matmul + norms + (0 if cfg.tie_embeddings and not cfg.num_labels else head)
     return {"total": total, "embedding": embedding, "matmul": layers * per_layer_matmul + head}
 
 

@@ -1,8 +1,9 @@
 """Hugging Face interop for the Llama family: config mapping and the explicit key map (DESIGN rule 8).
 
 Architectures: LlamaForCausalLM (incl. Llama 3.1 rope scaling), Qwen2ForCausalLM (qkv bias),
-MistralForCausalLM (without sliding-window attention). Anything else, or an option this model
-does not implement, is refused with a message — never a silent partial conversion.
+MistralForCausalLM (without sliding-window attention), and their *ForSequenceClassification forms
+(reward models: a `score` head instead of `lm_head`, model.num_labels > 0). Anything else, or an
+option this model does not implement, is refused with a message — never a silent partial conversion.
 
 Layout differences handled here:
   - q/k/v: HF keeps three matrices; we keep one fused qkv weight grouped per key/value head
@@ -20,6 +21,16 @@ import torch
 from scaletrain.config.schema import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+CLASSIFIERS = {"LlamaForSequenceClassification": "LlamaForCausalLM", "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+               "MistralForSequenceClassification": "MistralForCausalLM"}  # → the causal LM of the same body
+
+
+def causal_architecture(arch: str) -> str:
+    return CLASSIFIERS.get(arch, arch)
+
+
+def classifier_architecture(arch: str) -> str:
+    return next((k for k, v in CLASSIFIERS.items() if v == arch), arch)
 
 
 class UnsupportedModelError(ValueError):
@@ -39,9 +50,13 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig of an HF config.json dict; raises UnsupportedModelError for what we cannot run."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else None
+    arch = causal_architecture(archs[0]) if archs else None
+    num_labels = 0
+    if archs and archs[0] in CLASSIFIERS:
+        num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)  # transformers' default is 2
     if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}.")
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported; supported: "
+                                    f"{', '.join([*ARCHITECTURES, *CLASSIFIERS])}.")
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"hidden_act = {hf['hidden_act']!r}: only SwiGLU with silu is implemented.")
     if hf.get("mlp_bias"):
@@ -71,13 +86,17 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         ffn_hidden_size=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope["theta"], max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM", **kw,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM",
+        num_labels=num_labels, **kw,
     )
 
 
-def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dtype: str) -> dict[str, Any]:
-    """config.json for transformers: top-level rope_theta (read by 4.x) and rope_parameters (5.x)."""
-    arch = cfg.hf_architecture or ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
+def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dtype: str,
+                 pad_id: int | None = None) -> dict[str, Any]:
+    """config.json for transformers: top-level rope_theta (read by 4.x) and rope_parameters (5.x).
+    A reward model (num_labels > 0) exports as *ForSequenceClassification, which scores the last
+    token that is not `pad_token_id` (pad_id, else eos)."""
+    arch = causal_architecture(cfg.hf_architecture) or ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
     if cfg.qkv_bias and arch != "Qwen2ForCausalLM":
         raise UnsupportedModelError("a model with qkv bias exports as Qwen2ForCausalLM only.")
     model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}[arch]
@@ -103,6 +122,11 @@ def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dt
         out.update(attention_bias=False, mlp_bias=False)
     if arch in ("MistralForCausalLM", "Qwen2ForCausalLM"):
         out.update(sliding_window=None, use_sliding_window=False)
+    if cfg.num_labels:
+        out.update(architectures=[classifier_architecture(arch)], num_labels=cfg.num_labels,
+                   id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
+                   label2id={f"LABEL_{i}": i for i in range(cfg.num_labels)},
+                   pad_token_id=pad_id if pad_id is not None else eos_id)
     return out
 
 
@@ -127,7 +151,9 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         out[q + "mlp.gate_proj.weight"] = sd[p + "mlp.gate_up.weight"][0]
         out[q + "mlp.up_proj.weight"] = sd[p + "mlp.gate_up.weight"][1]
         out[q + "mlp.down_proj.weight"] = sd[p + "mlp.down.weight"]
-    if not cfg.tie_embeddings:
+    if cfg.num_labels:
+        out["score.weight"] = sd["score.weight"]
+    elif not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -160,7 +186,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         out[p + "mlp_norm.weight"] = take(q + "post_attention_layernorm.weight")
         out[p + "mlp.gate_up.weight"] = torch.stack([take(q + "mlp.gate_proj.weight"), take(q + "mlp.up_proj.weight")])
         out[p + "mlp.down.weight"] = take(q + "mlp.down_proj.weight")
-    if not cfg.tie_embeddings:
+    if cfg.num_labels:
+        out["score.weight"] = take("score.weight")
+    elif not cfg.tie_embeddings:
         out["head.weight"] = take("lm_head.weight")
     elif "lm_head.weight" in hf:  # some tied checkpoints store the shared tensor twice
         if not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):

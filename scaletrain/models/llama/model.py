@@ -27,6 +27,7 @@ from scaletrain.nn import (
 )
 from scaletrain.nn.backend import Roles, roles
 from scaletrain.nn.kv_cache import KVCache, LayerCache
+from scaletrain.nn.score import ScoreHead
 
 
 class Attention(nn.Module):
@@ -102,7 +103,8 @@ class Block(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Decoder-only LM. forward(input_ids [b, s]) → logits [b, s, vocab/tp].
+    """Decoder-only LM. forward(input_ids [b, s]) → logits [b, s, vocab/tp]; with model.num_labels > 0
+    (reward models) scores [b, s, num_labels] instead, replicated over tp.
 
     Placement: input ids replicated over tp; logits full-sequence and vocabulary-sharded over tp.
     Under sequence parallelism the residual stream between the role layers is sequence-sharded.
@@ -128,7 +130,10 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype, r) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
         self.head: ColumnParallelLinear | None = None
-        if not cfg.tie_embeddings:
+        self.score: ScoreHead | None = None
+        if cfg.num_labels:  # a reward model: scores per position instead of token logits
+            self.score = ScoreHead(cfg.hidden_size, cfg.num_labels, init_std=cfg.init_std, dtype=dtype)
+        elif not cfg.tie_embeddings:
             self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_size=tp_size,
                                              init_std=cfg.init_std, dtype=dtype)
 
@@ -163,6 +168,8 @@ class LlamaModel(nn.Module):
             return x
         assert self.norm is not None, "the last block ran on a stage without the final norm"
         x = self.norm(x)
+        if self.score is not None:
+            return self.score(x)
         if self.head is not None:
             return self.head(x)
         assert self.embed is not None, "tied output head needs the embedding on the last stage"

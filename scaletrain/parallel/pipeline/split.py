@@ -61,11 +61,13 @@ def split_stages(model: Any, dims: ParallelDims, sequence_parallel: bool) -> lis
     keep = {str(i) for chunk in layout for i in chunk}
     model.layers = torch.nn.ModuleDict({k: m for k, m in model.layers.items() if k in keep})
     first, last = r == 0, r == pp - 1
-    if not first and not (last and cfg.tie_embeddings):
+    tied_head = cfg.tie_embeddings and not cfg.num_labels  # a score head never reads the embedding
+    if not first and not (last and tied_head):
         model.embed = None
     if not last:
         model.norm = None
         model.head = None
+        model.score = None
     return [StageChunk(model, [str(i) for i in layer_keys], is_first=first and v == 0,
                        is_last=last and v == vpp - 1, sequence_parallel=sequence_parallel)
             for v, layer_keys in enumerate(layout)]
@@ -77,7 +79,7 @@ def mark_tied_embedding(model: Any, dims: ParallelDims) -> None:
     Their gradients are summed over the embedding group; the last rank's copy is left out of the
     gradient norm so the shared weight counts once.
     """
-    if dims.pp == 1 or not model.cfg.tie_embeddings or model.embed is None:
+    if dims.pp == 1 or not model.cfg.tie_embeddings or model.cfg.num_labels or model.embed is None:
         return
     model.embed.weight.pipeline_tied = True
     if dims.pp_rank == dims.pp - 1:
