@@ -2,6 +2,7 @@
 
     scaletrain train --config configs/tiny.toml [--set section.key=value ...]
     scaletrain data tokenizer --input corpus.jsonl.gz --vocab-size 4096 --output data/tokenizer
+    scaletrain data curate --input raw.jsonl --output clean.jsonl --decontaminate eval.jsonl
     scaletrain data preprocess --input corpus.jsonl.gz --tokenizer data/tokenizer --output-prefix data/kjv
     scaletrain convert to-hf runs/tiny/checkpoints runs/tiny/hf
     scaletrain convert from-hf path/to/hf_model checkpoints/imported
@@ -44,6 +45,23 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     path = train_sentencepiece(_iter_texts(_builtin(args.input), args.text_key), args.output, args.vocab_size,
                                threads=args.workers)
     print(f"wrote {path} (SentencePiece BPE, {args.vocab_size} tokens, byte fallback)")
+    return EXIT_OK
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    from scaletrain.data.curate import curate
+    from scaletrain.data.quality import QualityConfig
+
+    dedup = () if args.dedup == "none" else tuple(m.strip() for m in args.dedup.split(",") if m.strip())
+    try:
+        report = curate(_builtin(args.input), args.output, text_key=args.text_key, quality=args.quality, dedup=dedup,
+                        near_threshold=args.near_threshold, decontaminate=tuple(args.decontaminate), ngram=args.ngram,
+                        quality_cfg=QualityConfig(min_words=args.min_words))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"scaletrain: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(report.line())
+    print(f"wrote {args.output} and {args.output}.report.json")
     return EXIT_OK
 
 
@@ -123,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
     pre.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to each document")
     pre.set_defaults(func=_cmd_preprocess)
+    cur = data.add_parser("curate", help="quality filters, exact and near-duplicate removal, decontamination → jsonl")
+    cur.add_argument("--input", nargs="+", required=True, help="jsonl/json/parquet files (gzip ok)")
+    cur.add_argument("--output", required=True, help="kept rows (jsonl); OUTPUT.report.json gets the counts")
+    cur.add_argument("--text-key", default="text", help="field holding the text (default: text)")
+    cur.add_argument("--quality", default="gopher", choices=("gopher", "none"), help="heuristic filters (default gopher)")
+    cur.add_argument("--min-words", type=int, default=50, help="quality: fewest words a document may have (default 50)")
+    cur.add_argument("--dedup", default="exact,near", help="exact, near, both (default) comma-separated, or none")
+    cur.add_argument("--near-threshold", type=float, default=0.8, help="MinHash Jaccard threshold (default 0.8)")
+    cur.add_argument("--decontaminate", nargs="*", default=[], metavar="EVAL_FILE",
+                     help="evaluation files whose n-grams must not appear in training documents")
+    cur.add_argument("--ngram", type=int, default=13, help="decontamination n-gram size in words (default 13)")
+    cur.set_defaults(func=_cmd_curate)
     synth = data.add_parser("synth", help="write the synthetic arithmetic task (pretrain / SFT / DPO forms)")
     synth.add_argument("--output", required=True, help="output folder")
     synth.add_argument("--train", type=int, default=5000, help="training problems (default 5000)")
