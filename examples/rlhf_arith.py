@@ -5,90 +5,93 @@ the answer checker is never used in training. Prints the reward model's held-out
 policy's held-out exact match (greedy) and sampled accuracy (T = 1), both measured by the checker,
 before and after RL. Every training step is the real CLI.
 
-    python examples/rlhf_arith.py [--work runs/rlhf_arith] [--rm-steps 300] [--grpo-steps 200]
-        [--group-size 8 --prompts-per-step 8 --grpo-lr 1e-4 --kl-beta 0.02]
+    python examples/rlhf_arith.py [--work runs/rlhf_arith] [--rm-steps 1000 --rm-lr 3e-4] [--grpo-steps 200]
+        [--group-size 8 --prompts-per-step 8 --grpo-lr 1e-4 --kl-beta 0.1]
 
-About 20 minutes on 2 CPU cores from scratch (figures in BENCHMARKS.md).
+About 15 minutes on 2 CPU cores from scratch (figures in BENCHMARKS.md). Reward models get gamed: one
+trained only on the task's near-miss pairs reaches 100% held-out pair accuracy, yet GRPO on it learns
+to answer "The answer is 3." to everything (exact match 84% → 16%) — it never saw a far-off answer
+rejected. `--far-negatives` (default) adds such pairs; GRPO then finds text that is no answer at all
+("T1|im_end|>"), which the reward model never saw either. The `answer_format` reward (weight
+`--format-weight`, default 3; it checks that an answer is stated, not that it is right) closes that.
+`--no-far-negatives --format-weight 0` reproduces the first failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+from pathlib import Path
 
-from _cli import REPO, prepare_arith_task, run  # examples/_cli.py (the script's folder is on sys.path)
+from _cli import (  # examples/_cli.py
+    REPO,
+    add_grpo_args,
+    prepare_arith_task,
+    pretrain_and_sft,
+    print_accuracies,
+    run,
+    run_grpo,
+    task_parser,
+)
+
+
+def far_negatives(data: Path, out: Path, max_number: int, seed: int) -> Path:
+    """Pairs of (correct answer, a uniformly drawn wrong one) for every training problem. The synthetic
+    preference data only holds near misses (±1, ±2); a reward model that never saw a far-off answer
+    rejected scores one like "The answer is 3." for any question — which GRPO then finds and exploits."""
+    rng = random.Random(seed)
+    with open(out, "w") as f:
+        for line in (data / "sft_train.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            prompt, answer = row["messages"][0]["content"], int(row["answer"])
+            wrong = rng.choice([n for n in range(0, 2 * max_number * max(max_number, 2) + 1) if n != answer])
+            f.write(json.dumps({"prompt": prompt, "chosen": f"The answer is {answer}.",
+                                "rejected": f"The answer is {wrong}."}) + "\n")
+    return out
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--work", default="runs/rlhf_arith")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--sft-steps", type=int, default=300)
-    p.add_argument("--rm-steps", type=int, default=300)
-    p.add_argument("--rm-lr", type=float, default=5e-4)
-    p.add_argument("--grpo-steps", type=int, default=200)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--grpo-lr", type=float, default=1e-4)
-    p.add_argument("--kl-beta", type=float, default=0.02)
-    p.add_argument("--eval", type=int, default=200, help="held-out problems to evaluate")
-    p.add_argument("--max-number", type=int, default=9, help="task difficulty: largest first operand")
-    p.add_argument("--ops", default="add,sub", help="task operations (add, sub, mul)")
+    p = task_parser("runs/rlhf_arith")
+    p.add_argument("--rm-steps", type=int, default=1000)
+    p.add_argument("--rm-lr", type=float, default=3e-4)
+    p.add_argument("--far-negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train the reward model on far-off wrong answers (default on; see the docstring)")
+    p.add_argument("--format-weight", type=float, default=3.0,
+                   help="weight of the answer_format reward next to the reward model's (0: the reward model alone)")
+    p.add_argument("--seed", type=int, default=0)
+    add_grpo_args(p, kl_beta=0.1)  # higher than for a verifiable reward: a learned one can be gamed
     args = p.parse_args()
     w = (REPO / args.work).resolve()
     data, tok = prepare_arith_task(w, args.eval, args.max_number, args.ops)
     common = ["--config", "configs/tiny.toml", "--set", f"data.tokenizer={tok}", "--set", "train.eval_interval=0",
               "--set", "logging.interval=25", "--set", "logging.tensorboard=false"]
-    run("train", *common, "--set", f'data.prefixes=["{w / "pretrain_text_document"}"]',
-        "--set", f"train.run_dir={w / 'pretrain'}", "--set", f"train.steps={args.pretrain_steps}",
-        "--set", "checkpoint.export_hf=hf")
-    run("sft", *common, "--set", f"checkpoint.init_from_hf={w / 'pretrain' / 'hf'}",
-        "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={w / 'sft'}",
-        "--set", f"train.steps={args.sft_steps}", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=5",
-        "--set", "checkpoint.export_hf=hf")
-    rm_dir = f"rm-s{args.rm_steps}-lr{args.rm_lr:g}"
-    run("reward", *common, "--set", f"checkpoint.init_from_hf={w / 'sft' / 'hf'}",
-        "--set", f'posttrain.train_data=["{data / "dpo_train.jsonl"}"]',
-        "--set", f'posttrain.valid_data=["{data / "dpo_test.jsonl"}"]', "--set", f"train.eval_interval={args.rm_steps}",
-        "--set", "train.eval_iters=12", "--set", f"train.run_dir={w / rm_dir}", "--set", f"train.steps={args.rm_steps}",
-        "--set", f"optim.lr={args.rm_lr}", "--set", f"optim.min_lr={args.rm_lr / 10}", "--set", "optim.warmup_steps=10",
-        "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=8", "--set", "posttrain.reward_center=0.01")
-    grpo_dir = f"{rm_dir}-grpo-s{args.grpo_steps}-g{args.group_size}-p{args.prompts_per_step}-lr{args.grpo_lr:g}-kl{args.kl_beta:g}"
-    completions = args.group_size * args.prompts_per_step
-    run("grpo", *common, "--set", f"checkpoint.init_from_hf={w / 'sft' / 'hf'}",
-        "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={w / grpo_dir}",
-        "--set", f"train.steps={args.grpo_steps}", "--set", f"optim.lr={args.grpo_lr}", "--set", "optim.warmup_steps=5",
-        "--set", f"optim.min_lr={args.grpo_lr}", "--set", "optim.weight_decay=0.0",
-        "--set", f"train.global_batch_size={completions}", "--set", f"train.micro_batch_size={min(completions, 32)}",
-        "--set", f"posttrain.group_size={args.group_size}", "--set", "posttrain.max_new_tokens=20",
-        "--set", f"posttrain.kl_beta={args.kl_beta}", "--set", 'posttrain.rewards=["reward_model"]',
-        "--set", f"posttrain.reward_model={w / rm_dir}")
-
-    from scaletrain.checkpoint import latest_checkpoint
-    from scaletrain.checkpoint.hf import load_full_model
-    from scaletrain.data.synth import problems
-    from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.evaluate import sampled_accuracy
+    sft_dir = pretrain_and_sft(w, data, tok, common, args.pretrain_steps, args.sft_steps)
+    pairs = far_negatives(data, w / "rm_far_negatives.jsonl", args.max_number, args.seed) if args.far_negatives else None
+    rm_dir = f"rm-s{args.rm_steps}-lr{args.rm_lr:g}{'-far' if pairs else ''}"
+    train_files = ", ".join(f'"{f}"' for f in [data / "dpo_train.jsonl", *([pairs] if pairs else [])])
+    run("reward", *common, "--set", f"checkpoint.init_from_hf={w / sft_dir / 'hf'}",
+        "--set", f"posttrain.train_data=[{train_files}]",
+        "--set", f'posttrain.valid_data=["{data / "dpo_test.jsonl"}"]', "--set", f"train.eval_interval={args.rm_steps // 4}",
+        "--set", "train.eval_iters=6", "--set", f"train.run_dir={w / rm_dir}", "--set", f"train.steps={args.rm_steps}",
+        "--set", f"optim.lr={args.rm_lr}", "--set", f"optim.min_lr={args.rm_lr / 10}", "--set", "optim.warmup_steps=20",
+        "--set", "optim.weight_decay=0.0", "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=16",
+        "--set", "posttrain.reward_center=0.01")
+    rewards = ["--set", 'posttrain.rewards=["reward_model"]']
+    if args.format_weight:
+        rewards = ["--set", 'posttrain.rewards=["reward_model", "answer_format"]',
+                   "--set", f"posttrain.reward_weights=[1.0, {args.format_weight}]"]
+    prefix = rm_dir + (f"-fmt{args.format_weight:g}" if args.format_weight else "")
+    grpo_dir = run_grpo(w, data, common, args, sft_dir, prefix, *rewards, "--set", f"posttrain.reward_model={w / rm_dir}")
 
     records = [json.loads(line) for line in (w / rm_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_rewards_accuracy" in r][-1]
     grpo = [json.loads(line) for line in (w / grpo_dir / "metrics.jsonl").read_text().splitlines()]
-    renderer = ChatRenderer(load_tokenizer(str(tok)), "chatml")
-    held_out = problems(args.eval, seed=0, split="test", max_number=args.max_number, ops=tuple(args.ops.split(",")))
-    rows = {}
-    for name, run_dir in (("after SFT", "sft"), ("after RLHF", grpo_dir)):
-        _, model = load_full_model(latest_checkpoint(w / run_dir / "checkpoints"))
-        rows[name] = (sampled_accuracy(model, renderer, held_out, temperature=0.0),
-                      sampled_accuracy(model, renderer, held_out, samples=8))
     first, last = sum(r["reward"] for r in grpo[:20]) / 20, sum(r["reward"] for r in grpo[-20:]) / 20
     print(f"\nreward model: held-out pair accuracy {100 * val['val_rewards_accuracy']:.1f}% "
           f"({val['val_rewards_margin']:+.2f} mean margin; chance 50%)")
-    print(f"GRPO on its score: mean reward of the first 20 steps {first:+.3f}, of the last 20 {last:+.3f}")
-    print(f"held-out: {len(held_out)} problems (chat prompt), scored by the answer checker")
-    print(f"  {'model':<11} {'exact match (greedy)':>20} {'sampled accuracy (T=1, 8 per problem)':>38}")
-    for name, (em, acc) in rows.items():
-        print(f"  {name:<11} {100 * em:19.1f}% {100 * acc:37.1f}%")
+    print(f"GRPO: mean total reward of the first 20 steps {first:+.3f}, of the last 20 {last:+.3f}")
+    print_accuracies(w, tok, args, [("after SFT", sft_dir), ("after RLHF", grpo_dir)])
     return 0
 
 

@@ -209,6 +209,10 @@ def test_math_answer_reward():
     assert math_answer("twelve", {"answer": 12}) == 0.0
     with pytest.raises(KeyError, match="answer"):
         math_answer("The answer is 1", {})
+    from scaletrain.posttrain.rewards import answer_format
+
+    assert [answer_format(t, {}) for t in ("The answer is 12.", "The answer is 40 or so", "T1|im_end|>", "\\boxed{x}")] \
+        == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_python_tests_reward_runs_code_apart_and_bounded():

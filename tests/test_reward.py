@@ -82,7 +82,7 @@ def test_reward_losses_match_single_process_across_layouts(tmp_path, tokenizer_d
 
 
 def test_export_scores_like_transformers_sequence_classification(tmp_path, tokenizer_dir, dataset_prefix, pairs,
-                                                                 monkeypatch):
+                                                                 monkeypatch, capsys):
     transformers = pytest.importorskip("transformers")
     run = tmp_path / "rm"
     assert main(_args(run, tokenizer_dir, dataset_prefix, pairs, **{"checkpoint.export_hf": "hf"})) == 0
@@ -112,6 +112,9 @@ def test_export_scores_like_transformers_sequence_classification(tmp_path, token
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     # And back: the HF reward model imports into a checkpoint with its score head.
     assert main(["convert", "from-hf", str(run / "hf"), str(tmp_path / "back")]) == 0
+    # A reward model cannot chat: refused by name.
+    assert main(["chat", str(run / "hf"), "--message", "Hi"]) == 2
+    assert "is a reward model" in capsys.readouterr().err
 
 
 def test_reward_model_starts_from_a_causal_lm_export(tmp_path, tokenizer_dir, dataset_prefix, pairs, capsys):

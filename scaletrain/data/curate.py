@@ -59,15 +59,10 @@ class CurationReport:
 def _read_rows(paths: list[str]):
     import datasets
 
-    from scaletrain.data.preprocess import _format_of
+    from scaletrain.data.preprocess import input_format
 
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    formats = {_format_of(p) for p in paths}
-    if len(formats) != 1:
-        raise ValueError(f"inputs mix formats {sorted(formats)}; curate each format separately.")
-    return datasets.load_dataset(formats.pop(), data_files=list(paths), split="train", streaming=True)
+    fmt = input_format(paths, "curate")
+    return datasets.load_dataset(fmt, data_files=list(paths), split="train", streaming=True)
 
 
 def curate(inputs: list[str], output: str, *, text_key: str = "text", quality: str = "gopher",

@@ -48,6 +48,17 @@ def _format_of(path: str) -> str:
     raise ValueError(f"{path}: unknown input format; use .jsonl, .json, .parquet or .txt (optionally .gz).")
 
 
+def input_format(inputs: list[str], what: str) -> str:
+    """The one `datasets` loader name of `inputs` (json, parquet, text), after checking they exist."""
+    missing = [p for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+    formats = {_format_of(p) for p in inputs}
+    if len(formats) != 1:
+        raise ValueError(f"inputs mix formats {sorted(formats)}; {what} each format separately.")
+    return formats.pop()
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer_cached(path: str):  # one load per worker process
     return load_tokenizer(path)
@@ -79,13 +90,7 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, *, text_ke
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    missing = [p for p in inputs if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    formats = {_format_of(p) for p in inputs}
-    if len(formats) != 1:
-        raise ValueError(f"inputs mix formats {sorted(formats)}; preprocess each format separately.")
-    fmt = formats.pop()
+    fmt = input_format(inputs, "preprocess")
     tok = load_tokenizer(tokenizer)
     tok_path = str(tok.path)
     out = Path(output_prefix)

@@ -59,6 +59,12 @@ def resolve_checkpoint(path: Path) -> Path:
                             "checkpoints/ folder or step_* checkpoint")
 
 
+def _refuse_reward_model(num_labels: int, path: Path) -> None:
+    if num_labels:
+        raise ValueError(f"{path} is a reward model (a score head, model.num_labels = {num_labels}): it scores "
+                         "conversations and cannot write one; chat with a policy (sft, dpo or grpo run) instead")
+
+
 def load_chat_model(path: str | Path) -> tuple[torch.nn.Module, object, str, tuple[str, ...]]:
     """(model on CPU, tokenizer, chat template setting, tools listed in training) for `path`."""
     from scaletrain.checkpoint.hf import load_full_model, read_hf_dir
@@ -68,11 +74,13 @@ def load_chat_model(path: str | Path) -> tuple[torch.nn.Module, object, str, tup
     p = Path(path)
     if (p / "config.json").is_file():
         cfg, state = read_hf_dir(p)
+        _refuse_reward_model(cfg.num_labels, p)
         model = build_model(cfg, dtype=torch.float32)
         model.load_state_dict(state)
         return model, load_tokenizer(str(p)), "auto", ()
     step = resolve_checkpoint(p)
-    _, model = load_full_model(step)
+    cfg, model = load_full_model(step)
+    _refuse_reward_model(cfg.num_labels, step)
     template = "auto"
     tools: tuple[str, ...] = ()
     run_config = step.parent.parent / "config.toml"

@@ -8,6 +8,7 @@ Bundled:
   the row's `tests` (Python source, typically asserts) in a separate interpreter: isolated mode (`-I`),
   an empty temporary directory, CPU-time, memory and file-size limits, a wall-clock timeout. The code
   never runs inside the training process. 0.0 on any failure.
+- `answer_format`: 1.0 when the completion states a numeric answer at all (a format reward, no field read).
 Custom: `package.module:function` with the same signature `(completion: str, row: dict) -> float`.
 Learned: `reward_model` — a trained reward model's score (posttrain.reward_model; posttrain/reward_scorer.py),
 built by the trainer in the policy's layout rather than resolved here.
@@ -68,6 +69,14 @@ def math_answer(completion: str, row: dict) -> float:
     return float(got == want)
 
 
+def answer_format(completion: str, row: dict) -> float:
+    """1.0 when the completion states a numeric answer in one of math_answer's forms, right or wrong —
+    a format reward (as in DeepSeek-R1's), which keeps a learned reward from being gamed with text
+    that states nothing; it reads no data field."""
+    stated = extract_answer(completion)
+    return float(stated is not None and _number(stated) is not None)
+
+
 def extract_code(text: str) -> str:
     """The last fenced code block of a completion, or the whole text when it has none."""
     blocks = _CODE.findall(text)
@@ -105,7 +114,8 @@ def python_tests(completion: str, row: dict) -> float:
     return float(run_python_tests(extract_code(completion), str(row["tests"])))
 
 
-BUNDLED_REWARDS: dict[str, RewardFn] = {"math_answer": math_answer, "python_tests": python_tests}
+BUNDLED_REWARDS: dict[str, RewardFn] = {"math_answer": math_answer, "python_tests": python_tests,
+                                         "answer_format": answer_format}
 
 
 def resolve_reward(name: str) -> RewardFn:
