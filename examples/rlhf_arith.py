@@ -1,20 +1,20 @@
 """RLHF on CPU, end to end, with a *learned* reward: pretrain a tiny model on the synthetic arithmetic task,
-SFT it on the chat form, train a reward model (`scaletrain reward`, Bradley–Terry on correct vs near-miss
-answers, its body initialised from the SFT model), then GRPO whose only reward is that model's score —
-the answer checker is never used in training. Prints the reward model's held-out pair accuracy and the
-policy's held-out exact match (greedy) and sampled accuracy (T = 1), both measured by the checker,
-before and after RL. Every training step is the real CLI.
+SFT it on the chat form, train a reward model (`scaletrain reward`, Bradley–Terry on correct vs wrong
+answers, its body initialised from the SFT model), then GRPO scored by that model — the answer checker is
+never used in training. Prints the reward model's held-out pair accuracy, GRPO's reward, and the policy's
+held-out exact match (greedy) and sampled accuracy (T = 1) measured by the checker, before and after RL.
+Every training step is the real CLI.
 
-    python examples/rlhf_arith.py [--work runs/rlhf_arith] [--rm-steps 1000 --rm-lr 3e-4] [--grpo-steps 200]
-        [--group-size 8 --prompts-per-step 8 --grpo-lr 1e-4 --kl-beta 0.1]
+    python examples/rlhf_arith.py [--work runs/rlhf_arith] [--rm-steps 1000 --rm-lr 3e-4]
+        [--far-negatives/--no-far-negatives] [--format-weight 3] [--grpo-steps 200 --kl-beta 0.1 ...]
 
-About 15 minutes on 2 CPU cores from scratch (figures in BENCHMARKS.md). Reward models get gamed: one
-trained only on the task's near-miss pairs reaches 100% held-out pair accuracy, yet GRPO on it learns
-to answer "The answer is 3." to everything (exact match 84% → 16%) — it never saw a far-off answer
-rejected. `--far-negatives` (default) adds such pairs; GRPO then finds text that is no answer at all
-("T1|im_end|>"), which the reward model never saw either. The `answer_format` reward (weight
-`--format-weight`, default 3; it checks that an answer is stated, not that it is right) closes that.
-`--no-far-negatives --format-weight 0` reproduces the first failure.
+About 15 minutes on 2 CPU cores from scratch. What it shows today is reward over-optimisation, measured
+(BENCHMARKS.md): every reward model here reaches 99-100% held-out pair accuracy, and GRPO still finds text
+it over-scores — "The answer is 3." for any question (near-miss pairs only; exact match 84% → 16%), then,
+with far-off wrong answers added to its data (`--far-negatives`, the default), text that states nothing
+("T1|im_end|>": 0%), then, with the `answer_format` reward (`--format-weight`, default 3), answers ending in
+a mangled end-of-turn marker (19.5%). The machinery is what the tests prove; making a 0.25 M-parameter
+reward model robust is not solved here.
 """
 
 from __future__ import annotations

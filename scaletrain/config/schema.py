@@ -260,8 +260,8 @@ class PostTrainConfig:
     center_rewards_coefficient; 1e-2 is typical)."""
     rewards: tuple[str, ...] = ("math_answer",)
     """grpo: reward functions summed per completion: bundled 'math_answer' (the row's `answer`),
-    'python_tests' (the row's `tests` run against the completion's code), 'package.module:function',
-    or 'reward_model' (the score of posttrain.reward_model: RLHF)."""
+    'python_tests' (the row's `tests` run against the completion's code), 'answer_format' (a numeric answer
+    is stated at all), 'package.module:function', or 'reward_model' (the score of posttrain.reward_model: RLHF)."""
     reward_weights: tuple[float, ...] = ()
     """grpo: one weight per reward function (empty: all 1)."""
     reward_model: str = ""
