@@ -13,8 +13,8 @@ About 15 minutes on 2 CPU cores from scratch. What it shows today is reward over
 it over-scores — "The answer is 3." for any question (near-miss pairs only; exact match 84% → 16%), then,
 with far-off wrong answers added to its data (`--far-negatives`, the default), text that states nothing
 ("T1|im_end|>": 0%), then, with the `answer_format` reward (`--format-weight`, default 3), answers ending in
-a mangled end-of-turn marker (19.5%). The machinery is what the tests prove; making a 0.25 M-parameter
-reward model robust is not solved here.
+a mangled end-of-turn marker (19.5%); `--missing-stop-penalty 3` on top gave 7.5%. The machinery is what
+the tests prove; making a 0.25 M-parameter reward model robust is not solved here.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main() -> int:
                    help="also train the reward model on far-off wrong answers (default on; see the docstring)")
     p.add_argument("--format-weight", type=float, default=3.0,
                    help="weight of the answer_format reward next to the reward model's (0: the reward model alone)")
+    p.add_argument("--missing-stop-penalty", type=float, default=0.0,
+                   help="posttrain.missing_stop_penalty: for a turn that does not end with its end-of-turn marker")
     p.add_argument("--seed", type=int, default=0)
     add_grpo_args(p, kl_beta=0.1)  # higher than for a verifiable reward: a learned one can be gamed
     args = p.parse_args()
@@ -81,8 +83,10 @@ def main() -> int:
     if args.format_weight:
         rewards = ["--set", 'posttrain.rewards=["reward_model", "answer_format"]',
                    "--set", f"posttrain.reward_weights=[1.0, {args.format_weight}]"]
-    prefix = rm_dir + (f"-fmt{args.format_weight:g}" if args.format_weight else "")
-    grpo_dir = run_grpo(w, data, common, args, sft_dir, prefix, *rewards, "--set", f"posttrain.reward_model={w / rm_dir}")
+    prefix = rm_dir + (f"-fmt{args.format_weight:g}" if args.format_weight else "") + \
+        (f"-stop{args.missing_stop_penalty:g}" if args.missing_stop_penalty else "")
+    grpo_dir = run_grpo(w, data, common, args, sft_dir, prefix, *rewards, "--set", f"posttrain.reward_model={w / rm_dir}",
+                        "--set", f"posttrain.missing_stop_penalty={args.missing_stop_penalty}")
 
     records = [json.loads(line) for line in (w / rm_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_rewards_accuracy" in r][-1]

@@ -183,7 +183,8 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
         micro_batch=t.micro_batch_size, seq_length=t.seq_length, seed=t.seed, consumed_samples=consumed_samples,
         tokenizer=tokenizer, stop_text=marker, precision=precision, device=device,
         fused_cross_entropy=fused_cross_entropy, run_dir=Path(t.run_dir),
-        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, iterations=pt.grpo_iterations)
+        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, iterations=pt.grpo_iterations,
+        missing_stop_penalty=pt.missing_stop_penalty)
 
 
 def locate_reward_model(path_text: str) -> tuple[str, Path, Any]:

@@ -348,3 +348,13 @@ def test_grpo_raises_its_reward(tmp_path, tokenizer_dir, dataset_prefix, prompts
     rewards = [m["reward"] for m in read_metrics(run)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, (first, last)
+
+
+def test_missing_stop_penalty_is_subtracted_per_completion(tmp_path, tokenizer_dir, dataset_prefix, prompts):
+    """Completions that do not end with the end-of-turn marker (here: cut at 6 tokens) lose the penalty."""
+    run = tmp_path / "run"
+    assert main(_args(run, tokenizer_dir, dataset_prefix, prompts, **{
+        "train.steps": 2, "posttrain.kl_beta": 0.0, "posttrain.missing_stop_penalty": 2.5})) == 0
+    for r in read_metrics(run):
+        assert r["missing_stop"] >= r["truncated"] > 0  # a cut completion never ended its turn
+        assert r["reward"] == pytest.approx(r["reward_digits"] - 2.5 * r["missing_stop"], abs=1e-12)

@@ -264,6 +264,10 @@ class PostTrainConfig:
     is stated at all), 'package.module:function', or 'reward_model' (the score of posttrain.reward_model: RLHF)."""
     reward_weights: tuple[float, ...] = ()
     """grpo: one weight per reward function (empty: all 1)."""
+    missing_stop_penalty: float = 0.0
+    """grpo: subtracted from the reward of a completion that does not end with the chat template's end-of-turn
+    marker (it ran out of posttrain.max_new_tokens, or stopped at a bare eos) — TRL's missing_eos_penalty for
+    chat turns; 0 = off."""
     reward_model: str = ""
     """grpo with the 'reward_model' reward: a trained reward model (an HF *ForSequenceClassification directory,
     or a scaletrain checkpoint / checkpoints folder) sharing the policy's tokenizer; run in the policy's layout."""

@@ -299,6 +299,9 @@ def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
         problem = reward_problem(name)
         if problem:
             errors.append(f"posttrain.rewards: {problem}")
+    if pt.missing_stop_penalty < 0:
+        errors.append(f"posttrain.missing_stop_penalty = {pt.missing_stop_penalty} must be 0 (off) or positive "
+                      "(it is subtracted).")
     if "reward_model" in pt.rewards and not pt.reward_model:
         errors.append("posttrain.rewards lists 'reward_model' but posttrain.reward_model is empty: point it at a trained "
                       "reward model (an HF directory, or a checkpoint written by `scaletrain reward`).")

@@ -43,7 +43,8 @@ class RolloutBatches:
                  max_new_tokens: int, temperature: float, scale_rewards: bool, global_batch: int, micro_batch: int,
                  seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
                  precision, device: torch.device, fused_cross_entropy: bool = False,
-                 run_dir: Path | None = None, width_multiple: int = 1, iterations: int = 1) -> None:
+                 run_dir: Path | None = None, width_multiple: int = 1, iterations: int = 1,
+                 missing_stop_penalty: float = 0.0) -> None:
         self.prompts, self.model, self.reference, self.dims = prompts, model, reference, dims
         self.rewards = rewards
         self.weights = torch.tensor(reward_weights or [1.0] * len(rewards), dtype=torch.float64)
@@ -57,6 +58,7 @@ class RolloutBatches:
         self.width_multiple = width_multiple  # rollout rows' width: tp under sequence parallelism
         self.log_path = run_dir / ROLLOUT_LOG if run_dir is not None and (dims is None or dims.is_main) else None
         self.iterations = iterations  # updates per rollout batch (posttrain.grpo_iterations)
+        self.missing_stop_penalty = missing_stop_penalty
         self.buffer = RolloutBuffer(run_dir, dims.rank if dims is not None else 0, iterations) \
             if iterations > 1 and run_dir is not None else None
         self._current: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
@@ -80,6 +82,18 @@ class RolloutBatches:
             completion = completion[:-1]
         text = self.tokenizer.decode(completion)
         return text.split(self.stop_text, 1)[0] if self.stop_text else text
+
+    def _missing_stop(self, completions: list[list[int]]) -> torch.Tensor:
+        """[completions] 1.0 where a completion does not end with the end-of-turn marker (as a token or as
+        text), else 0.0; without a marker (no template) only eos ends a turn."""
+        def ended(c: list[int]) -> bool:
+            if not c:
+                return False
+            if self.stop_text is None:
+                return c[-1] in self.stop_ids
+            marker_ids = self.stop_ids - {self.tokenizer.eos_id}
+            return c[-1] in marker_ids or self.tokenizer.decode(c).endswith(self.stop_text)
+        return torch.tensor([0.0 if ended(c) else 1.0 for c in completions], dtype=torch.float64)
 
     def _replica_broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """This replica's lead rank's values (tp rank 0 of the last stage) on all of its ranks."""
@@ -144,7 +158,8 @@ class RolloutBatches:
         texts = [self._text(c) for c in completions]
         rows = [self.prompts.rows[i] for i in index for _ in range(g)]
         scores = self._score(rows, texts, [prompts[i // g] for i in range(len(completions))], completions)
-        total = scores @ self.weights
+        missing = self._missing_stop(completions)
+        total = scores @ self.weights - self.missing_stop_penalty * missing
         advantages = group_advantages(total, g, self.scale_rewards)
         items = [training_rows(prompts[i // g], c, self.seq_length, self.pad_id) for i, c in enumerate(completions)]
         for item, a in zip(items, advantages):
@@ -160,7 +175,7 @@ class RolloutBatches:
                                         fused_cross_entropy=self.fused)
                 for mb, v in zip(mbs, values):
                     mb[key] = v.cpu()
-        self._record_metrics(scores, total, completions, stopped)
+        self._record_metrics(scores, total, completions, stopped, missing)
         self.last_metrics["rollout_s"] = time.perf_counter() - t0  # sampling, rewards, log-prob passes
         self._log_rollouts(step + 1, prompts[0], texts[:g], total[:g].tolist())
         return mbs
@@ -196,7 +211,7 @@ class RolloutBatches:
         return {k: float(v) / max(float(sums[-1]), 1.0) for k, v in zip(names, sums[:-1].tolist())}
 
     def _record_metrics(self, scores: torch.Tensor, total: torch.Tensor, completions: list[list[int]],
-                        stopped: list[bool]) -> None:
+                        stopped: list[bool], missing: torch.Tensor) -> None:
         g = self.group_size
         groups = total.reshape(-1, g)
         sums = torch.cat([
@@ -204,12 +219,12 @@ class RolloutBatches:
             groups.std(dim=1).sum().reshape(1) * g,  # weighted per completion, like the other means
             (groups.max(dim=1).values == groups.min(dim=1).values).double().sum().reshape(1) * g,
             torch.tensor([float(sum(len(c) for c in completions)), float(sum(not s for s in stopped)),
-                          float(len(completions))], dtype=torch.float64)])
+                          float(missing.sum()), float(len(completions))], dtype=torch.float64)])
         if self.dims is not None and self.dims.dp > 1:
             sums = self.dims.comm("dp").all_reduce(sums.to(self.device)).cpu()
         n = float(sums[-1])
         names = ["reward", *(f"reward_{reward_label(k)}" for k in self.rewards), "reward_std", "zero_std_groups",
-                 "completion_tokens", "truncated"]
+                 "completion_tokens", "truncated", "missing_stop"]
         self.last_metrics = {k: float(v) / n for k, v in zip(names, sums[:-1].tolist())}
 
     def _log_rollouts(self, step: int, prompt: list[int], texts: list[str], rewards: list[float]) -> None:
