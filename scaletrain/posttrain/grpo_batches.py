@@ -203,7 +203,9 @@ class RolloutBatches:
         scores = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]],
                              [prompts.prompts[i] for i in mine], completions[:n]) if mine \
             else torch.zeros(0, len(self.rewards), dtype=torch.float64)
-        sums = torch.cat([(scores @ self.weights).sum().reshape(1), scores.sum(dim=0),
+        # The held-out reward is defined as the training one: weighted rewards minus the missing-stop penalty.
+        total = scores @ self.weights - self.missing_stop_penalty * self._missing_stop(completions[:n])
+        sums = torch.cat([total.sum().reshape(1), scores.sum(dim=0),
                           torch.tensor([float(sum(len(c) for c in completions[:n])), float(n)], dtype=torch.float64)])
         if d is not None and d.dp > 1:
             sums = d.comm("dp").all_reduce(sums.to(self.device)).cpu()
