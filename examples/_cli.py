@@ -31,14 +31,17 @@ def prepare_arith_task(work: Path, n_eval: int, max_number: int, ops: str) -> tu
     return data, tok
 
 
-def pretrain_and_sft(work: Path, data: Path, tok: Path, common: list[str], pretrain_steps: int, sft_steps: int) -> str:
-    """The task's base policy: pretrain on its text form (exported to work/pretrain/hf), then SFT on its chat
-    form from that export (exported to work/SFT_DIR/hf). Finished stages are skipped on a re-run. Returns SFT_DIR."""
+def pretrain_and_sft(work: Path, data: Path, tok: Path, common: list[str], pretrain_steps: int, sft_steps: int,
+                     prefix: str = "") -> str:
+    """The task's base policy: pretrain on its text form (exported to work/PREFIXpretrain/hf), then SFT on its
+    chat form from that export (exported to work/SFT_DIR/hf). Finished stages are skipped on a re-run. Returns
+    SFT_DIR (PREFIXsft-sN). `prefix` keeps two models' runs apart in one work folder (a teacher and its student)."""
+    pretrain = work / f"{prefix}pretrain"
     run("train", *common, "--set", f'data.prefixes=["{work / "pretrain_text_document"}"]',
-        "--set", f"train.run_dir={work / 'pretrain'}", "--set", f"train.steps={pretrain_steps}",
+        "--set", f"train.run_dir={pretrain}", "--set", f"train.steps={pretrain_steps}",
         "--set", "checkpoint.export_hf=hf")
-    sft_dir = f"sft-s{sft_steps}"
-    run("sft", *common, "--set", f"checkpoint.init_from_hf={work / 'pretrain' / 'hf'}",
+    sft_dir = f"{prefix}sft-s{sft_steps}"
+    run("sft", *common, "--set", f"checkpoint.init_from_hf={pretrain / 'hf'}",
         "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={work / sft_dir}",
         "--set", f"train.steps={sft_steps}", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=5",
         "--set", "checkpoint.export_hf=hf")
@@ -74,9 +77,10 @@ def print_accuracies(work: Path, tok: Path, args: argparse.Namespace, stages: li
         rows[name] = (sampled_accuracy(model, renderer, held_out, temperature=0.0),
                       sampled_accuracy(model, renderer, held_out, samples=8))
     print(f"\nheld-out: {len(held_out)} problems (chat prompt), scored by the answer checker")
-    print(f"  {'model':<11} {'exact match (greedy)':>20} {'sampled accuracy (T=1, 8 per problem)':>38}")
+    width = max(11, *(len(name) for name in rows))
+    print(f"  {'model':<{width}} {'exact match (greedy)':>20} {'sampled accuracy (T=1, 8 per problem)':>38}")
     for name, (em, acc) in rows.items():
-        print(f"  {name:<11} {100 * em:19.1f}% {100 * acc:37.1f}%")
+        print(f"  {name:<{width}} {100 * em:19.1f}% {100 * acc:37.1f}%")
 
 
 def add_grpo_args(p: argparse.ArgumentParser, kl_beta: float) -> None:

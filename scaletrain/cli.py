@@ -6,8 +6,9 @@
     scaletrain data preprocess --input corpus.jsonl.gz --tokenizer data/tokenizer --output-prefix data/kjv
     scaletrain convert to-hf runs/tiny/checkpoints runs/tiny/hf
     scaletrain convert from-hf path/to/hf_model checkpoints/imported
-    scaletrain sft|dpo|reward|grpo --config run.toml ... (post-training on the same trainer)
+    scaletrain sft|dpo|reward|grpo|distill --config run.toml ... (post-training on the same trainer)
     scaletrain chat runs/tools_sft [--message "..."]   (executes the model's tool calls)
+    scaletrain eval runs/tiny --task perplexity:held_out.jsonl --task choice:mc.jsonl [--set parallel.tp=2]
     scaletrain profile --config run.toml --plan | --steps 20
 """
 
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "[posttrain] section; = train with posttrain.objective=grpo)")
     add_train_args(grpo)
     grpo.set_defaults(func=lambda a: train_command(a, objective="grpo"))
+    distill = sub.add_parser("distill", help="knowledge distillation: match posttrain.teacher's next-token "
+                                             "distributions (KL, vocab-parallel) on pretraining data or chat rows "
+                                             "(= train with posttrain.objective=distill)")
+    add_train_args(distill)
+    distill.set_defaults(func=lambda a: train_command(a, objective="distill"))
 
     data = sub.add_parser("data", help="tokenizers and datasets").add_subparsers(dest="data_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -183,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chat_args(chat)
     chat.set_defaults(func=chat_command)
+    ev = sub.add_parser("eval", help="score a model on local evaluation files (perplexity, multiple choice, "
+                                     "answers) in any tp/pp/dp layout")
+    from scaletrain.evaluation.command import add_eval_args, eval_command
+
+    add_eval_args(ev)
+    ev.set_defaults(func=eval_command)
     prof = sub.add_parser("profile", help="analytic plan (--plan) or a measured run next to it")
     from scaletrain.profile.command import add_profile_args, profile_command
 

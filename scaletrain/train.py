@@ -21,11 +21,13 @@ import torch
 from scaletrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from scaletrain.config import ConfigError, RunConfig, dump_config, load_config, resolve_model, validate
 from scaletrain.config.load import config_to_dict
+from scaletrain.config.validate import uses_pretraining_data
 from scaletrain.data.indexed import DatasetError
 from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
 from scaletrain.nn.backend import select_backend
 from scaletrain.nn.fused import check_available, expand
+from scaletrain.posttrain.frozen import check_frozen_model, teacher_vocab
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.optimizer import optimizer_problem
 from scaletrain.trainer.precision import resolve_precision
@@ -69,6 +71,9 @@ def prepare(cfg: RunConfig, world_size: int):
         raise ConfigError("data.tokenizer is empty: point it at the tokenizer that wrote the data "
                           "(a folder with tokenizer.model or tokenizer.json).")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.posttrain.objective == "distill" and cfg.posttrain.teacher and not cfg.model.vocab_size:
+        # 0 = derive: the teacher's (padded) size, so that both logit tensors shard over tp alike.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=teacher_vocab(cfg)))
     model = resolve_model(cfg.model, tokenizer_vocab=tokenizer.vocab_size, tp=cfg.parallel.tp,
                           seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)
@@ -88,8 +93,12 @@ def prepare(cfg: RunConfig, world_size: int):
         raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
     if cfg.posttrain.objective == "grpo" and "reward_model" in cfg.posttrain.rewards:
-        check_reward_model(cfg, tokenizer.vocab_size)
-    if cfg.posttrain.objective == "pretrain":
+        check_frozen_model(cfg, "posttrain.reward_model", cfg.posttrain.reward_model, role="reward",
+                           tokenizer_vocab=tokenizer.vocab_size)
+    if cfg.posttrain.objective == "distill":
+        check_frozen_model(cfg, "posttrain.teacher", cfg.posttrain.teacher, role="teacher",
+                           tokenizer_vocab=tokenizer.vocab_size)
+    if uses_pretraining_data(cfg):
         check_data(cfg.data, model_vocab=model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
                    tokenizer_sha256=tokenizer.fingerprint())
     else:
@@ -137,9 +146,19 @@ def build_sft_datasets(cfg: RunConfig, tokenizer, log):
     return out[0], out[1]
 
 
-def build_prompt_datasets(cfg: RunConfig, tokenizer, log):
+def build_distill_datasets(cfg: RunConfig, tokenizer, log):
+    """Distillation on chat rows: packed SFT rows (train, valid); on-policy, the train rows are prompts
+    the student completes and the validation rows stay teacher-forced conversations."""
+    if not cfg.posttrain.distill_on_policy:
+        return build_sft_datasets(cfg, tokenizer, log)
+    train, _ = build_prompt_datasets(cfg, tokenizer, log, rewards=())
+    no_train = dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, train_data=()))
+    return train, build_sft_datasets(no_train, tokenizer, log)[1]
+
+
+def build_prompt_datasets(cfg: RunConfig, tokenizer, log, rewards: tuple[str, ...] | None = None):
     """GRPO prompts (train, valid or None): rendered generation prompts with their rows, checked for the
-    fields the rewards read before any parameter exists."""
+    fields the rewards read (default posttrain.rewards) before any parameter exists."""
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.grpo_data import PromptDataset, read_prompt_rows
     from scaletrain.posttrain.rewards import required_fields
@@ -154,7 +173,7 @@ def build_prompt_datasets(cfg: RunConfig, tokenizer, log):
             continue
         ds = PromptDataset(read_prompt_rows(files), renderer, seq_length=cfg.train.seq_length,
                            max_new_tokens=pt.max_new_tokens)
-        for name in pt.rewards:
+        for name in pt.rewards if rewards is None else rewards:
             for key in required_fields(name):
                 missing = sum(1 for row in ds.rows if row.get(key) is None)
                 if missing:
@@ -187,67 +206,28 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
         missing_stop_penalty=pt.missing_stop_penalty)
 
 
-def locate_reward_model(path_text: str) -> tuple[str, Path, Any]:
-    """posttrain.reward_model → ('hf' | 'checkpoint', path, its ModelConfig): an HF directory, a
-    checkpoint, a checkpoints folder (its latest) or a run directory (its latest checkpoint)."""
-    import json
+def on_policy_batches(cfg: RunConfig, prompts, tokenizer, *, model, dims, precision, device, consumed_samples: int):
+    """On-policy distillation's train_batches: the student's own completions per step (posttrain/distill_batches.py)."""
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.distill_batches import OnPolicyBatches
 
-    from scaletrain.checkpoint.hf import checkpoint_model_config
-    from scaletrain.checkpoint.io import STATE_FILE
-    from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
-
-    path = Path(path_text)
-    if (path / "config.json").is_file():
-        try:
-            return "hf", path, config_from_hf(json.loads((path / "config.json").read_text()))
-        except UnsupportedModelError as e:
-            raise ConfigError(f"posttrain.reward_model = {path}: {e}") from None
-    for candidate in (path if (path / STATE_FILE).is_file() else None, latest_checkpoint(path),
-                      latest_checkpoint(path / "checkpoints")):
-        if candidate is not None:
-            return "checkpoint", candidate, checkpoint_model_config(candidate)
-    raise ConfigError(f"posttrain.reward_model = {path}: neither a Hugging Face directory (config.json) nor a "
-                      "checkpoint, checkpoints folder or run directory with one.")
-
-
-def check_reward_model(cfg: RunConfig, tokenizer_vocab: int) -> None:
-    """The reward model must be one (a score head), fit the policy's layout and read its tokens."""
-    _kind, path, m = locate_reward_model(cfg.posttrain.reward_model)
-    p, problems = cfg.parallel, []
-    if m.num_labels != 1:
-        problems.append(f"it has {'no score head (a language model)' if not m.num_labels else f'{m.num_labels} labels'}; "
-                        "train one with `scaletrain reward` (model.num_labels = 1)")
-    if m.num_heads % p.tp or m.num_kv_heads % p.tp:
-        problems.append(f"its {m.num_heads} heads / {m.num_kv_heads} kv heads do not divide over parallel.tp = {p.tp}")
-    if m.num_layers % (p.pp * p.vpp):
-        problems.append(f"its {m.num_layers} layers do not divide over parallel.pp·vpp = {p.pp * p.vpp}")
-    if m.vocab_size < tokenizer_vocab:
-        problems.append(f"its vocabulary ({m.vocab_size}) is smaller than the policy tokenizer's ({tokenizer_vocab}): "
-                        "it must share the policy's tokenizer")
-    if m.max_position_embeddings and m.max_position_embeddings < cfg.train.seq_length:
-        problems.append(f"it reads at most {m.max_position_embeddings} positions < train.seq_length = {cfg.train.seq_length}")
-    if problems:
-        raise ConfigError(f"posttrain.reward_model = {path}: " + "; ".join(problems) + ".")
+    pt, t = cfg.posttrain, cfg.train
+    return OnPolicyBatches(
+        prompts, model=model, dims=dims, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
+        seq_length=t.seq_length, seed=t.seed, consumed_samples=consumed_samples, tokenizer=tokenizer,
+        stop_text=ChatRenderer(tokenizer, pt.chat_template).end_of_turn(), max_new_tokens=pt.max_new_tokens,
+        temperature=pt.temperature, precision=precision, device=device,
+        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
 
 
 def build_reward_scorer(cfg: RunConfig, tokenizer, dims, precision, device, backend, log):
     """GRPO's learned reward (RLHF): the reward model, frozen, in the policy's layout."""
-    from scaletrain.checkpoint.hf import load_hf_weights
-    from scaletrain.models import build_model
-    from scaletrain.parallel.parallelize import parallelize
+    from scaletrain.posttrain.frozen import build_frozen_model
     from scaletrain.posttrain.reward_scorer import RewardModelScorer
 
-    kind, path, m = locate_reward_model(cfg.posttrain.reward_model)
-    with torch.device("meta") if dims.pp > 1 else torch.device(device):
-        rm = build_model(m, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend)
-    rm.requires_grad_(False)  # no gradient buffers, no dp buckets
-    rm = parallelize(rm, dims, dataclasses.replace(cfg.parallel, recompute="none"), device)
-    if kind == "hf":
-        load_hf_weights(rm, path, tp_rank=dims.tp_rank, tp_size=dims.tp)
-    else:
-        load_checkpoint(path, rm, None, dims=dims)
-    rm.eval()
-    log(f"reward model: {m.num_layers}L h{m.hidden_size} from {path} ({kind}), frozen, in the policy's layout")
+    rm, line = build_frozen_model(cfg, "posttrain.reward_model", cfg.posttrain.reward_model, dims=dims,
+                                  precision=precision, device=device, backend=backend)
+    log(f"reward model: {line}")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     return RewardModelScorer(rm, dims, pad_id=pad, eos_id=tokenizer.eos_id, micro_batch=cfg.train.micro_batch_size,
                              precision=precision, device=device,
@@ -340,8 +320,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     log = print if dims.is_main else (lambda *a, **k: None)
     # SFT data is rendered before any parameter exists: a bad file fails here, cheaply.
     post_datasets = {"sft": build_sft_datasets, "dpo": build_preference_datasets, "reward": build_preference_datasets,
-                     "grpo": build_prompt_datasets}.get(
-        cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
+                     "grpo": build_prompt_datasets, "distill": build_distill_datasets}.get(
+        "pretrain" if uses_pretraining_data(cfg) else cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
         f"layout tp{dims.tp}·pp{dims.pp}·{f'cp{dims.cp}·' if dims.cp > 1 else ''}dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "
@@ -393,6 +373,18 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         objective = GRPOObjective(dims.tp_comm, kl_beta=pt.kl_beta, temperature=pt.temperature,
                                   loss_norm=pt.grpo_loss_norm, fused_cross_entropy=fused_ce,
                                   clipped=pt.grpo_iterations > 1, clip_eps=pt.clip_eps, clip_eps_high=pt.clip_eps_high)
+    elif pt.objective == "distill":
+        from scaletrain.posttrain.distill import DistillObjective
+        from scaletrain.posttrain.frozen import build_frozen_model
+
+        teacher, line = build_frozen_model(cfg, "posttrain.teacher", pt.teacher, dims=dims, precision=precision,
+                                           device=device, backend=backend)
+        log(f"teacher: {line}; {pt.distill_loss} at τ = {pt.distill_temperature}, α = {pt.distill_alpha}"
+            + (f", its top {pt.distill_top_k} tokens per position" if pt.distill_top_k else ""))
+        objective = DistillObjective(dims.tp_comm, teacher, dims, precision, kind=pt.distill_loss,
+                                     temperature=pt.distill_temperature, alpha=pt.distill_alpha,
+                                     top_k=pt.distill_top_k, vocab_limit=tokenizer.vocab_size,
+                                     fused_cross_entropy=fused_ce)
     else:
         objective = LanguageModelingObjective(dims.tp_comm, fused_cross_entropy=fused_ce)
     if cfg.parallel.kernels:
@@ -416,7 +408,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 
     t = cfg.train
     eval_points = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
-    if cfg.posttrain.objective != "pretrain":
+    if not uses_pretraining_data(cfg):
         train_ds, valid_ds = post_datasets
     else:
         train_ds, valid_ds = build_gpt_datasets(
@@ -430,6 +422,9 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         train_batches = rollout_batches(cfg, train_ds, tokenizer, model=model, reference=reference, dims=dims,
                                         precision=precision, device=device, consumed_samples=state.consumed_samples,
                                         fused_cross_entropy=fused_ce, reward_scorer=scorer)
+    elif pt.objective == "distill" and pt.distill_on_policy:
+        train_batches = on_policy_batches(cfg, train_ds, tokenizer, model=model, dims=dims, precision=precision,
+                                          device=device, consumed_samples=state.consumed_samples)
     else:
         train_batches = StepBatches(train_ds, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
                                     dp_rank=dims.dp_rank, dp_size=dims.dp, consumed_samples=state.consumed_samples,

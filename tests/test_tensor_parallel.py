@@ -80,9 +80,10 @@ def test_tp_matches_single_process_float32():
     for n, t in assemble(ranks, "grads", 2).items():
         assert rel(t, ref["grads"][n]) < 1e-5, n
     # After 5 AdamW steps: Adam divides by sqrt(v), which amplifies float32 rounding of small
-    # gradients, so parameters agree to 1e-4 of their scale (float64 above holds 1e-10).
+    # gradients, so parameters agree only to a few 1e-4 of their scale, by CPU (1.2e-4 seen on one
+    # Xeon, under 1e-4 on another; float64 above holds 1e-10 everywhere).
     for n, t in assemble(ranks, "params", 2).items():
-        assert rel(t, ref["params"][n]) < 1e-4, n
+        assert rel(t, ref["params"][n]) < 5e-4, n
 
 
 def test_a_failing_rank_is_reported_not_hung():

@@ -128,13 +128,15 @@ def write_chat_template(ckpt: Path, out: Path) -> None:
     had none, or the run chose another), so transformers' apply_chat_template renders prompts as the
     model was trained. Read from the run's config.toml next to checkpoints/."""
     from scaletrain.config.load import load_config
+    from scaletrain.config.validate import uses_pretraining_data
     from scaletrain.posttrain.chat import BUNDLED, CHATML
 
     run_config, tok_config = ckpt.parent.parent / "config.toml", out / "tokenizer_config.json"
     if not run_config.is_file() or not tok_config.is_file():
         return
-    pt = load_config(run_config).posttrain
-    if pt.objective == "pretrain":
+    run = load_config(run_config)
+    pt = run.posttrain
+    if uses_pretraining_data(run):  # trained on documents: no chat format to record
         return
     current = json.loads(tok_config.read_text())
     if pt.chat_template == "auto":

@@ -333,6 +333,16 @@ def _stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 _DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
+def stored_param_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's model tensors were saved in (a frozen model is loaded in it, then cast)."""
+    names = {v: k for k, v in _DTYPE_NAMES.items()}
+    dtypes = {d for k, (_, d) in _stored_tensors(Path(path)).items() if k.startswith("model.")}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in names:
+        raise CheckpointError(f"checkpoint {path}: model tensors in {sorted(dtypes) or 'no'} dtype(s); expected one of "
+                              f"{', '.join(names)}")
+    return names[dtypes.pop()]
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
     out = {}
     for k, v in tree.items():

@@ -227,7 +227,8 @@ class PostTrainConfig:
 
     objective: str = "pretrain"
     """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns), 'dpo' (preference
-    pairs), 'grpo' (RL on verifiable rewards) or 'reward' (a reward model on preference pairs)."""
+    pairs), 'grpo' (RL on verifiable rewards), 'reward' (a reward model on preference pairs) or 'distill' (match
+    posttrain.teacher's token distributions, on data.prefixes or, given posttrain.train_data, on chat rows)."""
     train_data: tuple[str, ...] = ()
     """sft: jsonl/parquet files with a `messages` list per row; dpo: rows with prompt, chosen, rejected; grpo: rows
     with `messages` (a trailing assistant turn is dropped) or `prompt`, plus the fields the rewards read (`answer`)."""
@@ -289,6 +290,23 @@ class PostTrainConfig:
     """grpo: the clip range above 1 (0: clip_eps; larger: DAPO's clip-higher)."""
     grpo_loss_norm: str = "token"
     """grpo: 'token' (sum over all completion tokens / their global count, DAPO) or 'sequence' (mean per completion, then over completions: the original GRPO)."""
+    teacher: str = ""
+    """distill: the teacher, a causal LM sharing the student's tokenizer and vocabulary size (an HF directory, or a
+    scaletrain checkpoint / checkpoints folder / run directory); frozen and run in the student's layout."""
+    distill_loss: str = "forward_kl"
+    """distill: 'forward_kl' (KL(teacher ‖ student), Hinton's; mass-covering) or 'reverse_kl' (KL(student ‖ teacher),
+    mode-seeking, MiniLLM's)."""
+    distill_temperature: float = 1.0
+    """distill: τ, dividing both logits before the softmaxes; the KL term is scaled by τ² (Hinton)."""
+    distill_alpha: float = 1.0
+    """distill: weight α of the KL term; 1 − α weighs the cross-entropy on the data's own next tokens."""
+    distill_top_k: int = 0
+    """distill: 0 = the teacher's whole distribution; k > 0 = only its k most likely tokens per position,
+    renormalised (sparse distillation: k stored values per token instead of the vocabulary; forward KL only)."""
+    distill_on_policy: bool = False
+    """distill: the student samples its own completions of posttrain.train_data's prompts (posttrain.max_new_tokens,
+    posttrain.temperature) and learns the teacher's distribution on them (on-policy distillation, GKD; reverse KL
+    is the usual choice); false: on the data's own tokens. posttrain.valid_data stays teacher-forced chat rows."""
 
 
 @dataclass(frozen=True)

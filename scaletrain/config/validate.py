@@ -22,8 +22,8 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
-OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "reward")
-CP_OBJECTIVES = ("pretrain", "sft")  # token-level losses: each cp rank's tokens are independent terms
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "reward", "distill")
+CP_OBJECTIVES = ("pretrain", "sft", "distill")  # token-level losses: each cp rank's tokens are independent terms
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -92,13 +92,15 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "posttrain.loss_on", pt.loss_on, ("assistant", "all"))
     _choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
     _choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
-    if pt.objective != "pretrain" and not pt.train_data:
+    if pt.objective not in ("pretrain", "distill") and not pt.train_data:
         rows = {"sft": "`messages`", "dpo": "prompt, chosen, rejected", "reward": "prompt, chosen, rejected",
                 "grpo": "`messages` or `prompt`, and `answer`"}
         errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
                       f"{rows[pt.objective] if pt.objective in rows else 'rows'}).")
     if pt.objective == "grpo":
         _grpo_errors(errors, cfg)
+    if pt.objective == "distill":
+        _distill_errors(errors, cfg)
     if pt.objective == "reward" and m.num_labels not in (0, 1):
         errors.append(f"model.num_labels = {m.num_labels}: a reward model scores one number per conversation; set "
                       "model.num_labels = 1 (or leave it 0).")
@@ -208,9 +210,11 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"optim.decay_fraction = {o.decay_fraction} must be within [0, 1].")
     if o.min_lr > o.lr:
         errors.append(f"optim.min_lr = {o.min_lr} exceeds optim.lr = {o.lr}.")
-    if not d.prefixes and cfg.posttrain.objective == "pretrain":
+    if not d.prefixes and uses_pretraining_data(cfg):
         errors.append("data.prefixes is empty: point it at a dataset written by `scaletrain data preprocess` "
-                      "(the prefix, without .bin/.idx).")
+                      "(the prefix, without .bin/.idx)"
+                      + (", or give posttrain.train_data (chat rows) to distill on." if cfg.posttrain.objective == "distill"
+                         else "."))
     if d.weights and len(d.weights) != len(d.prefixes):
         errors.append(f"data.weights has {len(d.weights)} entries for {len(d.prefixes)} data.prefixes; give one per prefix.")
     if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
@@ -243,11 +247,47 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     return dp
 
 
+def uses_pretraining_data(cfg: RunConfig) -> bool:
+    """Whether the run reads data.prefixes (pretraining documents) rather than posttrain.train_data."""
+    return cfg.posttrain.objective == "pretrain" or (cfg.posttrain.objective == "distill" and not cfg.posttrain.train_data)
+
+
+def _distill_errors(errors: list[str], cfg: RunConfig) -> None:
+    pt = cfg.posttrain
+    _choice(errors, "posttrain.distill_loss", pt.distill_loss, ("forward_kl", "reverse_kl"))
+    if not pt.teacher:
+        errors.append("posttrain.objective = 'distill' needs posttrain.teacher (an HF model directory or a scaletrain "
+                      "checkpoint / run directory of a model with the student's tokenizer).")
+    if pt.distill_temperature <= 0:
+        errors.append(f"posttrain.distill_temperature = {pt.distill_temperature} must be positive.")
+    if not 0.0 <= pt.distill_alpha <= 1.0:
+        errors.append(f"posttrain.distill_alpha = {pt.distill_alpha} must be within [0, 1] (the KL term's weight; "
+                      "1 − α weighs the data's cross-entropy).")
+    if pt.distill_top_k < 0:
+        errors.append(f"posttrain.distill_top_k = {pt.distill_top_k} must be 0 (the whole distribution) or positive.")
+    if pt.distill_on_policy:
+        if not pt.train_data:
+            errors.append("posttrain.distill_on_policy = true samples completions of prompts: set posttrain.train_data "
+                          "(rows with `messages` or `prompt`).")
+        if not 1 <= pt.max_new_tokens < cfg.train.seq_length:
+            errors.append(f"posttrain.max_new_tokens = {pt.max_new_tokens} must be in [1, train.seq_length = "
+                          f"{cfg.train.seq_length}) (the prompt needs room too).")
+        if pt.temperature < 0:
+            errors.append(f"posttrain.temperature = {pt.temperature} must be 0 (greedy) or positive.")
+    if pt.distill_top_k > 0 and pt.distill_loss != "forward_kl":
+        errors.append(f"posttrain.distill_top_k = {pt.distill_top_k} with distill_loss = '{pt.distill_loss}': reverse "
+                      "KL needs the teacher's probability of every token the student may put mass on; use "
+                      "distill_top_k = 0 or distill_loss = 'forward_kl'.")
+
+
 def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
     """Layouts whose machinery has not landed yet: refused, never silently run as something else."""
     out = []
-    if cfg.parallel.cp > 1 and cfg.posttrain.objective not in CP_OBJECTIVES:
-        out.append(f"parallel.cp = {cfg.parallel.cp} with posttrain.objective = '{cfg.posttrain.objective}': context "
+    on_policy = cfg.posttrain.objective == "distill" and cfg.posttrain.distill_on_policy
+    if cfg.parallel.cp > 1 and (cfg.posttrain.objective not in CP_OBJECTIVES or on_policy):
+        what = "on-policy distillation" if on_policy else \
+            f"posttrain.objective = '{cfg.posttrain.objective}'"
+        out.append(f"parallel.cp = {cfg.parallel.cp} with {what}: context "
                    f"parallelism runs the token-level objectives ({', '.join(CP_OBJECTIVES)}); sequence log-probs and "
                    "rollouts are not split over cp yet. Set parallel.cp = 1 (long rows: tp with sequence_parallel).")
     return out

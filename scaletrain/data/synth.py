@@ -117,14 +117,26 @@ def tool_transcript(p: Problem) -> str:
     return f"Question: {p.question}\nCall: {call}\nResult: {p.answer}\nAnswer: {answer_text(p.answer)}"
 
 
+def choice_row(p: Problem, rng: random.Random) -> dict:
+    """The problem as a 4-way multiple choice: the right answer and the near misses ±1, ±2, shuffled."""
+    options = [p.answer + d for d in (0, -2, -1, 1, 2)]
+    wrong = rng.sample(options[1:], 3)
+    choices = [p.answer, *wrong]
+    rng.shuffle(choices)
+    return {"context": f"Question: {p.question}\nAnswer:", "choices": [f" {answer_text(c)}" for c in choices],
+            "answer": choices.index(p.answer)}
+
+
 def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, *, max_number: int = 20,
                ops: tuple[str, ...] = OPS, tool_max_number: int = 99) -> dict[str, int]:
     """Write pretrain.jsonl, sft_{train,test}.jsonl, dpo_{train,test}.jsonl, tools_{train,test}.jsonl
-    (tool-use conversations on operands up to `tool_max_number`) and tools_pretrain.jsonl (the training
-    tool problems as plain transcripts, for a base model that has seen tool use); returns row counts."""
+    (tool-use conversations on operands up to `tool_max_number`), tools_pretrain.jsonl (the training
+    tool problems as plain transcripts, for a base model that has seen tool use) and choice_test.jsonl
+    (the held-out problems as 4-way multiple choice); returns row counts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
+    choice_rng = random.Random(seed + 2)  # its own stream: the other files do not change
     counts = {}
     for split, n in (("train", n_train), ("test", n_test)):
         ps = problems(n, seed, split, max_number=max_number, ops=ops)
@@ -137,6 +149,8 @@ def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, *,
         }
         tps = tool_problems(n, seed, split, max_number=tool_max_number, ops=ops)
         rows[f"tools_{split}"] = [{"messages": tool_conversation(p), "answer": p.answer} for p in tps]
+        if split == "test":  # multiple choice in the pretraining text form (`scaletrain eval --task choice:…`)
+            rows["choice_test"] = [choice_row(p, choice_rng) for p in ps]
         if split == "train":
             rows["tools_pretrain"] = [{"text": tool_transcript(p)} for p in tps]
             rows["pretrain"] = [{"text": f"Question: {p.question}\nAnswer: {answer_text(p.answer)}"} for p in ps]

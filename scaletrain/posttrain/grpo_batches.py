@@ -17,12 +17,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from scaletrain.data.loader import collate
 from scaletrain.posttrain.grpo import group_advantages
-from scaletrain.posttrain.grpo_data import PromptDataset
+from scaletrain.posttrain.grpo_data import PromptDataset, PromptOrder
 from scaletrain.posttrain.reward_scorer import RewardModelScorer
 from scaletrain.posttrain.rewards import RewardFn, reward_label
 from scaletrain.posttrain.rollout import (
@@ -64,17 +63,10 @@ class RolloutBatches:
         self._current: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
         self.last_metrics: dict[str, float] = {}
         self.console_keys = ("reward",)
-        self._perms: dict[int, np.ndarray] = {}
+        self._prompt_index = PromptOrder(len(prompts), seed)
 
     def __iter__(self) -> RolloutBatches:
         return self
-
-    def _prompt_index(self, draw: int) -> int:
-        n = len(self.prompts)
-        epoch = draw // n
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.RandomState((self.seed + epoch) % 2**32).permutation(n)}
-        return int(self._perms[epoch][draw % n])
 
     def _text(self, completion: list[int]) -> str:
         """What the rewards read: the completion's text before its stop token or end-of-turn marker."""
@@ -146,7 +138,7 @@ class RolloutBatches:
         per_rank = per_step // dp
         generation = step // self.iterations  # prompts advance once per rollout batch
         draws = [generation * per_step + dp_rank * per_rank + j for j in range(per_rank)]
-        index = [self._prompt_index(k) for k in draws]
+        index = [self._prompt_index[k] for k in draws]
         t0 = time.perf_counter()
         prompts = [self.prompts.prompts[i] for i in index]
         completions, stopped = sample_completions(

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from scaletrain.posttrain.chat import BadConversation, ChatRenderer, normalise_messages
 from scaletrain.posttrain.sft_data import read_rows
 
@@ -24,7 +26,7 @@ class PromptReport:
 
     def line(self) -> str:
         dropped = ", ".join(f"{n} {r}" for r, n in self.dropped.most_common()) or "none"
-        return f"grpo prompts: {self.rows} rows, {self.used} used, dropped: {dropped}"
+        return f"prompts: {self.rows} rows, {self.used} used, dropped: {dropped}"
 
 
 def prompt_messages(row: dict) -> list[dict]:
@@ -70,6 +72,21 @@ class PromptDataset:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+class PromptOrder:
+    """Which prompt the run's draw-th draw takes: a seeded permutation per epoch over the prompts, so a
+    run (and its resumption) visits every prompt once per epoch in a layout-independent order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, draw: int) -> int:
+        epoch = draw // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.RandomState((self.seed + epoch) % 2**32).permutation(self.n)}
+        return int(self._perms[epoch][draw % self.n])
 
 
 def read_prompt_rows(files: tuple[str, ...] | list[str]) -> list[dict]:

@@ -48,6 +48,9 @@ def resolved_config(config: str, overrides: list[str], world_size: int, *, place
 
     cfg = load_config(config, overrides)
     vocab = None
+    teacher, _ = _teacher(cfg)
+    if cfg.model.vocab_size == 0 and teacher is not None:  # a distillation student takes its teacher's (train.prepare)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=teacher.vocab_size))
     if cfg.model.vocab_size == 0:
         tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
         if tok is not None and tok.exists():
@@ -78,7 +81,9 @@ def profile_command(args: argparse.Namespace) -> int:
             layout = load_config(args.config, args.overrides).parallel
             world = args.gpus or layout.tp * layout.pp * layout.cp
             cfg = resolved_config(args.config, args.overrides, world)
-            result = plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb)
+            teacher, note = _teacher(cfg)
+            result = plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb, teacher=teacher)
+            result.notes += [note] if note else []
             print(format_plan(result))
             _write_outputs(args, result, None)
             return 0
@@ -86,6 +91,19 @@ def profile_command(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         return 2
+
+
+def _teacher(cfg):
+    """A distillation run's teacher config, and a note where it cannot be read on this machine."""
+    if cfg.posttrain.objective != "distill" or not cfg.posttrain.teacher:
+        return None, None
+    from scaletrain.config import ConfigError
+    from scaletrain.posttrain.frozen import locate_model
+
+    try:
+        return locate_model("posttrain.teacher", cfg.posttrain.teacher)[2], None
+    except ConfigError:
+        return None, f"posttrain.teacher = {cfg.posttrain.teacher} is not on this machine: its memory is not counted"
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -151,7 +169,7 @@ def _measure(args: argparse.Namespace) -> int:
         "activation_bytes_per_microbatch": activation,
         "phases_s_per_step": {k: v / args.phase_steps for k, v in sorted(clock.seconds.items())},
     }
-    predicted = plan(cfg, env.world_size, gpu_memory_gb=args.gpu_memory_gb,
+    predicted = plan(cfg, env.world_size, gpu_memory_gb=args.gpu_memory_gb, teacher=_teacher(cfg)[0],
                      compute_dtype=trainer.precision.name if trainer.precision.autocast_dtype else
                      str(trainer.precision.param_dtype).removeprefix("torch."))
     print(format_measured(measured, predicted))

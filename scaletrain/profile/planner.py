@@ -66,10 +66,11 @@ class StagePlan:
     activation_bytes_per_microbatch: int
     microbatches_in_flight: int
     activations_bytes: int
+    teacher_bytes: int = 0  # distillation: the frozen teacher's weights here, and on the last stage its stored outputs
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + self.teacher_bytes
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Plan:
     comm_bytes_per_step: dict[str, int]
     gpu_memory_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    teacher_flops_per_token: float = 0.0  # distillation: the teacher's forward pass (PaLM convention), not in MFU
 
     @property
     def peak_stage(self) -> StagePlan:
@@ -162,8 +164,12 @@ def peak_in_flight(pp: int, vpp: int, pp_rank: int, microbatches: int) -> int:
 
 
 def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
-         compute_dtype: str | None = None) -> Plan:
-    """The plan of a resolved run config (model sizes derived) on `world_size` ranks."""
+         compute_dtype: str | None = None, teacher: ModelConfig | None = None) -> Plan:
+    """The plan of a resolved run config (model sizes derived) on `world_size` ranks; `teacher`: a
+    distillation run's teacher (its weights in the run's parameter dtype on every stage, and on the
+    last stage its outputs for all the step's microbatches — dense logits over this rank's vocabulary
+    slice in the compute dtype, or top-k int64 ids + fp32 logits). Its forward-only activations are
+    transient (no autograd graph) and not counted."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp * p.cp)
     layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
@@ -195,11 +201,21 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
             # slice (at least fp32) and the int64 labels + mask of the loss.
             act_mb += tokens_mb * ((2 * m.hidden_size + 1) * param_bytes + m.hidden_size * compute_bytes
                                    + max(4, param_bytes) * (m.num_labels or m.vocab_size // p.tp) + 9)
+        teacher_bytes = 0
+        if teacher is not None:
+            teacher_bytes = stage_params(teacher, layout, r)[0] * param_bytes
+            if r == p.pp - 1:
+                k = cfg.posttrain.distill_top_k
+                per_token = k * (8 + 4) if k else (m.vocab_size // p.tp) * compute_bytes
+                teacher_bytes += microbatches * tokens_mb * per_token
+                if cfg.posttrain.distill_alpha < 1.0:  # the KL's gradient is kept beside the cross-entropy's
+                    act_mb += tokens_mb * max(4, param_bytes) * (m.vocab_size // p.tp)
         in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
         # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
         chunk_share = act_mb / p.vpp if p.pp > 1 else act_mb
         activations = int(chunk_share * in_flight) + transient
-        stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations))
+        stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations,
+                                teacher_bytes))
 
     comm = _comm_bytes(m, layout, microbatches, tokens_mb, compute_bytes, param_bytes, stages)
     bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
@@ -211,6 +227,8 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
                  flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length,
                  t.global_batch_size * t.seq_length, microbatches, bubble, stages, comm,
                  None if gpu_memory_gb is None else int(gpu_memory_gb * 2**30), notes)
+    if teacher is not None:
+        plan_.teacher_flops_per_token = flops_per_token(teacher, t.seq_length) / 3  # forward only
     if plan_.fits is False:
         plan_.notes.append(f"does not fit: stage {plan_.peak_stage.pp_rank} needs "
                            f"{plan_.peak_stage.total_bytes / 2**30:.1f} GiB of {gpu_memory_gb:g} GiB")
@@ -259,14 +277,17 @@ def format_plan(p: Plan) -> str:
         f"{p.flops_per_token_causal / 1e9:.1f} GFLOP (causal-halved); {p.flops_per_step / 1e15:.1f} PFLOP/step "
         f"({p.tokens_per_step:,} tokens)",
         f"pipeline: {p.microbatches} microbatches per step, bubble {p.bubble_fraction:.3f}",
-        "",
-        f"{'stage':>5} {'layers':>6} {'weights':>9} {'grads':>9} {'optim':>9} {'act/mb':>9} {'in-flight':>9} "
-        f"{'activ.':>9} {'total GiB':>10}",
     ]
+    distill = any(s.teacher_bytes for s in p.stages)
+    if distill:
+        lines.append(f"teacher forward: {p.teacher_flops_per_token / 1e9:.1f} GFLOP/token more (not counted in MFU)")
+    lines += ["", f"{'stage':>5} {'layers':>6} {'weights':>9} {'grads':>9} {'optim':>9} {'act/mb':>9} {'in-flight':>9} "
+                  f"{'activ.':>9}" + (f" {'teacher':>9}" if distill else "") + f" {'total GiB':>10}"]
     for s in p.stages:
         lines.append(f"{s.pp_rank:>5} {s.layers:>6} {s.weights_bytes / gib:>9.2f} {s.grads_bytes / gib:>9.2f} "
                      f"{s.optimizer_bytes / gib:>9.2f} {s.activation_bytes_per_microbatch / gib:>9.2f} "
-                     f"{s.microbatches_in_flight:>9} {s.activations_bytes / gib:>9.2f} {s.total_bytes / gib:>10.2f}")
+                     f"{s.microbatches_in_flight:>9} {s.activations_bytes / gib:>9.2f}"
+                     + (f" {s.teacher_bytes / gib:>9.2f}" if distill else "") + f" {s.total_bytes / gib:>10.2f}")
     lines.append("")
     lines.append("communication per rank per step: " + ", ".join(
         f"{k} {v / 1e9:.2f} GB" for k, v in p.comm_bytes_per_step.items()))

@@ -79,14 +79,20 @@ def prepare_batches(objective, microbatches: list[dict], device: torch.device,
     """Microbatches on the device, in the layout the objective's model input needs: under context
     parallelism this cp rank's share of every sequence (parallel/context_parallel.py); then an
     objective may define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens`
-    [2M, s]); every schedule reads `tokens` for the activation shape."""
+    [2M, s]) and `annotate(microbatches)` (a collective pass that adds to them: a distillation
+    teacher's outputs); every schedule reads `tokens` for the activation shape."""
     mbs = [_to_device(b, device) for b in microbatches]
     if dims is not None and dims.cp > 1:
         from scaletrain.parallel.context_parallel import shard_microbatch
 
         mbs = [shard_microbatch(b, dims.comm("cp")) for b in mbs]
     prepare = getattr(objective, "prepare", None)
-    return [prepare(b) for b in mbs] if prepare is not None else mbs
+    if prepare is not None:
+        mbs = [prepare(b) for b in mbs]
+    annotate = getattr(objective, "annotate", None)
+    if annotate is not None:  # e.g. distillation: the teacher's outputs, stored in the microbatches
+        annotate(mbs)
+    return mbs
 
 
 def _global_count(objective, mbs: list[dict], dims: ParallelDims | None) -> int:

@@ -1,0 +1,1 @@
+"""Evaluation: log-likelihood and generation tasks from local files, scored in any parallel layout."""

@@ -1,0 +1,211 @@
+"""`scaletrain eval`: score a model on local evaluation files, in any tensor / pipeline / data layout.
+
+    scaletrain eval runs/tiny --task perplexity:held_out.jsonl --task choice:mc.jsonl
+    torchrun --nproc_per_node 4 -m scaletrain.cli eval runs/big --task answer:data/arith/sft_test.jsonl \\
+        --set parallel.tp=2 --set parallel.pp=2 --output results.json
+
+MODEL is a run directory, its checkpoints/ folder, a step_* checkpoint or a Hugging Face directory. The
+model is built frozen in the layout the `--set parallel.*` keys give (the world size must be a multiple of
+tp·pp; the rest is dp, each replica scoring a share of the rows) and every score comes from the
+forward-only schedule (evaluation/scoring.py) or the rollout sampler (posttrain/rollout.py). The chat
+template of `answer` tasks is the run's (its config.toml) or the HF tokenizer's. Rank 0 prints one line
+per task and writes --output (JSON: the metrics, the model, the layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaletrain.evaluation.tasks import KINDS
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run directory, its checkpoints/ folder, a step_* checkpoint or a Hugging Face "
+                                 "model directory")
+    p.add_argument("--task", action="append", default=[], metavar="KIND:FILE", required=True,
+                   help=f"a task (repeatable); KIND: {', '.join(KINDS)}")
+    p.add_argument("--seq-length", type=int, default=0,
+                   help="longest scored row / perplexity window (default: the model's max_position_embeddings, "
+                        "else 2048)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (micro batch)")
+    p.add_argument("--limit", type=int, default=0, help="first N rows of each task only (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer tasks: longest completion")
+    p.add_argument("--template", default=None, help="answer tasks: chat template (auto, chatml, llama3 or Jinja; "
+                                                    "default: the run's, else the tokenizer's)")
+    p.add_argument("--config", default=None, help="a run file whose [parallel] / [precision] sections apply")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="e.g. --set parallel.tp=2 --set precision.dtype=bfloat16")
+    p.add_argument("--output", default=None, help="write the results as JSON here (rank 0)")
+
+
+def _model_files(path: str) -> tuple[str, Any, Path, str]:
+    """(kind, ModelConfig, tokenizer dir, chat template setting) of MODEL."""
+    from scaletrain.posttrain.frozen import locate_model
+
+    kind, where, m = locate_model("model", path)
+    if kind == "hf":
+        return kind, m, where, "auto"
+    template = "auto"
+    run_config = where.parent.parent / "config.toml"
+    if run_config.is_file():
+        from scaletrain.config.load import load_config
+
+        template = load_config(run_config).posttrain.chat_template
+    if not (where / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{where} holds no tokenizer/ folder; evaluation needs the tokenizer it trained with")
+    return kind, m, where / "tokenizer", template
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from scaletrain.config import ConfigError, load_config
+    from scaletrain.evaluation.tasks import parse_task
+
+    try:
+        tasks = [parse_task(t, args.limit or None) for t in args.task]
+        kind, m, tok_dir, template = _model_files(args.model)
+        if m.num_labels:
+            raise ConfigError(f"{args.model} is a reward model (a score head): it has no token probabilities to "
+                              "evaluate; score conversations with it through GRPO's reward_model instead")
+        seq = args.seq_length or m.max_position_embeddings or 2048
+        cfg = load_config(args.config, [*args.overrides, f"train.seq_length={seq}"])
+        cfg = dataclasses.replace(cfg, model=m)
+        from scaletrain.distributed import read_env
+        from scaletrain.posttrain.frozen import check_frozen_model
+
+        env = read_env()
+        p = cfg.parallel
+        if p.cp > 1 or env.world_size % (p.tp * p.pp):
+            raise ConfigError(f"evaluation runs at tp·pp = {p.tp}·{p.pp} (cp = 1) on world size {env.world_size}: "
+                              f"launch a multiple of {p.tp * p.pp} processes and leave parallel.cp = 1")
+        from scaletrain.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tok_dir))
+        check_frozen_model(cfg, "model", args.model, role="model", tokenizer_vocab=tokenizer.vocab_size)
+        for task in tasks:
+            if task.kind == "answer":
+                task.prompts = _answer_prompts(task, tokenizer, args.template or template, seq, args.max_new_tokens)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"scaletrain: error: {e}", file=sys.stderr)
+        return 2
+    results = _evaluate(cfg, args, tasks, tokenizer, template)
+    if results is not None:
+        for name, metrics in results["tasks"].items():
+            print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v:,}"
+                                          for k, v in metrics.items()))
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=2))
+            print(f"wrote {args.output}")
+    return 0
+
+
+def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) -> dict | None:
+    """Every task's metrics (None on ranks other than 0)."""
+    from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
+    from scaletrain.nn.backend import select_backend
+    from scaletrain.posttrain.frozen import build_frozen_model
+    from scaletrain.train import _configure_runtime, device_type
+    from scaletrain.trainer.precision import resolve_precision
+
+    env = read_env()
+    device = _configure_runtime(cfg)
+    precision = resolve_precision(cfg.precision, device)
+    owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
+        backend, _ = select_backend(cfg.parallel.backend, ())
+        model, line = build_frozen_model(cfg, "model", args.model, dims=dims, precision=precision, device=device,
+                                         backend=backend)
+        if dims.is_main:
+            print(f"scaletrain eval: {line}; layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp}; precision {precision.name}; "
+                  f"rows of up to {cfg.train.seq_length} tokens", flush=True)
+        out: dict[str, Any] = {}
+        for task in tasks:
+            t0 = time.perf_counter()
+            out[task.name] = {**_run_task(task, model, dims, cfg, args, tokenizer, template, precision, device),
+                              "seconds": round(time.perf_counter() - t0, 3)}
+    finally:
+        if owns:
+            shutdown_distributed()
+    if not dims.is_main:
+        return None
+    return {"model": str(args.model), "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp},
+            "seq_length": cfg.train.seq_length, "precision": precision.name, "tasks": out}
+
+
+def _run_task(task, model, dims, cfg, args, tokenizer, template, precision, device) -> dict[str, Any]:
+    from scaletrain.evaluation import tasks as T
+    from scaletrain.evaluation.scoring import continuation_logprobs
+
+    seq = cfg.train.seq_length
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    width = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    common = dict(micro_batch=args.batch_size, precision=precision, device=device, pad_id=pad, width_multiple=width)
+    if task.kind == "perplexity":
+        rows, n_bytes = T.perplexity_rows(task, tokenizer, seq)
+        logps, counts = continuation_logprobs(model, dims, rows, **common)
+        return T.perplexity_metrics(logps, counts, n_bytes)
+    if task.kind == "choice":
+        logps, _ = continuation_logprobs(model, dims, T.choice_rows(task, tokenizer, seq), **common)
+        return T.choice_metrics(task, logps)
+    return _answer_task(task, model, dims, tokenizer, args.template or template, seq, args, precision, device, width)
+
+
+def _answer_prompts(task, tokenizer, template: str, seq: int, max_new_tokens: int) -> list[list[int]]:
+    """The chat-rendered generation prompts of an answer task, checked before the model is built."""
+    from scaletrain.posttrain.chat import BadConversation, ChatRenderer
+    from scaletrain.posttrain.grpo_data import prompt_messages
+
+    renderer = ChatRenderer(tokenizer, template)
+    prompts = []
+    for i, row in enumerate(task.rows):
+        try:
+            prompts.append(renderer.prompt_ids(prompt_messages(row)))
+        except BadConversation as e:
+            raise ValueError(f"{task.name}: row {i}: {e}") from None
+    too_long = sum(len(p) > seq + 1 - max_new_tokens for p in prompts)
+    if too_long:
+        raise ValueError(f"{task.name}: {too_long} prompts leave no room for --max-new-tokens {max_new_tokens} "
+                         f"in {seq} tokens; raise --seq-length or lower --max-new-tokens")
+    return prompts
+
+
+def _answer_task(task, model, dims, tokenizer, template, seq, args, precision, device, width) -> dict[str, Any]:
+    """Greedy completions of the chat prompts, checked by math_answer; rows split over dp replicas."""
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.rewards import math_answer
+    from scaletrain.posttrain.rollout import sample_completions, stop_ids_for
+
+    marker = ChatRenderer(tokenizer, template).end_of_turn()
+    stop_ids = stop_ids_for(tokenizer, marker)
+    prompts = task.prompts
+    dp, dp_rank = (dims.dp, dims.dp_rank)
+    per_rank = -(-len(prompts) // dp)
+    mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
+    sums = torch.zeros(3, dtype=torch.float64)  # right, completion tokens, truncated
+    if mine:
+        unit = args.batch_size * (dims.pp if dims.vpp > 1 else 1)
+        padded = mine + [mine[-1]] * (-len(mine) % unit)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        completions, stopped = sample_completions(
+            model, dims, [prompts[i] for i in padded], None, group_size=1, max_new_tokens=args.max_new_tokens,
+            temperature=0.0, stop_ids=stop_ids, stop_text=marker, decode=tokenizer.decode, pad_id=pad,
+            vocab_limit=tokenizer.vocab_size, micro_batch=args.batch_size, precision=precision, device=device,
+            width_multiple=width)
+        for i, c, s in zip(mine, completions, stopped):
+            body = c[:-1] if c and c[-1] in stop_ids else c
+            text = tokenizer.decode(body)
+            text = text.split(marker, 1)[0] if marker else text
+            sums += torch.tensor([math_answer(text, task.rows[i]), len(c), float(not s)], dtype=torch.float64)
+    if dims.dp > 1:
+        sums = dims.comm("dp").all_reduce(sums.to(device)).cpu()
+    n = len(prompts)
+    return {"accuracy": float(sums[0]) / n, "completion_tokens": float(sums[1]) / n, "truncated": float(sums[2]) / n,
+            "questions": n}

@@ -1,0 +1,147 @@
+"""Evaluation tasks read from local files (nothing is downloaded), each reduced to scored rows.
+
+- `perplexity:FILE` — documents (`text` field of jsonl/json/parquet rows, or a .txt file: one document),
+  each followed by the end-of-document token, concatenated and cut into windows of seq_length + 1 tokens
+  that overlap by one, so every token after the first is scored exactly once with up to seq_length of
+  context. Reports loss (nats/token), perplexity and bits per byte (the summed loss in bits over the
+  documents' UTF-8 bytes: comparable across tokenizers).
+- `choice:FILE` — multiple choice by log-likelihood, as lm-evaluation-harness scores it: rows with a
+  context (`context`, `query`, `question` or `prompt`), `choices` (strings) and the right one's index
+  (`answer`, `gold` or `label`). Each choice is scored as log p(choice | context), context and choice
+  tokenised together and split where the context's tokens end; `acc` takes the likeliest choice,
+  `acc_norm` the likeliest per UTF-8 byte of the choice.
+  A context too long for seq_length is cut from the left.
+- `answer:FILE` — generation: rows with `messages` (trailing assistant turns dropped) or `prompt`, and
+  `answer`; a greedy completion of the chat-rendered prompt (up to max_new_tokens, stopping at eos or the
+  template's end-of-turn marker) is checked by the math_answer reward (the last \\boxed{…} or 'The answer
+  is N'). Reports accuracy and the mean completion length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = ("perplexity", "choice", "answer")
+CONTEXT_KEYS = ("context", "query", "question", "prompt")
+ANSWER_KEYS = ("answer", "gold", "label")
+
+
+@dataclass
+class Task:
+    kind: str
+    path: Path
+    rows: list[dict] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)  # answer tasks: the rendered generation prompts
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.path.name}"
+
+
+def parse_task(spec: str, limit: int | None = None) -> Task:
+    """'KIND:FILE' → the task with its rows read (and checked) up front."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in KINDS:
+        raise ValueError(f"--task {spec!r}: write KIND:FILE with KIND one of {', '.join(KINDS)} "
+                         "(e.g. perplexity:data/held_out.jsonl)")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--task {spec!r}: {file} does not exist")
+    if kind == "perplexity" and file.suffix == ".txt":
+        rows: list[dict] = [{"text": file.read_text()}]
+    else:
+        from scaletrain.posttrain.sft_data import read_rows
+
+        rows = read_rows([str(file)], None)
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise ValueError(f"--task {spec!r}: {file} has no rows")
+    for i, row in enumerate(rows):
+        problem = _row_problem(kind, row)
+        if problem:
+            raise ValueError(f"--task {spec!r}: row {i} {problem}")
+    return Task(kind, file, rows)
+
+
+def _row_problem(kind: str, row: dict) -> str | None:
+    if kind == "perplexity":
+        return None if isinstance(row.get("text"), str) else "has no `text` string"
+    if kind == "answer":
+        if row.get("answer") is None:
+            return "has no `answer`"
+        return None if row.get("messages") is not None or row.get("prompt") is not None else \
+            "has neither `messages` nor `prompt`"
+    if not any(isinstance(row.get(k), str) for k in CONTEXT_KEYS):
+        return f"has no context ({', '.join(CONTEXT_KEYS)})"
+    choices = row.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        return "needs `choices`: a list of at least two non-empty strings"
+    gold = next((row[k] for k in ANSWER_KEYS if row.get(k) is not None), None)
+    if not isinstance(gold, int) or not 0 <= gold < len(choices):
+        return f"needs the right choice's index in `answer` (0 … {len(choices) - 1})"
+    return None
+
+
+def context_of(row: dict) -> str:
+    return next(row[k] for k in CONTEXT_KEYS if isinstance(row.get(k), str))
+
+
+def gold_of(row: dict) -> int:
+    return int(next(row[k] for k in ANSWER_KEYS if row.get(k) is not None))
+
+
+def perplexity_rows(task: Task, tokenizer, seq_length: int) -> tuple[list[tuple[list[int], int]], int]:
+    """(windows as (ids, 1) rows, the documents' UTF-8 bytes)."""
+    stream: list[int] = []
+    n_bytes = 0
+    for row in task.rows:
+        stream += tokenizer.encode(row["text"]) + [tokenizer.eos_id]
+        n_bytes += len(row["text"].encode("utf-8"))
+    rows = [(stream[s:s + seq_length + 1], 1) for s in range(0, len(stream) - 1, seq_length)]
+    return [r for r in rows if len(r[0]) >= 2], n_bytes
+
+
+def perplexity_metrics(logps, counts, n_bytes: int) -> dict[str, Any]:
+    total, tokens = -float(logps.sum()), int(counts.sum())
+    return {"loss": total / tokens, "perplexity": math.exp(total / tokens),
+            "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "tokens": tokens}
+
+
+def choice_rows(task: Task, tokenizer, seq_length: int) -> list[tuple[list[int], int]]:
+    """One (context + choice ids, start of the choice) row per choice of every question, in order."""
+    out = []
+    for row in task.rows:
+        text = context_of(row)
+        stripped = text.rstrip(" ")  # a trailing space belongs to the choice (how the text is tokenised)
+        moved = text[len(stripped):]
+        context = tokenizer.encode(stripped) if stripped else [tokenizer.eos_id]
+        for choice in row["choices"]:
+            # Context + choice are tokenised together and split where the context's own tokens end, so
+            # the choice is scored as the model would read it in the text (a word-initial piece differs
+            # from the same piece encoded alone), as lm-evaluation-harness does.
+            whole = (tokenizer.encode(stripped + moved + choice) if stripped else [tokenizer.eos_id]
+                     + tokenizer.encode(moved + choice))
+            cont = whole[len(context):]
+            if not cont:
+                raise ValueError(f"{task.name}: the choice {choice!r} adds no token to its context")
+            keep = max(1, seq_length + 1 - len(cont))  # left-truncate the context, never the choice
+            ctx = whole[:len(context)][-keep:]
+            out.append((ctx + cont, len(ctx)))
+    return out
+
+
+def choice_metrics(task: Task, logps) -> dict[str, Any]:
+    acc = acc_norm = 0
+    k = 0
+    for row in task.rows:
+        scores = logps[k:k + len(row["choices"])].tolist()
+        k += len(row["choices"])
+        per_byte = [s / len(c.encode("utf-8")) for s, c in zip(scores, row["choices"])]
+        gold = gold_of(row)
+        acc += max(range(len(scores)), key=scores.__getitem__) == gold
+        acc_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == gold
+    n = len(task.rows)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "questions": n}

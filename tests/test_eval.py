@@ -1,0 +1,136 @@
+"""`scaletrain eval`: perplexity and multiple-choice scores against transformers running the exported
+model (an independent implementation), every metric at tp2·pp2+SP and dp2 equal to the single process in
+float64, and bad tasks refused before a model is built."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scaletrain.cli import main
+
+from conftest import TINY, tiny_overrides
+from dist_harness import run_ranks
+from test_tp_train import _cli_rank
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaltask")
+    assert main(["data", "synth", "--output", str(out), "--train", "200", "--test", "12"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory, tokenizer_dir, task_dir):
+    """A tiny model trained briefly on the task's text form, exported to HF format."""
+    prefix = tmp_path_factory.mktemp("evaldata") / "arith"
+    assert main(["data", "preprocess", "--input", str(task_dir / "pretrain.jsonl"), "--tokenizer", str(tokenizer_dir),
+                 "--output-prefix", str(prefix), "--workers", "1"]) == 0
+    run = tmp_path_factory.mktemp("evalmodel")
+    args = ["train", "--config", TINY]
+    for s in tiny_overrides(run, tokenizer_dir, str(prefix), **{
+            "model.num_layers": 4, "model.hidden_size": 64, "model.ffn_hidden_size": 128, "train.seq_length": 128,
+            "train.steps": 150, "optim.lr": 3e-3,
+            "checkpoint.export_hf": "hf"}):
+        args += ["--set", s]
+    assert main(args) == 0
+    return run
+
+
+def _eval(model, tasks: list[str], out, *extra: str) -> dict:
+    args = ["eval", str(model), *[x for t in tasks for x in ("--task", t)], "--output", str(out), "--batch-size", "3",
+            *extra]
+    assert main(args) == 0
+    return json.loads(out.read_text())
+
+
+def test_scores_match_transformers(tmp_path, model_run, task_dir):
+    """Per-choice log-likelihoods and the perplexity windows, recomputed with transformers on the export."""
+    import transformers
+
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.evaluation.tasks import choice_rows, parse_task, perplexity_rows
+
+    res = _eval(model_run / "hf", [f"choice:{task_dir / 'choice_test.jsonl'}", f"perplexity:{task_dir / 'pretrain.jsonl'}"],
+                tmp_path / "r.json", "--limit", "40", "--seq-length", "96")["tasks"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_run / "hf"), dtype=torch.float32).eval()
+    tok = load_tokenizer(str(model_run / "hf"))
+
+    def logp(ids: list[int], start: int) -> float:
+        with torch.no_grad():
+            out = hf(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        return float(out[torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].sum())
+
+    task = parse_task(f"choice:{task_dir / 'choice_test.jsonl'}")
+    scores = [logp(ids, start) for ids, start in choice_rows(task, tok, 96)]
+    right = right_norm = 0
+    for q, row in enumerate(task.rows):
+        s = scores[4 * q:4 * q + 4]
+        right += max(range(4), key=s.__getitem__) == row["answer"]
+        n = [v / len(c.encode()) for v, c in zip(s, row["choices"])]
+        right_norm += max(range(4), key=n.__getitem__) == row["answer"]
+    assert res["choice:choice_test.jsonl"]["acc"] == right / 12
+    assert res["choice:choice_test.jsonl"]["acc_norm"] == right_norm / 12
+    # The right index is the one the model prefers where it knows the answer: the answer sentence it was
+    # trained on against the same words scrambled, the right one at a different index in every row.
+    from scaletrain.data.synth import problems
+
+    seen = tmp_path / "seen.jsonl"
+    rows = []
+    for i, p in enumerate(problems(40, 0, "train", max_number=20)):
+        wrong = [f" answer The is {p.answer}.", f" is answer The {p.answer}.", f" The is answer {p.answer}."]
+        choices = wrong[:i % 4] + [f" The answer is {p.answer}."] + wrong[i % 4:]
+        rows.append({"context": f"Question: {p.question}\nAnswer:", "choices": choices, "answer": i % 4})
+    seen.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _eval(model_run, [f"choice:{seen}"], tmp_path / "seen.json")["tasks"]["choice:seen.jsonl"]["acc"] >= 0.9
+    ptask = parse_task(f"perplexity:{task_dir / 'pretrain.jsonl'}", limit=40)
+    rows, n_bytes = perplexity_rows(ptask, tok, 96)
+    total = -sum(logp(ids, 1) for ids, _ in rows)
+    tokens = sum(len(ids) - 1 for ids, _ in rows)
+    got = res["perplexity:pretrain.jsonl"]
+    assert got["tokens"] == tokens == sum(len(tok.encode(r["text"])) + 1 for r in ptask.rows) - 1
+    assert got["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
+
+
+@pytest.mark.parametrize("layout,world", [(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4),
+                                          ([], 2)], ids=["tp2pp2", "dp2"])
+def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, layout, world):
+    tasks = [f"perplexity:{task_dir / 'pretrain.jsonl'}", f"choice:{task_dir / 'choice_test.jsonl'}",
+             f"answer:{task_dir / 'sft_test.jsonl'}"]
+    common = ["--limit", "30", "--seq-length", "128", "--max-new-tokens", "12", "--set", "precision.dtype=float64"]
+    single = _eval(model_run, tasks, tmp_path / "single.json", *common)
+    args = ["eval", str(model_run), *[x for t in tasks for x in ("--task", t)], "--output", str(tmp_path / "par.json"),
+            "--batch-size", "3", *common, *[x for s in layout for x in ("--set", s)]]
+    assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
+    par = json.loads((tmp_path / "par.json").read_text())
+    assert par["layout"] == {"tp": 2, "pp": 2, "dp": 1} if layout else {"tp": 1, "pp": 1, "dp": 2}
+    for name, metrics in single["tasks"].items():
+        for k, v in metrics.items():
+            if k != "seconds":
+                assert par["tasks"][name][k] == pytest.approx(v, rel=1e-10, abs=0), (name, k)
+    answer = single["tasks"]["answer:sft_test.jsonl"]
+    assert answer["questions"] == 12 and 1 <= answer["completion_tokens"] <= 12
+
+
+def test_bad_tasks_fail_before_the_model_is_built(tmp_path, model_run, task_dir, capsys):
+    def err(*args: str, model=model_run) -> str:
+        assert main(["eval", str(model), *args]) == 2
+        return capsys.readouterr().err
+
+    assert "KIND:FILE with KIND one of" in err("--task", f"ppl:{task_dir / 'pretrain.jsonl'}")
+    assert "does not exist" in err("--task", f"choice:{tmp_path / 'none.jsonl'}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "Q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    assert "row 0 needs the right choice's index" in err("--task", f"choice:{bad}")
+    assert "neither a Hugging Face directory" in err("--task", f"choice:{task_dir / 'choice_test.jsonl'}",
+                                                     model=tmp_path / "no_model")
+    assert "leave no room for --max-new-tokens" in err("--task", f"answer:{task_dir / 'sft_test.jsonl'}",
+                                                       "--seq-length", "16", "--max-new-tokens", "12")
+    assert "reads at most 128 positions" in err("--task", f"choice:{task_dir / 'choice_test.jsonl'}",
+                                                "--seq-length", "512")
