@@ -8,6 +8,7 @@
     scaletrain convert from-hf path/to/hf_model checkpoints/imported
     scaletrain sft|dpo|reward|grpo|distill --config run.toml ... (post-training on the same trainer)
     scaletrain chat runs/tools_sft [--message "..."]   (executes the model's tool calls)
+    scaletrain rlaif --policy runs/sft --prompts prompts.jsonl --output pairs.jsonl   (AI-labelled pairs)
     scaletrain eval runs/tiny --task perplexity:held_out.jsonl --task choice:mc.jsonl [--set parallel.tp=2]
     scaletrain profile --config run.toml --plan | --steps 20
 """
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chat_args(chat)
     chat.set_defaults(func=chat_command)
+    fb = sub.add_parser("rlaif", help="preference pairs from AI feedback: the policy's two responses per prompt, "
+                                      "judged against written principles (for dpo / reward)")
+    from scaletrain.posttrain.rlaif_command import add_rlaif_args, rlaif_command
+
+    add_rlaif_args(fb)
+    fb.set_defaults(func=rlaif_command)
     ev = sub.add_parser("eval", help="score a model on local evaluation files (perplexity, multiple choice, "
                                      "answers) in any tp/pp/dp layout")
     from scaletrain.evaluation.command import add_eval_args, eval_command

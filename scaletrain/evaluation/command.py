@@ -7,7 +7,7 @@
 MODEL is a run directory, its checkpoints/ folder, a step_* checkpoint or a Hugging Face directory. The
 model is built frozen in the layout the `--set parallel.*` keys give (the world size must be a multiple of
 tp·pp; the rest is dp, each replica scoring a share of the rows) and every score comes from the
-forward-only schedule (evaluation/scoring.py) or the rollout sampler (posttrain/rollout.py). The chat
+forward-only schedule (posttrain/likelihood.py) or the rollout sampler (posttrain/rollout.py). The chat
 template of `answer` tasks is the run's (its config.toml) or the HF tokenizer's. Rank 0 prints one line
 per task and writes --output (JSON: the metrics, the model, the layout).
 """
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from scaletrain.evaluation.tasks import KINDS
+from scaletrain.posttrain.frozen import model_files
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -46,31 +47,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="write the results as JSON here (rank 0)")
 
 
-def _model_files(path: str) -> tuple[str, Any, Path, str]:
-    """(kind, ModelConfig, tokenizer dir, chat template setting) of MODEL."""
-    from scaletrain.posttrain.frozen import locate_model
-
-    kind, where, m = locate_model("model", path)
-    if kind == "hf":
-        return kind, m, where, "auto"
-    template = "auto"
-    run_config = where.parent.parent / "config.toml"
-    if run_config.is_file():
-        from scaletrain.config.load import load_config
-
-        template = load_config(run_config).posttrain.chat_template
-    if not (where / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{where} holds no tokenizer/ folder; evaluation needs the tokenizer it trained with")
-    return kind, m, where / "tokenizer", template
-
-
 def eval_command(args: argparse.Namespace) -> int:
     from scaletrain.config import ConfigError, load_config
     from scaletrain.evaluation.tasks import parse_task
 
     try:
         tasks = [parse_task(t, args.limit or None) for t in args.task]
-        kind, m, tok_dir, template = _model_files(args.model)
+        kind, m, tok_dir, template = model_files(args.model)
         if m.num_labels:
             raise ConfigError(f"{args.model} is a reward model (a score head): it has no token probabilities to "
                               "evaluate; score conversations with it through GRPO's reward_model instead")
@@ -108,19 +91,9 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) -> dict | None:
     """Every task's metrics (None on ranks other than 0)."""
-    from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
-    from scaletrain.nn.backend import select_backend
-    from scaletrain.posttrain.frozen import build_frozen_model
-    from scaletrain.train import _configure_runtime, device_type
-    from scaletrain.trainer.precision import resolve_precision
+    from scaletrain.posttrain.frozen import build_frozen_model, frozen_runtime
 
-    env = read_env()
-    device = _configure_runtime(cfg)
-    precision = resolve_precision(cfg.precision, device)
-    owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
-    try:
-        dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
-        backend, _ = select_backend(cfg.parallel.backend, ())
+    with frozen_runtime(cfg) as (dims, precision, device, backend):
         model, line = build_frozen_model(cfg, "model", args.model, dims=dims, precision=precision, device=device,
                                          backend=backend)
         if dims.is_main:
@@ -131,9 +104,6 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
             t0 = time.perf_counter()
             out[task.name] = {**_run_task(task, model, dims, cfg, args, tokenizer, template, precision, device),
                               "seconds": round(time.perf_counter() - t0, 3)}
-    finally:
-        if owns:
-            shutdown_distributed()
     if not dims.is_main:
         return None
     return {"model": str(args.model), "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp},
@@ -142,7 +112,7 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
 
 def _run_task(task, model, dims, cfg, args, tokenizer, template, precision, device) -> dict[str, Any]:
     from scaletrain.evaluation import tasks as T
-    from scaletrain.evaluation.scoring import continuation_logprobs
+    from scaletrain.posttrain.likelihood import continuation_logprobs
 
     seq = cfg.train.seq_length
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id

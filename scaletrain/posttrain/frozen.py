@@ -10,8 +10,10 @@ the run is listed per use in `check_frozen_model`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,42 @@ def build_frozen_model(cfg: RunConfig, key: str, path_text: str, *, dims, precis
 def teacher_vocab(cfg: RunConfig) -> Any:
     """The teacher's vocabulary size (for a student whose model.vocab_size is 0, i.e. derived)."""
     return locate_model("posttrain.teacher", cfg.posttrain.teacher)[2].vocab_size
+
+
+def model_files(path: str) -> tuple[str, ModelConfig, Path, str]:
+    """(kind, ModelConfig, tokenizer directory, chat template setting) of a model given on the command line:
+    an HF directory (its own tokenizer and template) or scaletrain output (the checkpoint's tokenizer copy,
+    the run's posttrain.chat_template from its config.toml)."""
+    kind, where, m = locate_model("model", path)
+    if kind == "hf":
+        return kind, m, where, "auto"
+    template = "auto"
+    run_config = where.parent.parent / "config.toml"
+    if run_config.is_file():
+        from scaletrain.config.load import load_config
+
+        template = load_config(run_config).posttrain.chat_template
+    if not (where / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{where} holds no tokenizer/ folder: the tokenizer it trained with is needed")
+    return kind, m, where / "tokenizer", template
+
+
+@contextlib.contextmanager
+def frozen_runtime(cfg: RunConfig) -> Iterator[tuple[Any, Any, torch.device, str]]:
+    """(dims, precision, device, backend) for commands that only run frozen models (eval, rlaif): the
+    run's runtime settings (threads, seed, device), the process group for the launch (torn down on
+    exit if this call created it) and the layout of cfg.parallel."""
+    from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
+    from scaletrain.nn.backend import select_backend
+    from scaletrain.train import _configure_runtime, device_type
+    from scaletrain.trainer.precision import resolve_precision
+
+    env = read_env()
+    device = _configure_runtime(cfg)
+    owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
+        yield dims, resolve_precision(cfg.precision, device), device, select_backend(cfg.parallel.backend, ())[0]
+    finally:
+        if owns:
+            shutdown_distributed()
