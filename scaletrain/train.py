@@ -362,11 +362,11 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         from scaletrain.posttrain.dpo import DPOObjective
 
         objective = DPOObjective(dims.tp_comm, pt.dpo_loss, pt.beta, pt.label_smoothing, pt.simpo_gamma,
-                                 fused_cross_entropy=fused_ce, nll_weight=pt.nll_weight)
+                                 fused_cross_entropy=fused_ce, nll_weight=pt.nll_weight, cp=dims.comm("cp"))
     elif pt.objective == "reward":
         from scaletrain.posttrain.reward import RewardObjective
 
-        objective = RewardObjective(margin=pt.reward_margin, center=pt.reward_center)
+        objective = RewardObjective(margin=pt.reward_margin, center=pt.reward_center, cp=dims.comm("cp"))
     elif pt.objective == "grpo":
         from scaletrain.posttrain.grpo import GRPOObjective
 

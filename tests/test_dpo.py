@@ -30,7 +30,8 @@ def _args(run_dir, tokenizer_dir, prefix, pairs, **extra):
     return args
 
 
-@pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2}, 4), ({}, 2)])
+@pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2}, 4), ({}, 2),
+                                          ({"parallel.cp": 2, "parallel.pp": 2}, 4)], ids=["tp2pp2", "dp2", "cp2pp2"])
 def test_dpo_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, pairs, layout, world):
     single, parallel = tmp_path / "False", tmp_path / "True"
     valid = {"posttrain.valid_data": f'["{pairs.with_name("dpo_test.jsonl")}"]', "train.eval_interval": 3,

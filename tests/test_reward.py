@@ -62,7 +62,8 @@ def test_score_is_read_at_the_last_rendered_token(tokenizer_dir):
 
 @pytest.mark.parametrize("layout,world,tied", [
     ({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4, False), ({}, 2, False),
-    ({"parallel.pp": 2}, 2, True)])  # a tied embedding needs no copy on the last stage: the score head is there
+    ({"parallel.pp": 2}, 2, True),  # a tied embedding needs no copy on the last stage: the score head is there
+    ({"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}, 4, False)])
 def test_reward_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, pairs, layout,
                                                           world, tied):
     valid = {"posttrain.valid_data": f'["{pairs.with_name("dpo_test.jsonl")}"]', "train.eval_interval": 3,

@@ -23,7 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
 OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "reward", "distill")
-CP_OBJECTIVES = ("pretrain", "sft", "distill")  # token-level losses: each cp rank's tokens are independent terms
+CP_OBJECTIVES = ("pretrain", "sft", "distill", "dpo", "reward")  # objectives whose batches split over cp
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -288,8 +288,9 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
         what = "on-policy distillation" if on_policy else \
             f"posttrain.objective = '{cfg.posttrain.objective}'"
         out.append(f"parallel.cp = {cfg.parallel.cp} with {what}: context "
-                   f"parallelism runs the token-level objectives ({', '.join(CP_OBJECTIVES)}); sequence log-probs and "
-                   "rollouts are not split over cp yet. Set parallel.cp = 1 (long rows: tp with sequence_parallel).")
+                   f"parallelism runs {', '.join(CP_OBJECTIVES)} (and distillation on fixed data); rollouts (grpo, "
+                   "on-policy distillation) are not sampled over cp yet. Set parallel.cp = 1 (long rows: tp with "
+                   "sequence_parallel).")
     return out
 
 

@@ -15,7 +15,10 @@ rows — is prepared here, before the split (`context_parallel_mask`).
 
 Parameters are replicated over cp like over dp: each cp rank's gradients are partial sums over its
 tokens, so they are reduced over the combined dp×cp group (`dims.comm("dp_cp")`), and the loss
-normaliser counts the items of every cp rank.
+normaliser counts the items of every cp rank. Sequence-level losses (DPO, reward models) first sum
+their per-token parts over cp (`sum_over_cp`, whose backward sums the gradients back), then every cp
+rank evaluates the same loss: counted cp times in the normaliser, the reported loss and the gradients
+come out exact.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from scaletrain.distributed.comm import Comm
 from scaletrain.nn.blockwise_attention import BlockwiseMask, QuerySegment
 
 # The per-token fields of the objectives that run under cp (config.validate.CP_OBJECTIVES): split along dim 1.
-SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
+SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "response_mask")
 
 
 def local_indices(seq_length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -94,6 +97,10 @@ def shard_microbatch(batch: dict[str, Any], cp: Comm) -> dict[str, Any]:
     if "position_ids" not in out:
         out["position_ids"] = torch.arange(s, device=tokens.device).expand_as(tokens)
     out["attention_mask"] = context_parallel_mask(s, cp.size, cp.rank, batch.get("document_ids"), tokens.device)
+    if "score_index" in out:  # a reward model's read-out position, global → this rank's (−1: another rank's)
+        where = out["score_index"]
+        hit = idx[None, :] == where[:, None]
+        out["score_index"] = torch.where(hit.any(-1), hit.float().argmax(-1), -1)
     for name in SEQUENCE_FIELDS:
         if name in out:
             if out[name].shape[1] != s:
@@ -101,3 +108,26 @@ def shard_microbatch(batch: dict[str, Any], cp: Comm) -> dict[str, Any]:
                                  f"tokens have {s}")
             out[name] = out[name][:, idx].contiguous()
     return out
+
+
+class _SumOverCP(torch.autograd.Function):
+    """y = Σ over cp ranks of x, on every rank; backward: the same sum of the incoming gradients —
+    every rank's y depends on every rank's x, and each rank's loss, which reads y, is a term of the
+    total loss (the normaliser counts every cp rank's items)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm):
+        ctx.comm = comm
+        return comm.all_reduce(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.comm.all_reduce(grad.contiguous().clone()), None
+
+
+def sum_over_cp(x: torch.Tensor, cp: Comm | None) -> torch.Tensor:
+    """Per-sequence partial sums (each cp rank's tokens) → the whole sequence's sums, replicated over cp
+    and differentiable: sequence-level losses (DPO log-probs, a reward model's score) under cp."""
+    if cp is None or cp.size == 1:
+        return x
+    return _SumOverCP.apply(x, cp)

@@ -28,18 +28,9 @@ import torch
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.kl import kl_per_token, teacher_top_k
-from scaletrain.posttrain.packing import block_causal_mask
+from scaletrain.posttrain.packing import model_inputs
 
 METRICS = ("kd", "ce")  # means per loss token: the (unscaled) KL at temperature τ, the hard-label cross-entropy
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keyword inputs of the model for a pretraining, packed-chat or context-parallel microbatch."""
-    if "attention_mask" in batch:  # context parallelism: positions and the mask to the gathered keys
-        return {"position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"]}
-    if "document_ids" in batch:  # packed conversations: block-diagonal attention, positions restart
-        return {"position_ids": batch["position_ids"], "attention_mask": block_causal_mask(batch["document_ids"])}
-    return {}
 
 
 class DistillObjective:

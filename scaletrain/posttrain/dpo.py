@@ -2,8 +2,9 @@
 
 A microbatch of M pairs runs as one forward of 2M rows (chosen rows, then rejected rows); sequence
 log-probs come from the vocab-parallel per-token loss over the response masks, so the vocabulary is
-never gathered. The loss (posttrain/preference_losses.py) is summed over pairs and normalised by the
-global pair count like every objective. Only the last pipeline stage evaluates loss_fn, so only it
+never gathered (under context parallelism each rank's partial sums are summed over cp first). The
+loss (posttrain/preference_losses.py) is summed over pairs and normalised by the global pair count
+like every objective. Only the last pipeline stage evaluates loss_fn, so only it
 needs the reference values.
 
 Reference: the frozen starting policy. Its log-probs do not change during training, so they are
@@ -22,6 +23,7 @@ import torch
 
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
+from scaletrain.posttrain.packing import model_inputs
 from scaletrain.posttrain.preference_losses import LENGTH_NORMALISED, preference_loss, sequence_logprobs
 
 REFERENCE_FILE = "reference_logps.json"
@@ -33,8 +35,10 @@ class DPOObjective:
     metrics = METRICS  # logged per step (means over pairs) next to the loss
 
     def __init__(self, tp: Comm | None, loss_type: str, beta: float, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, fused_cross_entropy: bool = False, nll_weight: float = 0.0) -> None:
+                 simpo_gamma: float = 0.5, fused_cross_entropy: bool = False, nll_weight: float = 0.0,
+                 cp: Comm | None = None) -> None:
         self.tp, self.loss_type, self.beta, self.nll_weight = tp, loss_type, beta, nll_weight
+        self.cp = cp  # context parallelism: each rank holds part of every row's tokens
         self.label_smoothing, self.simpo_gamma, self.fused = label_smoothing, simpo_gamma, fused_cross_entropy
         self.reference: dict[int, tuple[float, float]] = {}
         self.recording: dict[int, tuple[float, float]] | None = None  # set during the reference pass
@@ -54,12 +58,12 @@ class DPOObjective:
         return torch.tensor(batch["index"].numel(), device=batch["index"].device)
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
-        logits = model(batch["tokens"])
+        logits = model(batch["tokens"], **model_inputs(batch))
         labels, mask, index = batch["labels"], batch["response_mask"], batch["index"]
 
         def loss_fn(output: torch.Tensor):
             per_token = cross_entropy_per_token(output, labels, self.tp, fused=self.fused)
-            logps = sequence_logprobs(per_token, mask, self.loss_type in LENGTH_NORMALISED)
+            logps = sequence_logprobs(per_token, mask, self.loss_type in LENGTH_NORMALISED, cp=self.cp)
             n = index.numel()
             chosen, rejected = logps[:n], logps[n:]
             if self.recording is not None:
@@ -77,7 +81,7 @@ class DPOObjective:
             losses, metrics = preference_loss(self.loss_type, chosen, rejected, ref_c, ref_r, beta=self.beta,
                                               label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
             if self.nll_weight:  # RPO: the chosen response's mean token NLL keeps it likely
-                losses = losses - self.nll_weight * sequence_logprobs(per_token[:n], mask[:n], True)
+                losses = losses - self.nll_weight * sequence_logprobs(per_token[:n], mask[:n], True, cp=self.cp)
             return losses.sum(), {k: metrics[k].sum() for k in METRICS}
 
         return logits, loss_fn
@@ -111,7 +115,7 @@ def reference_logps(objective: DPOObjective, model: torch.nn.Module, datasets: l
         for start in range(0, len(items), micro_batch * group):
             chunk = items[start:start + micro_batch * group]
             mbs = prepare_batches(objective, [collate(chunk[i:i + micro_batch]) for i in
-                                              range(0, len(chunk), micro_batch)], device)
+                                              range(0, len(chunk), micro_batch)], device, dims)
             while len(mbs) % group:  # interleaved schedules need whole groups; repeats only overwrite
                 mbs.append(mbs[-1])
             with torch.no_grad(), precision.autocast():
@@ -121,7 +125,7 @@ def reference_logps(objective: DPOObjective, model: torch.nn.Module, datasets: l
     recorded, objective.recording = objective.recording, None
     objective.reference = recorded
     last_stage = dims is None or dims.pp_rank == dims.pp - 1
-    if last_stage and (dims is None or (dims.tp_rank == 0 and dims.dp_rank == 0)):
+    if last_stage and (dims is None or (dims.tp_rank == 0 and dims.dp_rank == 0 and dims.cp_rank == 0)):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({str(k): list(v) for k, v in recorded.items()}))
         os.replace(tmp, path)

@@ -70,3 +70,14 @@ def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     s = d.shape[-1]
     causal = torch.ones(s, s, dtype=torch.bool, device=d.device).tril()
     return ((same & causal) | torch.eye(s, dtype=torch.bool, device=d.device))[:, None]
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keyword inputs of the model for a microbatch: under context parallelism its positions and the
+    mask to the gathered keys (parallel/context_parallel.shard_microbatch); packed rows their restarting
+    positions and block-diagonal mask; plain rows none (causal, positions 0…s−1)."""
+    if "attention_mask" in batch:
+        return {"position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"]}
+    if "document_ids" in batch:
+        return {"position_ids": batch["position_ids"], "attention_mask": block_causal_mask(batch["document_ids"])}
+    return {}

@@ -13,13 +13,18 @@ advantages like. Summed over pairs and normalised by the global pair count like 
 Metrics: mean chosen / rejected rewards, their margin and accuracy (chosen scored higher).
 
 A microbatch of M pairs runs as one forward of 2M rows (chosen, then rejected), as in DPO; only
-the last pipeline stage evaluates loss_fn. Scores arrive replicated over tp (nn/score.py).
+the last pipeline stage evaluates loss_fn. Scores arrive replicated over tp (nn/score.py); under context
+parallelism the read-out token sits on one cp rank, whose score is summed over cp to every rank.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from scaletrain.distributed.comm import Comm
+from scaletrain.parallel.context_parallel import sum_over_cp
+from scaletrain.posttrain.packing import model_inputs
 
 METRICS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
 
@@ -49,8 +54,9 @@ class RewardObjective:
     name = "reward"
     metrics = METRICS
 
-    def __init__(self, margin: float = 0.0, center: float = 0.0) -> None:
+    def __init__(self, margin: float = 0.0, center: float = 0.0, cp: Comm | None = None) -> None:
         self.margin, self.center = margin, center
+        self.cp = cp  # context parallelism: the read-out token is on one cp rank of each row
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """M pairs → one model input of 2M rows (chosen, then rejected) and where each is scored."""
@@ -63,11 +69,13 @@ class RewardObjective:
         return torch.tensor(batch["index"].numel(), device=batch["index"].device)
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
-        scores = model(batch["tokens"])
+        scores = model(batch["tokens"], **model_inputs(batch))
         where, n = batch["score_index"], batch["index"].numel()
 
         def loss_fn(output: torch.Tensor):
-            rewards = output[torch.arange(output.shape[0], device=output.device), where, 0]
+            here = where >= 0  # under cp: the rows whose read-out token this rank holds (−1 elsewhere)
+            picked = output[torch.arange(output.shape[0], device=output.device), where.clamp(min=0), 0]
+            rewards = sum_over_cp(torch.where(here, picked, torch.zeros_like(picked)), self.cp)
             losses, metrics = bradley_terry(rewards[:n], rewards[n:], self.margin, self.center)
             return losses.sum(), {k: metrics[k].sum() for k in METRICS}
 

@@ -185,7 +185,7 @@ def _activation_bytes(trainer) -> int | None:
         return None  # a stage's (a cp rank's) forward needs its peers; the plan's figure stands alone there
     from scaletrain.trainer.step import prepare_batches
 
-    batch = prepare_batches(trainer.objective, next(trainer.train_batches)[:1], trainer.device)[0]
+    batch = prepare_batches(trainer.objective, next(trainer.train_batches)[:1], trainer.device, trainer.dims)[0]
     def forward_and_loss():
         output, loss_fn = trainer.objective.forward_step(batch, trainer.model)
         return loss_fn(output)

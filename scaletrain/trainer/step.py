@@ -76,19 +76,19 @@ def forward_pass(forward_step, microbatches: list[dict], model: torch.nn.Module,
 
 def prepare_batches(objective, microbatches: list[dict], device: torch.device,
                     dims: ParallelDims | None = None) -> list[dict]:
-    """Microbatches on the device, in the layout the objective's model input needs: under context
-    parallelism this cp rank's share of every sequence (parallel/context_parallel.py); then an
-    objective may define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens`
-    [2M, s]) and `annotate(microbatches)` (a collective pass that adds to them: a distillation
-    teacher's outputs); every schedule reads `tokens` for the activation shape."""
+    """Microbatches on the device, in the layout the objective's model input needs: an objective may
+    define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens` [2M, s]); under
+    context parallelism each row is then cut to this cp rank's share (parallel/context_parallel.py);
+    last, `annotate(microbatches)` (a collective pass that adds to them: a distillation teacher's
+    outputs). Every schedule reads `tokens` for the activation shape."""
     mbs = [_to_device(b, device) for b in microbatches]
+    prepare = getattr(objective, "prepare", None)
+    if prepare is not None:
+        mbs = [prepare(b) for b in mbs]
     if dims is not None and dims.cp > 1:
         from scaletrain.parallel.context_parallel import shard_microbatch
 
         mbs = [shard_microbatch(b, dims.comm("cp")) for b in mbs]
-    prepare = getattr(objective, "prepare", None)
-    if prepare is not None:
-        mbs = [prepare(b) for b in mbs]
     annotate = getattr(objective, "annotate", None)
     if annotate is not None:  # e.g. distillation: the teacher's outputs, stored in the microbatches
         annotate(mbs)
