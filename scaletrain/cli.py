@@ -6,7 +6,7 @@
     scaletrain data preprocess --input corpus.jsonl.gz --tokenizer data/tokenizer --output-prefix data/kjv
     scaletrain convert to-hf runs/tiny/checkpoints runs/tiny/hf
     scaletrain convert from-hf path/to/hf_model checkpoints/imported
-    scaletrain sft|dpo|reward|grpo|distill --config run.toml ... (post-training on the same trainer)
+    scaletrain sft|dpo|reward|grpo|ppo|distill --config run.toml ... (post-training on the same trainer)
     scaletrain chat runs/tools_sft [--message "..."]   (executes the model's tool calls)
     scaletrain rlaif --policy runs/sft --prompts prompts.jsonl --output pairs.jsonl   (AI-labelled pairs)
     scaletrain eval runs/tiny --task perplexity:held_out.jsonl --task choice:mc.jsonl [--set parallel.tp=2]
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "[posttrain] section; = train with posttrain.objective=grpo)")
     add_train_args(grpo)
     grpo.set_defaults(func=lambda a: train_command(a, objective="grpo"))
+    ppo = sub.add_parser("ppo", help="RLHF with PPO: a learned critic, per-token KL-penalised rewards, GAE and the "
+                                     "clipped surrogate (= train with posttrain.objective=ppo)")
+    add_train_args(ppo)
+    ppo.set_defaults(func=lambda a: train_command(a, objective="ppo"))
     distill = sub.add_parser("distill", help="knowledge distillation: match posttrain.teacher's next-token "
                                              "distributions (KL, vocab-parallel) on pretraining data or chat rows "
                                              "(= train with posttrain.objective=distill)")

@@ -92,8 +92,11 @@ def prepare(cfg: RunConfig, world_size: int):
     if model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size = 0 to derive it.")
-    if cfg.posttrain.objective == "grpo" and "reward_model" in cfg.posttrain.rewards:
+    if cfg.posttrain.objective in ("grpo", "ppo") and "reward_model" in cfg.posttrain.rewards:
         check_frozen_model(cfg, "posttrain.reward_model", cfg.posttrain.reward_model, role="reward",
+                           tokenizer_vocab=tokenizer.vocab_size)
+    if cfg.posttrain.objective == "ppo":
+        check_frozen_model(cfg, "posttrain.critic", cfg.posttrain.critic or cfg.posttrain.reward_model, role="critic",
                            tokenizer_vocab=tokenizer.vocab_size)
     if cfg.posttrain.objective == "distill":
         check_frozen_model(cfg, "posttrain.teacher", cfg.posttrain.teacher, role="teacher",
@@ -185,16 +188,19 @@ def build_prompt_datasets(cfg: RunConfig, tokenizer, log, rewards: tuple[str, ..
 
 
 def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dims, precision, device,
-                    consumed_samples: int, fused_cross_entropy: bool, reward_scorer=None):
-    """GRPO's train_batches: fresh rollouts per step (posttrain/grpo_batches.py)."""
+                    consumed_samples: int, fused_cross_entropy: bool, reward_scorer=None, **ppo):
+    """GRPO's train_batches: fresh rollouts per step (posttrain/grpo_batches.py); given PPO's critic
+    settings (`build_critic`), PPO's (posttrain/ppo_batches.py)."""
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.grpo_batches import RolloutBatches
+    from scaletrain.posttrain.ppo_batches import PPOBatches
     from scaletrain.posttrain.rewards import resolve_reward
 
     pt, t = cfg.posttrain, cfg.train
     # The template's end-of-turn marker ends a completion (and is learnt, like eos).
     marker = ChatRenderer(tokenizer, pt.chat_template).end_of_turn()
-    return RolloutBatches(
+    cls: Any = PPOBatches if ppo else RolloutBatches
+    return cls(
         prompts, model=model, reference=reference, dims=dims,
         rewards={n: reward_scorer if n == "reward_model" else resolve_reward(n) for n in pt.rewards},
         reward_weights=pt.reward_weights, group_size=pt.group_size, max_new_tokens=pt.max_new_tokens,
@@ -203,7 +209,47 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
         tokenizer=tokenizer, stop_text=marker, precision=precision, device=device,
         fused_cross_entropy=fused_cross_entropy, run_dir=Path(t.run_dir),
         width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, iterations=pt.grpo_iterations,
-        missing_stop_penalty=pt.missing_stop_penalty)
+        missing_stop_penalty=pt.missing_stop_penalty, **ppo)
+
+
+def build_critic(cfg: RunConfig, dims, precision, device, backend, run_dir: Path, resumed_step: int | None,
+                 log) -> dict[str, Any]:
+    """PPO's critic, trainable, in the policy's layout, with its AdamW: from posttrain.critic (or the reward
+    model) on a first start, from run_dir/critic at the resumed step otherwise. Returns PPOBatches' settings."""
+    from scaletrain.checkpoint.hf import load_hf_weights
+    from scaletrain.checkpoint.io import stored_param_dtype
+    from scaletrain.models import build_model
+    from scaletrain.nn import init_parameters
+    from scaletrain.parallel.parallelize import parallelize
+    from scaletrain.posttrain.frozen import locate_model
+    from scaletrain.posttrain.ppo_batches import load_critic_state
+    from scaletrain.trainer.optimizer import build_optimizer
+
+    pt = cfg.posttrain
+    source = pt.critic or pt.reward_model
+    kind, path, m = locate_model("posttrain.critic", source)
+    m = dataclasses.replace(m, num_labels=1)
+    with torch.device("meta") if dims.pp > 1 else torch.device(device):
+        critic = build_model(m, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend)
+    critic = parallelize(critic, dims, dataclasses.replace(cfg.parallel, recompute="none"), device)
+    init_parameters(critic, cfg.train.seed + 1, tp_rank=dims.tp_rank, tp_size=dims.tp)  # a fresh score head's start
+    lr = pt.critic_lr or cfg.optim.lr
+    optimizer = build_optimizer(critic, dataclasses.replace(cfg.optim, lr=lr, distributed=False), device, dims)
+    if resumed_step is not None:
+        log(f"critic: resumed from {load_critic_state(run_dir, resumed_step, critic, optimizer, dims)}")
+    elif kind == "hf":
+        fresh = load_hf_weights(critic, path, tp_rank=dims.tp_rank, tp_size=dims.tp)
+        log(f"critic: {m.num_layers}L h{m.hidden_size} from {path}" + (" (a causal LM: fresh score head)" if fresh else ""))
+    else:
+        if stored_param_dtype(path) != precision.param_dtype:
+            raise ConfigError(f"posttrain.critic = {path} was saved in {stored_param_dtype(path)}, the run trains in "
+                              f"{precision.param_dtype}: export it (`scaletrain convert to-hf`) or match precision.dtype")
+        load_checkpoint(path, critic, None, dims=dims)
+        log(f"critic: {m.num_layers}L h{m.hidden_size} from {path}")
+    return {"critic": critic, "critic_optimizer": optimizer, "critic_lr": lr, "clip_grad": cfg.optim.clip_grad,
+            "kl_beta": pt.kl_beta, "gamma": pt.gae_gamma, "lam": pt.gae_lambda, "value_clip": pt.value_clip,
+            "whiten_advantages": pt.whiten_advantages, "keep_last": cfg.checkpoint.keep_last,
+            "model_config": dataclasses.asdict(m)}
 
 
 def on_policy_batches(cfg: RunConfig, prompts, tokenizer, *, model, dims, precision, device, consumed_samples: int):
@@ -320,7 +366,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     log = print if dims.is_main else (lambda *a, **k: None)
     # SFT data is rendered before any parameter exists: a bad file fails here, cheaply.
     post_datasets = {"sft": build_sft_datasets, "dpo": build_preference_datasets, "reward": build_preference_datasets,
-                     "grpo": build_prompt_datasets, "distill": build_distill_datasets}.get(
+                     "grpo": build_prompt_datasets, "ppo": build_prompt_datasets,
+                     "distill": build_distill_datasets}.get(
         "pretrain" if uses_pretraining_data(cfg) else cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
@@ -367,12 +414,16 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         from scaletrain.posttrain.reward import RewardObjective
 
         objective = RewardObjective(margin=pt.reward_margin, center=pt.reward_center, cp=dims.comm("cp"))
-    elif pt.objective == "grpo":
+    elif pt.objective in ("grpo", "ppo"):
         from scaletrain.posttrain.grpo import GRPOObjective
 
-        objective = GRPOObjective(dims.tp_comm, kl_beta=pt.kl_beta, temperature=pt.temperature,
-                                  loss_norm=pt.grpo_loss_norm, fused_cross_entropy=fused_ce,
-                                  clipped=pt.grpo_iterations > 1, clip_eps=pt.clip_eps, clip_eps_high=pt.clip_eps_high)
+        # PPO: the KL penalty is in the per-token reward (posttrain/ppo.py), not in the loss; the
+        # sampling-time log-probs are always at hand, so the ratio is clipped from the first update.
+        ppo = pt.objective == "ppo"
+        objective = GRPOObjective(dims.tp_comm, kl_beta=0.0 if ppo else pt.kl_beta, temperature=pt.temperature,
+                                  loss_norm="token" if ppo else pt.grpo_loss_norm, fused_cross_entropy=fused_ce,
+                                  clipped=ppo or pt.grpo_iterations > 1, clip_eps=pt.clip_eps,
+                                  clip_eps_high=pt.clip_eps_high)
     elif pt.objective == "distill":
         from scaletrain.posttrain.distill import DistillObjective
         from scaletrain.posttrain.frozen import build_frozen_model
@@ -415,13 +466,17 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
             cfg.data, seq_length=t.seq_length, seed=t.seed, eod_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,
             train_samples=t.steps * t.global_batch_size, valid_samples=eval_points * t.eval_iters * t.global_batch_size)
     train_batches: Any
-    if pt.objective == "grpo":
+    if pt.objective in ("grpo", "ppo"):
         reference = build_reference(cfg, dims, precision, device, backend, model, run_dir, log) if pt.kl_beta else None
         scorer = build_reward_scorer(cfg, tokenizer, dims, precision, device, backend, log) \
             if "reward_model" in pt.rewards else None
+        extra: dict[str, Any] = {}
+        if pt.objective == "ppo":
+            extra = build_critic(cfg, dims, precision, device, backend, run_dir,
+                                 state.step if resume_from is not None else None, log)
         train_batches = rollout_batches(cfg, train_ds, tokenizer, model=model, reference=reference, dims=dims,
                                         precision=precision, device=device, consumed_samples=state.consumed_samples,
-                                        fused_cross_entropy=fused_ce, reward_scorer=scorer)
+                                        fused_cross_entropy=fused_ce, reward_scorer=scorer, **extra)
     elif pt.objective == "distill" and pt.distill_on_policy:
         train_batches = on_policy_batches(cfg, train_ds, tokenizer, model=model, dims=dims, precision=precision,
                                           device=device, consumed_samples=state.consumed_samples)
@@ -440,7 +495,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
                         run_config=config_to_dict(cfg), active=dims.is_main,
                         console_keys=tuple(getattr(objective, "metrics", ())) + tuple(getattr(train_batches, "console_keys", ())))
     validator: Any = None
-    if pt.objective == "grpo" and valid_ds is not None and t.eval_interval:
+    if pt.objective in ("grpo", "ppo") and valid_ds is not None and t.eval_interval:
         def held_out_rewards():  # of greedy completions (posttrain/grpo_batches.py); no validation loss
             return None, train_batches.evaluate(valid_ds)
         validator, valid_fn = held_out_rewards, None

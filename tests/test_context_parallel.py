@@ -143,7 +143,7 @@ def test_cp2_run_resumes_at_cp1(tmp_path, tokenizer_dir, dataset_prefix):
      "tokens per cp rank are not divisible by parallel.tp"),
     ({"parallel.cp": 2, "posttrain.objective": "grpo", "posttrain.train_data": '["prompts.jsonl"]',
       "posttrain.group_size": 2, "posttrain.max_new_tokens": 8},
-     "rollouts (grpo, on-policy distillation) are not sampled over cp"),
+     "rollouts (grpo, ppo, on-policy distillation) are not sampled over cp"),
 ])
 def test_bad_cp_layouts_exit_before_training(tmp_path, tokenizer_dir, dataset_prefix, capsys, extra, message):
     args = ["train", "--config", TINY]

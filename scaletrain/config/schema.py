@@ -227,7 +227,8 @@ class PostTrainConfig:
 
     objective: str = "pretrain"
     """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns), 'dpo' (preference
-    pairs), 'grpo' (RL on verifiable rewards), 'reward' (a reward model on preference pairs) or 'distill' (match
+    pairs), 'grpo' (RL on verifiable rewards), 'ppo' (RLHF with a learned critic: per-token KL-penalised rewards,
+    GAE, clipped surrogate), 'reward' (a reward model on preference pairs) or 'distill' (match
     posttrain.teacher's token distributions, on data.prefixes or, given posttrain.train_data, on chat rows)."""
     train_data: tuple[str, ...] = ()
     """sft: jsonl/parquet files with a `messages` list per row; dpo: rows with prompt, chosen, rejected; grpo: rows
@@ -279,7 +280,8 @@ class PostTrainConfig:
     temperature: float = 1.0
     """grpo: sampling temperature of the rollouts (log-probs in the loss use the same temperature)."""
     kl_beta: float = 0.0
-    """grpo: weight of the k3 KL penalty to the frozen starting policy (0: no reference model is built)."""
+    """grpo: weight of the k3 KL penalty to the frozen starting policy in the loss; ppo: β of the per-token KL
+    penalty in the reward (0: no reference model is built)."""
     scale_rewards: bool = True
     """grpo: divide each group's centred rewards by its standard deviation (False: Dr. GRPO's plain centring)."""
     grpo_iterations: int = 1
@@ -290,6 +292,19 @@ class PostTrainConfig:
     """grpo: the clip range above 1 (0: clip_eps; larger: DAPO's clip-higher)."""
     grpo_loss_norm: str = "token"
     """grpo: 'token' (sum over all completion tokens / their global count, DAPO) or 'sequence' (mean per completion, then over completions: the original GRPO)."""
+    critic: str = ""
+    """ppo: the critic's starting weights — a reward model (HF *ForSequenceClassification or a `scaletrain reward`
+    run) or a causal LM's HF export (its body, with a fresh score head); empty: posttrain.reward_model."""
+    critic_lr: float = 0.0
+    """ppo: the critic's AdamW learning rate, constant (0: optim.lr)."""
+    gae_gamma: float = 1.0
+    """ppo: discount γ of generalised advantage estimation."""
+    gae_lambda: float = 0.95
+    """ppo: λ of generalised advantage estimation (1: Monte-Carlo returns, 0: one-step TD)."""
+    value_clip: float = 0.2
+    """ppo: the critic's values may move at most this far from their sampling-time values per update (0: no clip)."""
+    whiten_advantages: bool = True
+    """ppo: shift and scale the advantages to mean 0, std 1 over the global batch's completion tokens."""
     teacher: str = ""
     """distill: the teacher, a causal LM sharing the student's tokenizer and vocabulary size (an HF directory, or a
     scaletrain checkpoint / checkpoints folder / run directory); frozen and run in the student's layout."""

@@ -22,7 +22,7 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
-OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "reward", "distill")
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "ppo", "reward", "distill")
 CP_OBJECTIVES = ("pretrain", "sft", "distill", "dpo", "reward")  # objectives whose batches split over cp
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
@@ -94,10 +94,10 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
     if pt.objective not in ("pretrain", "distill") and not pt.train_data:
         rows = {"sft": "`messages`", "dpo": "prompt, chosen, rejected", "reward": "prompt, chosen, rejected",
-                "grpo": "`messages` or `prompt`, and `answer`"}
+                "grpo": "`messages` or `prompt`, and `answer`", "ppo": "`messages` or `prompt`"}
         errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
                       f"{rows[pt.objective] if pt.objective in rows else 'rows'}).")
-    if pt.objective == "grpo":
+    if pt.objective in ("grpo", "ppo"):
         _grpo_errors(errors, cfg)
     if pt.objective == "distill":
         _distill_errors(errors, cfg)
@@ -236,7 +236,7 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"interleaved 1F1B (parallel.vpp = {p.vpp}) needs the microbatches per step "
                       f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of parallel.pp = {p.pp}; "
                       "change train.global_batch_size or train.micro_batch_size.")
-    elif cfg.posttrain.objective == "grpo" and cfg.posttrain.group_size >= 2 \
+    elif cfg.posttrain.objective in ("grpo", "ppo") and cfg.posttrain.group_size >= 2 \
             and (t.global_batch_size // dp) % cfg.posttrain.group_size:
         errors.append(f"grpo: each dp rank samples whole groups, so train.global_batch_size / dp = "
                       f"{t.global_batch_size}/{dp} must be a multiple of posttrain.group_size = "
@@ -289,7 +289,7 @@ def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
             f"posttrain.objective = '{cfg.posttrain.objective}'"
         out.append(f"parallel.cp = {cfg.parallel.cp} with {what}: context "
                    f"parallelism runs {', '.join(CP_OBJECTIVES)} (and distillation on fixed data); rollouts (grpo, "
-                   "on-policy distillation) are not sampled over cp yet. Set parallel.cp = 1 (long rows: tp with "
+                   "ppo, on-policy distillation) are not sampled over cp yet. Set parallel.cp = 1 (long rows: tp with "
                    "sequence_parallel).")
     return out
 
@@ -312,7 +312,9 @@ def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
 
     pt, t = cfg.posttrain, cfg.train
     _choice(errors, "posttrain.grpo_loss_norm", pt.grpo_loss_norm, ("token", "sequence"))
-    if pt.group_size < 2:
+    if pt.objective == "ppo" and pt.group_size < 1:
+        errors.append(f"posttrain.group_size = {pt.group_size}: PPO samples at least 1 completion per prompt.")
+    elif pt.objective == "grpo" and pt.group_size < 2:
         errors.append(f"posttrain.group_size = {pt.group_size}: GRPO compares completions of one prompt, so it "
                       "needs at least 2 (typically 8-16).")
     elif t.global_batch_size % pt.group_size:
@@ -340,6 +342,14 @@ def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
         problem = reward_problem(name)
         if problem:
             errors.append(f"posttrain.rewards: {problem}")
+    if pt.objective == "ppo":
+        if not (pt.critic or pt.reward_model):
+            errors.append("posttrain.objective = 'ppo' needs a critic to start from: posttrain.critic (a reward model, "
+                          "or a causal LM's HF export) or posttrain.reward_model.")
+        if not 0 <= pt.gae_gamma <= 1 or not 0 <= pt.gae_lambda <= 1:
+            errors.append(f"posttrain.gae_gamma = {pt.gae_gamma} and gae_lambda = {pt.gae_lambda} must be within [0, 1].")
+        if pt.value_clip < 0 or pt.critic_lr < 0:
+            errors.append(f"posttrain.value_clip = {pt.value_clip} and critic_lr = {pt.critic_lr} must be ≥ 0.")
     if pt.missing_stop_penalty < 0:
         errors.append(f"posttrain.missing_stop_penalty = {pt.missing_stop_penalty} must be 0 (off) or positive "
                       "(it is subtracted).")

@@ -51,6 +51,8 @@ def check_frozen_model(cfg: RunConfig, key: str, path_text: str, *, role: str, t
     if role == "reward" and m.num_labels != 1:
         problems.append(f"it has {'no score head (a language model)' if not m.num_labels else f'{m.num_labels} labels'}; "
                         "train one with `scaletrain reward` (model.num_labels = 1)")
+    if role == "critic" and m.num_labels not in (0, 1):
+        problems.append(f"it has {m.num_labels} labels; a critic starts from a reward model (1) or a causal LM")
     if role == "teacher" and m.num_labels:
         problems.append("it is a reward model (a score head, no token logits); a teacher must be a causal LM")
     if m.num_heads % p.tp or m.num_kv_heads % p.tp:

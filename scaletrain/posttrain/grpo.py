@@ -73,7 +73,9 @@ class GRPOObjective:
             scaled = output if self.temperature == 1.0 else output / self.temperature
             logp = -cross_entropy_per_token(scaled, labels, self.tp, fused=self.fused)
             mask = batch["loss_mask"].to(logp.dtype)
-            advantages = batch["advantages"].to(logp.dtype)[:, None]
+            advantages = batch["advantages"].to(logp.dtype)
+            if advantages.dim() == 1:  # GRPO: one per completion; PPO brings one per token [b, s]
+                advantages = advantages[:, None]
             metrics: dict[str, torch.Tensor] = {}
             if "old_logps" in batch:  # the batch serves several updates: PPO's clipped surrogate
                 ratio = torch.exp(logp - batch["old_logps"].to(logp.dtype))

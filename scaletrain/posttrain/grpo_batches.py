@@ -62,11 +62,20 @@ class RolloutBatches:
             if iterations > 1 and run_dir is not None else None
         self._current: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
         self.last_metrics: dict[str, float] = {}
-        self.console_keys = ("reward",)
+        self.console_keys: tuple[str, ...] = ("reward",)
         self._prompt_index = PromptOrder(len(prompts), seed)
+
+    needs_old_logps = False  # PPO: the KL reward reads the sampling policy's log-probs even at one update
 
     def __iter__(self) -> RolloutBatches:
         return self
+
+    def _sequence_advantages(self, total: torch.Tensor) -> torch.Tensor:
+        """[completions] advantages from the total rewards: GRPO's group-relative ones."""
+        return group_advantages(total, self.group_size, self.scale_rewards)
+
+    def _finish(self, mbs: list[dict[str, torch.Tensor]], total: torch.Tensor) -> None:
+        """After the log-prob passes, before the batch is kept: PPO's values, advantages and critic update."""
 
     def _text(self, completion: list[int]) -> str:
         """What the rewards read: the completion's text before its stop token or end-of-turn marker."""
@@ -152,14 +161,15 @@ class RolloutBatches:
         scores = self._score(rows, texts, [prompts[i // g] for i in range(len(completions))], completions)
         missing = self._missing_stop(completions)
         total = scores @ self.weights - self.missing_stop_penalty * missing
-        advantages = group_advantages(total, g, self.scale_rewards)
+        advantages = self._sequence_advantages(total)
         items = [training_rows(prompts[i // g], c, self.seq_length, self.pad_id) for i, c in enumerate(completions)]
         for item, a in zip(items, advantages):
             item["advantages"] = a.float()
         mbs = [collate(items[s:s + self.micro_batch]) for s in range(0, len(items), self.micro_batch)]
         # Log-probs the loss needs besides the policy's own: the frozen reference's (KL) and, when the
         # batch serves several updates, the sampling policy's (the clipped ratio's denominator).
-        models = {"ref_logps": self.reference, "old_logps": self.model if self.iterations > 1 else None}
+        models = {"ref_logps": self.reference,
+                  "old_logps": self.model if self.iterations > 1 or self.needs_old_logps else None}
         on_device = [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs] if any(models.values()) else []
         for key, model in models.items():
             if model is not None:
@@ -168,6 +178,7 @@ class RolloutBatches:
                 for mb, v in zip(mbs, values):
                     mb[key] = v.cpu()
         self._record_metrics(scores, total, completions, stopped, missing)
+        self._finish(mbs, total)
         self.last_metrics["rollout_s"] = time.perf_counter() - t0  # sampling, rewards, log-prob passes
         self._log_rollouts(step + 1, prompts[0], texts[:g], total[:g].tolist())
         return mbs

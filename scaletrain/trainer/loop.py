@@ -105,6 +105,9 @@ class Trainer:
                                  trainer_state, keep_last=self.cfg.checkpoint.keep_last,
                                  rank_state={"rng": rng_state()}, dims=self.dims,
                                  tokenizer=self.cfg.data.tokenizer or None, async_save=self.cfg.checkpoint.async_save)
+        save_state = getattr(self.train_batches, "save_state", None)
+        if save_state is not None:  # state the batch source trains itself (PPO's critic), at the same step
+            save_state(self.run_dir, self.state.step)
         if isinstance(result, Path):
             return result
         self._pending = result
