@@ -134,3 +134,25 @@ def test_bad_tasks_fail_before_the_model_is_built(tmp_path, model_run, task_dir,
                                                        "--seq-length", "16", "--max-new-tokens", "12")
     assert "reads at most 128 positions" in err("--task", f"choice:{task_dir / 'choice_test.jsonl'}",
                                                 "--seq-length", "512")
+
+
+def test_shots_come_solved_from_other_rows(tmp_path, model_run, task_dir):
+    from scaletrain.evaluation.tasks import add_shots, context_of, parse_task
+
+    task = parse_task(f"choice:{task_dir / 'choice_test.jsonl'}")
+    plain = [context_of(r) for r in task.rows]
+    add_shots(task, 2, seed=3)
+    for i, row in enumerate(task.rows):
+        shots = row["_shots"].split("\n\n")[:-1]
+        assert len(shots) == 2 and context_of(row) == row["_shots"] + plain[i]
+        for shot in shots:  # another row's question with its right answer
+            j = next(j for j, p in enumerate(plain) if shot.startswith(p))
+            assert j != i and shot == plain[j] + task.rows[j]["choices"][task.rows[j]["answer"]]
+    again = parse_task(f"choice:{task_dir / 'choice_test.jsonl'}")
+    add_shots(again, 2, seed=3)
+    assert [r["_shots"] for r in again.rows] == [r["_shots"] for r in task.rows]  # seeded
+    answers = parse_task(f"answer:{task_dir / 'sft_test.jsonl'}")
+    add_shots(answers, 1)
+    assert [m["role"] for m in answers.rows[0]["_shot_messages"]] == ["user", "assistant"]
+    res = _eval(model_run, [f"choice:{task_dir / 'choice_test.jsonl'}"], tmp_path / "s.json", "--shots", "2")
+    assert res["shots"] == 2 and res["tasks"]["choice:choice_test.jsonl"]["questions"] == 12

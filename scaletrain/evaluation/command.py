@@ -38,6 +38,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "else 2048)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward (micro batch)")
     p.add_argument("--limit", type=int, default=0, help="first N rows of each task only (0: all)")
+    p.add_argument("--shots", type=int, default=0, help="choice / answer tasks: k solved examples from the task's "
+                                                       "other rows before each question (default 0)")
+    p.add_argument("--shot-seed", type=int, default=0, help="which examples are drawn as shots")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer tasks: longest completion")
     p.add_argument("--template", default=None, help="answer tasks: chat template (auto, chatml, llama3 or Jinja; "
                                                     "default: the run's, else the tokenizer's)")
@@ -49,10 +52,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def eval_command(args: argparse.Namespace) -> int:
     from scaletrain.config import ConfigError, load_config
-    from scaletrain.evaluation.tasks import parse_task
+    from scaletrain.evaluation.tasks import add_shots, parse_task
 
     try:
         tasks = [parse_task(t, args.limit or None) for t in args.task]
+        for task in tasks:
+            add_shots(task, args.shots, args.shot_seed)
         kind, m, tok_dir, template = model_files(args.model)
         if m.num_labels:
             raise ConfigError(f"{args.model} is a reward model (a score head): it has no token probabilities to "
@@ -106,7 +111,7 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
                               "seconds": round(time.perf_counter() - t0, 3)}
     if not dims.is_main:
         return None
-    return {"model": str(args.model), "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp},
+    return {"model": str(args.model), "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}, "shots": args.shots,
             "seq_length": cfg.train.seq_length, "precision": precision.name, "tasks": out}
 
 
@@ -137,7 +142,7 @@ def _answer_prompts(task, tokenizer, template: str, seq: int, max_new_tokens: in
     prompts = []
     for i, row in enumerate(task.rows):
         try:
-            prompts.append(renderer.prompt_ids(prompt_messages(row)))
+            prompts.append(renderer.prompt_ids(row.get("_shot_messages", []) + prompt_messages(row)))
         except BadConversation as e:
             raise ValueError(f"{task.name}: row {i}: {e}") from None
     too_long = sum(len(p) > seq + 1 - max_new_tokens for p in prompts)

@@ -10,11 +10,12 @@
   (`answer`, `gold` or `label`). Each choice is scored as log p(choice | context), context and choice
   tokenised together and split where the context's tokens end; `acc` takes the likeliest choice,
   `acc_norm` the likeliest per UTF-8 byte of the choice.
-  A context too long for seq_length is cut from the left.
+  A context too long for seq_length is cut from the left. `--shots k` puts k solved examples first.
 - `answer:FILE` — generation: rows with `messages` (trailing assistant turns dropped) or `prompt`, and
   `answer`; a greedy completion of the chat-rendered prompt (up to max_new_tokens, stopping at eos or the
   template's end-of-turn marker) is checked by the math_answer reward (the last \\boxed{…} or 'The answer
-  is N'). Reports accuracy and the mean completion length.
+  is N'). Reports accuracy and the mean completion length. `--shots k` opens each conversation with k
+  solved exchanges from other rows.
 """
 
 from __future__ import annotations
@@ -86,7 +87,38 @@ def _row_problem(kind: str, row: dict) -> str | None:
 
 
 def context_of(row: dict) -> str:
-    return next(row[k] for k in CONTEXT_KEYS if isinstance(row.get(k), str))
+    return row.get("_shots", "") + next(row[k] for k in CONTEXT_KEYS if isinstance(row.get(k), str))
+
+
+def add_shots(task: Task, shots: int, seed: int = 0) -> None:
+    """k-shot prompting, drawn per row (seeded, layout-independent) from the task's other rows: a choice
+    row's context is preceded by k solved examples (context + right choice, blank-line separated); an
+    answer row's conversation by k solved exchanges (a row's prompt turns and its reference assistant turn,
+    so only rows with one serve as shots)."""
+    import random
+
+    if shots <= 0 or task.kind == "perplexity":
+        return
+    if task.kind == "choice":
+        solved = [f"{context_of(r)}{r['choices'][gold_of(r)]}" for r in task.rows]
+        pool = list(range(len(task.rows)))
+    else:
+        from scaletrain.posttrain.chat import normalise_messages
+
+        solved_turns = []
+        for r in task.rows:
+            m = normalise_messages(r["messages"]) if r.get("messages") is not None else []
+            solved_turns.append(m if m and m[-1]["role"] == "assistant" and m[-1].get("content") else None)
+        pool = [i for i, m in enumerate(solved_turns) if m is not None]
+    if len(pool) <= shots:
+        raise ValueError(f"{task.name}: {shots} shots need more than {shots} solved rows ({len(pool)} here)")
+    for i, row in enumerate(task.rows):
+        rng = random.Random(seed * 1_000_003 + i)
+        picks = rng.sample([j for j in pool if j != i], shots)
+        if task.kind == "choice":
+            row["_shots"] = "".join(solved[j] + "\n\n" for j in picks)
+        else:
+            row["_shot_messages"] = [m for j in picks for m in solved_turns[j]]  # type: ignore[union-attr]
 
 
 def gold_of(row: dict) -> int:
