@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from scaletrain.evaluation.tasks import KINDS
 from scaletrain.posttrain.frozen import model_files
 
@@ -47,6 +45,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a run file whose [parallel] / [precision] sections apply")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="e.g. --set parallel.tp=2 --set precision.dtype=bfloat16")
+    p.add_argument("--refusal-patterns", default=None,
+                   help="refusal tasks: a file of regular expressions (one per line, case-insensitive) that mark a "
+                        "completion as a refusal (default: evaluation/tasks.py's REFUSAL_PATTERNS)")
+    p.add_argument("--samples", default=None, help="append every generated completion (answer, refusal) here as jsonl")
     p.add_argument("--output", default=None, help="write the results as JSON here (rank 0)")
 
 
@@ -78,7 +80,7 @@ def eval_command(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(str(tok_dir))
         check_frozen_model(cfg, "model", args.model, role="model", tokenizer_vocab=tokenizer.vocab_size)
         for task in tasks:
-            if task.kind == "answer":
+            if task.kind in ("answer", "refusal"):
                 task.prompts = _answer_prompts(task, tokenizer, args.template or template, seq, args.max_new_tokens)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
@@ -130,7 +132,15 @@ def _run_task(task, model, dims, cfg, args, tokenizer, template, precision, devi
     if task.kind == "choice":
         logps, _ = continuation_logprobs(model, dims, T.choice_rows(task, tokenizer, seq), **common)
         return T.choice_metrics(task, logps)
-    return _answer_task(task, model, dims, tokenizer, args.template or template, seq, args, precision, device, width)
+    generations = _generate(task, model, dims, tokenizer, args.template or template, args, precision, device, width)
+    if dims.is_main and args.samples:
+        with open(args.samples, "a") as f:
+            for row, (text, n, truncated) in zip(task.rows, generations):
+                f.write(json.dumps({"task": task.name, "row": {k: v for k, v in row.items() if not k.startswith("_")},
+                                    "completion": text, "tokens": n, "truncated": truncated}) + "\n")
+    if task.kind == "refusal":
+        return T.refusal_metrics(task, [g[0] for g in generations], args.refusal_patterns)
+    return _answer_task(task, generations)
 
 
 def _answer_prompts(task, tokenizer, template: str, seq: int, max_new_tokens: int) -> list[list[int]]:
@@ -152,19 +162,18 @@ def _answer_prompts(task, tokenizer, template: str, seq: int, max_new_tokens: in
     return prompts
 
 
-def _answer_task(task, model, dims, tokenizer, template, seq, args, precision, device, width) -> dict[str, Any]:
-    """Greedy completions of the chat prompts, checked by math_answer; rows split over dp replicas."""
+def _generate(task, model, dims, tokenizer, template, args, precision, device, width) -> list[tuple[str, int, bool]]:
+    """(text, completion tokens, truncated) of a greedy completion per prompt of a generation task, on
+    every rank: each dp replica generates its contiguous share, then the shares are gathered."""
     from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.rewards import math_answer
     from scaletrain.posttrain.rollout import sample_completions, stop_ids_for
 
     marker = ChatRenderer(tokenizer, template).end_of_turn()
     stop_ids = stop_ids_for(tokenizer, marker)
     prompts = task.prompts
-    dp, dp_rank = (dims.dp, dims.dp_rank)
-    per_rank = -(-len(prompts) // dp)
-    mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
-    sums = torch.zeros(3, dtype=torch.float64)  # right, completion tokens, truncated
+    per_rank = -(-len(prompts) // dims.dp)
+    mine = list(range(dims.dp_rank * per_rank, min((dims.dp_rank + 1) * per_rank, len(prompts))))
+    out: list[tuple[str, int, bool]] = []
     if mine:
         unit = args.batch_size * (dims.pp if dims.vpp > 1 else 1)
         padded = mine + [mine[-1]] * (-len(mine) % unit)
@@ -174,13 +183,20 @@ def _answer_task(task, model, dims, tokenizer, template, seq, args, precision, d
             temperature=0.0, stop_ids=stop_ids, stop_text=marker, decode=tokenizer.decode, pad_id=pad,
             vocab_limit=tokenizer.vocab_size, micro_batch=args.batch_size, precision=precision, device=device,
             width_multiple=width)
-        for i, c, s in zip(mine, completions, stopped):
+        for c, stop in zip(completions[:len(mine)], stopped):
             body = c[:-1] if c and c[-1] in stop_ids else c
             text = tokenizer.decode(body)
-            text = text.split(marker, 1)[0] if marker else text
-            sums += torch.tensor([math_answer(text, task.rows[i]), len(c), float(not s)], dtype=torch.float64)
+            out.append((text.split(marker, 1)[0] if marker else text, len(c), not stop))
     if dims.dp > 1:
-        sums = dims.comm("dp").all_reduce(sums.to(device)).cpu()
-    n = len(prompts)
-    return {"accuracy": float(sums[0]) / n, "completion_tokens": float(sums[1]) / n, "truncated": float(sums[2]) / n,
-            "questions": n}
+        out = [t for part in dims.comm("dp").all_gather_object(out) for t in part]  # type: ignore[union-attr]
+    return out
+
+
+def _answer_task(task, generations) -> dict[str, Any]:
+    """Greedy completions checked by math_answer."""
+    from scaletrain.posttrain.rewards import math_answer
+
+    n = len(generations)
+    right = sum(math_answer(text, row) for (text, _, _), row in zip(generations, task.rows))
+    return {"accuracy": right / n, "completion_tokens": sum(g[1] for g in generations) / n,
+            "truncated": sum(g[2] for g in generations) / n, "questions": n}
