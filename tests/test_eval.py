@@ -197,3 +197,55 @@ def test_refusal_task_after_a_refusal_fine_tune(tmp_path, tokenizer_dir, dataset
     res = _eval(run, [f"refusal:{red}"], tmp_path / "r2.json", "--max-new-tokens", "24", "--seq-length", "128",
                 "--refusal-patterns", str(never))["tasks"]["refusal:red.jsonl"]
     assert res["refusal_rate"] == 0.0 and res["attack_success_rate"] == 1.0
+
+
+def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model_run, task_dir, tokenizer_dir,
+                                                                 dataset_prefix):
+    """LM: pair accuracy and margin as posttrain/evaluate.py computes them from DPO's own rows; a reward model
+    (score head): its scores at the last rendered token, recomputed on the full model, at dp2 too."""
+    from scaletrain.checkpoint import latest_checkpoint
+    from scaletrain.checkpoint.hf import load_full_model
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.dpo_data import PreferenceDataset, _messages, read_pairs
+    from scaletrain.posttrain.evaluate import pair_logprobs
+
+    pairs_file = task_dir / "dpo_test.jsonl"
+    res = _eval(model_run, [f"preference:{pairs_file}"], tmp_path / "p.json", "--seq-length", "128")
+    got = res["tasks"]["preference:dpo_test.jsonl"]
+    tok = load_tokenizer(str(model_run / "checkpoints" / "step_0000150" / "tokenizer"))
+    ds = PreferenceDataset(read_pairs([str(pairs_file)]), ChatRenderer(tok, "auto"), tok, 128)
+    lp = pair_logprobs(load_full_model(latest_checkpoint(model_run / "checkpoints"))[1], ds)
+    assert got["pairs"] == 12
+    assert got["accuracy"] == pytest.approx(float((lp[:, 0] > lp[:, 1]).double().mean()))
+    # float32: the margin is a difference of two sums of ~30 nats, so compare it absolutely
+    assert got["margin"] == pytest.approx(float((lp[:, 0] - lp[:, 1]).mean()), abs=1e-4)
+
+    rm = tmp_path / "rm"
+    args = ["reward", "--config", TINY]
+    for s in tiny_overrides(rm, tokenizer_dir, dataset_prefix, **{
+            "posttrain.train_data": f'["{task_dir / "dpo_train.jsonl"}"]', "train.seq_length": 128,
+            "train.steps": 4, "train.global_batch_size": 4, "train.micro_batch_size": 2}):
+        args += ["--set", s]
+    assert main(args) == 0
+    assert main(["eval", str(rm), "--task", f"choice:{task_dir / 'choice_test.jsonl'}"]) == 2  # no token logits
+    single = _eval(rm, [f"preference:{pairs_file}"], tmp_path / "rm.json", "--seq-length", "128",
+                   "--set", "precision.dtype=float64")["tasks"]["preference:dpo_test.jsonl"]
+    model = load_full_model(latest_checkpoint(rm / "checkpoints"))[1].double()
+    renderer = ChatRenderer(tok, "auto")
+    scores = []
+    for row in read_pairs([str(pairs_file)]):
+        for side in ("chosen", "rejected"):
+            ids, _ = renderer.render(_messages(row["prompt"], row[side]))
+            with torch.no_grad():
+                scores.append(float(model(torch.tensor([ids]))[0, -1, 0]))
+    chosen, rejected = (torch.tensor(scores[k::2], dtype=torch.float64) for k in (0, 1))
+    assert single["accuracy"] == float((chosen > rejected).double().mean())
+    assert single["chosen_score"] == pytest.approx(float(chosen.mean()), rel=1e-9)
+    args = ["eval", str(rm), "--task", f"preference:{pairs_file}", "--seq-length", "128", "--set",
+            "precision.dtype=float64", "--output", str(tmp_path / "rm2.json"), "--batch-size", "3"]
+    assert run_ranks(2, _cli_rank, args, timeout=240) == [0, 0]
+    par = json.loads((tmp_path / "rm2.json").read_text())["tasks"]["preference:dpo_test.jsonl"]
+    for k, v in single.items():
+        if k != "seconds":
+            assert par[k] == pytest.approx(v, rel=1e-10), k

@@ -61,9 +61,10 @@ def eval_command(args: argparse.Namespace) -> int:
         for task in tasks:
             add_shots(task, args.shots, args.shot_seed)
         kind, m, tok_dir, template = model_files(args.model)
-        if m.num_labels:
-            raise ConfigError(f"{args.model} is a reward model (a score head): it has no token probabilities to "
-                              "evaluate; score conversations with it through GRPO's reward_model instead")
+        not_for_scores = [t.name for t in tasks if t.kind != "preference"]
+        if m.num_labels and not_for_scores:
+            raise ConfigError(f"{args.model} is a reward model (a score head): it has no token probabilities for "
+                              f"{', '.join(not_for_scores)}; it evaluates on preference tasks only")
         seq = args.seq_length or m.max_position_embeddings or 2048
         cfg = load_config(args.config, [*args.overrides, f"train.seq_length={seq}"])
         cfg = dataclasses.replace(cfg, model=m)
@@ -132,6 +133,9 @@ def _run_task(task, model, dims, cfg, args, tokenizer, template, precision, devi
     if task.kind == "choice":
         logps, _ = continuation_logprobs(model, dims, T.choice_rows(task, tokenizer, seq), **common)
         return T.choice_metrics(task, logps)
+    if task.kind == "preference":
+        return _preference_task(task, model, dims, tokenizer, args.template or template, seq, common,
+                                reward_model=bool(cfg.model.num_labels))
     generations = _generate(task, model, dims, tokenizer, args.template or template, args, precision, device, width)
     if dims.is_main and args.samples:
         with open(args.samples, "a") as f:
@@ -200,3 +204,31 @@ def _answer_task(task, generations) -> dict[str, Any]:
     right = sum(math_answer(text, row) for (text, _, _), row in zip(generations, task.rows))
     return {"accuracy": right / n, "completion_tokens": sum(g[1] for g in generations) / n,
             "truncated": sum(g[2] for g in generations) / n, "questions": n}
+
+
+def _preference_task(task, model, dims, tokenizer, template: str, seq: int, common: dict,
+                     reward_model: bool) -> dict[str, Any]:
+    """Chosen vs rejected, rendered as DPO and reward training render them (the response, its end-of-turn
+    marker and eos are the continuation; a reward model reads its score at the last rendered token)."""
+    from scaletrain.evaluation import tasks as T
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.dpo_data import _messages
+    from scaletrain.posttrain.likelihood import continuation_logprobs, scores_at
+
+    renderer = ChatRenderer(tokenizer, template)
+    rows = []
+    for row in task.rows:
+        for side in ("chosen", "rejected"):
+            ids, target = renderer.render(_messages(row["prompt"], row[side]))
+            if len(ids) + 1 > seq + 1:
+                raise ValueError(f"{task.name}: a conversation of {len(ids) + 1} tokens exceeds --seq-length {seq}")
+            start = max(i for i, t in enumerate(target) if t)  # the final response's first target token
+            while start > 0 and target[start - 1]:
+                start -= 1
+            rows.append((ids + [tokenizer.eos_id], start))
+    if reward_model:
+        scores = scores_at(model, dims, [(ids[:-1], len(ids) - 2) for ids, _ in rows], **common)
+        return T.preference_metrics(scores[0::2], scores[1::2])
+    logps, counts = continuation_logprobs(model, dims, rows, **common)
+    return T.preference_metrics(logps[0::2], logps[1::2], counts[0::2], counts[1::2])
+

@@ -51,11 +51,47 @@ def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[lis
     for ids, start in rows:
         if not 1 <= start < len(ids):
             raise ValueError(f"a row of {len(ids)} tokens cannot score from position {start}")
+    tp = dims.tp_comm if dims is not None else None
+
+    def read(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logp = -cross_entropy_per_token(output, batch["labels"], tp)
+        m = batch["loss_mask"].to(logp.dtype)
+        return torch.stack([(logp * m).sum(-1), m.sum(-1)], dim=-1)
+
+    sums = _replica_pass(model, dims, rows, read, 2, micro_batch=micro_batch, precision=precision, device=device,
+                         pad_id=pad_id, width_multiple=width_multiple)
+    return sums[:, 0], sums[:, 1].long()
+
+
+@torch.no_grad()
+def scores_at(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], *, micro_batch: int, precision,
+              device: torch.device, pad_id: int, width_multiple: int = 1) -> torch.Tensor:
+    """[n] float64: a score-head model's output (reward models: model.num_labels = 1) at position `at` of
+    each (ids, at) row, on every rank; collective like `continuation_logprobs`."""
+    for ids, at in rows:
+        if not 0 <= at < len(ids):
+            raise ValueError(f"a row of {len(ids)} tokens has no position {at}")
+
+    def read(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        at = batch["at"]
+        return output[torch.arange(output.shape[0], device=output.device), at, 0][:, None]
+
+    # (ids + one pad token, 1): the microbatch builder's input rows are ids[:-1], so every id is an input.
+    padded = [(list(ids) + [pad_id], 1) for ids, _ in rows]
+    return _replica_pass(model, dims, padded, read, 1, micro_batch=micro_batch, precision=precision, device=device,
+                         pad_id=pad_id, width_multiple=width_multiple, extra={"at": [at for _, at in rows]})[:, 0]
+
+
+def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], read, fields: int, *,
+                  micro_batch: int, precision, device: torch.device, pad_id: int, width_multiple: int,
+                  extra: dict[str, list[int]] | None = None) -> torch.Tensor:
+    """`read(output, batch)` → [rows of the microbatch, fields] per microbatch through the layout's
+    forward-only schedule, each dp replica on its contiguous share; the [n, fields] float64 result on
+    every rank."""
     dp, dp_rank = (dims.dp, dims.dp_rank) if dims is not None else (1, 0)
     per_rank = -(-len(rows) // dp)
     mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(rows))))
-    sums = torch.zeros(len(rows), 2, dtype=torch.float64)
-    tp = dims.tp_comm if dims is not None else None
+    values: dict[int, torch.Tensor] = {}
     if mine:  # (a replica with no rows skips its passes; its ranks agree on that)
         unit = micro_batch * (dims.pp if dims is not None and dims.vpp > 1 else 1)
         padded = mine + [mine[-1]] * (-len(mine) % unit)  # whole (interleaved: whole groups of) microbatches
@@ -63,28 +99,32 @@ def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[lis
         widths = [max(len(rows[i][0]) - 1 for i in chunk) for chunk in chunks]
         if dims is not None and dims.pp > 1:  # stages exchange activations of one agreed shape per pass
             widths = [max(widths)] * len(widths)
-        mbs = [_microbatch([rows[i] for i in chunk], chunk, pad_id, w + -w % width_multiple)
-               for chunk, w in zip(chunks, widths)]
-        mbs = [{k: v.to(device) for k, v in mb.items()} for mb in mbs]
+        mbs = []
+        for chunk, w in zip(chunks, widths):
+            mb = _microbatch([rows[i] for i in chunk], chunk, pad_id, w + -w % width_multiple)
+            for key, column in (extra or {}).items():
+                mb[key] = torch.tensor([column[i] for i in chunk])
+            mbs.append({k: v.to(device) for k, v in mb.items()})
 
         def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
-            logits = module(batch["tokens"], position_ids=batch["position_ids"],
-                            attention_mask=block_causal_mask(batch["document_ids"]))
+            out = module(batch["tokens"], position_ids=batch["position_ids"],
+                         attention_mask=block_causal_mask(batch["document_ids"]))
 
             def record(output: torch.Tensor):
-                logp = -cross_entropy_per_token(output, batch["labels"], tp)
-                m = batch["loss_mask"].to(logp.dtype)
-                sums[batch["index"].cpu(), 0] = (logp * m).sum(-1).double().cpu()  # repeats only overwrite
-                sums[batch["index"].cpu(), 1] = m.sum(-1).double().cpu()
+                for i, v in zip(batch["index"].tolist(), read(output, batch).double().cpu()):
+                    values[i] = v  # repeats (padding to whole microbatches) only overwrite
                 return output.new_zeros(()), {}
 
-            return logits, record
+            return out, record
 
         was_training = model.training
         model.eval()
         with precision.autocast():
             forward_pass(forward_step, mbs, model, dims)
         model.train(was_training)
+    sums = torch.zeros(len(rows), fields, dtype=torch.float64)
+    for i, v in values.items():
+        sums[i] = v
     if dims is not None:
         if dims.pp > 1:  # the values exist on the last stage
             sums = dims.comm("pp").broadcast(sums.to(device), src_group_rank=dims.pp - 1).cpu()
@@ -92,4 +132,4 @@ def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[lis
             keep = torch.zeros(len(rows), 1, dtype=torch.float64)
             keep[mine] = 1.0
             sums = dims.comm("dp").all_reduce((sums * keep).to(device)).cpu()
-    return sums[:, 0], sums[:, 1].long()
+    return sums
