@@ -238,12 +238,12 @@ def test_planner_counts_the_teacher_by_hand():
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float32"))
     teacher = model(4, 64, 128)
     base, dense = plan(cfg, 2), plan(cfg, 2, teacher=teacher)
-    assert [s.teacher_bytes for s in base.stages] == [0, 0]
-    assert dense.stages[0].teacher_bytes == 106_752 * 4
-    assert dense.stages[1].teacher_bytes == 106_816 * 4 + 4 * 128 * 512 * 4
-    assert dense.peak_stage.total_bytes == base.stages[1].total_bytes + dense.stages[1].teacher_bytes
+    assert [s.companion_bytes for s in base.stages] == [0, 0]
+    assert dense.stages[0].companion_bytes == 106_752 * 4
+    assert dense.stages[1].companion_bytes == 106_816 * 4 + 4 * 128 * 512 * 4
+    assert dense.peak_stage.total_bytes == base.stages[1].total_bytes + dense.stages[1].companion_bytes
     top = plan(dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, distill_top_k=16)), 2, teacher=teacher)
-    assert top.stages[1].teacher_bytes == 106_816 * 4 + 4 * 128 * 16 * 12  # int64 id + fp32 logit per kept token
+    assert top.stages[1].companion_bytes == 106_816 * 4 + 4 * 128 * 16 * 12  # int64 id + fp32 logit per kept token
     assert dense.teacher_flops_per_token > 0 and "teacher forward" in format_plan(dense)
 
 

@@ -133,3 +133,34 @@ def test_ppo_needs_a_critic(tmp_path, tokenizer_dir, dataset_prefix, prompts, ba
     assert main(_args(tmp_path / "bad", tokenizer_dir, dataset_prefix, prompts, base_model,
                       **{"posttrain.critic": ""})) == 2
     assert "needs a critic to start from" in capsys.readouterr().err
+
+
+def test_planner_counts_reference_reward_model_and_critic():
+    """PPO at pp1, float32: the reference policy and the reward model cost their weights (4 bytes a
+    parameter); the critic its weights, gradients and AdamW's two moments (16 bytes)."""
+    import dataclasses
+
+    from scaletrain.config.schema import ModelConfig, PostTrainConfig, RunConfig, TrainConfig
+    from scaletrain.config.validate import resolve_model
+    from scaletrain.profile.planner import format_plan, plan, stage_params
+
+    def model(layers, labels=0):
+        return resolve_model(ModelConfig(num_layers=layers, hidden_size=64, num_heads=4, num_kv_heads=2,
+                                         ffn_hidden_size=128, vocab_size=512, num_labels=labels),
+                             tokenizer_vocab=512, tp=1, seq_length=64)
+
+    cfg = RunConfig(model=model(2), train=TrainConfig(global_batch_size=8, micro_batch_size=2, seq_length=64),
+                    posttrain=PostTrainConfig(objective="ppo", kl_beta=0.1, rewards=("reward_model",),
+                                              reward_model="rm"))
+    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float32"))
+    rm, critic = model(4, labels=1), model(2, labels=1)
+    base = plan(cfg, 1)
+    p = plan(cfg, 1, frozen=(cfg.model, rm), trainable=(critic,))
+    layout = type(p.layout)(1, 1, 1, 1)
+    want = 4 * (stage_params(cfg.model, layout, 0)[0] + stage_params(rm, layout, 0)[0]) \
+        + 16 * stage_params(critic, layout, 0)[0]
+    # by hand: the 4-layer reward model has 4·36,992 + 512·64 embedding + 64 norm + 64 score = 180,864
+    assert stage_params(rm, layout, 0)[0] == 4 * 36_992 + 512 * 64 + 64 + 64
+    assert p.stages[0].companion_bytes == want
+    assert p.stages[0].total_bytes == base.stages[0].total_bytes + want
+    assert " others " in format_plan(p)

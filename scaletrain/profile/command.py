@@ -81,9 +81,9 @@ def profile_command(args: argparse.Namespace) -> int:
             layout = load_config(args.config, args.overrides).parallel
             world = args.gpus or layout.tp * layout.pp * layout.cp
             cfg = resolved_config(args.config, args.overrides, world)
-            teacher, note = _teacher(cfg)
-            result = plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb, teacher=teacher)
-            result.notes += [note] if note else []
+            companions, notes = _companions(cfg)
+            result = plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb, **companions)
+            result.notes += notes
             print(format_plan(result))
             _write_outputs(args, result, None)
             return 0
@@ -104,6 +104,36 @@ def _teacher(cfg):
         return locate_model("posttrain.teacher", cfg.posttrain.teacher)[2], None
     except ConfigError:
         return None, f"posttrain.teacher = {cfg.posttrain.teacher} is not on this machine: its memory is not counted"
+
+
+def _companions(cfg) -> tuple[dict, list[str]]:
+    """plan()'s companion models of a post-training config — the teacher (distill), the reference policy
+    (kl_beta > 0), the reward model and PPO's critic — and notes for those not on this machine."""
+    from scaletrain.config import ConfigError
+    from scaletrain.posttrain.frozen import locate_model
+
+    pt, notes = cfg.posttrain, []
+    out: dict = {"teacher": _teacher(cfg)[0], "frozen": (), "trainable": ()}
+    if _teacher(cfg)[1]:
+        notes.append(_teacher(cfg)[1])
+    if pt.objective not in ("grpo", "ppo"):
+        return out, notes
+    frozen = [cfg.model] if pt.kl_beta else []
+    for key, path, into in (("posttrain.reward_model", pt.reward_model if "reward_model" in pt.rewards else "", frozen),
+                            ("posttrain.critic", (pt.critic or pt.reward_model) if pt.objective == "ppo" else "", None)):
+        if not path:
+            continue
+        try:
+            m = dataclasses.replace(locate_model(key, path)[2], num_labels=1)
+        except ConfigError:
+            notes.append(f"{key} = {path} is not on this machine: its memory is not counted")
+            continue
+        if into is None:
+            out["trainable"] = (m,)
+        else:
+            into.append(m)
+    out["frozen"] = tuple(frozen)
+    return out, notes
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -169,7 +199,7 @@ def _measure(args: argparse.Namespace) -> int:
         "activation_bytes_per_microbatch": activation,
         "phases_s_per_step": {k: v / args.phase_steps for k, v in sorted(clock.seconds.items())},
     }
-    predicted = plan(cfg, env.world_size, gpu_memory_gb=args.gpu_memory_gb, teacher=_teacher(cfg)[0],
+    predicted = plan(cfg, env.world_size, gpu_memory_gb=args.gpu_memory_gb, **_companions(cfg)[0],
                      compute_dtype=trainer.precision.name if trainer.precision.autocast_dtype else
                      str(trainer.precision.param_dtype).removeprefix("torch."))
     print(format_measured(measured, predicted))

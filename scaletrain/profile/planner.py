@@ -66,11 +66,13 @@ class StagePlan:
     activation_bytes_per_microbatch: int
     microbatches_in_flight: int
     activations_bytes: int
-    teacher_bytes: int = 0  # distillation: the frozen teacher's weights here, and on the last stage its stored outputs
+    # Companion models of post-training (a distillation teacher and its stored outputs, a reference policy,
+    # a reward model, PPO's critic with its gradients and AdamW state), on this stage.
+    companion_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + self.teacher_bytes
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + self.companion_bytes
 
 
 @dataclass
@@ -164,12 +166,15 @@ def peak_in_flight(pp: int, vpp: int, pp_rank: int, microbatches: int) -> int:
 
 
 def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
-         compute_dtype: str | None = None, teacher: ModelConfig | None = None) -> Plan:
-    """The plan of a resolved run config (model sizes derived) on `world_size` ranks; `teacher`: a
-    distillation run's teacher (its weights in the run's parameter dtype on every stage, and on the
-    last stage its outputs for all the step's microbatches — dense logits over this rank's vocabulary
-    slice in the compute dtype, or top-k int64 ids + fp32 logits). Its forward-only activations are
-    transient (no autograd graph) and not counted."""
+         compute_dtype: str | None = None, teacher: ModelConfig | None = None,
+         frozen: tuple[ModelConfig, ...] = (), trainable: tuple[ModelConfig, ...] = ()) -> Plan:
+    """The plan of a resolved run config (model sizes derived) on `world_size` ranks.
+
+    Companion models, each in the run's layout and parameter dtype: `teacher` (distillation: its weights,
+    and on the last stage its outputs for all the step's microbatches — dense logits over this rank's
+    vocabulary slice in the compute dtype, or top-k int64 ids + fp32 log-probs), `frozen` (weights only:
+    a reference policy, a reward model) and `trainable` (weights, gradients and AdamW's two moments:
+    PPO's critic). Their forward-only activations are transient and not counted."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp * p.cp)
     layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
@@ -201,13 +206,14 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
             # slice (at least fp32) and the int64 labels + mask of the loss.
             act_mb += tokens_mb * ((2 * m.hidden_size + 1) * param_bytes + m.hidden_size * compute_bytes
                                    + max(4, param_bytes) * (m.num_labels or m.vocab_size // p.tp) + 9)
-        teacher_bytes = 0
+        companions = sum(stage_params(c, layout, r)[0] for c in frozen) * param_bytes
+        companions += sum(stage_params(c, layout, r)[0] for c in trainable) * param_bytes * 4
         if teacher is not None:
-            teacher_bytes = stage_params(teacher, layout, r)[0] * param_bytes
+            companions += stage_params(teacher, layout, r)[0] * param_bytes
             if r == p.pp - 1:
                 k = cfg.posttrain.distill_top_k
                 per_token = k * (8 + 4) if k else (m.vocab_size // p.tp) * compute_bytes
-                teacher_bytes += microbatches * tokens_mb * per_token
+                companions += microbatches * tokens_mb * per_token
                 if cfg.posttrain.distill_alpha < 1.0:  # the KL's gradient is kept beside the cross-entropy's
                     act_mb += tokens_mb * max(4, param_bytes) * (m.vocab_size // p.tp)
         in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
@@ -215,7 +221,7 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         chunk_share = act_mb / p.vpp if p.pp > 1 else act_mb
         activations = int(chunk_share * in_flight) + transient
         stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations,
-                                teacher_bytes))
+                                companions))
 
     comm = _comm_bytes(m, layout, microbatches, tokens_mb, compute_bytes, param_bytes, stages)
     bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
@@ -278,16 +284,16 @@ def format_plan(p: Plan) -> str:
         f"({p.tokens_per_step:,} tokens)",
         f"pipeline: {p.microbatches} microbatches per step, bubble {p.bubble_fraction:.3f}",
     ]
-    distill = any(s.teacher_bytes for s in p.stages)
-    if distill:
+    distill = any(s.companion_bytes for s in p.stages)
+    if p.teacher_flops_per_token:
         lines.append(f"teacher forward: {p.teacher_flops_per_token / 1e9:.1f} GFLOP/token more (not counted in MFU)")
     lines += ["", f"{'stage':>5} {'layers':>6} {'weights':>9} {'grads':>9} {'optim':>9} {'act/mb':>9} {'in-flight':>9} "
-                  f"{'activ.':>9}" + (f" {'teacher':>9}" if distill else "") + f" {'total GiB':>10}"]
+                  f"{'activ.':>9}" + (f" {'others':>9}" if distill else "") + f" {'total GiB':>10}"]
     for s in p.stages:
         lines.append(f"{s.pp_rank:>5} {s.layers:>6} {s.weights_bytes / gib:>9.2f} {s.grads_bytes / gib:>9.2f} "
                      f"{s.optimizer_bytes / gib:>9.2f} {s.activation_bytes_per_microbatch / gib:>9.2f} "
                      f"{s.microbatches_in_flight:>9} {s.activations_bytes / gib:>9.2f}"
-                     + (f" {s.teacher_bytes / gib:>9.2f}" if distill else "") + f" {s.total_bytes / gib:>10.2f}")
+                     + (f" {s.companion_bytes / gib:>9.2f}" if distill else "") + f" {s.total_bytes / gib:>10.2f}")
     lines.append("")
     lines.append("communication per rank per step: " + ", ".join(
         f"{k} {v / 1e9:.2f} GB" for k, v in p.comm_bytes_per_step.items()))
