@@ -101,6 +101,20 @@ def prepare(cfg: RunConfig, world_size: int):
     if cfg.posttrain.objective == "distill":
         check_frozen_model(cfg, "posttrain.teacher", cfg.posttrain.teacher, role="teacher",
                            tokenizer_vocab=tokenizer.vocab_size)
+    for spec in cfg.train.eval_tasks:  # downstream tasks at validations: read and rendered now, not at step N
+        from scaletrain.evaluation.command import _answer_prompts
+        from scaletrain.evaluation.tasks import parse_task
+
+        try:
+            task = parse_task(spec, cfg.train.eval_task_limit or None)
+            if task.kind in ("answer", "refusal"):
+                _answer_prompts(task, tokenizer, cfg.posttrain.chat_template, cfg.train.seq_length,
+                                cfg.train.eval_max_new_tokens)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise ConfigError(f"train.eval_tasks: {e}") from None
+        if model.num_labels and task.kind != "preference":
+            raise ConfigError(f"train.eval_tasks: {task.name} needs token probabilities; a reward model evaluates on "
+                              "preference tasks only")
     if uses_pretraining_data(cfg):
         check_data(cfg.data, model_vocab=model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
                    tokenizer_sha256=tokenizer.fingerprint())
@@ -499,9 +513,14 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         def held_out_rewards():  # of greedy completions (posttrain/grpo_batches.py); no validation loss
             return None, train_batches.evaluate(valid_ds)
         validator, valid_fn = held_out_rewards, None
-    return Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
-                   valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
-                   run_dir=run_dir, state=state, dims=dims, validator=validator)
+    trainer = Trainer(cfg, model=model, optimizer=optimizer, objective=objective, train_batches=train_batches,
+                      valid_batches_fn=valid_fn, precision=precision, device=device, sinks=sinks,
+                      run_dir=run_dir, state=state, dims=dims, validator=validator)
+    if t.eval_tasks:
+        from scaletrain.evaluation.during_training import DownstreamEval
+
+        trainer.downstream = DownstreamEval(cfg, tokenizer, model, dims, precision, device)
+    return trainer
 
 
 def run(cfg: RunConfig) -> str:

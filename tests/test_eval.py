@@ -25,11 +25,17 @@ def task_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_run(tmp_path_factory, tokenizer_dir, task_dir):
-    """A tiny model trained briefly on the task's text form, exported to HF format."""
+def arith_prefix(tmp_path_factory, tokenizer_dir, task_dir):
     prefix = tmp_path_factory.mktemp("evaldata") / "arith"
     assert main(["data", "preprocess", "--input", str(task_dir / "pretrain.jsonl"), "--tokenizer", str(tokenizer_dir),
                  "--output-prefix", str(prefix), "--workers", "1"]) == 0
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory, tokenizer_dir, arith_prefix):
+    """A tiny model trained briefly on the task's text form, exported to HF format."""
+    prefix = arith_prefix
     run = tmp_path_factory.mktemp("evalmodel")
     args = ["train", "--config", TINY]
     for s in tiny_overrides(run, tokenizer_dir, str(prefix), **{
@@ -249,3 +255,32 @@ def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model
     for k, v in single.items():
         if k != "seconds":
             assert par[k] == pytest.approx(v, rel=1e-10), k
+
+
+def test_eval_tasks_during_training_match_scaletrain_eval(tmp_path, tokenizer_dir, task_dir, arith_prefix, capsys):
+    """train.eval_tasks at the last validation scores what `scaletrain eval` scores on the final checkpoint."""
+    from conftest import read_metrics
+
+    prefix = arith_prefix
+    tasks = [f"perplexity:{task_dir / 'pretrain.jsonl'}", f"choice:{task_dir / 'choice_test.jsonl'}",
+             f"answer:{task_dir / 'sft_test.jsonl'}"]
+    run = tmp_path / "run"
+    args = ["train", "--config", TINY]
+    for s in tiny_overrides(run, tokenizer_dir, str(prefix), **{
+            "train.seq_length": 128, "train.steps": 4, "train.eval_interval": 2, "train.eval_iters": 1,
+            "train.eval_tasks": "[" + ", ".join(f'"{t}"' for t in tasks) + "]", "train.eval_task_limit": 10,
+            "train.eval_max_new_tokens": 8, "precision.dtype": "float64"}):
+        args += ["--set", s]
+    assert main(args) == 0
+    rows = read_metrics(run)
+    assert "eval_choice_choice_test_acc" in rows[1] and "eval_choice_choice_test_acc" not in rows[0]
+    last = rows[-1]
+    ref = _eval(run, tasks, tmp_path / "ref.json", "--limit", "10", "--seq-length", "128", "--max-new-tokens", "8",
+                "--batch-size", "2", "--set", "precision.dtype=float64")["tasks"]
+    assert last["eval_perplexity_pretrain_loss"] == pytest.approx(ref["perplexity:pretrain.jsonl"]["loss"], rel=1e-10)
+    assert last["eval_choice_choice_test_acc_norm"] == ref["choice:choice_test.jsonl"]["acc_norm"]
+    assert last["eval_answer_sft_test_completion_tokens"] == ref["answer:sft_test.jsonl"]["completion_tokens"]
+    bad = args + ["--set", f'train.eval_tasks=["choice:{tmp_path / "missing.jsonl"}"]', "--set",
+                  f"train.run_dir={tmp_path / 'bad'}"]
+    assert main(bad) == 2 and "train.eval_tasks" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -173,6 +173,13 @@ class TrainConfig:
     """Validation every N steps and at the end (0: never)."""
     eval_iters: int = 4
     """Validation batches (of global_batch_size sequences) per validation."""
+    eval_tasks: tuple[str, ...] = ()
+    """Downstream tasks run at every validation, on the training model in its layout: `scaletrain eval`'s
+    KIND:FILE specs (perplexity, choice, answer, refusal, preference); logged as eval_<kind>_<file>_<metric>."""
+    eval_task_limit: int = 0
+    """First N rows of each eval task only (0: all)."""
+    eval_max_new_tokens: int = 32
+    """Longest completion of generation eval tasks (answer, refusal)."""
     exit_interval: int = 0
     """Save and exit cleanly at the first step that is a multiple of this (0: off); the schedule is unchanged."""
     deterministic: bool = False

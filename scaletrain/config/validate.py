@@ -241,6 +241,11 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"grpo: each dp rank samples whole groups, so train.global_batch_size / dp = "
                       f"{t.global_batch_size}/{dp} must be a multiple of posttrain.group_size = "
                       f"{cfg.posttrain.group_size}.")
+    if t.eval_tasks and not t.eval_interval:
+        errors.append("train.eval_tasks run at validations: set train.eval_interval (or drop the tasks).")
+    if t.eval_tasks and cfg.parallel.cp > 1:
+        errors.append(f"train.eval_tasks with parallel.cp = {cfg.parallel.cp}: evaluation scores whole rows (cp = 1); "
+                      "run `scaletrain eval` on the checkpoints instead.")
     errors.extend(_not_yet_supported(cfg, dp))
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

@@ -87,6 +87,7 @@ class Trainer:
         self.precision, self.device, self.sinks, self.run_dir = precision, device, sinks, run_dir
         self.state, self.dims = state, dims
         self.validator = validator  # replaces the loss pass over valid batches (GRPO: held-out rewards)
+        self.downstream: Callable[[], dict[str, Any]] | None = None  # downstream tasks at validations
         self._pending: PendingSave | None = None  # an asynchronous checkpoint still being written
         self.stop: StopRequest | None = None  # set by the entry point: signals that ask to save and stop
         self.world_size = 1 if dims is None else dims.world_size
@@ -175,6 +176,8 @@ class Trainer:
                 metrics["val_loss"] = None if val is None else val[0]
                 if val is not None:
                     metrics.update({f"val_{k}": v for k, v in val[1].items()})
+                if self.downstream is not None:  # train.eval_tasks (evaluation/during_training.py)
+                    metrics.update(self.downstream())
             if step == start_step + 1:  # after the first update every buffer exists
                 report = memory_report(self.model, self.optimizer, self.device)
                 metrics.update({f"mem_{k}_bytes": v for k, v in report.items()})
