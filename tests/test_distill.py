@@ -226,7 +226,7 @@ def test_planner_counts_the_teacher_by_hand():
 
     from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig, TrainConfig
     from scaletrain.config.validate import resolve_model
-    from scaletrain.profile.planner import format_plan, plan
+    from scaletrain.profile.planner import format_plan, plan, stage_params
 
     def model(layers, hidden, ffn):
         return resolve_model(ModelConfig(num_layers=layers, hidden_size=hidden, num_heads=4, num_kv_heads=2,
@@ -245,6 +245,10 @@ def test_planner_counts_the_teacher_by_hand():
     top = plan(dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, distill_top_k=16)), 2, teacher=teacher)
     assert top.stages[1].companion_bytes == 106_816 * 4 + 4 * 128 * 16 * 12  # int64 id + fp32 logit per kept token
     assert dense.teacher_flops_per_token > 0 and "teacher forward" in format_plan(dense)
+    # without a pipeline the teacher runs microbatch by microbatch: one microbatch's outputs at a time
+    flat = dataclasses.replace(cfg, parallel=ParallelConfig(pp=1))
+    teacher_all = sum(stage_params(teacher, plan(flat, 1).layout, 0)[:1])
+    assert plan(flat, 1, teacher=teacher).stages[0].companion_bytes == teacher_all * 4 + 1 * 128 * 512 * 4
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,14 @@ per token to hold instead of the vocabulary; the KL over those k + 1 outcomes). 
 vocab-parallel (nn/kl.py): nothing gathers the vocabulary.
 
 The teacher is any causal LM of the student's vocabulary — usually larger — built in the student's
-own layout (tp, pp, SP; cp) and frozen. Each step, after the microbatches are on the device
-(trainer/step.prepare_batches), `annotate` runs the teacher forward-only through the layout's
-schedule over the step's microbatches; its last pipeline stage stores the teacher's logits (dense
-[b, s, V/tp], in the compute dtype) or top-k ids and log-probs at τ ([b, s, k]) in each microbatch, where the
-student's loss (also on the last stage) reads them. Memory: one dense teacher logit tensor per
-microbatch of the step, on the last stage; top-k bounds it to k ids and log-probs per token. Data: pretraining
+own layout (tp, pp, SP; cp) and frozen. Without pipeline parallelism each microbatch's teacher
+forward runs right before the student's (in `forward_step`), so one microbatch's teacher logits
+exist at a time. Pipelined, the teacher's stages cannot interleave with the student's schedule, so
+each step, once the microbatches are on the device (trainer/step.prepare_batches), `annotate` runs
+the teacher forward-only through the layout's schedule over the step's microbatches and its last
+stage stores the teacher's logits (dense [b, s, V/tp], compute dtype) or top-k ids and log-probs at τ
+([b, s, k]) in each microbatch, where the student's loss (also on the last stage) reads them — one
+dense logit tensor per microbatch of the step; top-k bounds it to k ids and log-probs per token. Data: pretraining
 documents (data.prefixes) or chat rows (posttrain.train_data, rendered and packed as for SFT, the
 loss on posttrain.loss_on tokens).
 """
@@ -47,21 +49,34 @@ class DistillObjective:
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["loss_mask"].sum()
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether the teacher is split into pipeline stages: then its outputs for the step are computed up
+        front (`annotate`); otherwise each microbatch's teacher forward runs just before the student's
+        (`forward_step`), so only one microbatch's teacher logits ever exist."""
+        return self.dims is not None and self.dims.pp > 1
+
+    def _record(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> None:
+        if self.top_k:
+            batch["teacher_ids"], batch["teacher_logps"] = teacher_top_k(
+                output, self.top_k, self.tp, temperature=self.temperature, vocab_limit=self.vocab_limit)
+        else:
+            batch["teacher_logits"] = output.detach()
+
     @torch.no_grad()
     def annotate(self, microbatches: list[dict[str, torch.Tensor]]) -> None:
-        """The teacher's outputs for this step's microbatches, stored in them on the last pipeline
+        """Pipelined teacher: its outputs for this step's microbatches, stored in them on the last pipeline
         stage. Collective over tp and pp (each dp replica runs its own microbatches)."""
         from scaletrain.trainer.step import forward_pass
+
+        if not self.pipelined:
+            return
 
         def teacher_step(batch: dict[str, torch.Tensor], model: torch.nn.Module):
             logits = model(batch["tokens"], **model_inputs(batch))
 
             def record(output: torch.Tensor):
-                if self.top_k:
-                    batch["teacher_ids"], batch["teacher_logps"] = teacher_top_k(
-                        output, self.top_k, self.tp, temperature=self.temperature, vocab_limit=self.vocab_limit)
-                else:
-                    batch["teacher_logits"] = output.detach()
+                self._record(batch, output)
                 return output.new_zeros(()), {}
 
             return logits, record
@@ -73,16 +88,22 @@ class DistillObjective:
         self.teacher.train(was_training)
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
+        if not self.pipelined:  # the teacher's forward for this microbatch only, then the student's
+            self.teacher.eval()
+            with torch.no_grad():
+                self._record(batch, self.teacher(batch["tokens"], **model_inputs(batch)))
         logits = model(batch["tokens"], **model_inputs(batch))
         labels, mask = batch["labels"], batch["loss_mask"]
 
         def loss_fn(output: torch.Tensor):
-            if "teacher_logits" not in batch and "teacher_ids" not in batch:
+            teacher = {k: batch.pop(k) for k in ("teacher_logits", "teacher_ids", "teacher_logps") if k in batch}
+            if not teacher:
                 raise RuntimeError("distillation: the microbatch has no teacher outputs; annotate() must run first "
                                    "(trainer/step.prepare_batches calls it)")
-            kd = kl_per_token(output, batch.get("teacher_logits"), self.tp, kind=self.kind,
-                              temperature=self.temperature, top_ids=batch.get("teacher_ids"),
-                              top_logps=batch.get("teacher_logps"), vocab_limit=self.vocab_limit)
+            # (popped: the teacher's outputs leave the microbatch once used, not held to the end of the step)
+            kd = kl_per_token(output, teacher.get("teacher_logits"), self.tp, kind=self.kind,
+                              temperature=self.temperature, top_ids=teacher.get("teacher_ids"),
+                              top_logps=teacher.get("teacher_logps"), vocab_limit=self.vocab_limit)
             m = mask.to(kd.dtype)
             metrics = {"kd": (kd.detach() * m).sum()}
             per_token = self.alpha * self.temperature ** 2 * kd

@@ -213,7 +213,8 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
             if r == p.pp - 1:
                 k = cfg.posttrain.distill_top_k
                 per_token = k * (8 + 4) if k else (m.vocab_size // p.tp) * compute_bytes
-                companions += microbatches * tokens_mb * per_token
+                # pipelined: the step's outputs are computed up front; otherwise one microbatch's at a time
+                companions += (microbatches if p.pp > 1 else 1) * tokens_mb * per_token
                 if cfg.posttrain.distill_alpha < 1.0:  # the KL's gradient is kept beside the cross-entropy's
                     act_mb += tokens_mb * max(4, param_bytes) * (m.vocab_size // p.tp)
         in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
