@@ -16,6 +16,18 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "scaletrain.cli", *args], cwd=REPO, check=True)
 
 
+def prepare_kjv() -> tuple[Path, Path]:
+    """The bundled corpus as the README's main job prepares it (skipped where present): data/tokenizer (2,048
+    tokens) and data/kjv_text_document.bin/.idx. Returns (tokenizer dir, dataset prefix)."""
+    tok, prefix = REPO / "data" / "tokenizer", REPO / "data" / "kjv_text_document"
+    if not (tok / "tokenizer.model").exists():
+        run("data", "tokenizer", "--input", "builtin:kjv", "--vocab-size", "2048", "--output", str(tok))
+    if not prefix.with_suffix(".idx").exists():
+        run("data", "preprocess", "--input", "builtin:kjv", "--tokenizer", str(tok), "--output-prefix", str(prefix),
+            "--workers", "2")
+    return tok, prefix
+
+
 def prepare_arith_task(work: Path, n_eval: int, max_number: int, ops: str) -> tuple[Path, Path]:
     """The synthetic arithmetic task under `work` (skipped where present): data/ (4000 training problems in
     every form, `n_eval` held out), a 384-token tokenizer and the pretraining .bin/.idx. Returns (data, tokenizer)."""

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from _cli import REPO, run
+from _cli import REPO, prepare_kjv, run
 
 
 @torch.no_grad()
@@ -60,12 +60,7 @@ def main() -> None:
     p.add_argument("--student-steps", type=int, default=300)
     args = p.parse_args()
     work = REPO / args.work
-    tok, prefix = REPO / "data" / "tokenizer", REPO / "data" / "kjv_text_document"
-    if not (tok / "tokenizer.model").exists():
-        run("data", "tokenizer", "--input", "builtin:kjv", "--vocab-size", "2048", "--output", str(tok))
-    if not prefix.with_suffix(".idx").exists():
-        run("data", "preprocess", "--input", "builtin:kjv", "--tokenizer", str(tok), "--output-prefix", str(prefix),
-            "--workers", "2")
+    tok, _ = prepare_kjv()
     common = ["--config", "configs/tiny.toml", "--set", "logging.tensorboard=false",
               "--set", "checkpoint.interval=0"]
     teacher = work / "teacher"

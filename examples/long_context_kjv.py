@@ -17,7 +17,7 @@ import json
 import subprocess
 import sys
 
-from _cli import REPO, run
+from _cli import REPO, prepare_kjv, run
 
 
 def torchrun(nproc: int, *args: str) -> None:
@@ -33,12 +33,7 @@ def main() -> None:
     p.add_argument("--long-steps", type=int, default=100)
     args = p.parse_args()
     work = REPO / args.work
-    tok, prefix = REPO / "data" / "tokenizer", REPO / "data" / "kjv_text_document"
-    if not (tok / "tokenizer.model").exists():
-        run("data", "tokenizer", "--input", "builtin:kjv", "--vocab-size", "2048", "--output", str(tok))
-    if not prefix.with_suffix(".idx").exists():
-        run("data", "preprocess", "--input", "builtin:kjv", "--tokenizer", str(tok), "--output-prefix", str(prefix),
-            "--workers", "2")
+    tok, _ = prepare_kjv()
     held_out = work / "held_out.jsonl"  # the validation split's chapters (data.split 98,2,0: the last 2%)
     if not held_out.exists():
         work.mkdir(parents=True, exist_ok=True)

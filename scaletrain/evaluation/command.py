@@ -168,32 +168,19 @@ def _answer_prompts(task, tokenizer, template: str, seq: int, max_new_tokens: in
 
 def _generate(task, model, dims, tokenizer, template, args, precision, device, width) -> list[tuple[str, int, bool]]:
     """(text, completion tokens, truncated) of a greedy completion per prompt of a generation task, on
-    every rank: each dp replica generates its contiguous share, then the shares are gathered."""
+    every rank (the prompts split over dp replicas, the completions gathered)."""
     from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.rollout import sample_completions, stop_ids_for
+    from scaletrain.posttrain.rollout import completion_text, sample_share, stop_ids_for
 
     marker = ChatRenderer(tokenizer, template).end_of_turn()
     stop_ids = stop_ids_for(tokenizer, marker)
-    prompts = task.prompts
-    per_rank = -(-len(prompts) // dims.dp)
-    mine = list(range(dims.dp_rank * per_rank, min((dims.dp_rank + 1) * per_rank, len(prompts))))
-    out: list[tuple[str, int, bool]] = []
-    if mine:
-        unit = args.batch_size * (dims.pp if dims.vpp > 1 else 1)
-        padded = mine + [mine[-1]] * (-len(mine) % unit)
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-        completions, stopped = sample_completions(
-            model, dims, [prompts[i] for i in padded], None, group_size=1, max_new_tokens=args.max_new_tokens,
-            temperature=0.0, stop_ids=stop_ids, stop_text=marker, decode=tokenizer.decode, pad_id=pad,
-            vocab_limit=tokenizer.vocab_size, micro_batch=args.batch_size, precision=precision, device=device,
-            width_multiple=width)
-        for c, stop in zip(completions[:len(mine)], stopped):
-            body = c[:-1] if c and c[-1] in stop_ids else c
-            text = tokenizer.decode(body)
-            out.append((text.split(marker, 1)[0] if marker else text, len(c), not stop))
-    if dims.dp > 1:
-        out = [t for part in dims.comm("dp").all_gather_object(out) for t in part]  # type: ignore[union-attr]
-    return out
+    completions, stopped = sample_share(
+        model, dims, task.prompts, seed=None, group_size=1, micro_batch=args.batch_size,
+        max_new_tokens=args.max_new_tokens, temperature=0.0, stop_ids=stop_ids, stop_text=marker,
+        decode=tokenizer.decode, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
+        vocab_limit=tokenizer.vocab_size, precision=precision, device=device, width_multiple=width)
+    return [(completion_text(c, tokenizer.decode, stop_ids, marker), len(c), not s)
+            for c, s in zip(completions, stopped)]
 
 
 def _answer_task(task, generations) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from scaletrain.posttrain.grpo_data import PromptDataset, PromptOrder
 from scaletrain.posttrain.reward_scorer import RewardModelScorer
 from scaletrain.posttrain.rewards import RewardFn, reward_label
 from scaletrain.posttrain.rollout import (
+    completion_text,
     sample_completions,
     sampling_generator,
     stop_ids_for,
@@ -79,10 +80,7 @@ class RolloutBatches:
 
     def _text(self, completion: list[int]) -> str:
         """What the rewards read: the completion's text before its stop token or end-of-turn marker."""
-        if completion and completion[-1] in self.stop_ids:
-            completion = completion[:-1]
-        text = self.tokenizer.decode(completion)
-        return text.split(self.stop_text, 1)[0] if self.stop_text else text
+        return completion_text(completion, self.tokenizer.decode, self.stop_ids, self.stop_text)
 
     def _missing_stop(self, completions: list[list[int]]) -> torch.Tensor:
         """[completions] 1.0 where a completion does not end with the end-of-turn marker (as a token or as

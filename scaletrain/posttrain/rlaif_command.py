@@ -115,7 +115,7 @@ def _label(cfg, args, principles, messages, prompts, too_long, renderer, p_tok, 
         pick_principles,
         preferences,
     )
-    from scaletrain.posttrain.rollout import sample_completions, sampling_generator, stop_ids_for
+    from scaletrain.posttrain.rollout import completion_text, sample_share, stop_ids_for
 
     report = FeedbackReport(prompts=len(prompts) + too_long)
     if too_long:
@@ -134,28 +134,16 @@ def _label(cfg, args, principles, messages, prompts, too_long, renderer, p_tok, 
         marker = renderer.end_of_turn()
         stop_ids = stop_ids_for(p_tok, marker)
         pad = p_tok.pad_id if p_tok.pad_id is not None else p_tok.eos_id
-        # Each dp replica samples its contiguous share of the prompts (a generator per prompt: the same
-        # responses at every layout), then every rank gathers all of them.
-        per_rank = -(-len(prompts) // dims.dp)
-        mine = list(range(dims.dp_rank * per_rank, min((dims.dp_rank + 1) * per_rank, len(prompts))))
-        texts: list[tuple[int, str, str]] = []
-        if mine:
-            unit = args.batch_size * (dims.pp if dims.vpp > 1 else 1)
-            padded = mine + [mine[-1]] * (-len(mine) % unit)
-            completions, _ = sample_completions(
-                policy, dims, [prompts[i] for i in padded], [sampling_generator(args.seed, i) for i in padded],
-                group_size=2, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stop_ids=stop_ids,
-                stop_text=marker, decode=p_tok.decode, pad_id=pad, vocab_limit=p_tok.vocab_size,
-                micro_batch=args.batch_size, precision=precision, device=device, width_multiple=width)
-
-            def text(c: list[int]) -> str:
-                body = c[:-1] if c and c[-1] in stop_ids else c
-                out = p_tok.decode(body)
-                return (out.split(marker, 1)[0] if marker else out).strip()
-
-            texts = [(i, text(completions[2 * k]), text(completions[2 * k + 1])) for k, i in enumerate(mine)]
-        if dims.dp > 1:
-            texts = [t for part in dims.comm("dp").all_gather_object(texts) for t in part]  # type: ignore[union-attr]
+        # Each dp replica samples its share of the prompts (a generator per prompt: the same responses at
+        # every layout), then every rank gathers all of them.
+        completions, _ = sample_share(
+            policy, dims, prompts, seed=args.seed, group_size=2, micro_batch=args.batch_size,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, stop_ids=stop_ids, stop_text=marker,
+            decode=p_tok.decode, pad_id=pad, vocab_limit=p_tok.vocab_size, precision=precision, device=device,
+            width_multiple=width)
+        texts = [(i, completion_text(completions[2 * i], p_tok.decode, stop_ids, marker).strip(),
+                  completion_text(completions[2 * i + 1], p_tok.decode, stop_ids, marker).strip())
+                 for i in range(len(prompts))]
         chosen_principles = pick_principles(principles, len(prompts), args.seed)
         pairs, rows = [], []
         for i, a, b in texts:

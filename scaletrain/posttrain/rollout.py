@@ -131,6 +131,36 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
     return new, stopped
 
 
+def completion_text(completion: list[int], decode, stop_ids: set[int], stop_text: str | None) -> str:
+    """What a completion says: its text before its stop token or the end-of-turn marker."""
+    if completion and completion[-1] in stop_ids:
+        completion = completion[:-1]
+    text = decode(completion)
+    return text.split(stop_text, 1)[0] if stop_text else text
+
+
+def sample_share(model: torch.nn.Module, dims, prompts: Sequence[list[int]], *, seed: int | None, group_size: int,
+                 micro_batch: int, **sampling) -> tuple[list[list[int]], list[bool]]:
+    """`sample_completions` over all of `prompts` with the work split over dp: each replica samples its
+    contiguous share (padded to whole microbatches, interleaved: whole pipeline groups), then every rank
+    gathers everyone's. seed: one sampling generator per prompt index (None: greedy). Collective over the world."""
+    dp, dp_rank = (dims.dp, dims.dp_rank) if dims is not None else (1, 0)
+    per_rank = -(-len(prompts) // dp)
+    mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
+    out: list[tuple[list[int], bool]] = []
+    if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
+        unit = micro_batch * (dims.pp if dims is not None and dims.vpp > 1 else 1)
+        padded = mine + [mine[-1]] * (-len(mine) % unit)
+        completions, stopped = sample_completions(
+            model, dims, [prompts[i] for i in padded],
+            None if seed is None else [sampling_generator(seed, i) for i in padded], group_size=group_size,
+            micro_batch=micro_batch, **sampling)
+        out = list(zip(completions, stopped))[: len(mine) * group_size]
+    if dims is not None and dp > 1:
+        out = [t for part in dims.comm("dp").all_gather_object(out) for t in part]  # type: ignore[union-attr]
+    return [c for c, _ in out], [s for _, s in out]
+
+
 def can_use_kv_cache(model: torch.nn.Module, width_multiple: int = 1) -> bool:
     """Incremental decoding runs where one process holds every layer (no pipeline split), the sequence
     is not sharded (no SP) and attention is the torch backend's; elsewhere each token recomputes."""
