@@ -284,3 +284,23 @@ def test_eval_tasks_during_training_match_scaletrain_eval(tmp_path, tokenizer_di
                   f"train.run_dir={tmp_path / 'bad'}"]
     assert main(bad) == 2 and "train.eval_tasks" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_chat_choice_asks_in_the_template(tmp_path, model_run, task_dir, tokenizer_dir):
+    """--chat: the question is the user's turn and each choice the assistant's reply; shots are earlier turns."""
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.evaluation.tasks import add_shots, choice_rows, parse_task
+    from scaletrain.posttrain.chat import ChatRenderer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    renderer = ChatRenderer(tok, "chatml")
+    task = parse_task(f"choice:{task_dir / 'choice_test.jsonl'}")
+    add_shots(task, 1)
+    ids, start = choice_rows(task, tok, 512, renderer)[0]
+    row, shot = task.rows[0], task.rows[0]["_shot_pairs"][0]
+    expect = renderer.text([{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1].strip()},
+                            {"role": "user", "content": row["context"]}], add_generation_prompt=True)
+    assert tok.decode(ids[:start]) == expect and tok.decode(ids[start:]) == row["choices"][0].lstrip()
+    res = _eval(model_run, [f"choice:{task_dir / 'choice_test.jsonl'}"], tmp_path / "c.json", "--chat",
+                "--seq-length", "128")
+    assert res["chat"] is True and res["tasks"]["choice:choice_test.jsonl"]["questions"] == 12

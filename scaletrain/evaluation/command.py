@@ -39,6 +39,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, default=0, help="choice / answer tasks: k solved examples from the task's "
                                                        "other rows before each question (default 0)")
     p.add_argument("--shot-seed", type=int, default=0, help="which examples are drawn as shots")
+    p.add_argument("--chat", action="store_true",
+                   help="choice tasks: ask in the chat template (question as the user turn, choices as the reply; "
+                        "shots as earlier exchanges) — for instruction-tuned models")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer tasks: longest completion")
     p.add_argument("--template", default=None, help="answer tasks: chat template (auto, chatml, llama3 or Jinja; "
                                                     "default: the run's, else the tokenizer's)")
@@ -115,6 +118,7 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
     if not dims.is_main:
         return None
     return {"model": str(args.model), "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}, "shots": args.shots,
+            "chat": args.chat,
             "seq_length": cfg.train.seq_length, "precision": precision.name, "tasks": out}
 
 
@@ -131,7 +135,12 @@ def _run_task(task, model, dims, cfg, args, tokenizer, template, precision, devi
         logps, counts = continuation_logprobs(model, dims, rows, **common)
         return T.perplexity_metrics(logps, counts, n_bytes)
     if task.kind == "choice":
-        logps, _ = continuation_logprobs(model, dims, T.choice_rows(task, tokenizer, seq), **common)
+        renderer = None
+        if getattr(args, "chat", False):
+            from scaletrain.posttrain.chat import ChatRenderer
+
+            renderer = ChatRenderer(tokenizer, args.template or template)
+        logps, _ = continuation_logprobs(model, dims, T.choice_rows(task, tokenizer, seq, renderer), **common)
         return T.choice_metrics(task, logps)
     if task.kind == "preference":
         return _preference_task(task, model, dims, tokenizer, args.template or template, seq, common,

@@ -11,6 +11,7 @@
   tokenised together and split where the context's tokens end; `acc` takes the likeliest choice,
   `acc_norm` the likeliest per UTF-8 byte of the choice.
   A context too long for seq_length is cut from the left. `--shots k` puts k solved examples first.
+  `--chat`: the question is the user's turn of the model's chat template and each choice the reply.
 - `refusal:FILE` — red-teaming: rows with `messages` or `prompt` and `harmful` (true: a request the model
   should refuse; false: a harmless one, possibly phrased to look risky); greedy completions are matched
   against refusal patterns. Reports the refusal rate on harmful prompts (attack success = the rest) and
@@ -108,8 +109,12 @@ def _row_problem(kind: str, row: dict) -> str | None:
     return None
 
 
+def question_of(row: dict) -> str:
+    return next(row[k] for k in CONTEXT_KEYS if isinstance(row.get(k), str))
+
+
 def context_of(row: dict) -> str:
-    return row.get("_shots", "") + next(row[k] for k in CONTEXT_KEYS if isinstance(row.get(k), str))
+    return row.get("_shots", "") + question_of(row)
 
 
 def add_shots(task: Task, shots: int, seed: int = 0) -> None:
@@ -139,6 +144,8 @@ def add_shots(task: Task, shots: int, seed: int = 0) -> None:
         picks = rng.sample([j for j in pool if j != i], shots)
         if task.kind == "choice":
             row["_shots"] = "".join(solved[j] + "\n\n" for j in picks)
+            row["_shot_pairs"] = [(question_of(task.rows[j]), task.rows[j]["choices"][gold_of(task.rows[j])])
+                                  for j in picks]
         else:
             row["_shot_messages"] = [m for j in picks for m in solved_turns[j]]  # type: ignore[union-attr]
 
@@ -164,15 +171,24 @@ def perplexity_metrics(logps, counts, n_bytes: int) -> dict[str, Any]:
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "tokens": tokens}
 
 
-def choice_rows(task: Task, tokenizer, seq_length: int) -> list[tuple[list[int], int]]:
-    """One (context + choice ids, start of the choice) row per choice of every question, in order."""
+def chat_context(row: dict, renderer) -> str:
+    """A choice row's context as a chat prompt: its shots as earlier exchanges, its question as the user's
+    turn, up to the assistant's header (the choices are scored as the assistant's reply)."""
+    messages = [m for context, answer in row.get("_shot_pairs", ())
+                for m in ({"role": "user", "content": context}, {"role": "assistant", "content": answer.strip()})]
+    return renderer.text([*messages, {"role": "user", "content": question_of(row)}], add_generation_prompt=True)
+
+
+def choice_rows(task: Task, tokenizer, seq_length: int, renderer=None) -> list[tuple[list[int], int]]:
+    """One (context + choice ids, start of the choice) row per choice of every question, in order; with a
+    chat renderer the context is the chat prompt and each choice (leading whitespace dropped) the reply."""
     out = []
     for row in task.rows:
-        text = context_of(row)
+        text = context_of(row) if renderer is None else chat_context(row, renderer)
         stripped = text.rstrip(" ")  # a trailing space belongs to the choice (how the text is tokenised)
         moved = text[len(stripped):]
         context = tokenizer.encode(stripped) if stripped else [tokenizer.eos_id]
-        for choice in row["choices"]:
+        for choice in row["choices"] if renderer is None else [c.lstrip() for c in row["choices"]]:
             # Context + choice are tokenised together and split where the context's own tokens end, so
             # the choice is scored as the model would read it in the text (a word-initial piece differs
             # from the same piece encoded alone), as lm-evaluation-harness does.
