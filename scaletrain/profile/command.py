@@ -113,9 +113,10 @@ def _companions(cfg) -> tuple[dict, list[str]]:
     from scaletrain.posttrain.frozen import locate_model
 
     pt, notes = cfg.posttrain, []
-    out: dict = {"teacher": _teacher(cfg)[0], "frozen": (), "trainable": ()}
-    if _teacher(cfg)[1]:
-        notes.append(_teacher(cfg)[1])
+    teacher, note = _teacher(cfg)  # (locates the teacher once)
+    out: dict = {"teacher": teacher, "frozen": (), "trainable": ()}
+    if note:
+        notes.append(note)
     if pt.objective not in ("grpo", "ppo"):
         return out, notes
     frozen = [cfg.model] if pt.kl_beta else []
