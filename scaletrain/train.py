@@ -437,7 +437,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         objective = GRPOObjective(dims.tp_comm, kl_beta=0.0 if ppo else pt.kl_beta, temperature=pt.temperature,
                                   loss_norm="token" if ppo else pt.grpo_loss_norm, fused_cross_entropy=fused_ce,
                                   clipped=ppo or pt.grpo_iterations > 1, clip_eps=pt.clip_eps,
-                                  clip_eps_high=pt.clip_eps_high)
+                                  clip_eps_high=pt.clip_eps_high, cp=dims.comm("cp"))
     elif pt.objective == "distill":
         from scaletrain.posttrain.distill import DistillObjective
         from scaletrain.posttrain.frozen import build_frozen_model

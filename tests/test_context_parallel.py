@@ -141,9 +141,6 @@ def test_cp2_run_resumes_at_cp1(tmp_path, tokenizer_dir, dataset_prefix):
     ({"parallel.cp": 2, "parallel.tp": 4, "parallel.sequence_parallel": True, "model.num_kv_heads": 4,
       "train.seq_length": 20},
      "tokens per cp rank are not divisible by parallel.tp"),
-    ({"parallel.cp": 2, "posttrain.objective": "grpo", "posttrain.train_data": '["prompts.jsonl"]',
-      "posttrain.group_size": 2, "posttrain.max_new_tokens": 8},
-     "rollouts (grpo, ppo, on-policy distillation) are not sampled over cp"),
 ])
 def test_bad_cp_layouts_exit_before_training(tmp_path, tokenizer_dir, dataset_prefix, capsys, extra, message):
     args = ["train", "--config", TINY]

@@ -237,8 +237,13 @@ def test_custom_rewards_resolve_or_fail_clearly():
 
 # ---------------------------------------------------------------------------------------- through the CLI
 
-@pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
-                                          ({"posttrain.grpo_iterations": 2}, 2)])
+@pytest.mark.parametrize("layout,world", [
+    ({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
+    ({"posttrain.grpo_iterations": 2}, 2),
+    # cp2: each cp rank samples half the prompts on whole sequences, the step trains on split rows;
+    # per-sequence normalisation sums each row's parts over cp. 5 held-out prompts: 3 + 2 over cp.
+    ({"parallel.cp": 2, "posttrain.grpo_loss_norm": "sequence", "posttrain.grpo_iterations": 2}, 2),
+], ids=["tp2pp2sp", "dp2", "cp2"])
 def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, prompts,
                                                         layout, world):
     single, parallel = tmp_path / "False", tmp_path / "True"

@@ -97,7 +97,7 @@ def _args(run_dir, tokenizer_dir, prefix, prompts, base, **extra):
 
 
 @pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
-                                          ({}, 2)], ids=["tp2pp2", "dp2"])
+                                          ({}, 2), ({"parallel.cp": 2}, 2)], ids=["tp2pp2", "dp2", "cp2"])
 def test_ppo_matches_single_process(tmp_path, tokenizer_dir, dataset_prefix, prompts, base_model, layout, world):
     a, b = run_single_and_parallel(lambda par: (tmp_path / str(par), _args(
         tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, base_model, **(layout if par else {}))), world)

@@ -23,7 +23,6 @@ DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
 OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "ppo", "reward", "distill")
-CP_OBJECTIVES = ("pretrain", "sft", "distill", "dpo", "reward")  # objectives whose batches split over cp
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -246,7 +245,6 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     if t.eval_tasks and cfg.parallel.cp > 1:
         errors.append(f"train.eval_tasks with parallel.cp = {cfg.parallel.cp}: evaluation scores whole rows (cp = 1); "
                       "run `scaletrain eval` on the checkpoints instead.")
-    errors.extend(_not_yet_supported(cfg, dp))
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
     return dp
@@ -283,20 +281,6 @@ def _distill_errors(errors: list[str], cfg: RunConfig) -> None:
         errors.append(f"posttrain.distill_top_k = {pt.distill_top_k} with distill_loss = '{pt.distill_loss}': reverse "
                       "KL needs the teacher's probability of every token the student may put mass on; use "
                       "distill_top_k = 0 or distill_loss = 'forward_kl'.")
-
-
-def _not_yet_supported(cfg: RunConfig, dp: int) -> list[str]:
-    """Layouts whose machinery has not landed yet: refused, never silently run as something else."""
-    out = []
-    on_policy = cfg.posttrain.objective == "distill" and cfg.posttrain.distill_on_policy
-    if cfg.parallel.cp > 1 and (cfg.posttrain.objective not in CP_OBJECTIVES or on_policy):
-        what = "on-policy distillation" if on_policy else \
-            f"posttrain.objective = '{cfg.posttrain.objective}'"
-        out.append(f"parallel.cp = {cfg.parallel.cp} with {what}: context "
-                   f"parallelism runs {', '.join(CP_OBJECTIVES)} (and distillation on fixed data); rollouts (grpo, "
-                   "ppo, on-policy distillation) are not sampled over cp yet. Set parallel.cp = 1 (long rows: tp with "
-                   "sequence_parallel).")
-    return out
 
 
 def _context_parallel_errors(errors: list[str], cfg: RunConfig) -> None:

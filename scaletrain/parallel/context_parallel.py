@@ -19,10 +19,18 @@ normaliser counts the items of every cp rank. Sequence-level losses (DPO, reward
 their per-token parts over cp (`sum_over_cp`, whose backward sums the gradients back), then every cp
 rank evaluates the same loss: counted cp times in the normaliser, the reported loss and the gradients
 come out exact.
+
+Rollouts (GRPO, PPO, on-policy distillation) decode token by token, where a sequence split buys
+nothing: sampling and reward-model scoring run with cp unbound (`cp_unbound`), every cp rank a
+whole-sequence sampler of its share of the replica's prompts (posttrain/rollout.py), and the
+finished rows — replicated over cp again — are scored per token (reference, sampling-time log-probs,
+the critic's values) in the cp layout and gathered back to whole rows (`gather_sequence`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,8 +38,11 @@ import torch
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn.blockwise_attention import BlockwiseMask, QuerySegment
 
-# The per-token fields of the objectives that run under cp (config.validate.CP_OBJECTIVES): split along dim 1.
-SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "response_mask")
+# The per-token fields of the objectives' batches: split along dim 1.
+SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "response_mask",
+                   "ref_logps", "old_logps", "old_values", "returns")
+# Split along dim 1 where they are per token ([b, s]): GRPO's advantages are per row [b], PPO's per token.
+PER_TOKEN_WHEN_2D = ("advantages",)
 
 
 def local_indices(seq_length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -101,7 +112,7 @@ def shard_microbatch(batch: dict[str, Any], cp: Comm) -> dict[str, Any]:
         where = out["score_index"]
         hit = idx[None, :] == where[:, None]
         out["score_index"] = torch.where(hit.any(-1), hit.float().argmax(-1), -1)
-    for name in SEQUENCE_FIELDS:
+    for name in SEQUENCE_FIELDS + tuple(n for n in PER_TOKEN_WHEN_2D if n in out and out[n].dim() == 2):
         if name in out:
             if out[name].shape[1] != s:
                 raise ValueError(f"context parallelism: batch field {name!r} has length {out[name].shape[1]}, "
@@ -131,3 +142,33 @@ def sum_over_cp(x: torch.Tensor, cp: Comm | None) -> torch.Tensor:
     if cp is None or cp.size == 1:
         return x
     return _SumOverCP.apply(x, cp)
+
+
+@torch.no_grad()
+def gather_sequence(x: torch.Tensor, cp: Comm | None) -> torch.Tensor:
+    """This cp rank's part of per-token values [b, s/cp, …] (at `local_indices`) → the whole rows
+    [b, s, …] in sequence order, on every cp rank. Not differentiable: for values computed under
+    no_grad (a reference's log-probs, a critic's values) that join the replicated batch."""
+    if cp is None or cp.size == 1:
+        return x
+    s = x.shape[1] * cp.size
+    gathered = cp.all_gather(x.contiguous(), dim=1)
+    return gathered.index_select(1, torch.argsort(gathered_order(s, cp.size)).to(x.device))
+
+
+@contextmanager
+def cp_unbound(*models: torch.nn.Module) -> Iterator[None]:
+    """Within the block the models' attention runs on whole sequences, unaware of cp (weights are
+    replicated over cp, so every cp rank holds the whole model): for passes on rows that are not
+    split — token-by-token sampling, a reward model's read-out. Restored on exit, errors included."""
+    from scaletrain.nn.attention import CoreAttention
+
+    bound = [m for model in models for m in model.modules() if isinstance(m, CoreAttention) and m.cp is not None]
+    saved = [m.cp for m in bound]
+    for m in bound:
+        m.cp = None
+    try:
+        yield
+    finally:
+        for m, comm in zip(bound, saved):
+            m.cp = comm

@@ -16,7 +16,9 @@ against the log-probs at sampling time: −min(ρA, clip(ρ, 1 − ε, 1 + ε_hi
 Log-probs are taken at the sampling temperature and through the vocab-parallel cross-entropy (the
 vocabulary is never gathered). Normalisation ('token': all completion tokens of the global batch;
 'sequence': per-completion means over the global number of completions) goes through the shared
-normaliser (`count`) like every objective.
+normaliser (`count`) like every objective. Under context parallelism each rank holds part of every
+row: 'token' sums need nothing more; 'sequence' means sum each row's parts over cp first
+(`sum_over_cp`) and every cp rank evaluates the whole rows' loss, counted cp times (as DPO does).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
-from scaletrain.posttrain.packing import block_causal_mask
+from scaletrain.parallel.context_parallel import sum_over_cp
+from scaletrain.posttrain.packing import model_inputs
 
 ADVANTAGE_EPS = 1e-4
 
@@ -45,11 +48,12 @@ class GRPOObjective:
 
     def __init__(self, tp: Comm | None, *, kl_beta: float = 0.0, temperature: float = 1.0,
                  loss_norm: str = "token", fused_cross_entropy: bool = False, clipped: bool = False,
-                 clip_eps: float = 0.2, clip_eps_high: float = 0.0) -> None:
+                 clip_eps: float = 0.2, clip_eps_high: float = 0.0, cp: Comm | None = None) -> None:
         if loss_norm not in ("token", "sequence"):
             raise ValueError(f"loss_norm must be 'token' or 'sequence', got {loss_norm!r}")
         self.tp, self.kl_beta, self.temperature = tp, kl_beta, temperature
         self.loss_norm, self.fused = loss_norm, fused_cross_entropy
+        self.cp = cp if cp is not None and cp.size > 1 else None  # each rank holds part of every row
         self.clip_low, self.clip_high = clip_eps, clip_eps_high or clip_eps
         # means per loss item, like the loss; clipping needs the batch's old log-probs (grpo_iterations > 1)
         self.metrics = ("kl",) * bool(kl_beta) + ("clip_fraction",) * clipped
@@ -62,11 +66,13 @@ class GRPOObjective:
     def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.loss_norm == "token":
             return (per_token * mask).sum()
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).sum()
+        sums, lengths = (per_token * mask).sum(-1), mask.sum(-1)
+        if self.cp is not None:  # whole rows' sums and lengths on every cp rank
+            sums, lengths = sum_over_cp(sums, self.cp), self.cp.all_reduce(lengths.detach().clone())
+        return (sums / lengths.clamp_min(1)).sum()
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
-        logits = model(batch["tokens"], position_ids=batch["position_ids"],
-                       attention_mask=block_causal_mask(batch["document_ids"]))
+        logits = model(batch["tokens"], **model_inputs(batch))
         labels = batch["labels"]
 
         def loss_fn(output: torch.Tensor):

@@ -6,9 +6,11 @@ group size; one batch per posttrain.grpo_iterations steps, kept on disk between 
 rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its advantages
 need no communication. The step's rollout metrics (means over the global batch's
 completions, reduced over dp) are left in `last_metrics` for the step's metrics record. Rewards are
-computed once per replica (its first tp rank on the last stage: a timed-out unit test must not
-score differently on two tp ranks) and broadcast to the replica's other ranks; a reward model
-scores on all of the replica's ranks together, in the policy's layout (RLHF).
+computed once per replica (its first tp and cp rank on the last stage: a timed-out unit test must
+not score differently on two ranks) and broadcast to the replica's other ranks; a reward model
+scores on all of the replica's ranks together, in the policy's layout (RLHF). Under context
+parallelism the replica's cp ranks sample shares of its prompts and then hold the same rollouts
+(posttrain/rollout.py); the training step splits the rows.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from scaletrain.posttrain.reward_scorer import RewardModelScorer
 from scaletrain.posttrain.rewards import RewardFn, reward_label
 from scaletrain.posttrain.rollout import (
     completion_text,
+    pass_unit,
     sample_completions,
     sampling_generator,
     stop_ids_for,
@@ -95,11 +98,13 @@ class RolloutBatches:
         return torch.tensor([0.0 if ended(c) else 1.0 for c in completions], dtype=torch.float64)
 
     def _replica_broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        """This replica's lead rank's values (tp rank 0 of the last stage) on all of its ranks."""
+        """This replica's lead rank's values (tp and cp rank 0 of the last stage) on all of its ranks."""
         d = self.dims
         if d is None:
             return t
         t = d.tp_comm.broadcast(t.to(self.device), src_group_rank=0)
+        if d.cp > 1:
+            t = d.comm("cp").broadcast(t, src_group_rank=0)
         if d.pp > 1:
             t = d.comm("pp").broadcast(t, src_group_rank=d.pp - 1)
         return t.cpu()
@@ -110,7 +115,7 @@ class RolloutBatches:
         then broadcast; a reward model (posttrain/reward_scorer.py) by every rank of the replica together."""
         d = self.dims
         scores = torch.zeros(len(texts), len(self.rewards), dtype=torch.float64)
-        if d is None or (d.tp_rank == 0 and d.pp_rank == d.pp - 1):
+        if d is None or (d.tp_rank == 0 and d.cp_rank == 0 and d.pp_rank == d.pp - 1):
             for i, (row, text) in enumerate(zip(rows, texts)):
                 for j, fn in enumerate(self.rewards.values()):
                     if not isinstance(fn, RewardModelScorer):
@@ -192,7 +197,7 @@ class RolloutBatches:
         # repeats of the last prompt, not scored.
         completions: list[list[int]] = []
         if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
-            unit = self.micro_batch * (d.pp if d is not None and d.vpp > 1 else 1)
+            unit = pass_unit(d, self.micro_batch)
             padded = mine + [mine[-1]] * (-len(mine) % unit)
             completions, _ = sample_completions(
                 self.model, d, [prompts.prompts[i] for i in padded], None, group_size=1,

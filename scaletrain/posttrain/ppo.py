@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.posttrain.packing import model_inputs
-from scaletrain.trainer.step import forward_pass
+from scaletrain.posttrain.rollout import per_token_pass
 
 METRICS = ("value_loss", "value_clip_fraction")
 
@@ -74,7 +74,7 @@ def whiten(adv: torch.Tensor, mask: torch.Tensor, dp_comm=None, eps: float = 1e-
 @torch.no_grad()
 def token_values(critic: torch.nn.Module, dims, microbatches: list[dict], *, precision) -> list[torch.Tensor]:
     """The critic's value [b, s] at every position of each microbatch (on the device), exact on the last
-    pipeline stage, zeros elsewhere. Collective over tp and pp."""
+    pipeline stage (whole rows on every cp rank), zeros elsewhere. Collective over tp, cp and pp."""
     out: dict[int, torch.Tensor] = {}
 
     def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
@@ -86,16 +86,7 @@ def token_values(critic: torch.nn.Module, dims, microbatches: list[dict], *, pre
 
         return scores, record
 
-    was_training = critic.training
-    critic.eval()
-    try:
-        with precision.autocast():
-            forward_pass(forward_step, [{**mb, "mb": torch.tensor(i)} for i, mb in enumerate(microbatches)],
-                         critic, dims)
-    finally:
-        critic.train(was_training)
-    return [out.get(i, torch.zeros(mb["tokens"].shape, dtype=torch.float64, device=mb["tokens"].device))
-            for i, mb in enumerate(microbatches)]
+    return per_token_pass(critic, dims, microbatches, forward_step, out, precision=precision)
 
 
 class ValueObjective:

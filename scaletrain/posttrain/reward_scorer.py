@@ -8,8 +8,10 @@ conversation's last rendered token, so a completion's trailing eos is dropped fi
 end-of-turn marker is kept). Rows are left-padded as rollouts are (padding is its own document),
 so a row scores what it would alone.
 
-Collective over the replica's tp and pp ranks (every rank calls it with the same rows); the scores
-come out on every rank of the replica (read on the last stage, broadcast over pp; identical over tp).
+Collective over the replica's tp, cp and pp ranks (every rank calls it with the same rows); the scores
+come out on every rank of the replica (read on the last stage, broadcast over pp; identical over tp;
+under context parallelism each cp rank scores a share of the rows on whole sequences, then they
+gather over cp).
 The reward model must share the policy's tokenizer and chat template — train it from the same run
 family; the vocabulary size is checked up front.
 """
@@ -20,8 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
+from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.posttrain.packing import block_causal_mask
-from scaletrain.posttrain.rollout import _left_padded, _microbatches
+from scaletrain.posttrain.rollout import _left_padded, _microbatches, pass_unit, split_over_cp
 from scaletrain.trainer.step import forward_pass
 
 
@@ -41,9 +44,14 @@ class RewardModelScorer:
             if c and c[-1] == self.eos_id:
                 c = c[:-1]
             rows.append(list(p) + list(c))
+        with cp_unbound(self.model):
+            scores = split_over_cp(rows, self.dims, self._score)
+        return torch.tensor(scores, dtype=torch.float64)
+
+    def _score(self, rows: list[list[int]]) -> list[float]:
         d = self.dims
         # Interleaved pipelines need whole groups of pp microbatches: pad with repeats, not read.
-        unit = self.micro_batch * (d.pp if d is not None and d.vpp > 1 else 1)
+        unit = pass_unit(d, self.micro_batch)
         padded = rows + [rows[-1]] * (-len(rows) % unit)
         scores = torch.zeros(len(padded), dtype=torch.float64)
 
@@ -62,4 +70,4 @@ class RewardModelScorer:
             forward_pass(forward_step, _microbatches(batch, self.micro_batch, self.device), self.model, d)
         if d is not None and d.pp > 1:
             scores = d.comm("pp").broadcast(scores.to(self.device), src_group_rank=d.pp - 1).cpu()
-        return scores[:len(rows)]
+        return scores[:len(rows)].tolist()

@@ -12,6 +12,12 @@ vocabulary, small), samples with one torch.Generator per prompt seeded from (run
 draw) — so completions depend neither on the layout nor on which dp rank draws the prompt, and a
 resumed run samples what the uninterrupted one would — then broadcasts the new tokens over pp.
 
+Under context parallelism the weights are whole on every cp rank, and decoding one token at a time
+gains nothing from a split sequence: each cp rank samples its contiguous share of the replica's
+prompts with cp unbound (parallel/context_parallel.py `cp_unbound`), then the replica's ranks
+gather every share over cp, so the rows the training step splits are the same on every cp rank.
+Per-token log-probs of finished rows run in the cp layout and are gathered back to whole rows.
+
 Where one process holds every layer (no pipeline split, no sequence parallelism, torch backend)
 decoding is incremental with a KV cache per microbatch; elsewhere each new token recomputes its
 prefix through the forward-only schedule (O(length²), exact). Both give the same tokens (tested:
@@ -20,13 +26,15 @@ the parity test compares a cached single process with a recomputing tp2·pp2 run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.kv_cache import KVCache
-from scaletrain.posttrain.packing import block_causal_mask
+from scaletrain.parallel.context_parallel import cp_unbound, gather_sequence, shard_microbatch
+from scaletrain.posttrain.packing import block_causal_mask, model_inputs
 from scaletrain.trainer.step import forward_pass
 
 
@@ -69,6 +77,49 @@ def _is_last_stage(dims) -> bool:
     return dims is None or dims.pp_rank == dims.pp - 1
 
 
+def pass_unit(dims, micro_batch: int) -> int:
+    """Rows a pass needs a multiple of: whole microbatches, and under interleaving whole pipeline groups."""
+    return micro_batch * (dims.pp if dims is not None and dims.vpp > 1 else 1)
+
+
+T = TypeVar("T")
+
+
+def split_over_cp(items: Sequence[T], dims, fn: Callable[[list[T]], list[Any]], *, per_item: int = 1,
+                  unit: int = 1, pad: Callable[[T], T] = lambda x: x) -> list[Any]:
+    """fn over `items` (the same on every cp rank of a replica) with the work split over cp: cp rank c
+    runs fn on its contiguous share — padded by copies (`pad`) of its last item until its per_item·share
+    results are a multiple of `unit`, those results dropped — with the models' cp unbound by the caller;
+    every cp rank gets all results, in item order. fn returns per_item results per item. Collective
+    over cp (and whatever fn is collective over: the share's tp and pp ranks run it together)."""
+    cp = dims.comm("cp") if dims is not None and dims.cp > 1 else None
+    if cp is None:
+        return fn(list(items))
+    per_rank = -(-len(items) // cp.size)
+    mine = list(items[cp.rank * per_rank:(cp.rank + 1) * per_rank])
+    out: list[Any] = []
+    if mine:  # (a cp rank without items skips the passes: its tp and pp ranks agree on that)
+        padded = mine + [pad(mine[-1]) for _ in range(_padding(len(mine), per_item, unit))]
+        out = fn(padded)[: len(mine) * per_item]
+    return [r for part in cp.all_gather_object(out) for r in part]  # type: ignore[union-attr]
+
+
+def _padding(n: int, per_item: int, unit: int) -> int:
+    k = 0
+    while ((n + k) * per_item) % unit:
+        k += 1
+    return k
+
+
+def _copy_generator(gen: torch.Generator | None) -> torch.Generator | None:
+    """A padding row's generator: a copy, so the real prompt's own draws are not advanced twice."""
+    if gen is None:
+        return None
+    twin = torch.Generator()
+    twin.set_state(gen.get_state())
+    return twin
+
+
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
                        generators: Sequence[torch.Generator] | None,
@@ -87,6 +138,37 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
     sequence parallelism, which shards the sequence). kv_cache: None picks incremental decoding where
     it can run (`can_use_kv_cache`), False always recomputes (the reference for tests and benchmarks).
     """
+    if dims is None or dims.cp == 1:
+        return _sample_replica(model, dims, prompts, generators, group_size=group_size, max_new_tokens=max_new_tokens,
+                               temperature=temperature, stop_ids=stop_ids, stop_text=stop_text, decode=decode,
+                               pad_id=pad_id, vocab_limit=vocab_limit, micro_batch=micro_batch, precision=precision,
+                               device=device, width_multiple=width_multiple, kv_cache=kv_cache)
+    # Context parallelism: each cp rank samples its share of the prompts on whole sequences.
+    items = list(zip(prompts, generators if generators is not None else [None] * len(prompts)))
+
+    def sample(share: list[tuple[list[int], torch.Generator | None]]) -> list[tuple[list[int], bool]]:
+        gens = None if generators is None else [gen for _, gen in share]
+        new, stopped = _sample_replica(
+            model, dims, [p for p, _ in share], gens, group_size=group_size, max_new_tokens=max_new_tokens,
+            temperature=temperature, stop_ids=stop_ids, stop_text=stop_text, decode=decode, pad_id=pad_id,
+            vocab_limit=vocab_limit, micro_batch=micro_batch, precision=precision, device=device,
+            width_multiple=width_multiple, kv_cache=kv_cache)
+        return list(zip(new, stopped))
+
+    with cp_unbound(model):
+        out = split_over_cp(items, dims, sample, per_item=group_size, unit=pass_unit(dims, micro_batch),
+                            pad=lambda it: (it[0], _copy_generator(it[1])))
+    return [c for c, _ in out], [s for _, s in out]
+
+
+@torch.no_grad()
+def _sample_replica(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
+                    generators: Sequence[torch.Generator] | None,
+                    *, group_size: int, max_new_tokens: int, temperature: float,
+                    stop_ids: set[int], stop_text: str | None, decode, pad_id: int, vocab_limit: int,
+                    micro_batch: int, precision, device: torch.device,
+                    width_multiple: int, kv_cache: bool | None) -> tuple[list[list[int]], list[bool]]:
+    """`sample_completions` on this replica's tp and pp ranks, with no cp split."""
     tp = dims.tp_comm if dims is not None else None
     pp = dims.comm("pp") if dims is not None and dims.pp > 1 else None
     rows = [list(p) for p in prompts for _ in range(group_size)]
@@ -149,7 +231,7 @@ def sample_share(model: torch.nn.Module, dims, prompts: Sequence[list[int]], *, 
     mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
     out: list[tuple[list[int], bool]] = []
     if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
-        unit = micro_batch * (dims.pp if dims is not None and dims.vpp > 1 else 1)
+        unit = pass_unit(dims, micro_batch)
         padded = mine + [mine[-1]] * (-len(mine) % unit)
         completions, stopped = sample_completions(
             model, dims, [prompts[i] for i in padded],
@@ -254,8 +336,7 @@ def token_logprobs(model: torch.nn.Module, dims, microbatches: list[dict], *, te
     out: dict[int, torch.Tensor] = {}
 
     def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
-        logits = module(batch["tokens"], position_ids=batch["position_ids"],
-                        attention_mask=block_causal_mask(batch["document_ids"]))
+        logits = module(batch["tokens"], **model_inputs(batch))
 
         def record(output: torch.Tensor):
             scaled = output if temperature == 1.0 else output / temperature
@@ -264,13 +345,30 @@ def token_logprobs(model: torch.nn.Module, dims, microbatches: list[dict], *, te
 
         return logits, record
 
+    return per_token_pass(model, dims, microbatches, forward_step, out, precision=precision)
+
+
+def per_token_pass(model: torch.nn.Module, dims, microbatches: list[dict], forward_step, out: dict[int, torch.Tensor],
+                   *, precision) -> list[torch.Tensor]:
+    """A forward-only pass whose `forward_step` records per-token values [M, s(/cp)] of microbatch i in
+    out[i] on the last pipeline stage: run in eval mode, under cp on each rank's share of the rows
+    (the microbatches, replicated over cp, are split here) and gathered back to whole rows [M, s] on
+    every cp rank. Zeros on the other stages. Collective over tp, cp and pp."""
+    cp = dims.comm("cp") if dims is not None and dims.cp > 1 else None
+    tagged = [{**mb, "mb": torch.tensor(i)} for i, mb in enumerate(microbatches)]
+    if cp is not None:
+        tagged = [shard_microbatch(mb, cp) for mb in tagged]
     was_training = model.training
     model.eval()
     try:
-        tagged = [{**mb, "mb": torch.tensor(i)} for i, mb in enumerate(microbatches)]
         with precision.autocast():
             forward_pass(forward_step, tagged, model, dims)
     finally:
         model.train(was_training)
-    return [out.get(i, torch.zeros(mb["labels"].shape, device=mb["labels"].device))
-            for i, mb in enumerate(microbatches)]
+    result = []
+    for i, mb in enumerate(microbatches):
+        if i in out:
+            result.append(gather_sequence(out[i], cp))
+        else:  # not the last stage: nothing computed (its ranks never read these)
+            result.append(torch.zeros(mb["tokens"].shape, dtype=torch.float64, device=mb["tokens"].device))
+    return result
