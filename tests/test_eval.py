@@ -286,6 +286,32 @@ def test_eval_tasks_during_training_match_scaletrain_eval(tmp_path, tokenizer_di
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+def test_eval_tasks_under_context_parallelism_match_the_single_process(tmp_path, tokenizer_dir, task_dir, arith_prefix):
+    """A cp2 run's train.eval_tasks (its cp ranks score and sample shares of the rows whole) log what the
+    single process logs; 7 rows: uneven over the two cp ranks."""
+    from parity import assert_same_steps, run_single_and_parallel
+
+    tasks = [f"perplexity:{task_dir / 'pretrain.jsonl'}", f"choice:{task_dir / 'choice_test.jsonl'}",
+             f"answer:{task_dir / 'sft_test.jsonl'}"]
+
+    def args(par: bool):
+        run = tmp_path / str(par)
+        out = ["train", "--config", TINY]
+        for s in tiny_overrides(run, tokenizer_dir, str(arith_prefix), **{
+                "train.seq_length": 128, "train.steps": 2, "train.eval_interval": 2, "train.eval_iters": 1,
+                "train.eval_tasks": "[" + ", ".join(f'"{t}"' for t in tasks) + "]", "train.eval_task_limit": 7,
+                "train.eval_max_new_tokens": 8, "precision.dtype": "float64", **({"parallel.cp": 2} if par else {})}):
+            out += ["--set", s]
+        return run, out
+
+    a, b = run_single_and_parallel(args, 2)
+    assert_same_steps(a, b, 1e-10)
+    keys = [k for k in a[-1] if k.startswith("eval_") and k != "eval_tasks_s"]
+    assert len(keys) >= 6 and all(k in b[-1] for k in keys)
+    for k in keys:
+        assert b[-1][k] == pytest.approx(a[-1][k], rel=1e-10), k
+
+
 def test_chat_choice_asks_in_the_template(tmp_path, model_run, task_dir, tokenizer_dir):
     """--chat: the question is the user's turn and each choice the assistant's reply; shots are earlier turns."""
     from scaletrain.data.tokenizer import load_tokenizer

@@ -242,9 +242,6 @@ def validate(cfg: RunConfig, world_size: int) -> int:
                       f"{cfg.posttrain.group_size}.")
     if t.eval_tasks and not t.eval_interval:
         errors.append("train.eval_tasks run at validations: set train.eval_interval (or drop the tasks).")
-    if t.eval_tasks and cfg.parallel.cp > 1:
-        errors.append(f"train.eval_tasks with parallel.cp = {cfg.parallel.cp}: evaluation scores whole rows (cp = 1); "
-                      "run `scaletrain eval` on the checkpoints instead.")
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
     return dp

@@ -7,6 +7,8 @@ vocabulary is never gathered). Rows are right-padded per microbatch (padding is 
 so it changes no score); the values are exact on the last pipeline stage and broadcast over pp, so
 every rank of the replica returns them. Under data parallelism each replica scores its contiguous
 share of the rows and the shares are summed over dp: every rank returns every row's score. Under
+context parallelism the cp ranks score rows whole (cp unbound: evaluation rows are short next to a
+long-context run's training rows), each a share like extra dp replicas, summed over dp × cp. Under
 pipeline parallelism every microbatch of a pass has the pass's longest row's width (the stages agree
 on one activation shape); otherwise each is as wide as its own longest row.
 """
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.nn import cross_entropy_per_token
+from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.posttrain.packing import block_causal_mask
 from scaletrain.trainer.step import forward_pass
 
@@ -46,7 +49,7 @@ def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[lis
     """([n] float64 Σ log p of each row's continuation, [n] int64 its token count), on every rank.
 
     rows: (ids, start) with 1 ≤ start < len(ids): ids[start:] is scored given ids[:start]. Collective
-    over the whole world (tp and pp within a replica, then dp). width_multiple: rows padded to a
+    over the whole world (tp and pp within a replica, then dp × cp). width_multiple: rows padded to a
     multiple of it (tp under sequence parallelism)."""
     for ids, start in rows:
         if not 1 <= start < len(ids):
@@ -86,11 +89,11 @@ def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], 
                   micro_batch: int, precision, device: torch.device, pad_id: int, width_multiple: int,
                   extra: dict[str, list[int]] | None = None) -> torch.Tensor:
     """`read(output, batch)` → [rows of the microbatch, fields] per microbatch through the layout's
-    forward-only schedule, each dp replica on its contiguous share; the [n, fields] float64 result on
-    every rank."""
-    dp, dp_rank = (dims.dp, dims.dp_rank) if dims is not None else (1, 0)
-    per_rank = -(-len(rows) // dp)
-    mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(rows))))
+    forward-only schedule, each dp replica (and each cp rank of one: rows run whole) on its contiguous
+    share; the [n, fields] float64 result on every rank."""
+    workers, me = (dims.dp * dims.cp, dims.dp_rank * dims.cp + dims.cp_rank) if dims is not None else (1, 0)
+    per_rank = -(-len(rows) // workers)
+    mine = list(range(me * per_rank, min((me + 1) * per_rank, len(rows))))
     values: dict[int, torch.Tensor] = {}
     if mine:  # (a replica with no rows skips its passes; its ranks agree on that)
         unit = micro_batch * (dims.pp if dims is not None and dims.vpp > 1 else 1)
@@ -119,7 +122,7 @@ def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], 
 
         was_training = model.training
         model.eval()
-        with precision.autocast():
+        with cp_unbound(model), precision.autocast():
             forward_pass(forward_step, mbs, model, dims)
         model.train(was_training)
     sums = torch.zeros(len(rows), fields, dtype=torch.float64)
@@ -128,8 +131,8 @@ def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], 
     if dims is not None:
         if dims.pp > 1:  # the values exist on the last stage
             sums = dims.comm("pp").broadcast(sums.to(device), src_group_rank=dims.pp - 1).cpu()
-        if dims.dp > 1:
+        if workers > 1:
             keep = torch.zeros(len(rows), 1, dtype=torch.float64)
             keep[mine] = 1.0
-            sums = dims.comm("dp").all_reduce((sums * keep).to(device)).cpu()
+            sums = dims.comm("dp_cp").all_reduce((sums * keep).to(device)).cpu()
     return sums
