@@ -78,7 +78,8 @@ def eval_command(args: argparse.Namespace) -> int:
         p = cfg.parallel
         if p.cp > 1 or env.world_size % (p.tp * p.pp):
             raise ConfigError(f"evaluation runs at tp·pp = {p.tp}·{p.pp} (cp = 1) on world size {env.world_size}: "
-                              f"launch a multiple of {p.tp * p.pp} processes and leave parallel.cp = 1")
+                              f"launch a multiple of {p.tp * p.pp} processes and leave parallel.cp = 1 (rows are "
+                              "scored whole: extra processes are data-parallel replicas)")
         from scaletrain.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(tok_dir))

@@ -81,7 +81,9 @@ def rlaif_command(args: argparse.Namespace) -> int:
         env = read_env()
         if cfg.parallel.cp > 1 or env.world_size % (cfg.parallel.tp * cfg.parallel.pp):
             raise ConfigError(f"rlaif runs at tp·pp = {cfg.parallel.tp}·{cfg.parallel.pp} (cp = 1) on world size "
-                              f"{env.world_size}: launch a multiple of {cfg.parallel.tp * cfg.parallel.pp} processes")
+                              f"{env.world_size}: launch a multiple of {cfg.parallel.tp * cfg.parallel.pp} processes and leave "
+                              "parallel.cp = 1 (responses are sampled and judged whole: extra processes are "
+                              "data-parallel replicas)")
         p_tok, j_tok = load_tokenizer(str(p_tok_dir)), load_tokenizer(str(j_tok_dir))
         for path, m, tok in ((args.policy, pm, p_tok), (judge_path, jm, j_tok)):
             check_frozen_model(dataclasses.replace(cfg, model=m), "model", path, role="model",
