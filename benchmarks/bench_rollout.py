@@ -3,16 +3,24 @@
 prompts, same generators — and the same tokens (checked).
 
     python benchmarks/bench_rollout.py [--hidden 64 --layers 4 --prompt 64 --new 32 --prompts 8 --group 8]
+    python benchmarks/bench_rollout.py --cps 1 2      # rollouts under context parallelism
 
-Prints completion tokens/s of both and their ratio.
+Prints completion tokens/s of both and their ratio. With --cps, the same sampling on a model
+parallelized at each cp (forked gloo ranks, one thread each): the cp ranks sample shares of the
+prompts on whole sequences with the KV cache and gather them, so the job's tokens/s should grow
+with cp while every rank ends with cp1's tokens (checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the forked-ranks harness
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
@@ -33,18 +41,12 @@ def main() -> int:
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
     p.add_argument("--micro", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cps", type=int, nargs="*", default=None, help="compare these cp sizes instead")
     args = p.parse_args()
+    if args.cps:
+        return _compare_cp(args)
     torch.set_num_threads(args.threads)
-    m = resolve_model(ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2,
-                                  ffn_hidden_size=3 * args.hidden, vocab_size=args.vocab), tokenizer_vocab=None, tp=1,
-                      seq_length=args.prompt + args.new)
-    model = build_model(m, dtype=torch.float32)
-    init_parameters(model, 0, tp_rank=0, tp_size=1)
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, args.vocab, (args.prompt,), generator=gen).tolist() for _ in range(args.prompts)]
-    kw = dict(group_size=args.group, max_new_tokens=args.new, temperature=1.0, stop_ids=set(), pad_id=0,
-              vocab_limit=args.vocab, micro_batch=args.micro, precision=Precision(torch.float32, None, "cpu", "bench"),
-              device=torch.device("cpu"))
+    model, prompts, kw = _setup(args)
     results = {}
     for cached in (True, False):
         gens = [sampling_generator(0, i) for i in range(args.prompts)]
@@ -61,6 +63,59 @@ def main() -> int:
         print(f"{name:<22} {results[cached][1]:>10,.0f} {results[cached][2]:>8.2f}")
     print(f"speed-up {results[True][1] / results[False][1]:.1f}×; same tokens: {same}")
     return 0 if same else 1
+
+
+def _setup(args, dims=None):
+    """The model (parallelized at `dims`' cp when given), prompts and sampling settings."""
+    m = resolve_model(ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2,
+                                  ffn_hidden_size=3 * args.hidden, vocab_size=args.vocab), tokenizer_vocab=None, tp=1,
+                      seq_length=args.prompt + args.new)
+    model = build_model(m, dtype=torch.float32)
+    if dims is not None:
+        from scaletrain.config.schema import ParallelConfig
+        from scaletrain.parallel.parallelize import parallelize
+
+        model = parallelize(model, dims, ParallelConfig(cp=dims.cp))
+    init_parameters(model, 0, tp_rank=0, tp_size=1)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, args.vocab, (args.prompt,), generator=gen).tolist() for _ in range(args.prompts)]
+    kw = dict(group_size=args.group, max_new_tokens=args.new, temperature=1.0, stop_ids=set(), pad_id=0,
+              vocab_limit=args.vocab, micro_batch=args.micro, precision=Precision(torch.float32, None, "cpu", "bench"),
+              device=torch.device("cpu"))
+    return model, prompts, kw
+
+
+def _cp_rank(rank: int, world: int, args) -> tuple[list[list[int]], float]:
+    from scaletrain.config.schema import ParallelConfig
+    from scaletrain.distributed import ParallelDims
+
+    torch.set_num_threads(1)
+    dims = ParallelDims.from_config(ParallelConfig(cp=world), world, rank)
+    model, prompts, kw = _setup(args, dims)
+    gens = [sampling_generator(0, i) for i in range(args.prompts)]
+    dims.comm("cp").barrier()  # start the clock together
+    t0 = time.perf_counter()
+    out, _ = sample_completions(model, dims, prompts, gens, **kw)
+    return out, time.perf_counter() - t0
+
+
+def _compare_cp(args) -> int:
+    from dist_harness import run_ranks
+
+    print(f"model h{args.hidden}×{args.layers}L, {args.prompts} prompts × {args.group} completions, prompt "
+          f"{args.prompt} + {args.new} new tokens, one thread per rank, KV cache where the layout allows")
+    print(f"{'cp':>3} {'ranks':>5} {'seconds':>8} {'job tokens/s':>13} {'per rank':>9} {'vs cp1':>7}  same tokens")
+    base, ok = None, True
+    for cp in args.cps:
+        results = run_ranks(cp, _cp_rank, args, timeout=1800)
+        tokens = results[0][0]
+        seconds = max(r[1] for r in results)  # the job waits for its slowest rank
+        same = all(r[0] == tokens for r in results) and (base is None or tokens == base[0])
+        ok &= same
+        rate = sum(len(c) for c in tokens) / seconds
+        base = base or (tokens, rate)
+        print(f"{cp:>3} {cp:>5} {seconds:>8.2f} {rate:>13,.0f} {rate / cp:>9,.0f} {rate / base[1]:>6.2f}×  {same}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -82,6 +82,45 @@ def test_blockwise_attention_equals_sdpa_values_and_grads(packed, block):
             assert (a - r).abs().max() < 1e-12
 
 
+def _rollout_fields_rank(rank: int, world: int) -> dict:
+    """A rollout microbatch (whole rows, the same on every cp rank) split for the step, and per-token
+    values of this rank's share gathered back; a split sampling job gathered in item order."""
+    from scaletrain.config.schema import ParallelConfig
+    from scaletrain.distributed import ParallelDims
+    from scaletrain.parallel.context_parallel import gather_sequence, shard_microbatch
+    from scaletrain.posttrain.rollout import split_over_cp
+
+    dims = ParallelDims.from_config(ParallelConfig(cp=world), world, rank)
+    cp = dims.comm("cp")
+    b, s = 3, 16
+    full = torch.arange(b * s, dtype=torch.float64).reshape(b, s)
+    batch = {"tokens": full.long(), "labels": full.long(), "ref_logps": full, "returns": full + 1,
+             "advantages": torch.tensor([1.0, 2.0, 3.0])}
+    part = shard_microbatch(batch, cp)
+    per_token = shard_microbatch({**batch, "advantages": full}, cp)["advantages"]
+    calls: list[list[int]] = []
+
+    def work(items: list[int]) -> list[int]:
+        calls.append(items)
+        return [x for i in items for x in (10 * i, 10 * i + 1)]
+
+    shared = split_over_cp(list(range(5)), dims, work, per_item=2, unit=4)
+    return {"idx": part["tokens"][0].tolist(), "ref": part["ref_logps"].shape, "adv": part["advantages"].tolist(),
+            "back": torch.equal(gather_sequence(part["ref_logps"], cp), full)
+            and torch.equal(gather_sequence(part["returns"], cp), full + 1)
+            and torch.equal(gather_sequence(per_token, cp), full),
+            "shared": shared, "calls": calls}
+
+
+def test_rollout_fields_split_and_gather_back_over_cp():
+    r0, r1 = run_ranks(2, _rollout_fields_rank, timeout=60)
+    assert r0["idx"] == local_indices(16, 2, 0).tolist() and r1["idx"] == local_indices(16, 2, 1).tolist()
+    assert r0["ref"] == (3, 8) and r0["adv"] == [1.0, 2.0, 3.0]  # per-row advantages stay whole
+    assert r0["back"] and r1["back"]
+    assert r0["shared"] == r1["shared"] == [x for i in range(5) for x in (10 * i, 10 * i + 1)]
+    assert r0["calls"] == [[0, 1, 2, 2]] and r1["calls"] == [[3, 4]]  # rank 0 padded to whole units of 4
+
+
 def _pretrain(run_dir, tokenizer_dir, prefix, parallel: dict):
     args = ["train", "--config", TINY]
     for item in tiny_overrides(run_dir, tokenizer_dir, prefix, **{**F64, **parallel}):
