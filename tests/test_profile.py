@@ -153,3 +153,59 @@ def test_full_recompute_gives_the_same_gradients_and_saves_what_the_planner_says
         c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, recompute=recompute))
         assert saved == pytest.approx(plan(c, 1).stages[0].activation_bytes_per_microbatch, rel=0.10), recompute
     assert s1 < s0 / 2
+
+
+def _rollout_kv_rank(rank: int, world: int) -> tuple[int, int, int]:
+    """Sample a GRPO rollout batch that fills train.seq_length (no stop token) at cp = world: the bytes its
+    KV caches hold at the end, next to the planner's rollout KV bytes and total for this layout."""
+    import dataclasses
+
+    import torch
+
+    import scaletrain.posttrain.rollout as rollout
+    from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig
+    from scaletrain.config.validate import resolve_model
+    from scaletrain.distributed import ParallelDims
+    from scaletrain.models import build_model
+    from scaletrain.nn import init_parameters
+    from scaletrain.parallel.parallelize import parallelize
+    from scaletrain.trainer.precision import Precision
+
+    seq, new = 32, 8
+    m = resolve_model(ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  ffn_hidden_size=64), tokenizer_vocab=None, tp=1, seq_length=seq)
+    cfg = RunConfig(model=m, parallel=ParallelConfig(cp=world, backend="torch"),
+                    posttrain=PostTrainConfig(objective="grpo", group_size=4, max_new_tokens=new))
+    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float64"),
+                              train=dataclasses.replace(cfg.train, seq_length=seq, global_batch_size=8,
+                                                        micro_batch_size=2))
+    dims = ParallelDims.from_config(cfg.parallel, world, rank)
+    model = parallelize(build_model(m, dtype=torch.float64), dims, cfg.parallel)
+    init_parameters(model, 0, tp_rank=0, tp_size=1)
+    caches = []
+
+    class Counted(rollout.KVCache):
+        def __init__(self) -> None:
+            super().__init__()
+            caches.append(self)
+
+    rollout.KVCache = Counted  # (a forked rank: the patch dies with it)
+    prompts = [list(range(3 + i, 3 + i + seq - new + 1)) for i in range(2)]  # 2 prompts × 4 = the global batch
+    rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(0, i) for i in range(2)],
+                               group_size=4, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
+                               vocab_limit=96, micro_batch=2, precision=Precision(torch.float64, None, "cpu", "t"),
+                               device=torch.device("cpu"))
+    held = sum(k.nbytes + v.nbytes for c in caches for k, v in c._kv.values())
+    stage = plan(cfg, world).stages[0]
+    return held, stage.rollout_kv_bytes, stage.rollout_logits_bytes
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_planned_rollout_kv_cache_is_what_decoding_holds(world):
+    """GRPO's rollout memory: the KV cache the sampler really holds at the last token (8 rows, or 4 per cp
+    rank at cp2, × 32 positions × 2 layers × k and v × 2 kv heads × 8 dims × 8 bytes) equals the plan's."""
+    results = run_ranks(world, _rollout_kv_rank, timeout=60)
+    rows = 8 // world
+    for held, planned, logits in results:
+        assert held == planned == rows * 32 * 2 * 2 * 2 * 8 * 8
+        assert logits == 2 * 32 * 96 * 8  # one microbatch's prompt-pass logits

@@ -22,6 +22,13 @@ Conventions (all bytes are per rank):
   the buffer, all-gather / reduce-scatter (n-1)/n; pipeline point-to-point is the activation sent
   forward plus its gradient sent back at each stage boundary; cp all-gathers keys and values forward
   and reduce-scatters their gradients back; gradients (and ZeRO-1 shards) span dp × cp.
+- Rollouts (GRPO, PPO, on-policy distillation) happen between steps, when no training activation is
+  live: a stage's peak is its static memory plus the larger of its activations and its rollout memory.
+  Rollout memory is the KV cache of every row this rank decodes (the replica's completions per step,
+  split over cp — rows are sampled whole, each cp rank a share — up to train.seq_length positions, keys
+  and values of this rank's kv heads in the compute dtype; only where decoding is incremental: pp = 1, no
+  SP, not the te backend) plus, on the last stage, one microbatch's logits over this rank's vocabulary
+  slice (the prompt pass, and every pass where each token recomputes its prefix).
 """
 
 from __future__ import annotations
@@ -69,10 +76,19 @@ class StagePlan:
     # Companion models of post-training (a distillation teacher and its stored outputs, a reference policy,
     # a reward model, PPO's critic with its gradients and AdamW state), on this stage.
     companion_bytes: int = 0
+    # Rollouts (between steps, when activations are freed): the KV cache of the rows this rank decodes,
+    # and the transient logits of one pass on the last stage.
+    rollout_kv_bytes: int = 0
+    rollout_logits_bytes: int = 0
+
+    @property
+    def rollout_bytes(self) -> int:
+        return self.rollout_kv_bytes + self.rollout_logits_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + self.companion_bytes
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.companion_bytes
+                + max(self.activations_bytes, self.rollout_bytes))
 
 
 @dataclass
@@ -107,6 +123,7 @@ class Plan:
         d["fits"] = self.fits
         for s, sd in zip(self.stages, d["stages"]):
             sd["total_bytes"] = s.total_bytes
+            sd["rollout_bytes"] = s.rollout_bytes
         return d
 
 
@@ -152,6 +169,37 @@ def activation_bytes_per_layer(m: ModelConfig, layout: Layout, tokens: int, para
     # Context parallelism: `tokens` are this rank's; attention keeps the keys/values gathered over cp.
     gathered = 2 * nkv * d * compute_bytes * tokens * (layout.cp - 1) if layout.cp > 1 else 0
     return tokens * (norms + attn + mlp) + gathered
+
+
+def rollout_rows(cfg: RunConfig, layout: Layout) -> int:
+    """Rows one rank decodes per rollout batch: the replica's completions (global batch / dp), each cp
+    rank a contiguous share padded to whole passes; 0 for objectives without rollouts."""
+    pt, t = cfg.posttrain, cfg.train
+    if pt.objective not in ("grpo", "ppo") and not (pt.objective == "distill" and pt.distill_on_policy):
+        return 0
+    rows = t.global_batch_size // layout.dp
+    if layout.cp > 1:
+        group = pt.group_size if pt.objective in ("grpo", "ppo") else 1
+        prompts = -(-(rows // group) // layout.cp)
+        unit = t.micro_batch_size * (layout.pp if layout.vpp > 1 else 1)
+        while (prompts * group) % unit:  # whole passes: padded with copies of the last prompt
+            prompts += 1
+        rows = prompts * group
+    return rows
+
+
+def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, compute_bytes: int) -> tuple[int, int]:
+    """(KV-cache bytes, logits bytes) of this stage's rank during a rollout (see the module docstring)."""
+    m, t = cfg.model, cfg.train
+    rows = rollout_rows(cfg, layout)
+    if not rows:
+        return 0, 0
+    incremental = layout.pp == 1 and not layout.sequence_parallel and cfg.parallel.backend != "te"
+    kv = rows * t.seq_length * layers * 2 * (m.num_kv_heads // layout.tp) * m.head_dim * compute_bytes \
+        if incremental else 0
+    logits = t.micro_batch_size * t.seq_length * (m.vocab_size // layout.tp) * compute_bytes \
+        if pp_rank == layout.pp - 1 else 0
+    return kv, logits
 
 
 def peak_in_flight(pp: int, vpp: int, pp_rank: int, microbatches: int) -> int:
@@ -221,8 +269,9 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
         chunk_share = act_mb / p.vpp if p.pp > 1 else act_mb
         activations = int(chunk_share * in_flight) + transient
+        kv, logits = rollout_bytes(cfg, layout, r, layers, compute_bytes)
         stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations,
-                                companions))
+                                companions, kv, logits))
 
     comm = _comm_bytes(m, layout, microbatches, tokens_mb, compute_bytes, param_bytes, stages)
     bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
@@ -286,15 +335,21 @@ def format_plan(p: Plan) -> str:
         f"pipeline: {p.microbatches} microbatches per step, bubble {p.bubble_fraction:.3f}",
     ]
     distill = any(s.companion_bytes for s in p.stages)
+    rollouts = any(s.rollout_bytes for s in p.stages)
     if p.teacher_flops_per_token:
         lines.append(f"teacher forward: {p.teacher_flops_per_token / 1e9:.1f} GFLOP/token more (not counted in MFU)")
     lines += ["", f"{'stage':>5} {'layers':>6} {'weights':>9} {'grads':>9} {'optim':>9} {'act/mb':>9} {'in-flight':>9} "
-                  f"{'activ.':>9}" + (f" {'others':>9}" if distill else "") + f" {'total GiB':>10}"]
+                  f"{'activ.':>9}" + (f" {'others':>9}" if distill else "") + (f" {'rollout':>9}" if rollouts else "")
+              + f" {'total GiB':>10}"]
     for s in p.stages:
         lines.append(f"{s.pp_rank:>5} {s.layers:>6} {s.weights_bytes / gib:>9.2f} {s.grads_bytes / gib:>9.2f} "
                      f"{s.optimizer_bytes / gib:>9.2f} {s.activation_bytes_per_microbatch / gib:>9.2f} "
                      f"{s.microbatches_in_flight:>9} {s.activations_bytes / gib:>9.2f}"
-                     + (f" {s.companion_bytes / gib:>9.2f}" if distill else "") + f" {s.total_bytes / gib:>10.2f}")
+                     + (f" {s.companion_bytes / gib:>9.2f}" if distill else "")
+                     + (f" {s.rollout_bytes / gib:>9.2f}" if rollouts else "") + f" {s.total_bytes / gib:>10.2f}")
+    if rollouts:
+        lines.append("rollout: KV cache of the rows a rank decodes + one pass's logits, between steps "
+                     "(total = static + max(activ., rollout))")
     lines.append("")
     lines.append("communication per rank per step: " + ", ".join(
         f"{k} {v / 1e9:.2f} GB" for k, v in p.comm_bytes_per_step.items()))
