@@ -147,7 +147,7 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
     items = list(zip(prompts, generators if generators is not None else [None] * len(prompts)))
 
     def sample(share: list[tuple[list[int], torch.Generator | None]]) -> list[tuple[list[int], bool]]:
-        gens = None if generators is None else [gen for _, gen in share]
+        gens = None if generators is None else [gen for _, gen in share if gen is not None]
         new, stopped = _sample_replica(
             model, dims, [p for p, _ in share], gens, group_size=group_size, max_new_tokens=max_new_tokens,
             temperature=temperature, stop_ids=stop_ids, stop_text=stop_text, decode=decode, pad_id=pad_id,
