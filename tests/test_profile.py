@@ -155,9 +155,9 @@ def test_full_recompute_gives_the_same_gradients_and_saves_what_the_planner_says
     assert s1 < s0 / 2
 
 
-def _rollout_kv_rank(rank: int, world: int) -> tuple[int, int, int]:
-    """Sample a GRPO rollout batch that fills train.seq_length (no stop token) at cp = world: the bytes its
-    KV caches hold at the end, next to the planner's rollout KV bytes and total for this layout."""
+def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int]:
+    """Sample a GRPO rollout batch that fills train.seq_length (no stop token) at `layout`: the bytes its
+    KV caches hold at the end, next to the planner's rollout KV and logits bytes for this layout."""
     import dataclasses
 
     import torch
@@ -173,15 +173,15 @@ def _rollout_kv_rank(rank: int, world: int) -> tuple[int, int, int]:
 
     seq, new = 32, 8
     m = resolve_model(ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  ffn_hidden_size=64), tokenizer_vocab=None, tp=1, seq_length=seq)
-    cfg = RunConfig(model=m, parallel=ParallelConfig(cp=world, backend="torch"),
+                                  ffn_hidden_size=64), tokenizer_vocab=None, tp=layout.get("tp", 1), seq_length=seq)
+    cfg = RunConfig(model=m, parallel=ParallelConfig(backend="torch", **layout),
                     posttrain=PostTrainConfig(objective="grpo", group_size=4, max_new_tokens=new))
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float64"),
                               train=dataclasses.replace(cfg.train, seq_length=seq, global_batch_size=8,
                                                         micro_batch_size=2))
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
-    model = parallelize(build_model(m, dtype=torch.float64), dims, cfg.parallel)
-    init_parameters(model, 0, tp_rank=0, tp_size=1)
+    model = parallelize(build_model(m, tp_size=dims.tp, dtype=torch.float64), dims, cfg.parallel)
+    init_parameters(model, 0, tp_rank=dims.tp_rank, tp_size=dims.tp)
     caches = []
 
     class Counted(rollout.KVCache):
@@ -194,18 +194,19 @@ def _rollout_kv_rank(rank: int, world: int) -> tuple[int, int, int]:
     rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(0, i) for i in range(2)],
                                group_size=4, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
                                vocab_limit=96, micro_batch=2, precision=Precision(torch.float64, None, "cpu", "t"),
-                               device=torch.device("cpu"))
+                               device=torch.device("cpu"), width_multiple=dims.tp if dims.tp > 1 else 1)
     held = sum(k.nbytes + v.nbytes for c in caches for k, v in c._kv.values())
     stage = plan(cfg, world).stages[0]
     return held, stage.rollout_kv_bytes, stage.rollout_logits_bytes
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_planned_rollout_kv_cache_is_what_decoding_holds(world):
-    """GRPO's rollout memory: the KV cache the sampler really holds at the last token (8 rows, or 4 per cp
-    rank at cp2, × 32 positions × 2 layers × k and v × 2 kv heads × 8 dims × 8 bytes) equals the plan's."""
-    results = run_ranks(world, _rollout_kv_rank, timeout=60)
-    rows = 8 // world
-    for held, planned, logits in results:
-        assert held == planned == rows * 32 * 2 * 2 * 2 * 8 * 8
-        assert logits == 2 * 32 * 96 * 8  # one microbatch's prompt-pass logits
+@pytest.mark.parametrize("layout,world,rows,kv_heads", [({}, 1, 8, 2), ({"cp": 2}, 2, 4, 2),
+                                                       ({"tp": 2, "sequence_parallel": True}, 2, 8, 1)],
+                         ids=["single", "cp2", "tp2sp"])
+def test_planned_rollout_kv_cache_is_what_decoding_holds(layout, world, rows, kv_heads):
+    """GRPO's rollout memory: the KV cache the sampler really holds at the last token (8 rows, 4 per cp rank
+    at cp2; tp2+SP decodes with SP lifted, each tp rank caching its kv head) × 32 positions × 2 layers × k and
+    v × 8 dims × 8 bytes equals the plan's, as do one microbatch's logits over the rank's vocabulary slice."""
+    for held, planned, logits in run_ranks(world, _rollout_kv_rank, layout, timeout=60):
+        assert held == planned == rows * 32 * 2 * 2 * kv_heads * 8 * 8
+        assert logits == 2 * 32 * (96 // layout.get("tp", 1)) * 8

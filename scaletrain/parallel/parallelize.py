@@ -12,6 +12,9 @@ recomputation; (6) data parallelism: bucketed gradient all-reduce hooks over dp 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from scaletrain.config.schema import ParallelConfig
@@ -118,3 +121,25 @@ def enable_fp8(model: torch.nn.Module, dims: ParallelDims, precision_cfg) -> str
             kept.append(key)
     return (f"fp8: recipe {precision_cfg.fp8_recipe} ({precision_cfg.fp8_format}), amax over {dims.world_size // dims.pp} "
             f"rank(s) per stage; bf16 blocks here: {', '.join(kept) or 'none'}")
+
+
+def sp_bound(model: torch.nn.Module) -> bool:
+    """Whether any of the model's torch-backend tp layers runs sequence parallelism."""
+    return any(isinstance(m, TPBound) and m.sequence_parallel for m in model.modules())
+
+
+@contextmanager
+def sp_unbound(*models: torch.nn.Module) -> Iterator[None]:
+    """Within the block the models' torch-backend tp layers run plain tensor parallelism — activations
+    replicated over tp, row-parallel outputs all-reduced — instead of sequence parallelism: the same
+    values, for passes whose sequence cannot be split over tp (decoding one token at a time with a KV
+    cache). A scoped lift of parallelize's binding, restored on exit, errors included; forward only
+    (SP's norm-gradient tags assume the split)."""
+    bound = [m for model in models for m in model.modules() if isinstance(m, TPBound) and m.sequence_parallel]
+    for m in bound:
+        m.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for m in bound:
+            m.sequence_parallel = True

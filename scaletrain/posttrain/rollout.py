@@ -18,10 +18,12 @@ prompts with cp unbound (parallel/context_parallel.py `cp_unbound`), then the re
 gather every share over cp, so the rows the training step splits are the same on every cp rank.
 Per-token log-probs of finished rows run in the cp layout and are gathered back to whole rows.
 
-Where one process holds every layer (no pipeline split, no sequence parallelism, torch backend)
-decoding is incremental with a KV cache per microbatch; elsewhere each new token recomputes its
-prefix through the forward-only schedule (O(length²), exact). Both give the same tokens (tested:
-the parity test compares a cached single process with a recomputing tp2·pp2 run).
+Where one process holds every layer of its tp shard (no pipeline split, torch backend) decoding is
+incremental with a KV cache per microbatch — under sequence parallelism with SP lifted for the
+rollout (`parallelize.sp_unbound`: one new token cannot be split over tp; plain tp computes the same
+values); elsewhere each new token recomputes its prefix through the forward-only schedule
+(O(length²), exact). Both give the same tokens (tested: the parity test compares a cached single
+process with a recomputing tp2·pp2 run, and tp2+SP decodes the same tokens cached and recomputed).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.kv_cache import KVCache
 from scaletrain.parallel.context_parallel import cp_unbound, gather_sequence, shard_microbatch
+from scaletrain.parallel.parallelize import sp_bound, sp_unbound
 from scaletrain.posttrain.packing import block_causal_mask, model_inputs
 from scaletrain.trainer.step import forward_pass
 
@@ -135,9 +138,18 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
     tokenise alone as in context); the stopping token is kept (the model learns to stop). Returns
     (completion token ids, stopped: False where max_new_tokens ran out). Collective over tp and pp of
     this replica; identical on its ranks. width_multiple: rows are padded to a multiple of it (tp under
-    sequence parallelism, which shards the sequence). kv_cache: None picks incremental decoding where
-    it can run (`can_use_kv_cache`), False always recomputes (the reference for tests and benchmarks).
+    sequence parallelism, which shards the sequence) where each token recomputes its prefix. kv_cache:
+    None picks incremental decoding where it can run (`can_use_kv_cache`; SP is lifted for it), False
+    always recomputes (the reference for tests and benchmarks).
     """
+    if kv_cache is not False and getattr(model, "pipeline_chunks", None) is None and sp_bound(model):
+        # Sequence parallelism splits rows over tp, a decoded token cannot be: decode with plain tp.
+        with sp_unbound(model):
+            return sample_completions(model, dims, prompts, generators, group_size=group_size,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
+                                      stop_text=stop_text, decode=decode, pad_id=pad_id, vocab_limit=vocab_limit,
+                                      micro_batch=micro_batch, precision=precision, device=device, width_multiple=1,
+                                      kv_cache=kv_cache)
     if dims is None or dims.cp == 1:
         return _sample_replica(model, dims, prompts, generators, group_size=group_size, max_new_tokens=max_new_tokens,
                                temperature=temperature, stop_ids=stop_ids, stop_text=stop_text, decode=decode,
