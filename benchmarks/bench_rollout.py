@@ -4,11 +4,14 @@ prompts, same generators — and the same tokens (checked).
 
     python benchmarks/bench_rollout.py [--hidden 64 --layers 4 --prompt 64 --new 32 --prompts 8 --group 8]
     python benchmarks/bench_rollout.py --cps 1 2      # rollouts under context parallelism
+    python benchmarks/bench_rollout.py --tp-sp 2      # tp+SP: SP lifted for the KV cache vs recomputing
 
 Prints completion tokens/s of both and their ratio. With --cps, the same sampling on a model
 parallelized at each cp (forked gloo ranks, one thread each): the cp ranks sample shares of the
 prompts on whole sequences with the KV cache and gather them, so the job's tokens/s should grow
-with cp while every rank ends with cp1's tokens (checked).
+with cp while every rank ends with cp1's tokens (checked). With --tp-sp N, a model at tpN with sequence
+parallelism decodes with SP lifted and the KV cache against SP's per-token recomputation (the path such
+layouts took before), on N ranks.
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ def main() -> int:
     p.add_argument("--micro", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cps", type=int, nargs="*", default=None, help="compare these cp sizes instead")
+    p.add_argument("--tp-sp", type=int, default=0, help="compare cached and recomputed decoding at this tp with SP")
     args = p.parse_args()
     if args.cps:
         return _compare_cp(args)
+    if args.tp_sp:
+        return _compare_sp(args)
     torch.set_num_threads(args.threads)
     model, prompts, kw = _setup(args)
     results = {}
@@ -65,18 +71,17 @@ def main() -> int:
     return 0 if same else 1
 
 
-def _setup(args, dims=None):
-    """The model (parallelized at `dims`' cp when given), prompts and sampling settings."""
+def _setup(args, dims=None, parallel=None):
+    """The model (parallelized at `dims` with `parallel` when given), prompts and sampling settings."""
     m = resolve_model(ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2,
-                                  ffn_hidden_size=3 * args.hidden, vocab_size=args.vocab), tokenizer_vocab=None, tp=1,
-                      seq_length=args.prompt + args.new)
-    model = build_model(m, dtype=torch.float32)
+                                  ffn_hidden_size=3 * args.hidden, vocab_size=args.vocab), tokenizer_vocab=None,
+                      tp=dims.tp if dims is not None else 1, seq_length=args.prompt + args.new)
+    model = build_model(m, tp_size=dims.tp if dims is not None else 1, dtype=torch.float32)
     if dims is not None:
-        from scaletrain.config.schema import ParallelConfig
         from scaletrain.parallel.parallelize import parallelize
 
-        model = parallelize(model, dims, ParallelConfig(cp=dims.cp))
-    init_parameters(model, 0, tp_rank=0, tp_size=1)
+        model = parallelize(model, dims, parallel)
+    init_parameters(model, 0, tp_rank=dims.tp_rank if dims is not None else 0, tp_size=dims.tp if dims is not None else 1)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, args.vocab, (args.prompt,), generator=gen).tolist() for _ in range(args.prompts)]
     kw = dict(group_size=args.group, max_new_tokens=args.new, temperature=1.0, stop_ids=set(), pad_id=0,
@@ -90,13 +95,50 @@ def _cp_rank(rank: int, world: int, args) -> tuple[list[list[int]], float]:
     from scaletrain.distributed import ParallelDims
 
     torch.set_num_threads(1)
-    dims = ParallelDims.from_config(ParallelConfig(cp=world), world, rank)
-    model, prompts, kw = _setup(args, dims)
+    parallel = ParallelConfig(cp=world)
+    dims = ParallelDims.from_config(parallel, world, rank)
+    model, prompts, kw = _setup(args, dims, parallel)
     gens = [sampling_generator(0, i) for i in range(args.prompts)]
     dims.comm("cp").barrier()  # start the clock together
     t0 = time.perf_counter()
     out, _ = sample_completions(model, dims, prompts, gens, **kw)
     return out, time.perf_counter() - t0
+
+
+def _sp_rank(rank: int, world: int, args) -> dict[bool, tuple[list[list[int]], float]]:
+    from scaletrain.config.schema import ParallelConfig
+    from scaletrain.distributed import ParallelDims
+
+    torch.set_num_threads(1)
+    parallel = ParallelConfig(tp=world, sequence_parallel=True)
+    dims = ParallelDims.from_config(parallel, world, rank)
+    model, prompts, kw = _setup(args, dims, parallel)
+    out = {}
+    for cached in (True, False):
+        gens = [sampling_generator(0, i) for i in range(args.prompts)]
+        dims.tp_comm.barrier()
+        t0 = time.perf_counter()
+        tokens, _ = sample_completions(model, dims, prompts, gens, width_multiple=world,
+                                       kv_cache=None if cached else False, **kw)
+        out[cached] = (tokens, time.perf_counter() - t0)
+    return out
+
+
+def _compare_sp(args) -> int:
+    from dist_harness import run_ranks
+
+    results = run_ranks(args.tp_sp, _sp_rank, args, timeout=1800)
+    print(f"model h{args.hidden}×{args.layers}L at tp{args.tp_sp}+SP, {args.prompts} prompts × {args.group} "
+          f"completions, prompt {args.prompt} + {args.new} new tokens, one thread per rank")
+    print(f"{'decoding':<40} {'tokens/s':>10} {'seconds':>8}")
+    rate = {}
+    for cached, name in ((True, "KV cache, SP lifted for decoding"), (False, "recompute per token under SP")):
+        seconds = max(r[cached][1] for r in results)
+        rate[cached] = sum(len(c) for c in results[0][cached][0]) / seconds
+        print(f"{name:<40} {rate[cached]:>10,.0f} {seconds:>8.2f}")
+    same = all(r[True][0] == r[False][0] == results[0][True][0] for r in results)
+    print(f"speed-up {rate[True] / rate[False]:.1f}×; same tokens: {same}")
+    return 0 if same else 1
 
 
 def _compare_cp(args) -> int:
