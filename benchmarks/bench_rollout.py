@@ -1,17 +1,18 @@
 """GRPO rollout throughput: incremental decoding with the KV cache against recomputing every prefix
-(the path pipeline-parallel and sequence-parallel layouts take), on one process, same model, same
-prompts, same generators — and the same tokens (checked).
+(the te backend's path, and before the cache reached them the pipeline and SP layouts'), on one
+process, same model, same prompts, same generators — and the same tokens (checked).
 
     python benchmarks/bench_rollout.py [--hidden 64 --layers 4 --prompt 64 --new 32 --prompts 8 --group 8]
     python benchmarks/bench_rollout.py --cps 1 2      # rollouts under context parallelism
     python benchmarks/bench_rollout.py --tp-sp 2      # tp+SP: SP lifted for the KV cache vs recomputing
+    python benchmarks/bench_rollout.py --pp 2         # pipeline stages with their own caches vs recomputing
 
 Prints completion tokens/s of both and their ratio. With --cps, the same sampling on a model
 parallelized at each cp (forked gloo ranks, one thread each): the cp ranks sample shares of the
 prompts on whole sequences with the KV cache and gather them, so the job's tokens/s should grow
 with cp while every rank ends with cp1's tokens (checked). With --tp-sp N, a model at tpN with sequence
 parallelism decodes with SP lifted and the KV cache against SP's per-token recomputation (the path such
-layouts took before), on N ranks.
+layouts took before), on N ranks; --pp N likewise on N pipeline stages.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cps", type=int, nargs="*", default=None, help="compare these cp sizes instead")
     p.add_argument("--tp-sp", type=int, default=0, help="compare cached and recomputed decoding at this tp with SP")
+    p.add_argument("--pp", type=int, default=0, help="compare cached and recomputed decoding on this many stages")
     args = p.parse_args()
     if args.cps:
         return _compare_cp(args)
-    if args.tp_sp:
-        return _compare_sp(args)
+    if args.tp_sp or args.pp:
+        return _compare_layout(args)
     torch.set_num_threads(args.threads)
     model, prompts, kw = _setup(args)
     results = {}
@@ -105,34 +107,43 @@ def _cp_rank(rank: int, world: int, args) -> tuple[list[list[int]], float]:
     return out, time.perf_counter() - t0
 
 
-def _sp_rank(rank: int, world: int, args) -> dict[bool, tuple[list[list[int]], float]]:
+def _layout(args):
     from scaletrain.config.schema import ParallelConfig
+
+    return ParallelConfig(tp=args.tp_sp, sequence_parallel=True) if args.tp_sp else ParallelConfig(pp=args.pp)
+
+
+def _layout_rank(rank: int, world: int, args) -> dict[bool, tuple[list[list[int]], float]]:
     from scaletrain.distributed import ParallelDims
 
     torch.set_num_threads(1)
-    parallel = ParallelConfig(tp=world, sequence_parallel=True)
+    parallel = _layout(args)
     dims = ParallelDims.from_config(parallel, world, rank)
     model, prompts, kw = _setup(args, dims, parallel)
     out = {}
     for cached in (True, False):
         gens = [sampling_generator(0, i) for i in range(args.prompts)]
-        dims.tp_comm.barrier()
+        dims.comm("tp" if args.tp_sp else "pp").barrier()
         t0 = time.perf_counter()
-        tokens, _ = sample_completions(model, dims, prompts, gens, width_multiple=world,
+        tokens, _ = sample_completions(model, dims, prompts, gens, width_multiple=args.tp_sp or 1,
                                        kv_cache=None if cached else False, **kw)
         out[cached] = (tokens, time.perf_counter() - t0)
     return out
 
 
-def _compare_sp(args) -> int:
+def _compare_layout(args) -> int:
     from dist_harness import run_ranks
 
-    results = run_ranks(args.tp_sp, _sp_rank, args, timeout=1800)
-    print(f"model h{args.hidden}×{args.layers}L at tp{args.tp_sp}+SP, {args.prompts} prompts × {args.group} "
+    world = args.tp_sp or args.pp
+    results = run_ranks(world, _layout_rank, args, timeout=1800)
+    where = f"tp{args.tp_sp}+SP" if args.tp_sp else f"pp{args.pp}"
+    print(f"model h{args.hidden}×{args.layers}L at {where}, {args.prompts} prompts × {args.group} "
           f"completions, prompt {args.prompt} + {args.new} new tokens, one thread per rank")
     print(f"{'decoding':<40} {'tokens/s':>10} {'seconds':>8}")
     rate = {}
-    for cached, name in ((True, "KV cache, SP lifted for decoding"), (False, "recompute per token under SP")):
+    names = ("KV cache, SP lifted for decoding", "recompute per token under SP") if args.tp_sp else \
+        ("KV cache per stage", "recompute per token")
+    for cached, name in zip((True, False), names):
         seconds = max(r[cached][1] for r in results)
         rate[cached] = sum(len(c) for c in results[0][cached][0]) / seconds
         print(f"{name:<40} {rate[cached]:>10,.0f} {seconds:>8.2f}")

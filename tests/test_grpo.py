@@ -196,7 +196,7 @@ def test_kv_cache_decodes_what_recomputation_does(temperature):
     assert len(lengths) > 1  # rows finished at different steps: the cache kept finished rows aligned
 
 
-def _sp_decoding_rank(rank: int, world: int) -> tuple:
+def _decoding_rank(rank: int, world: int, layout: dict) -> tuple:
     import scaletrain.posttrain.rollout as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig
     from scaletrain.config.validate import resolve_model
@@ -206,12 +206,12 @@ def _sp_decoding_rank(rank: int, world: int) -> tuple:
     from scaletrain.parallel.parallelize import parallelize, sp_bound
     from scaletrain.trainer.precision import Precision
 
-    par = ParallelConfig(tp=2, sequence_parallel=True)
+    par = ParallelConfig(**layout)
     dims = ParallelDims.from_config(par, world, rank)
     m = resolve_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
-                                  vocab_size=64, init_std=0.5), tokenizer_vocab=None, tp=2, seq_length=16)
-    model = parallelize(build_model(m, tp_size=2, dtype=torch.float64), dims, par)
-    init_parameters(model, 3, tp_rank=dims.tp_rank, tp_size=2)
+                                  vocab_size=64, init_std=0.5), tokenizer_vocab=None, tp=par.tp, seq_length=16)
+    model = parallelize(build_model(m, tp_size=par.tp, dtype=torch.float64), dims, par)
+    init_parameters(model, 3, tp_rank=dims.tp_rank, tp_size=par.tp)
     caches = []
 
     class Counted(rollout.KVCache):
@@ -222,18 +222,22 @@ def _sp_decoding_rank(rank: int, world: int) -> tuple:
     rollout.KVCache = Counted  # (a forked rank: the patch dies with it)
     kw = dict(group_size=4, max_new_tokens=8, temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60,
               micro_batch=4, precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"),
-              width_multiple=2)
+              width_multiple=par.tp if par.sequence_parallel else 1)
     prompts = [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]]
     cached = rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(2, i) for i in range(3)], **kw)
-    used_cache, restored = len(caches) > 0, sp_bound(model)
+    used_cache, restored = len(caches) > 0, sp_bound(model) == par.sequence_parallel
     recomputed = rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(2, i) for i in range(3)],
                                             kv_cache=False, **kw)
     return cached, recomputed, used_cache, restored
 
 
-def test_sequence_parallel_layouts_decode_with_the_kv_cache():
-    """tp2+SP: decoding lifts SP (one new token cannot be split over tp) and uses the KV cache; the tokens
-    equal SP's own recomputation and the single process's, and SP is bound again afterwards."""
+@pytest.mark.parametrize("layout,world", [({"tp": 2, "sequence_parallel": True}, 2), ({"pp": 2}, 2),
+                                          ({"tp": 2, "pp": 2, "sequence_parallel": True}, 4)],
+                         ids=["tp2sp", "pp2", "tp2pp2sp"])
+def test_parallel_layouts_decode_with_the_kv_cache(layout, world):
+    """Every torch-backend layout decodes incrementally: pipeline stages cache their own layers and pass
+    [b, 1, h] activations; SP is lifted for decoding (one new token cannot be split over tp) and bound
+    again afterwards. The tokens equal the layout's own recomputation and the single process's."""
     from scaletrain.posttrain.rollout import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
@@ -243,7 +247,7 @@ def test_sequence_parallel_layouts_decode_with_the_kv_cache():
                                 [sampling_generator(2, i) for i in range(3)], group_size=4, max_new_tokens=8,
                                 temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60, micro_batch=4,
                                 precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
-    for cached, recomputed, used_cache, restored in run_ranks(2, _sp_decoding_rank, timeout=60):
+    for cached, recomputed, used_cache, restored in run_ranks(world, _decoding_rank, layout, timeout=60):
         assert used_cache and restored
         assert cached == recomputed == single
     assert len({len(c) for c in single[0]}) > 1  # rows stopped at different steps

@@ -128,6 +128,13 @@ def sp_bound(model: torch.nn.Module) -> bool:
     return any(isinstance(m, TPBound) and m.sequence_parallel for m in model.modules())
 
 
+def _sp_holders(model: torch.nn.Module) -> list:
+    """What carries the SP flag: the torch-backend tp layers and the pipeline chunks (activation shapes)."""
+    layers = [m for m in model.modules() if isinstance(m, TPBound) and m.sequence_parallel]
+    chunks = [c for c in getattr(model, "pipeline_chunks", None) or [] if c.sequence_parallel]
+    return layers + chunks if layers else []
+
+
 @contextmanager
 def sp_unbound(*models: torch.nn.Module) -> Iterator[None]:
     """Within the block the models' torch-backend tp layers run plain tensor parallelism — activations
@@ -135,7 +142,7 @@ def sp_unbound(*models: torch.nn.Module) -> Iterator[None]:
     values, for passes whose sequence cannot be split over tp (decoding one token at a time with a KV
     cache). A scoped lift of parallelize's binding, restored on exit, errors included; forward only
     (SP's norm-gradient tags assume the split)."""
-    bound = [m for model in models for m in model.modules() if isinstance(m, TPBound) and m.sequence_parallel]
+    bound = [holder for model in models for holder in _sp_holders(model)]
     for m in bound:
         m.sequence_parallel = False
     try:

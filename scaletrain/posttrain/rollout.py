@@ -18,12 +18,13 @@ prompts with cp unbound (parallel/context_parallel.py `cp_unbound`), then the re
 gather every share over cp, so the rows the training step splits are the same on every cp rank.
 Per-token log-probs of finished rows run in the cp layout and are gathered back to whole rows.
 
-Where one process holds every layer of its tp shard (no pipeline split, torch backend) decoding is
-incremental with a KV cache per microbatch — under sequence parallelism with SP lifted for the
-rollout (`parallelize.sp_unbound`: one new token cannot be split over tp; plain tp computes the same
-values); elsewhere each new token recomputes its prefix through the forward-only schedule
-(O(length²), exact). Both give the same tokens (tested: the parity test compares a cached single
-process with a recomputing tp2·pp2 run, and tp2+SP decodes the same tokens cached and recomputed).
+On the torch backend decoding is incremental: each rank keeps a KV cache per microbatch for the
+layers it holds, the first pass runs the left-padded prompts and every later one only the token each
+row took last, through the layout's forward-only schedule (pipeline stages pass [b, 1, h]
+activations). Under sequence parallelism SP is lifted for the rollout (`parallelize.sp_unbound`: one
+new token cannot be split over tp; plain tp computes the same values). On the te backend each new
+token recomputes its prefix through the schedule (O(length²), exact), the reference `kv_cache=False`
+also takes. Both give the same tokens (tested at one process, tp2+SP, pp2 and tp2·pp2+SP).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
     None picks incremental decoding where it can run (`can_use_kv_cache`; SP is lifted for it), False
     always recomputes (the reference for tests and benchmarks).
     """
-    if kv_cache is not False and getattr(model, "pipeline_chunks", None) is None and sp_bound(model):
+    if kv_cache is not False and sp_bound(model):
         # Sequence parallelism splits rows over tp, a decoded token cannot be: decode with plain tp.
         with sp_unbound(model):
             return sample_completions(model, dims, prompts, generators, group_size=group_size,
@@ -187,10 +188,10 @@ def _sample_replica(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
     new: list[list[int]] = [[] for _ in rows]
     stopped = [False] * len(rows)
     if kv_cache and not can_use_kv_cache(model, width_multiple):
-        raise ValueError("kv_cache=True needs the whole model in this process, no sequence parallelism and the "
-                         "torch backend")
+        raise ValueError("kv_cache=True needs the torch backend and unpadded rows (width_multiple 1: "
+                         "sample_completions lifts sequence parallelism for it)")
     cached = can_use_kv_cache(model, width_multiple) if kv_cache is None else kv_cache
-    next_logits = _CachedLogits(model, rows, pad_id, micro_batch, device, tp) if cached else None
+    next_logits = _CachedLogits(model, dims, rows, pad_id, micro_batch, device, tp) if cached else None
     was_training = model.training
     model.eval()
     try:
@@ -256,10 +257,10 @@ def sample_share(model: torch.nn.Module, dims, prompts: Sequence[list[int]], *, 
 
 
 def can_use_kv_cache(model: torch.nn.Module, width_multiple: int = 1) -> bool:
-    """Incremental decoding runs where one process holds every layer (no pipeline split), the sequence
-    is not sharded (no SP) and attention is the torch backend's; elsewhere each token recomputes."""
-    return (getattr(model, "pipeline_chunks", None) is None and width_multiple == 1
-            and getattr(model, "backend", None) == "torch")
+    """Incremental decoding runs on the torch backend's attention, with rows not padded for a sequence
+    split (sequence parallelism is lifted for decoding, `sample_completions`); elsewhere each token
+    recomputes."""
+    return width_multiple == 1 and getattr(model, "backend", None) == "torch"
 
 
 def _gathered_last(output: torch.Tensor, tp) -> torch.Tensor:
@@ -290,13 +291,14 @@ def _recomputed_logits(model: torch.nn.Module, dims, rows: list[list[int]], pad_
 
 
 class _CachedLogits:
-    """Incremental decoding with a KV cache per microbatch: the first call runs the left-padded prompts,
-    each later one only the token each row took last. Padding stays masked out; a finished row keeps
-    being fed (its outputs are ignored), so all rows advance together."""
+    """Incremental decoding with a KV cache per microbatch (each rank's holds the layers it runs): the
+    first call runs the left-padded prompts, each later one only the token each row took last, through
+    the layout's forward-only schedule. Padding stays masked out; a finished row keeps being fed (its
+    outputs are ignored), so all rows advance together. Logits are filled on the last pipeline stage."""
 
-    def __init__(self, model: torch.nn.Module, rows: list[list[int]], pad_id: int, micro_batch: int,
+    def __init__(self, model: torch.nn.Module, dims, rows: list[list[int]], pad_id: int, micro_batch: int,
                  device: torch.device, tp) -> None:
-        self.model, self.micro_batch, self.device, self.tp = model, micro_batch, device, tp
+        self.model, self.dims, self.micro_batch, self.device, self.tp = model, dims, micro_batch, device, tp
         self.batch = _left_padded(rows, pad_id)
         self.lengths = torch.tensor([len(r) for r in rows])
         self.caches = [KVCache() for _ in range(0, len(rows), micro_batch)]
@@ -311,12 +313,25 @@ class _CachedLogits:
             b["document_ids"] = torch.cat([b["document_ids"], torch.zeros_like(tokens)], dim=1)
             mask = (b["document_ids"] == 0)[:, None, None, :]  # the prompt and every decoded token
         last: dict[int, torch.Tensor] = {}
+
+        def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
+            out = module(batch["tokens"], position_ids=batch["position_ids"], attention_mask=batch["mask"],
+                         kv_cache=self.caches[int(batch["cache"])])
+
+            def record(output: torch.Tensor):
+                for r, values in zip(batch["row"].tolist(), _gathered_last(output, self.tp)):
+                    last[r] = values
+                return output.new_zeros(()), {}
+
+            return out, record
+
+        mbs = []
         for m, start in enumerate(range(0, tokens.shape[0], self.micro_batch)):
             sl = slice(start, start + self.micro_batch)
-            out = self.model(tokens[sl].to(self.device), position_ids=positions[sl].to(self.device),
-                             attention_mask=mask[sl].to(self.device), kv_cache=self.caches[m])
-            for r, values in enumerate(_gathered_last(out, self.tp), start=start):
-                last[r] = values
+            mbs.append({"tokens": tokens[sl].to(self.device), "position_ids": positions[sl].to(self.device),
+                        "mask": mask[sl].to(self.device), "cache": torch.tensor(m),
+                        "row": torch.arange(start, min(start + self.micro_batch, tokens.shape[0]))})
+        forward_pass(forward_step, mbs, self.model, self.dims)
         return last
 
 

@@ -26,9 +26,10 @@ Conventions (all bytes are per rank):
   live: a stage's peak is its static memory plus the larger of its activations and its rollout memory.
   Rollout memory is the KV cache of every row this rank decodes (the replica's completions per step,
   split over cp — rows are sampled whole, each cp rank a share — up to train.seq_length positions, keys
-  and values of this rank's kv heads in the compute dtype; only where decoding is incremental: pp = 1, not
-  the te backend — SP is lifted for decoding) plus, on the last stage, one microbatch's logits over this
-  rank's vocabulary slice (the prompt pass, and every pass where each token recomputes its prefix).
+  and values of this rank's kv heads for the layers of its stage, in the compute dtype; only where
+  decoding is incremental: the torch backend — SP is lifted for decoding) plus, on the last stage, one
+  microbatch's logits over this rank's vocabulary slice (the prompt pass, and every pass where each token
+  recomputes its prefix).
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, com
     rows = rollout_rows(cfg, layout)
     if not rows:
         return 0, 0
-    incremental = layout.pp == 1 and cfg.parallel.backend != "te"  # (SP is lifted for decoding)
+    incremental = cfg.parallel.backend != "te"  # any layout on the torch backend (SP is lifted for decoding)
     kv = rows * t.seq_length * layers * 2 * (m.num_kv_heads // layout.tp) * m.head_dim * compute_bytes \
         if incremental else 0
     logits = t.micro_batch_size * t.seq_length * (m.vocab_size // layout.tp) * compute_bytes \
