@@ -196,17 +196,21 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
                                vocab_limit=96, micro_batch=2, precision=Precision(torch.float64, None, "cpu", "t"),
                                device=torch.device("cpu"), width_multiple=dims.tp if dims.tp > 1 else 1)
     held = sum(k.nbytes + v.nbytes for c in caches for k, v in c._kv.values())
-    stage = plan(cfg, world).stages[0]
+    stage = plan(cfg, world).stages[dims.pp_rank]
     return held, stage.rollout_kv_bytes, stage.rollout_logits_bytes
 
 
 @pytest.mark.parametrize("layout,world,rows,kv_heads", [({}, 1, 8, 2), ({"cp": 2}, 2, 4, 2),
-                                                       ({"tp": 2, "sequence_parallel": True}, 2, 8, 1)],
-                         ids=["single", "cp2", "tp2sp"])
+                                                       ({"tp": 2, "sequence_parallel": True}, 2, 8, 1),
+                                                       ({"pp": 2}, 2, 8, 2)],
+                         ids=["single", "cp2", "tp2sp", "pp2"])
 def test_planned_rollout_kv_cache_is_what_decoding_holds(layout, world, rows, kv_heads):
     """GRPO's rollout memory: the KV cache the sampler really holds at the last token (8 rows, 4 per cp rank
-    at cp2; tp2+SP decodes with SP lifted, each tp rank caching its kv head) × 32 positions × 2 layers × k and
-    v × 8 dims × 8 bytes equals the plan's, as do one microbatch's logits over the rank's vocabulary slice."""
-    for held, planned, logits in run_ranks(world, _rollout_kv_rank, layout, timeout=60):
-        assert held == planned == rows * 32 * 2 * 2 * kv_heads * 8 * 8
-        assert logits == 2 * 32 * (96 // layout.get("tp", 1)) * 8
+    at cp2; tp2+SP decodes with SP lifted, each tp rank caching its kv head; a pp2 stage its own layer) × 32
+    positions × layers × k and v × 8 dims × 8 bytes equals the plan's, as do one microbatch's logits over
+    the rank's vocabulary slice (last stage only)."""
+    pp = layout.get("pp", 1)
+    for rank, (held, planned, logits) in enumerate(run_ranks(world, _rollout_kv_rank, layout, timeout=60)):
+        assert held == planned == rows * 32 * (2 // pp) * 2 * kv_heads * 8 * 8
+        last = pp == 1 or rank == world - 1
+        assert logits == (2 * 32 * (96 // layout.get("tp", 1)) * 8 if last else 0)
