@@ -13,6 +13,7 @@ from scaletrain.cli import main
 
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
+from rollout_probe import record_kv_caches
 
 
 @pytest.fixture(scope="module")
@@ -212,14 +213,7 @@ def _decoding_rank(rank: int, world: int, layout: dict) -> tuple:
                                   vocab_size=64, init_std=0.5), tokenizer_vocab=None, tp=par.tp, seq_length=16)
     model = parallelize(build_model(m, tp_size=par.tp, dtype=torch.float64), dims, par)
     init_parameters(model, 3, tp_rank=dims.tp_rank, tp_size=par.tp)
-    caches = []
-
-    class Counted(rollout.KVCache):
-        def __init__(self) -> None:
-            super().__init__()
-            caches.append(self)
-
-    rollout.KVCache = Counted  # (a forked rank: the patch dies with it)
+    caches = record_kv_caches()  # (a forked rank: the patch dies with it)
     kw = dict(group_size=4, max_new_tokens=8, temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60,
               micro_batch=4, precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"),
               width_multiple=par.tp if par.sequence_parallel else 1)

@@ -13,6 +13,7 @@ from scaletrain.profile.planner import peak_in_flight, plan
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
+from rollout_probe import record_kv_caches
 from test_tp_train import _cli_rank
 
 GiB = 2**30
@@ -182,14 +183,7 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     model = parallelize(build_model(m, tp_size=dims.tp, dtype=torch.float64), dims, cfg.parallel)
     init_parameters(model, 0, tp_rank=dims.tp_rank, tp_size=dims.tp)
-    caches = []
-
-    class Counted(rollout.KVCache):
-        def __init__(self) -> None:
-            super().__init__()
-            caches.append(self)
-
-    rollout.KVCache = Counted  # (a forked rank: the patch dies with it)
+    caches = record_kv_caches()  # (a forked rank: the patch dies with it)
     prompts = [list(range(3 + i, 3 + i + seq - new + 1)) for i in range(2)]  # 2 prompts × 4 = the global batch
     rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(0, i) for i in range(2)],
                                group_size=4, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,

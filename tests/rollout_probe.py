@@ -1,0 +1,22 @@
+"""Test probe: the KV caches the rollout sampler creates in this process, to read what decoding holds.
+
+Meant for forked ranks (dist_harness.run_ranks): the patch of `posttrain.rollout.KVCache` dies with
+the rank, so no other test sees it.
+"""
+
+from __future__ import annotations
+
+
+def record_kv_caches() -> list:
+    """From now on every KVCache the sampler builds is appended to the returned list."""
+    import scaletrain.posttrain.rollout as rollout
+
+    caches: list = []
+
+    class Recorded(rollout.KVCache):
+        def __init__(self) -> None:
+            super().__init__()
+            caches.append(self)
+
+    rollout.KVCache = Recorded  # type: ignore[misc]
+    return caches
