@@ -85,6 +85,10 @@ def prepare(cfg: RunConfig, world_size: int):
         backend, _ = select_backend(cfg.parallel.backend, tuple(cfg.parallel.kernels))
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
+    if backend == "te" and cfg.parallel.compile:
+        raise ConfigError("parallel.compile on the te backend: Transformer Engine's modules are not traced by "
+                          "torch.compile here (unverified without GPUs); set parallel.backend = 'torch' or "
+                          "parallel.compile = false.")
     if backend == "te" and cfg.parallel.cp > 1:
         raise ConfigError(f"parallel.cp = {cfg.parallel.cp} on the te backend: Transformer Engine's context-parallel "
                           "attention is not wired up yet (its group binding is unverified without GPUs); set "

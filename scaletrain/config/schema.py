@@ -81,6 +81,9 @@ class ParallelConfig:
     """Fused Triton kernels to use: any of rmsnorm, rope, swiglu, cross_entropy, or ["all"] (CUDA; TRITON_INTERPRET=1 on CPU)."""
     recompute: str = "none"
     """Activation recomputation: 'none', or 'full' (keep only each block's input; rerun the block in backward)."""
+    compile: bool = False
+    """torch.compile each transformer block (inductor: fused elementwise kernels, fewer launches; the first step
+    pays the compile). Torch backend; rollouts and evaluation passes, whose shapes change per call, run eager."""
     timeout_s: float = 600.0
     """Collective timeout: a rank that waits longer for a dead or hung peer stops with an error naming the operation."""
 

@@ -71,6 +71,17 @@ class RotaryEmbedding(nn.Module):
             self._tables = (emb.cos(), emb.sin())
         return self._tables
 
+    def _traced_cos_sin(self, s: int, position_ids: torch.Tensor | None, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [b or 1, s, 1, d] built inside a compiled graph from the positions themselves: the
+        table cache is module state that dynamo cannot mutate under activation checkpointing (a
+        recomputed forward would not replay it), and the packed path's max-position host sync would
+        break the graph. The same float64 products as the table, fused by inductor."""
+        positions = torch.arange(s, device=device)[None] if position_ids is None else position_ids
+        angles = positions[..., None].to(torch.float64) * self.inv_freq.to(device, torch.float64)  # type: ignore[operator]
+        emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+        return emb.cos(), emb.sin()
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [b, s] (default arange(s)) let packed documents restart at position 0."""
@@ -83,7 +94,9 @@ class RotaryEmbedding(nn.Module):
             positions = position_ids if position_ids is not None else \
                 torch.arange(s, device=q.device).expand(q.shape[0], s)
             return fused.rope(q, cos, sin, positions), fused.rope(k, cos, sin, positions)
-        if position_ids is None:
+        if torch.compiler.is_compiling():
+            cos, sin = self._traced_cos_sin(s, position_ids, q.device)
+        elif position_ids is None:
             cos, sin = self._cos_sin(s, q.device)
             cos, sin = cos[:s][None, :, None, :], sin[:s][None, :, None, :]
         else:

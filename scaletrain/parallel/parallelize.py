@@ -5,9 +5,9 @@ Order: (1) split pipeline stages — prune the (meta-device) model to this rank'
 (2) materialise on the device (only what this rank runs is ever allocated); (3) bind the tp
 communicator and sequence parallelism to every role layer and tag the parameters whose gradients
 need a reduction (SP norm weights over tp, tied-embedding copies over the embedding group).
-(4) context parallelism: bind the cp communicator to core attention; (5) fused kernels and activation
-recomputation; (6) data parallelism: bucketed gradient all-reduce hooks over dp × cp
-(`model.grad_buckets`). Still to come, before (6): torch.compile.
+(4) context parallelism: bind the cp communicator to core attention; (5) fused kernels, activation
+recomputation and torch.compile per block; (6) data parallelism: bucketed gradient all-reduce hooks
+over dp × cp (`model.grad_buckets`).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     mark_tied_embedding(model, dims)
     if cfg.kernels:
         enable_kernels(model, cfg.kernels)
+    if cfg.compile:
+        compile_blocks(model)
     if cfg.recompute == "full":
         apply_full_recompute(model)
     if dims.dp * dims.cp > 1:
@@ -121,6 +123,25 @@ def enable_fp8(model: torch.nn.Module, dims: ParallelDims, precision_cfg) -> str
             kept.append(key)
     return (f"fp8: recipe {precision_cfg.fp8_recipe} ({precision_cfg.fp8_format}), amax over {dims.world_size // dims.pp} "
             f"rank(s) per stage; bf16 blocks here: {', '.join(kept) or 'none'}")
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each transformer block's forward in place, torchtitan's granularity. The bound
+    forward is compiled, not the module wrapped, so parameter names (checkpoints, HF maps) do not
+    change; blocks of one shape share the compiled code. Before recomputation, which then
+    checkpoints the compiled forward: the tp / SP / cp collectives are custom autograd functions
+    over torch.distributed that dynamo runs between graphs (graph breaks), and a graph break inside
+    a checkpoint traced by dynamo would drop the whole block back to eager. So every layout
+    compiles; the matmul and elementwise regions between collectives fuse. Passes whose shapes
+    change every call (decoding, evaluation rows) run eager (`eager`)."""
+    for block in getattr(model, "layers", {}).values():
+        block.forward = torch.compile(block.forward)
+
+
+def eager():
+    """Within the block compiled modules run eager: for passes whose shapes change every call (a new
+    token per decoding step, evaluation rows of any width), which would otherwise recompile."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def sp_bound(model: torch.nn.Module) -> bool:

@@ -21,6 +21,7 @@ import torch
 
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.parallel.context_parallel import cp_unbound
+from scaletrain.parallel.parallelize import eager
 from scaletrain.posttrain.packing import block_causal_mask
 from scaletrain.trainer.step import forward_pass
 
@@ -122,7 +123,7 @@ def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], 
 
         was_training = model.training
         model.eval()
-        with cp_unbound(model), precision.autocast():
+        with cp_unbound(model), eager(), precision.autocast():  # rows of any width: no recompiles
             forward_pass(forward_step, mbs, model, dims)
         model.train(was_training)
     sums = torch.zeros(len(rows), fields, dtype=torch.float64)

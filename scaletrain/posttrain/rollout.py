@@ -37,7 +37,7 @@ import torch
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.kv_cache import KVCache
 from scaletrain.parallel.context_parallel import cp_unbound, gather_sequence, shard_microbatch
-from scaletrain.parallel.parallelize import sp_bound, sp_unbound
+from scaletrain.parallel.parallelize import eager, sp_bound, sp_unbound
 from scaletrain.posttrain.packing import block_causal_mask, model_inputs
 from scaletrain.trainer.step import forward_pass
 
@@ -196,7 +196,7 @@ def _sample_replica(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
     model.eval()
     try:
         for step in range(max_new_tokens):
-            with precision.autocast():
+            with eager(), precision.autocast():  # a new shape every step: compiled blocks would recompile
                 if next_logits is not None:
                     last = next_logits(step, [n[-1] if n else pad_id for n in new])
                 else:
