@@ -5,9 +5,9 @@ Order: (1) split pipeline stages — prune the (meta-device) model to this rank'
 (2) materialise on the device (only what this rank runs is ever allocated); (3) bind the tp
 communicator and sequence parallelism to every role layer and tag the parameters whose gradients
 need a reduction (SP norm weights over tp, tied-embedding copies over the embedding group).
-(4) context parallelism: bind the cp communicator to core attention; (5) fused kernels, activation
-recomputation and torch.compile per block; (6) data parallelism: bucketed gradient all-reduce hooks
-over dp × cp (`model.grad_buckets`).
+(4) context parallelism: bind the cp communicator to core attention; (5) fused kernels,
+torch.compile per block, then activation recomputation around the compiled forward; (6) data
+parallelism: bucketed gradient all-reduce hooks over dp × cp (`model.grad_buckets`).
 """
 
 from __future__ import annotations
