@@ -139,7 +139,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
 
 
 def eager():
-    """Within the block compiled modules run eager: for passes whose shapes change every call (a new
+    """Inside this context the compiled blocks run eager: for passes whose shapes change every call (a new
     token per decoding step, evaluation rows of any width), which would otherwise recompile."""
     return torch.compiler.set_stance("force_eager")
 
