@@ -81,10 +81,13 @@ def test_recomputation_checkpoints_the_compiled_block():
 
 def _compiled_cli_rank(rank: int, world: int, args: list[str]) -> tuple[int, int]:
     """Run the CLI on this rank; return its exit code and how many graphs dynamo compiled here."""
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
     from test_tp_train import _cli_rank
 
+    # Compile in this process: a forked rank must not use the compile-worker pool its parent started.
+    torch._inductor.config.compile_threads = 1
     return _cli_rank(rank, world, args), counters["stats"]["unique_graphs"]
 
 
