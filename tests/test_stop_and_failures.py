@@ -119,6 +119,55 @@ def test_heartbeats_name_ranks_that_are_behind_or_silent():
                    "ranks at step 2 that reported no error within 1 s (hung or dead): [2]"), msg
 
 
+class _Hung(Exception):
+    pass
+
+
+def _hang_in_stop_agreement(rank, world, args, port):
+    """Run the CLI as under torchrun (its own process group, with parallel.timeout_s); rank 1 stops
+    answering in the step-boundary stop agreement of step 2, after its update went through."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # the harness's group has the test's timeout; the CLI makes its own
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if rank == 1:
+        calls = []
+        agreed = StopRequest.agreed
+
+        def stuck(self, comm, device):
+            calls.append(1)
+            if len(calls) == 2:
+                time.sleep(8)  # past rank 0's timeout and grace: "alive but stuck"
+                raise _Hung
+            return agreed(self, comm, device)
+        StopRequest.agreed = stuck
+    try:
+        return main(args)
+    except CollectiveError as e:
+        return str(e)
+    except _Hung:
+        return "hung"
+
+
+def test_a_rank_hung_outside_the_update_is_named(tmp_path, tokenizer_dir, dataset_prefix):
+    """Any collective of a step can be the one left waiting (here the stop agreement, not train_step);
+    the error still names the step and the silent rank."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train", "--config", TINY]
+    for item in tiny_overrides(tmp_path / "run", tokenizer_dir, dataset_prefix, **{
+            "parallel.tp": 2, "train.steps": 6, "parallel.timeout_s": 3}):
+        args += ["--set", item]
+    msg, hung = run_ranks(2, _hang_in_stop_agreement, args, port, timeout=90)
+    assert hung == "hung"
+    assert msg.startswith("rank 0: all_reduce on the world group (global ranks [0, 1]) failed:"), msg
+    assert msg.endswith("at step 2: ranks at step 2 that reported no error within 1 s (hung or dead): [1]"), msg
+
+
 def test_rendezvous_sources():
     torchrun = DistEnv(0, 0, 2, "torchrun")
     assert rendezvous(torchrun, {"MASTER_ADDR": "h0", "MASTER_PORT": "1234"}) == ("h0", 1234)

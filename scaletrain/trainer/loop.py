@@ -143,62 +143,74 @@ class Trainer:
         start_step = self.state.step
         heartbeat = Heartbeat(self.dims.rank if self.dims else 0, self.world_size)
         while self.state.step < t.steps:
-            heartbeat.beat(self.state.step + 1)
-            microbatches = next(self.train_batches)
-            t0 = time.perf_counter()
-            lr = lr_at(self.state.step, cfg.optim, t.steps)
+            step = self.state.step + 1
+            heartbeat.beat(step)
             try:
-                result = train_step(self.model, self.optimizer, self.objective, microbatches, lr=lr,
-                                    clip_grad=cfg.optim.clip_grad, precision=self.precision, device=self.device,
-                                    dims=self.dims)
-            except CollectiveError as e:  # name the rank(s) this one waited for
-                step = self.state.step + 1
+                ended = self._step(start_step)
+            except CollectiveError as e:
+                # Name the rank(s) this one waited for. Any collective of the step can be the one a
+                # hung peer leaves waiting: the update's, validation's, the stop agreement's or a
+                # checkpoint's, so the whole step is covered, not only train_step.
                 grace = min(10.0, cfg.parallel.timeout_s / 4)
                 raise CollectiveError(f"{e}\n  at step {step}: {heartbeat.suspects(step, grace)}") from e
-            dt = time.perf_counter() - t0
-            self.state.step += 1
-            self.state.consumed_samples += t.global_batch_size
-            step = self.state.step
-            tokens_per_s = self.tokens_per_step / dt
-            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
-            metrics: dict[str, Any] = {
-                "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
-                "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-                "step_time_s": dt, "loss_tokens": result.items, "consumed_samples": self.state.consumed_samples,
-                "mem_gb": memory_gb(self.device), **result.metrics,
-                **getattr(self.train_batches, "last_metrics", {}),  # e.g. GRPO's rollout rewards
-            }
-            if result.skipped:
-                metrics["skipped"] = True
-                self.sinks.info(f"step {step}: non-finite gradient norm, update skipped")
-            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
-                val = self._validate()
-                metrics["val_loss"] = None if val is None else val[0]
-                if val is not None:
-                    metrics.update({f"val_{k}": v for k, v in val[1].items()})
-                if self.downstream is not None:  # train.eval_tasks (evaluation/during_training.py)
-                    metrics.update(self.downstream())
-            if step == start_step + 1:  # after the first update every buffer exists
-                report = memory_report(self.model, self.optimizer, self.device)
-                metrics.update({f"mem_{k}_bytes": v for k, v in report.items()})
-                self.sinks.info(format_report(report))
-            self.sinks.log(step, metrics)
-            last = step == t.steps
-            exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and not last
-            stopping = not last and self._stop_requested()
-            interval = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-            if interval or exiting or stopping or (last and cfg.checkpoint.save_at_end):
-                path = self._checkpoint()
-                verb = "writing checkpoint in the background:" if cfg.checkpoint.async_save else "saved checkpoint"
-                self.sinks.info(f"{verb} {path}")
-            if stopping:
-                self.wait_for_save()
-                self.sinks.info(f"stop signal {self.stop.received or '(on another rank)'}: checkpointed "  # type: ignore[union-attr]
-                                f"after step {step}; exiting with code 75 for requeue, rerun to resume")
-                return "stopped"
-            if exiting:
-                self.wait_for_save()
-                self.sinks.info(f"exit interval: stopping cleanly after step {step}; rerun to resume")
-                return "exit"
+            if ended is not None:
+                return ended
         self.wait_for_save()
         return "done"
+
+    def _step(self, start_step: int) -> str | None:
+        """One update and what follows it (metrics, validation, checkpoint, stop/exit checks).
+        Returns 'stopped' or 'exit' when the run ends here, None to go on."""
+        cfg, t = self.cfg, self.cfg.train
+        microbatches = next(self.train_batches)
+        t0 = time.perf_counter()
+        lr = lr_at(self.state.step, cfg.optim, t.steps)
+        result = train_step(self.model, self.optimizer, self.objective, microbatches, lr=lr,
+                            clip_grad=cfg.optim.clip_grad, precision=self.precision, device=self.device,
+                            dims=self.dims)
+        dt = time.perf_counter() - t0
+        self.state.step += 1
+        self.state.consumed_samples += t.global_batch_size
+        step = self.state.step
+        tokens_per_s = self.tokens_per_step / dt
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+        metrics: dict[str, Any] = {
+            "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+            "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "step_time_s": dt, "loss_tokens": result.items, "consumed_samples": self.state.consumed_samples,
+            "mem_gb": memory_gb(self.device), **result.metrics,
+            **getattr(self.train_batches, "last_metrics", {}),  # e.g. GRPO's rollout rewards
+        }
+        if result.skipped:
+            metrics["skipped"] = True
+            self.sinks.info(f"step {step}: non-finite gradient norm, update skipped")
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+            val = self._validate()
+            metrics["val_loss"] = None if val is None else val[0]
+            if val is not None:
+                metrics.update({f"val_{k}": v for k, v in val[1].items()})
+            if self.downstream is not None:  # train.eval_tasks (evaluation/during_training.py)
+                metrics.update(self.downstream())
+        if step == start_step + 1:  # after the first update every buffer exists
+            report = memory_report(self.model, self.optimizer, self.device)
+            metrics.update({f"mem_{k}_bytes": v for k, v in report.items()})
+            self.sinks.info(format_report(report))
+        self.sinks.log(step, metrics)
+        last = step == t.steps
+        exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and not last
+        stopping = not last and self._stop_requested()
+        interval = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+        if interval or exiting or stopping or (last and cfg.checkpoint.save_at_end):
+            path = self._checkpoint()
+            verb = "writing checkpoint in the background:" if cfg.checkpoint.async_save else "saved checkpoint"
+            self.sinks.info(f"{verb} {path}")
+        if stopping:
+            self.wait_for_save()
+            self.sinks.info(f"stop signal {self.stop.received or '(on another rank)'}: checkpointed "  # type: ignore[union-attr]
+                            f"after step {step}; exiting with code 75 for requeue, rerun to resume")
+            return "stopped"
+        if exiting:
+            self.wait_for_save()
+            self.sinks.info(f"exit interval: stopping cleanly after step {step}; rerun to resume")
+            return "exit"
+        return None
