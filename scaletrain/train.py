@@ -227,7 +227,9 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
         tokenizer=tokenizer, stop_text=marker, precision=precision, device=device,
         fused_cross_entropy=fused_cross_entropy, run_dir=Path(t.run_dir),
         width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, iterations=pt.grpo_iterations,
-        missing_stop_penalty=pt.missing_stop_penalty, **ppo)
+        missing_stop_penalty=pt.missing_stop_penalty, overlong_buffer=pt.overlong_buffer,
+        overlong_penalty=pt.overlong_penalty, mask_truncated=pt.mask_truncated, dynamic_sampling=pt.dynamic_sampling,
+        max_sampling_rounds=pt.max_sampling_rounds, **ppo)
 
 
 def build_critic(cfg: RunConfig, dims, precision, device, backend, run_dir: Path, resumed_step: int | None,

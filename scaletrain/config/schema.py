@@ -302,6 +302,21 @@ class PostTrainConfig:
     """grpo: the clip range above 1 (0: clip_eps; larger: DAPO's clip-higher)."""
     grpo_loss_norm: str = "token"
     """grpo: 'token' (sum over all completion tokens / their global count, DAPO) or 'sequence' (mean per completion, then over completions: the original GRPO)."""
+    dynamic_sampling: bool = False
+    """grpo: DAPO's dynamic sampling — drop groups whose rewards are all equal (zero advantage, no gradient) and
+    sample more prompts until the batch is all informative groups, at most posttrain.max_sampling_rounds rounds
+    of a full batch each; a batch still short is filled with dropped groups (metrics: sampling_rounds,
+    filtered_groups, filled_groups). The choice is global: the same groups at any dp size."""
+    max_sampling_rounds: int = 3
+    """grpo with dynamic_sampling: most sampling rounds per rollout batch (verl's max_num_gen_batches)."""
+    overlong_buffer: int = 0
+    """grpo/ppo: DAPO's soft overlong punishment — a completion longer than max_new_tokens − this many tokens loses
+    reward linearly, down to −posttrain.overlong_penalty at max_new_tokens (0: off)."""
+    overlong_penalty: float = 1.0
+    """grpo/ppo with overlong_buffer: the punishment at max_new_tokens."""
+    mask_truncated: bool = False
+    """grpo: DAPO's overlong filtering — no loss on completions cut off at max_new_tokens (their reward judges an
+    unfinished answer); they still count in the group's advantages."""
     critic: str = ""
     """ppo: the critic's starting weights — a reward model (HF *ForSequenceClassification or a `scaletrain reward`
     run) or a causal LM's HF export (its body, with a fresh score head); empty: posttrain.reward_model."""

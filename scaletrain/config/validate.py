@@ -339,6 +339,15 @@ def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
     if pt.missing_stop_penalty < 0:
         errors.append(f"posttrain.missing_stop_penalty = {pt.missing_stop_penalty} must be 0 (off) or positive "
                       "(it is subtracted).")
+    if pt.max_sampling_rounds < 1:
+        errors.append(f"posttrain.max_sampling_rounds = {pt.max_sampling_rounds} must be at least 1 (sampling rounds "
+                      "per rollout batch under posttrain.dynamic_sampling).")
+    if pt.objective == "ppo" and (pt.dynamic_sampling or pt.mask_truncated):
+        errors.append("posttrain.dynamic_sampling and posttrain.mask_truncated are GRPO's (DAPO): PPO has no groups to "
+                      "filter and its critic learns from every token; turn them off or use posttrain.objective = 'grpo'.")
+    if not 0 <= pt.overlong_buffer <= pt.max_new_tokens or pt.overlong_penalty < 0:
+        errors.append(f"posttrain.overlong_buffer = {pt.overlong_buffer} must be in [0, posttrain.max_new_tokens = "
+                      f"{pt.max_new_tokens}] and posttrain.overlong_penalty = {pt.overlong_penalty} ≥ 0 (it is subtracted).")
     if "reward_model" in pt.rewards and not pt.reward_model:
         errors.append("posttrain.rewards lists 'reward_model' but posttrain.reward_model is empty: point it at a trained "
                       "reward model (an HF directory, or a checkpoint written by `scaletrain reward`).")

@@ -43,6 +43,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return centred.reshape(-1)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float) -> torch.Tensor:
+    """[n] completion lengths → [n] rewards ≤ 0: DAPO's soft overlong punishment. 0 up to
+    max_new_tokens − buffer tokens, then falling linearly to −factor at max_new_tokens (where sampling
+    cuts a completion off), so that running long costs before it is truncated."""
+    if buffer <= 0 or factor == 0:
+        return torch.zeros(lengths.shape, dtype=torch.float64)
+    over = (lengths.double() - (max_new_tokens - buffer)).clamp(0, buffer)
+    return -factor * over / buffer
+
+
 class GRPOObjective:
     name = "grpo"
 

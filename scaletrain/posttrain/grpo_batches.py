@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from scaletrain.data.loader import collate
-from scaletrain.posttrain.grpo import group_advantages
+from scaletrain.posttrain.dynamic_sampling import Groups, choose_groups, gather_groups, informative_groups
+from scaletrain.posttrain.grpo import group_advantages, overlong_penalty
 from scaletrain.posttrain.grpo_data import PromptDataset, PromptOrder
 from scaletrain.posttrain.reward_scorer import RewardModelScorer
 from scaletrain.posttrain.rewards import RewardFn, reward_label
@@ -38,6 +39,9 @@ from scaletrain.posttrain.rollout import (
 from scaletrain.posttrain.rollout_buffer import RolloutBuffer
 
 ROLLOUT_LOG = "rollouts.jsonl"
+# Sampling-generator keys of dynamic sampling's extra rounds: round r, position k → r·ROUND_KEY + k,
+# disjoint from the first round's (the draw index itself) for any run shorter than 10¹² draws.
+ROUND_KEY = 10**12
 
 
 class RolloutBatches:
@@ -47,7 +51,8 @@ class RolloutBatches:
                  seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
                  precision, device: torch.device, fused_cross_entropy: bool = False,
                  run_dir: Path | None = None, width_multiple: int = 1, iterations: int = 1,
-                 missing_stop_penalty: float = 0.0) -> None:
+                 missing_stop_penalty: float = 0.0, overlong_buffer: int = 0, overlong_penalty: float = 1.0,
+                 mask_truncated: bool = False, dynamic_sampling: bool = False, max_sampling_rounds: int = 1) -> None:
         self.prompts, self.model, self.reference, self.dims = prompts, model, reference, dims
         self.rewards = rewards
         self.weights = torch.tensor(reward_weights or [1.0] * len(rewards), dtype=torch.float64)
@@ -62,12 +67,16 @@ class RolloutBatches:
         self.log_path = run_dir / ROLLOUT_LOG if run_dir is not None and (dims is None or dims.is_main) else None
         self.iterations = iterations  # updates per rollout batch (posttrain.grpo_iterations)
         self.missing_stop_penalty = missing_stop_penalty
+        self.overlong_buffer, self.overlong_factor = overlong_buffer, overlong_penalty
+        self.mask_truncated = mask_truncated  # DAPO's overlong filtering: no loss on cut-off completions
+        self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
         self.buffer = RolloutBuffer(run_dir, dims.rank if dims is not None else 0, iterations) \
             if iterations > 1 and run_dir is not None else None
         self._current: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
         self.last_metrics: dict[str, float] = {}
         self.console_keys: tuple[str, ...] = ("reward",)
         self._prompt_index = PromptOrder(len(prompts), seed)
+        self._round_orders: dict[int, PromptOrder] = {0: self._prompt_index}
 
     needs_old_logps = False  # PPO: the KL reward reads the sampling policy's log-probs even at one update
 
@@ -96,6 +105,13 @@ class RolloutBatches:
             marker_ids = self.stop_ids - {self.tokenizer.eos_id}
             return c[-1] in marker_ids or self.tokenizer.decode(c).endswith(self.stop_text)
         return torch.tensor([0.0 if ended(c) else 1.0 for c in completions], dtype=torch.float64)
+
+    def _total(self, scores: torch.Tensor, missing: torch.Tensor, completions: list[list[int]]) -> torch.Tensor:
+        """[completions] the reward the advantages see: weighted rewards, minus the missing-stop penalty,
+        plus the overlong punishment (≤ 0)."""
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+        return (scores @ self.weights - self.missing_stop_penalty * missing
+                + overlong_penalty(lengths, self.max_new_tokens, self.overlong_buffer, self.overlong_factor))
 
     def _replica_broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """This replica's lead rank's values (tp and cp rank 0 of the last stage) on all of its ranks."""
@@ -142,19 +158,23 @@ class RolloutBatches:
             self.buffer.save(step, mbs, self.last_metrics)
         return mbs
 
-    def _rollouts(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """Sample, score and lay out the rollout batch of step index `step` (this dp rank's share)."""
+    def _sample_round(self, generation: int, rnd: int) -> Groups:
+        """Sample and score this dp rank's share of sampling round `rnd` of rollout batch `generation`.
+        Round 0 takes the run's prompt order (every prompt once per epoch); dynamic sampling's later
+        rounds take their own seeded orders at the same positions, so every round is a function of
+        (seed, step) alone and a resumed run samples what the uninterrupted one did."""
         d, g = self.dims, self.group_size
         dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
         per_step = self.global_batch // g
         per_rank = per_step // dp
-        generation = step // self.iterations  # prompts advance once per rollout batch
+        if rnd not in self._round_orders:
+            self._round_orders[rnd] = PromptOrder(len(self.prompts), self.seed + 104_729 * rnd)
+        order = self._round_orders[rnd]
         draws = [generation * per_step + dp_rank * per_rank + j for j in range(per_rank)]
-        index = [self._prompt_index[k] for k in draws]
-        t0 = time.perf_counter()
+        index = [order[k] for k in draws]
         prompts = [self.prompts.prompts[i] for i in index]
         completions, stopped = sample_completions(
-            self.model, d, prompts, [sampling_generator(self.seed, k) for k in draws], group_size=g,
+            self.model, d, prompts, [sampling_generator(self.seed, rnd * ROUND_KEY + k) for k in draws], group_size=g,
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, stop_ids=self.stop_ids,
             stop_text=self.stop_text, decode=self.tokenizer.decode,
             pad_id=self.pad_id, vocab_limit=self.tokenizer.vocab_size, micro_batch=self.micro_batch,
@@ -162,12 +182,50 @@ class RolloutBatches:
         texts = [self._text(c) for c in completions]
         rows = [self.prompts.rows[i] for i in index for _ in range(g)]
         scores = self._score(rows, texts, [prompts[i // g] for i in range(len(completions))], completions)
-        missing = self._missing_stop(completions)
-        total = scores @ self.weights - self.missing_stop_penalty * missing
+        return Groups(index, completions, stopped, scores, self._missing_stop(completions))
+
+    def _dynamic_sample(self, generation: int) -> tuple[Groups, dict[str, float]]:
+        """posttrain.dynamic_sampling: rounds until the global batch holds only informative groups (or
+        posttrain.max_sampling_rounds ran out), then this dp rank's share of the chosen groups
+        (posttrain/dynamic_sampling.py). The same choice on every rank of every replica."""
+        d, g = self.dims, self.group_size
+        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
+        per_step = self.global_batch // g
+        per_rank = per_step // dp
+        dp_comm = d.comm("dp") if d is not None else None
+        pool: Groups | None = None
+        for rnd in range(self.max_sampling_rounds):
+            new = gather_groups(self._sample_round(generation, rnd), dp_comm, self.max_new_tokens, self.device)
+            pool = new if pool is None else pool.cat(new)
+            informative = informative_groups(self._total(pool.scores, pool.missing, pool.completions), g)
+            if int(informative.sum()) >= per_step:
+                break
+        assert pool is not None
+        chosen, filled = choose_groups(informative, per_step)
+        sampled = len(pool.index)
+        return pool.take(chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank], g), {
+            "sampling_rounds": float(rnd + 1), "filtered_groups": 1.0 - float(informative.sum()) / sampled,
+            "filled_groups": filled / per_step}
+
+    def _rollouts(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Sample, score and lay out the rollout batch of step index `step` (this dp rank's share)."""
+        d, g = self.dims, self.group_size
+        generation = step // self.iterations  # prompts advance once per rollout batch
+        t0 = time.perf_counter()
+        if self.dynamic_sampling:
+            mine, sampling = self._dynamic_sample(generation)
+        else:
+            mine, sampling = self._sample_round(generation, 0), {}
+        prompts = [self.prompts.prompts[i] for i in mine.index]
+        completions, stopped, scores, missing = mine.completions, mine.stopped, mine.scores, mine.missing
+        texts = [self._text(c) for c in completions]
+        total = self._total(scores, missing, completions)
         advantages = self._sequence_advantages(total)
         items = [training_rows(prompts[i // g], c, self.seq_length, self.pad_id) for i, c in enumerate(completions)]
-        for item, a in zip(items, advantages):
+        for item, a, done in zip(items, advantages, stopped):
             item["advantages"] = a.float()
+            if self.mask_truncated and not done:  # DAPO's overlong filtering: a cut-off answer is not judged
+                item["loss_mask"].zero_()
         mbs = [collate(items[s:s + self.micro_batch]) for s in range(0, len(items), self.micro_batch)]
         # Log-probs the loss needs besides the policy's own: the frozen reference's (KL) and, when the
         # batch serves several updates, the sampling policy's (the clipped ratio's denominator).
@@ -181,6 +239,7 @@ class RolloutBatches:
                 for mb, v in zip(mbs, values):
                     mb[key] = v.cpu()
         self._record_metrics(scores, total, completions, stopped, missing)
+        self.last_metrics.update(sampling)  # already global: every rank chose from the same pool
         self._finish(mbs, total)
         self.last_metrics["rollout_s"] = time.perf_counter() - t0  # sampling, rewards, log-prob passes
         self._log_rollouts(step + 1, prompts[0], texts[:g], total[:g].tolist())
@@ -209,8 +268,8 @@ class RolloutBatches:
         scores = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]],
                              [prompts.prompts[i] for i in mine], completions[:n]) if mine \
             else torch.zeros(0, len(self.rewards), dtype=torch.float64)
-        # The held-out reward is defined as the training one: weighted rewards minus the missing-stop penalty.
-        total = scores @ self.weights - self.missing_stop_penalty * self._missing_stop(completions[:n])
+        # The held-out reward is defined as the training one (penalties included).
+        total = self._total(scores, self._missing_stop(completions[:n]), completions[:n])
         sums = torch.cat([total.sum().reshape(1), scores.sum(dim=0),
                           torch.tensor([float(sum(len(c) for c in completions[:n])), float(n)], dtype=torch.float64)])
         if d is not None and d.dp > 1:
