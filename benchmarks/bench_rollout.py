@@ -6,13 +6,17 @@ process, same model, same prompts, same generators — and the same tokens (chec
     python benchmarks/bench_rollout.py --cps 1 2      # rollouts under context parallelism
     python benchmarks/bench_rollout.py --tp-sp 2      # tp+SP: SP lifted for the KV cache vs recomputing
     python benchmarks/bench_rollout.py --pp 2         # pipeline stages with their own caches vs recomputing
+    python benchmarks/bench_rollout.py --engine --new 256 --stop-share 0.02   # the decoder vs its first version
 
 Prints completion tokens/s of both and their ratio. With --cps, the same sampling on a model
 parallelized at each cp (forked gloo ranks, one thread each): the cp ranks sample shares of the
 prompts on whole sequences with the KV cache and gather them, so the job's tokens/s should grow
 with cp while every rank ends with cp1's tokens (checked). With --tp-sp N, a model at tpN with sequence
 parallelism decodes with SP lifted and the KV cache against SP's per-token recomputation (the path such
-layouts took before), on N ranks; --pp N likewise on N pipeline stages.
+layouts took before), on N ranks; --pp N likewise on N pipeline stages. With --engine, the KV-cache
+decoder as it is (buffers allocated once and written in place; finished rows leave the batch)
+against its first version (the cache concatenated per token; finished rows fed to the end), on
+completions of varied length: --stop-share of the vocabulary ends a completion.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -48,7 +53,11 @@ def main() -> int:
     p.add_argument("--cps", type=int, nargs="*", default=None, help="compare these cp sizes instead")
     p.add_argument("--tp-sp", type=int, default=0, help="compare cached and recomputed decoding at this tp with SP")
     p.add_argument("--pp", type=int, default=0, help="compare cached and recomputed decoding on this many stages")
+    p.add_argument("--engine", action="store_true", help="compare the KV-cache decoder with its first version")
+    p.add_argument("--stop-share", type=float, default=0.0, help="share of the vocabulary that ends a completion")
     args = p.parse_args()
+    if args.engine:
+        return _compare_engine(args)
     if args.cps:
         return _compare_cp(args)
     if args.tp_sp or args.pp:
@@ -86,10 +95,51 @@ def _setup(args, dims=None, parallel=None):
     init_parameters(model, 0, tp_rank=dims.tp_rank if dims is not None else 0, tp_size=dims.tp if dims is not None else 1)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, args.vocab, (args.prompt,), generator=gen).tolist() for _ in range(args.prompts)]
-    kw = dict(group_size=args.group, max_new_tokens=args.new, temperature=1.0, stop_ids=set(), pad_id=0,
+    stop_ids = set(range(3, 3 + round(args.stop_share * args.vocab)))
+    kw = dict(group_size=args.group, max_new_tokens=args.new, temperature=1.0, stop_ids=stop_ids, pad_id=0,
               vocab_limit=args.vocab, micro_batch=args.micro, precision=Precision(torch.float32, None, "cpu", "bench"),
               device=torch.device("cpu"))
     return model, prompts, kw
+
+
+@contextmanager
+def _first_decoder():
+    """The KV-cache decoder as first written: every token concatenates the cache (a copy of all of it)
+    and finished rows keep being fed to the last step."""
+    import scaletrain.posttrain.rollout as rollout
+
+    cache, drop = rollout.KVCache, rollout._CachedLogits._drop_finished
+    rollout.KVCache = lambda capacity=None: cache()  # type: ignore[misc,assignment]
+    rollout._CachedLogits._drop_finished = lambda self, stopped: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        rollout.KVCache, rollout._CachedLogits._drop_finished = cache, drop  # type: ignore[misc,method-assign]
+
+
+def _compare_engine(args) -> int:
+    torch.set_num_threads(args.threads)
+    model, prompts, kw = _setup(args)
+    sample_completions(model, None, prompts[:1], [sampling_generator(0, 0)], kv_cache=True, **kw)  # warm-up
+    results = {}
+    for name in ("in place, finished rows dropped", "concatenated, finished rows fed"):
+        gens = [sampling_generator(0, i) for i in range(args.prompts)]
+        with _first_decoder() if name.startswith("concat") else nullcontext():
+            t0 = time.perf_counter()
+            out, _ = sample_completions(model, None, prompts, gens, kv_cache=True, **kw)
+            dt = time.perf_counter() - t0
+        results[name] = (out, sum(len(c) for c in out) / dt, dt)
+    (new, old) = results.values()
+    lengths = sorted(len(c) for c in new[0])
+    print(f"model h{args.hidden}×{args.layers}L, {args.prompts} prompts × {args.group} completions, prompt "
+          f"{args.prompt} + up to {args.new} new tokens, {len(kw['stop_ids'])} stop tokens (completion length "
+          f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}), {args.threads} thread(s)")
+    print(f"{'KV cache':<34} {'tokens/s':>10} {'seconds':>8}")
+    for name, (_, rate, dt) in results.items():
+        print(f"{name:<34} {rate:>10,.0f} {dt:>8.2f}")
+    same = new[0] == old[0]
+    print(f"speed-up {new[1] / old[1]:.2f}×; same tokens: {same}")
+    return 0 if same else 1
 
 
 def _cp_rank(rank: int, world: int, args) -> tuple[list[list[int]], float]:

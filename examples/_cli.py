@@ -104,10 +104,11 @@ def add_grpo_args(p: argparse.ArgumentParser, kl_beta: float) -> None:
 
 
 def run_grpo(work: Path, data: Path, common: list[str], args: argparse.Namespace, start: str, prefix: str,
-             *extra: str) -> str:
-    """GRPO from work/START/hf on the task's prompts (`extra`: more --set pairs, e.g. the rewards); returns its run dir."""
+             *extra: str, suffix: str = "") -> str:
+    """GRPO from work/START/hf on the task's prompts (`extra`: more --set pairs, e.g. the rewards; `suffix`
+    names such a variant's run dir); returns its run dir."""
     grpo_dir = (f"{prefix}-grpo-s{args.grpo_steps}-g{args.group_size}-p{args.prompts_per_step}-lr{args.grpo_lr:g}"
-                f"-kl{args.kl_beta:g}")
+                f"-kl{args.kl_beta:g}{suffix}")
     completions = args.group_size * args.prompts_per_step
     run("grpo", *common, "--set", f"checkpoint.init_from_hf={work / start / 'hf'}",
         "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={work / grpo_dir}",

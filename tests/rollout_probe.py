@@ -14,8 +14,8 @@ def record_kv_caches() -> list:
     caches: list = []
 
     class Recorded(rollout.KVCache):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
             caches.append(self)
 
     rollout.KVCache = Recorded  # type: ignore[misc]

@@ -50,13 +50,13 @@ def test_group_advantages_by_hand():
         [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.75, -0.75, -0.75, 2.25], abs=1e-15)
 
 
-def _tiny_model(init_std: float = 0.02):
+def _tiny_model(init_std: float = 0.02, num_layers: int = 2):
     from scaletrain.config.schema import ModelConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.models import build_model
     from scaletrain.nn import init_parameters
 
-    m = resolve_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+    m = resolve_model(ModelConfig(hidden_size=32, num_layers=num_layers, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
                                   vocab_size=64, init_std=init_std), tokenizer_vocab=None, tp=1, seq_length=16)
     model = build_model(m, dtype=torch.float64)
     init_parameters(model, 3, tp_rank=0, tp_size=1)
@@ -197,7 +197,7 @@ def test_kv_cache_decodes_what_recomputation_does(temperature):
     assert len(lengths) > 1  # rows finished at different steps: the cache kept finished rows aligned
 
 
-def _decoding_rank(rank: int, world: int, layout: dict) -> tuple:
+def _decoding_rank(rank: int, world: int, layout: dict, num_layers: int) -> tuple:
     import scaletrain.posttrain.rollout as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig
     from scaletrain.config.validate import resolve_model
@@ -209,42 +209,50 @@ def _decoding_rank(rank: int, world: int, layout: dict) -> tuple:
 
     par = ParallelConfig(**layout)
     dims = ParallelDims.from_config(par, world, rank)
-    m = resolve_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+    m = resolve_model(ModelConfig(hidden_size=32, num_layers=num_layers, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
                                   vocab_size=64, init_std=0.5), tokenizer_vocab=None, tp=par.tp, seq_length=16)
     model = parallelize(build_model(m, tp_size=par.tp, dtype=torch.float64), dims, par)
     init_parameters(model, 3, tp_rank=dims.tp_rank, tp_size=par.tp)
     caches = record_kv_caches()  # (a forked rank: the patch dies with it)
     kw = dict(group_size=4, max_new_tokens=8, temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60,
-              micro_batch=4, precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"),
-              width_multiple=par.tp if par.sequence_parallel else 1)
+              micro_batch=2, precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"),
+              width_multiple=par.tp if par.sequence_parallel else 1)  # 6 microbatches: whole groups at pp2 vpp2
     prompts = [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]]
     cached = rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(2, i) for i in range(3)], **kw)
     used_cache, restored = len(caches) > 0, sp_bound(model) == par.sequence_parallel
+    rows_left = sum(next(iter(c._kv.values()))[0].shape[0] for c in caches)  # rows the caches still hold
     recomputed = rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(2, i) for i in range(3)],
                                             kv_cache=False, **kw)
-    return cached, recomputed, used_cache, restored
+    return cached, recomputed, used_cache, restored, rows_left
 
 
-@pytest.mark.parametrize("layout,world", [({"tp": 2, "sequence_parallel": True}, 2), ({"pp": 2}, 2),
-                                          ({"tp": 2, "pp": 2, "sequence_parallel": True}, 4)],
-                         ids=["tp2sp", "pp2", "tp2pp2sp"])
-def test_parallel_layouts_decode_with_the_kv_cache(layout, world):
+@pytest.mark.parametrize("layout,world,num_layers", [
+    ({"tp": 2, "sequence_parallel": True}, 2, 2), ({"pp": 2}, 2, 2),
+    ({"tp": 2, "pp": 2, "sequence_parallel": True}, 4, 2), ({"pp": 2, "vpp": 2}, 2, 4)],
+    ids=["tp2sp", "pp2", "tp2pp2sp", "pp2vpp2"])
+def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
     """Every torch-backend layout decodes incrementally: pipeline stages cache their own layers and pass
     [b, 1, h] activations; SP is lifted for decoding (one new token cannot be split over tp) and bound
-    again afterwards. The tokens equal the layout's own recomputation and the single process's."""
+    again afterwards. The tokens equal the layout's own recomputation and the single process's.
+    Finished rows leave the caches (the last token ran for the longest completions only) — except
+    under interleaving, whose schedule needs whole groups of microbatches."""
     from scaletrain.posttrain.rollout import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     from dist_harness import run_ranks
 
-    single = sample_completions(_tiny_model(init_std=0.5), None, [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]],
+    single = sample_completions(_tiny_model(0.5, num_layers), None, [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]],
                                 [sampling_generator(2, i) for i in range(3)], group_size=4, max_new_tokens=8,
                                 temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60, micro_batch=4,
                                 precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
-    for cached, recomputed, used_cache, restored in run_ranks(world, _decoding_rank, layout, timeout=60):
+    longest = max(len(c) for c in single[0])
+    running_at_the_end = 12 if layout.get("vpp", 1) > 1 else sum(len(c) == longest for c in single[0])
+    for cached, recomputed, used_cache, restored, rows_left in run_ranks(world, _decoding_rank, layout, num_layers,
+                                                                         timeout=60):
         assert used_cache and restored
         assert cached == recomputed == single
-    assert len({len(c) for c in single[0]}) > 1  # rows stopped at different steps
+        assert rows_left == running_at_the_end
+    assert len({len(c) for c in single[0]}) > 1 and running_at_the_end < 12 or layout.get("vpp", 1) > 1
 
 
 # ---------------------------------------------------------------------------------------- rewards

@@ -191,20 +191,23 @@ def _sample_replica(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
         raise ValueError("kv_cache=True needs the torch backend and unpadded rows (width_multiple 1: "
                          "sample_completions lifts sequence parallelism for it)")
     cached = can_use_kv_cache(model, width_multiple) if kv_cache is None else kv_cache
-    next_logits = _CachedLogits(model, dims, rows, pad_id, micro_batch, device, tp) if cached else None
+    next_logits = _CachedLogits(model, dims, rows, pad_id, micro_batch, device, tp, max_new_tokens) if cached else None
     was_training = model.training
     model.eval()
     try:
         for step in range(max_new_tokens):
             with eager(), precision.autocast():  # a new shape every step: compiled blocks would recompile
                 if next_logits is not None:
-                    last = next_logits(step, [n[-1] if n else pad_id for n in new])
+                    last = next_logits(step, [n[-1] if n else pad_id for n in new], stopped)
                 else:
                     last = _recomputed_logits(model, dims, [r + n for r, n in zip(rows, new)], pad_id, micro_batch,
                                               device, tp, width_multiple)
             nxt = torch.full((len(rows),), pad_id, dtype=torch.long)
             if _is_last_stage(dims):
-                logits = torch.stack([last[r] for r in range(len(rows))])[:, :vocab_limit]
+                # Rows that finished were dropped from the cached passes: a placeholder keeps every
+                # generator's draws where they were (a row's draw does not depend on its neighbours').
+                filler = torch.zeros_like(next(iter(last.values())))
+                logits = torch.stack([last.get(r, filler) for r in range(len(rows))])[:, :vocab_limit]
                 if temperature == 0 or generators is None:
                     nxt = logits.argmax(dim=-1)
                 else:
@@ -292,22 +295,38 @@ def _recomputed_logits(model: torch.nn.Module, dims, rows: list[list[int]], pad_
 
 class _CachedLogits:
     """Incremental decoding with a KV cache per microbatch (each rank's holds the layers it runs): the
-    first call runs the left-padded prompts, each later one only the token each row took last, through
-    the layout's forward-only schedule. Padding stays masked out; a finished row keeps being fed (its
-    outputs are ignored), so all rows advance together. Logits are filled on the last pipeline stage."""
+    first call runs the left-padded prompts, each later one only the token each running row took last,
+    through the layout's forward-only schedule. Padding stays masked out. Finished rows leave their
+    microbatch's cache (`KVCache.keep`) and an emptied microbatch leaves the pass, so the work per
+    token follows the rows still running — except under interleaved pipelining, whose schedule needs
+    whole groups of microbatches: there finished rows keep being fed and their outputs are ignored.
+    Logits are filled on the last pipeline stage, for the running rows."""
 
     def __init__(self, model: torch.nn.Module, dims, rows: list[list[int]], pad_id: int, micro_batch: int,
-                 device: torch.device, tp) -> None:
+                 device: torch.device, tp, max_new_tokens: int) -> None:
         self.model, self.dims, self.micro_batch, self.device, self.tp = model, dims, micro_batch, device, tp
         self.batch = _left_padded(rows, pad_id)
         self.lengths = torch.tensor([len(r) for r in rows])
-        self.caches = [KVCache() for _ in range(0, len(rows), micro_batch)]
+        capacity = self.batch["tokens"].shape[1] + max_new_tokens - 1  # the last sampled token is never fed
+        self.caches = [KVCache(capacity) for _ in range(0, len(rows), micro_batch)]
+        # The rows each cache holds, in its row order (all of a microbatch's at first).
+        self.rows = [list(range(start, min(start + micro_batch, len(rows)))) for start in range(0, len(rows), micro_batch)]
+        self.compact = dims is None or dims.vpp == 1
 
-    def __call__(self, step: int, previous: list[int]) -> dict[int, torch.Tensor]:
+    def _drop_finished(self, stopped: list[bool]) -> None:
+        for cache, rows in zip(self.caches, self.rows):
+            keep = [j for j, r in enumerate(rows) if not stopped[r]]
+            if len(keep) < len(rows):
+                cache.keep(keep)
+                rows[:] = [rows[j] for j in keep]
+
+    def __call__(self, step: int, previous: list[int], stopped: list[bool]) -> dict[int, torch.Tensor]:
         b = self.batch
         if step == 0:
             tokens, positions, mask = b["tokens"], b["position_ids"], block_causal_mask(b["document_ids"])
         else:
+            if self.compact:
+                self._drop_finished(stopped)
             tokens = torch.tensor(previous)[:, None]
             positions = (self.lengths + step - 1)[:, None]
             b["document_ids"] = torch.cat([b["document_ids"], torch.zeros_like(tokens)], dim=1)
@@ -326,11 +345,12 @@ class _CachedLogits:
             return out, record
 
         mbs = []
-        for m, start in enumerate(range(0, tokens.shape[0], self.micro_batch)):
-            sl = slice(start, start + self.micro_batch)
+        for m, rows in enumerate(self.rows):
+            if not rows:
+                continue
+            sl = torch.tensor(rows)
             mbs.append({"tokens": tokens[sl].to(self.device), "position_ids": positions[sl].to(self.device),
-                        "mask": mask[sl].to(self.device), "cache": torch.tensor(m),
-                        "row": torch.arange(start, min(start + self.micro_batch, tokens.shape[0]))})
+                        "mask": mask[sl].to(self.device), "cache": torch.tensor(m), "row": sl})
         forward_pass(forward_step, mbs, self.model, self.dims)
         return last
 

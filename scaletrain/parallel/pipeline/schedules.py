@@ -9,7 +9,7 @@ Each rank executes a fixed list of actions F(chunk, microbatch) / B(chunk, micro
     Needs microbatches % pp == 0.
 
 Point-to-point traffic uses isend/irecv on contiguous tensors whose shapes are agreed up front
-(from the microbatch shape and the model width); each message is tagged with (direction,
+(from each microbatch's shape and the model width); each message is tagged with (direction,
 receiving virtual stage, microbatch), so matching never depends on arrival order. Sends are
 asynchronous and waited at the end of the step; a receive blocks only when its data is needed.
 """
@@ -68,7 +68,8 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
     comm = dims.comm("pp")
     device = next(chunks[0].module.parameters()).device
     dtype = next(chunks[0].module.parameters()).dtype
-    shape = chunks[0].activation_shape(microbatches[0]["tokens"], dims.tp)
+    # Per microbatch: they may differ in rows (the rollout sampler drops finished rows) or width.
+    shapes = [chunks[0].activation_shape(mb["tokens"], dims.tp) for mb in microbatches]
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     pending: list[tuple[object, torch.Tensor, int]] = []  # (work, buffer kept alive, peer)
@@ -86,9 +87,9 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         return RuntimeError(f"pipeline rank {r} (global rank {dims.rank}): {what} pipeline rank {peer} failed: "
                             f"{err}. The peer process has most likely died or hung; its own log says why.")
 
-    def recv(src_rank: int, t: int) -> torch.Tensor:
+    def recv(src_rank: int, t: int, mb: int) -> torch.Tensor:
         nonlocal wait_s
-        buf = torch.empty(shape, dtype=dtype, device=device)
+        buf = torch.empty(shapes[mb], dtype=dtype, device=device)
         t0 = time.perf_counter()
         try:
             with phase("pipeline_wait"):
@@ -109,7 +110,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         chunk, j = chunks[chunk_id], stage_of(chunk_id)
         inp = None
         if not chunk.is_first:
-            inp = recv((r - 1) % pp, tag(FWD, j, mb)).requires_grad_(not forward_only)
+            inp = recv((r - 1) % pp, tag(FWD, j, mb), mb).requires_grad_(not forward_only)
         chunk.input_tensor = inp
         with torch.set_grad_enabled(not forward_only), phase("forward"):
             output, loss_fn = forward_step(microbatches[mb], chunk)  # type: ignore[arg-type]
@@ -135,7 +136,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
             with phase("backward"):
                 out.backward()
         else:
-            grad = recv((r + 1) % pp, tag(BWD, j, mb))
+            grad = recv((r + 1) % pp, tag(BWD, j, mb), mb)
             with phase("backward"):
                 torch.autograd.backward(out, grad)
         del out  # this microbatch's activations are freed here
