@@ -105,7 +105,7 @@ def test_scores_match_transformers(tmp_path, model_run, task_dir):
 
 
 @pytest.mark.parametrize("layout,world", [(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4),
-                                          ([], 2)], ids=["tp2pp2", "dp2"])
+                                          ([], 2), (["parallel.cp=2"], 2)], ids=["tp2pp2", "dp2", "cp2"])
 def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, layout, world):
     refusal = tmp_path / "redteam.jsonl"
     rows = [json.loads(line) for line in (task_dir / "sft_test.jsonl").read_text().splitlines()]
@@ -123,7 +123,9 @@ def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, lay
     # every generated completion, word for word (answer and refusal tasks: 12 rows each)
     assert (tmp_path / "single.jsonl").read_text() == (tmp_path / "par.jsonl").read_text()
     assert len((tmp_path / "par.jsonl").read_text().splitlines()) == 24
-    assert par["layout"] == {"tp": 2, "pp": 2, "dp": 1} if layout else {"tp": 1, "pp": 1, "dp": 2}
+    sizes = {k: 1 for k in ("tp", "pp", "cp", "dp")} | {s.split("=")[0][9:]: int(s.split("=")[1])
+                                                         for s in layout if s[9:11] in ("tp", "pp", "cp")}
+    assert par["layout"] == sizes | {"dp": world // (sizes["tp"] * sizes["pp"] * sizes["cp"])}
     for name, metrics in single["tasks"].items():
         for k, v in metrics.items():
             if k != "seconds":

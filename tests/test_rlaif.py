@@ -100,7 +100,7 @@ def test_labels_match_transformers_and_feed_dpo(tmp_path, policy_run, prompts, t
 
 
 @pytest.mark.parametrize("layout,world", [(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4),
-                                          ([], 2)], ids=["tp2pp2", "dp2"])
+                                          ([], 2), (["parallel.cp=2"], 2)], ids=["tp2pp2", "dp2", "cp2"])
 def test_every_layout_labels_like_one_process(tmp_path, policy_run, prompts, layout, world):
     common = ["--set", "precision.dtype=float64"]
     assert main(_rlaif(policy_run, prompts, tmp_path / "single.jsonl", *common)) == 0

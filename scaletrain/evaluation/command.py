@@ -76,10 +76,10 @@ def eval_command(args: argparse.Namespace) -> int:
 
         env = read_env()
         p = cfg.parallel
-        if p.cp > 1 or env.world_size % (p.tp * p.pp):
-            raise ConfigError(f"evaluation runs at tp·pp = {p.tp}·{p.pp} (cp = 1) on world size {env.world_size}: "
-                              f"launch a multiple of {p.tp * p.pp} processes and leave parallel.cp = 1 (rows are "
-                              "scored whole: extra processes are data-parallel replicas)")
+        if env.world_size % (p.tp * p.pp * p.cp):
+            raise ConfigError(f"evaluation runs at tp·pp·cp = {p.tp}·{p.pp}·{p.cp} on world size {env.world_size}: "
+                              f"launch a multiple of {p.tp * p.pp * p.cp} processes (extra processes are data-parallel "
+                              "replicas; evaluation rows are scored whole, the cp ranks taking shares of them)")
         from scaletrain.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(tok_dir))
@@ -109,7 +109,7 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
         model, line = build_frozen_model(cfg, "model", args.model, dims=dims, precision=precision, device=device,
                                          backend=backend)
         if dims.is_main:
-            print(f"scaletrain eval: {line}; layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp}; precision {precision.name}; "
+            print(f"scaletrain eval: {line}; layout tp{dims.tp}·pp{dims.pp}·cp{dims.cp}·dp{dims.dp}; precision {precision.name}; "
                   f"rows of up to {cfg.train.seq_length} tokens", flush=True)
         out: dict[str, Any] = {}
         for task in tasks:
@@ -118,7 +118,8 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
                               "seconds": round(time.perf_counter() - t0, 3)}
     if not dims.is_main:
         return None
-    return {"model": str(args.model), "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}, "shots": args.shots,
+    return {"model": str(args.model), "layout": {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp},
+            "shots": args.shots,
             "chat": args.chat,
             "seq_length": cfg.train.seq_length, "precision": precision.name, "tasks": out}
 

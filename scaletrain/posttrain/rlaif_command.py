@@ -79,11 +79,11 @@ def rlaif_command(args: argparse.Namespace) -> int:
         seq = args.seq_length or min(pm.max_position_embeddings or 2048, jm.max_position_embeddings or 2048)
         cfg = load_config(args.config, [*args.overrides, f"train.seq_length={seq}"])
         env = read_env()
-        if cfg.parallel.cp > 1 or env.world_size % (cfg.parallel.tp * cfg.parallel.pp):
-            raise ConfigError(f"rlaif runs at tp·pp = {cfg.parallel.tp}·{cfg.parallel.pp} (cp = 1) on world size "
-                              f"{env.world_size}: launch a multiple of {cfg.parallel.tp * cfg.parallel.pp} processes and leave "
-                              "parallel.cp = 1 (responses are sampled and judged whole: extra processes are "
-                              "data-parallel replicas)")
+        p = cfg.parallel
+        if env.world_size % (p.tp * p.pp * p.cp):
+            raise ConfigError(f"rlaif runs at tp·pp·cp = {p.tp}·{p.pp}·{p.cp} on world size {env.world_size}: launch a "
+                              f"multiple of {p.tp * p.pp * p.cp} processes (extra processes are data-parallel replicas; "
+                              "responses are sampled and judged whole, the cp ranks taking shares of them)")
         p_tok, j_tok = load_tokenizer(str(p_tok_dir)), load_tokenizer(str(j_tok_dir))
         for path, m, tok in ((args.policy, pm, p_tok), (judge_path, jm, j_tok)):
             check_frozen_model(dataclasses.replace(cfg, model=m), "model", path, role="model",
