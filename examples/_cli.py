@@ -101,6 +101,8 @@ def add_grpo_args(p: argparse.ArgumentParser, kl_beta: float) -> None:
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
     p.add_argument("--kl-beta", type=float, default=kl_beta)
+    p.add_argument("--grpo-seed", type=int, default=None, help="GRPO's train.seed (prompt order, sampling; "
+                                                                "default: the config's)")
 
 
 def run_grpo(work: Path, data: Path, common: list[str], args: argparse.Namespace, start: str, prefix: str,
@@ -108,7 +110,7 @@ def run_grpo(work: Path, data: Path, common: list[str], args: argparse.Namespace
     """GRPO from work/START/hf on the task's prompts (`extra`: more --set pairs, e.g. the rewards; `suffix`
     names such a variant's run dir); returns its run dir."""
     grpo_dir = (f"{prefix}-grpo-s{args.grpo_steps}-g{args.group_size}-p{args.prompts_per_step}-lr{args.grpo_lr:g}"
-                f"-kl{args.kl_beta:g}{suffix}")
+                f"-kl{args.kl_beta:g}{'' if args.grpo_seed is None else f'-seed{args.grpo_seed}'}{suffix}")
     completions = args.group_size * args.prompts_per_step
     run("grpo", *common, "--set", f"checkpoint.init_from_hf={work / start / 'hf'}",
         "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={work / grpo_dir}",
@@ -116,5 +118,6 @@ def run_grpo(work: Path, data: Path, common: list[str], args: argparse.Namespace
         "--set", f"optim.min_lr={args.grpo_lr}", "--set", "optim.weight_decay=0.0",
         "--set", f"train.global_batch_size={completions}", "--set", f"train.micro_batch_size={min(completions, 32)}",
         "--set", f"posttrain.group_size={args.group_size}", "--set", "posttrain.max_new_tokens=20",
-        "--set", f"posttrain.kl_beta={args.kl_beta}", *extra)
+        "--set", f"posttrain.kl_beta={args.kl_beta}",
+        *(() if args.grpo_seed is None else ("--set", f"train.seed={args.grpo_seed}")), *extra)
     return grpo_dir

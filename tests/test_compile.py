@@ -79,8 +79,9 @@ def test_recomputation_checkpoints_the_compiled_block():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-14)
 
 
-def _compiled_cli_rank(rank: int, world: int, args: list[str]) -> tuple[int, int]:
-    """Run the CLI on this rank; return its exit code and how many graphs dynamo compiled here."""
+def _compiled_cli_rank(rank: int, world: int, args: list[str]) -> tuple[int, int, dict[str, int]]:
+    """Run the CLI on this rank; return its exit code, how many graphs dynamo compiled here and the
+    graph breaks it took (reason → count)."""
     import torch._inductor.config
     from torch._dynamo.utils import counters
 
@@ -88,14 +89,18 @@ def _compiled_cli_rank(rank: int, world: int, args: list[str]) -> tuple[int, int
 
     # Compile in this process: a forked rank must not use the compile-worker pool its parent started.
     torch._inductor.config.compile_threads = 1
-    return _cli_rank(rank, world, args), counters["stats"]["unique_graphs"]
+    counters.clear()  # a forked rank starts with its parent's counts (earlier tests' graphs)
+    return _cli_rank(rank, world, args), counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
 
-def test_compiled_tp2_sp_recompute_matches_eager_single_process(tmp_path, tokenizer_dir, dataset_prefix):
+@pytest.mark.parametrize("split", [{"parallel.tp": 2, "parallel.sequence_parallel": True}, {"parallel.cp": 2}],
+                         ids=["tp2sp", "cp2"])
+def test_compiled_parallel_recompute_matches_eager_single_process(tmp_path, tokenizer_dir, dataset_prefix, split):
+    """tp2+SP (all-gather / reduce-scatter inside every block, forward and backward) and cp2 (the
+    k/v all-gather): compiled with full recomputation, equal to one eager process."""
     from dist_harness import run_ranks
 
-    layout = {"parallel.compile": True, "parallel.tp": 2, "parallel.sequence_parallel": True,
-              "parallel.recompute": "full"}
+    layout = {"parallel.compile": True, "parallel.recompute": "full", **split}
 
     def args_for(par: bool):
         run = tmp_path / str(par)
@@ -108,9 +113,10 @@ def test_compiled_tp2_sp_recompute_matches_eager_single_process(tmp_path, tokeni
     (single, a_args), (parallel, b_args) = args_for(False), args_for(True)
     assert main(a_args) == 0
     ranks = run_ranks(2, _compiled_cli_rank, b_args, timeout=240)
-    assert [rc for rc, _ in ranks] == [0, 0]
-    # Graphs between the collectives on every rank: not a silent fallback to eager.
-    assert all(graphs >= 2 for _, graphs in ranks), ranks
+    assert [rc for rc, _, _ in ranks] == [0, 0]
+    # One graph per rank for every block, tp/SP collectives included (functional collectives): no
+    # graph breaks, and not a silent fallback to eager.
+    assert all(graphs == 1 and breaks == {} for _, graphs, breaks in ranks), ranks
     a, b = read_metrics(single), read_metrics(parallel)
     assert len(a) == 4
     assert_same_steps(a, b, 1e-10)

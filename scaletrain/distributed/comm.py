@@ -5,6 +5,12 @@ single process runs the same code with no group at all. Collectives work on cont
 along dim 0 (flat layouts); `dim` arguments move the dimension first and back (a copy when dim≠0).
 Every call adds its payload to `stats` (bytes of the full tensor each op logically moves), which the
 communication benchmark compares with Megatron's theoretical minimum.
+
+Inside a region torch.compile traces (parallel.compile: a block's forward and its backward),
+all_reduce / all_gather / reduce_scatter are functional collectives instead, which dynamo records
+into the graph: an in-place c10d call would end the graph there, leaving the block in pieces that
+inductor fuses and schedules separately. There they return a new tensor (use the return value, not
+the argument), do not count in `stats`, and a failure surfaces as the backend's own error.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from scaletrain.profile.phases import phase
 
@@ -83,10 +90,17 @@ class Comm:
                 "a peer in that group died, hung past parallel.timeout_s, or called a different collective; "
                 "the launcher's log names the rank that exited first.") from e
 
+    def _traced_group(self) -> dist.ProcessGroup:
+        group = self.group if self.group is not None else dist.group.WORLD
+        assert group is not None, "a Comm of size > 1 needs a process group"
+        return group
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place all-reduce (sum or max) of a contiguous tensor; returns it."""
+        """In-place all-reduce (sum or max) of a contiguous tensor; returns it (traced: a new tensor)."""
         if self.size == 1:
             return t
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(t, op, self._traced_group())
         self.stats.add("all_reduce", t)
         red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
         with self._named("all_reduce"):
@@ -112,6 +126,8 @@ class Comm:
         """Concatenate every rank's `t` along `dim` (output size × along dim)."""
         if self.size == 1:
             return t
+        if torch.compiler.is_compiling():
+            return funcol.all_gather_tensor(t.contiguous(), dim, self._traced_group())
         src = t.movedim(dim, 0).contiguous()
         out = torch.empty((src.shape[0] * self.size, *src.shape[1:]), dtype=src.dtype, device=src.device)
         self.stats.add("all_gather", out)
@@ -123,6 +139,8 @@ class Comm:
         """Sum over ranks, then keep this rank's 1/size slice along `dim`."""
         if self.size == 1:
             return t
+        if torch.compiler.is_compiling():
+            return funcol.reduce_scatter_tensor(t.contiguous(), "sum", dim, self._traced_group())
         src = t.movedim(dim, 0).contiguous()
         if src.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: dim {dim} of size {src.shape[0]} is not divisible by {self.size}")

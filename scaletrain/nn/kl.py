@@ -27,10 +27,10 @@ KL_KINDS = ("forward_kl", "reverse_kl")
 def _log_softmax(z: torch.Tensor, comm: Comm) -> torch.Tensor:
     """log-softmax over a vocabulary sharded along the last dim (padding columns are −inf)."""
     zmax = z.max(dim=-1).values
-    comm.all_reduce(zmax, op="max")
+    zmax = comm.all_reduce(zmax, op="max")
     shifted = z - zmax.unsqueeze(-1)
     sum_exp = shifted.exp().sum(dim=-1)
-    comm.all_reduce(sum_exp)
+    sum_exp = comm.all_reduce(sum_exp)
     return shifted - sum_exp.log().unsqueeze(-1)
 
 

@@ -18,7 +18,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, comm: Comm):
         vocab_local = logits.shape[-1]
         zmax = logits.max(dim=-1).values
-        comm.all_reduce(zmax, op="max")
+        zmax = comm.all_reduce(zmax, op="max")
         shifted = logits - zmax.unsqueeze(-1)
         start = comm.rank * vocab_local
         outside = (labels < start) | (labels >= start + vocab_local)
@@ -26,7 +26,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         label_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
         exp = shifted.exp()
         sums = torch.stack([exp.sum(dim=-1), label_logit])
-        comm.all_reduce(sums)
+        sums = comm.all_reduce(sums)
         sum_exp, label_logit = sums[0], sums[1]
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
         return sum_exp.log() - label_logit
@@ -53,7 +53,7 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         local_max, local_sum, label_logit = ce_stats(logits, local)
         global_max = comm.all_reduce(local_max.clone(), op="max")
         sums = torch.stack([local_sum * torch.exp(local_max - global_max), label_logit])
-        comm.all_reduce(sums)
+        sums = comm.all_reduce(sums)
         ctx.save_for_backward(logits, local, global_max, sums[0])
         return torch.log(sums[0]) + global_max - sums[1]
 

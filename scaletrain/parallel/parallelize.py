@@ -128,12 +128,13 @@ def enable_fp8(model: torch.nn.Module, dims: ParallelDims, precision_cfg) -> str
 def compile_blocks(model: torch.nn.Module) -> None:
     """torch.compile each transformer block's forward in place, torchtitan's granularity. The bound
     forward is compiled, not the module wrapped, so parameter names (checkpoints, HF maps) do not
-    change; blocks of one shape share the compiled code. Before recomputation, which then
-    checkpoints the compiled forward: the tp / SP / cp collectives are custom autograd functions
-    over torch.distributed that dynamo runs between graphs (graph breaks), and a graph break inside
-    a checkpoint traced by dynamo would drop the whole block back to eager. So every layout
-    compiles; the matmul and elementwise regions between collectives fuse. Passes whose shapes
-    change every call (decoding, evaluation rows) run eager (`eager`)."""
+    change; blocks of one shape share the compiled code. The tp / SP / cp collectives inside a
+    block are traced as functional collectives (distributed/comm.py), so a block is one graph, its
+    communication included (inductor can then overlap and fuse around it). Compiled before
+    recomputation, which then checkpoints the compiled forward: a graph break inside a checkpoint
+    that dynamo traces drops the whole block back to eager, so this order stays safe if a layout
+    ever breaks the graph. Passes whose shapes change every call (decoding, evaluation rows) run
+    eager (`eager`)."""
     for block in getattr(model, "layers", {}).values():
         block.forward = torch.compile(block.forward)
 
