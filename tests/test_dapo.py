@@ -60,12 +60,19 @@ def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_
     assert [m["loss"] for m in filled] == pytest.approx([m["loss"] for m in without], rel=1e-12, abs=1e-15)
 
 
-def test_dynamic_sampling_at_dp2_matches_the_single_process(tmp_path, tokenizer_dir, dataset_prefix, prompts):  # noqa: F811
+@pytest.mark.parametrize("layout,world", [({}, 2), ({"parallel.cp": 2, "posttrain.grpo_iterations": 2}, 2),
+                                          ({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4)],
+                         ids=["dp2", "cp2", "tp2pp2sp"])
+def test_dynamic_sampling_matches_the_single_process(tmp_path, tokenizer_dir, dataset_prefix, prompts,  # noqa: F811
+                                                    layout, world):
     """The choice is global: dp2 keeps the groups the single process keeps (with the overlong punishment
-    and filtering on as well, which change rewards and loss masks)."""
+    and filtering on as well, which change rewards and loss masks); within a replica (cp, tp, pp, and
+    two updates per batch) every rank holds the same pool."""
     extra = {**DYNAMIC, "posttrain.overlong_buffer": 3, "posttrain.mask_truncated": True}
     a, b = run_single_and_parallel(
-        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **extra)), 2)
+        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **extra,
+                                                **{k: v for k, v in layout.items() if par or k.startswith("posttrain")})),
+        world)
     assert_same_steps(a, b, 1e-10)
     for x, y in zip(a, b):
         for k in ("reward", "zero_std_groups", "sampling_rounds", "filtered_groups", "loss_tokens", "truncated"):
