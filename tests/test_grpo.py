@@ -234,8 +234,8 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
     """Every torch-backend layout decodes incrementally: pipeline stages cache their own layers and pass
     [b, 1, h] activations; SP is lifted for decoding (one new token cannot be split over tp) and bound
     again afterwards. The tokens equal the layout's own recomputation and the single process's.
-    Finished rows leave the caches (the last token ran for the longest completions only) — except
-    under interleaving, whose schedule needs whole groups of microbatches."""
+    Finished rows leave the caches (the last token ran for the longest completions only; under
+    interleaving, whose schedule needs whole groups of microbatches, one row per emptied microbatch)."""
     from scaletrain.posttrain.rollout import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
@@ -246,13 +246,16 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
                                 temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60, micro_batch=4,
                                 precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
     longest = max(len(c) for c in single[0])
-    running_at_the_end = 12 if layout.get("vpp", 1) > 1 else sum(len(c) == longest for c in single[0])
+    ran_last = [len(c) == longest for c in single[0]]
+    # Interleaved: each of the 6 microbatches (2 rows) keeps its place, with one finished row if need be.
+    running_at_the_end = sum(max(1, sum(ran_last[2 * m:2 * m + 2])) for m in range(6)) if layout.get("vpp", 1) > 1 \
+        else sum(ran_last)
     for cached, recomputed, used_cache, restored, rows_left in run_ranks(world, _decoding_rank, layout, num_layers,
                                                                          timeout=60):
         assert used_cache and restored
         assert cached == recomputed == single
         assert rows_left == running_at_the_end
-    assert len({len(c) for c in single[0]}) > 1 and running_at_the_end < 12 or layout.get("vpp", 1) > 1
+    assert len({len(c) for c in single[0]}) > 1 and running_at_the_end < 12
 
 
 # ---------------------------------------------------------------------------------------- rewards
@@ -302,7 +305,8 @@ def test_custom_rewards_resolve_or_fail_clearly():
     # cp2: each cp rank samples half the prompts on whole sequences, the step trains on split rows;
     # per-sequence normalisation sums each row's parts over cp. 5 held-out prompts: 3 + 2 over cp.
     ({"parallel.cp": 2, "posttrain.grpo_loss_norm": "sequence", "posttrain.grpo_iterations": 2}, 2),
-], ids=["tp2pp2sp", "dp2", "cp2"])
+    ({"parallel.pp": 2, "parallel.vpp": 2}, 2),  # interleaved: decoding keeps whole groups of microbatches
+], ids=["tp2pp2sp", "dp2", "cp2", "pp2vpp2"])
 def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, prompts,
                                                         layout, world):
     single, parallel = tmp_path / "False", tmp_path / "True"

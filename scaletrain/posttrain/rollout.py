@@ -299,8 +299,8 @@ class _CachedLogits:
     through the layout's forward-only schedule. Padding stays masked out. Finished rows leave their
     microbatch's cache (`KVCache.keep`) and an emptied microbatch leaves the pass, so the work per
     token follows the rows still running — except under interleaved pipelining, whose schedule needs
-    whole groups of microbatches: there finished rows keep being fed and their outputs are ignored.
-    Logits are filled on the last pipeline stage, for the running rows."""
+    whole groups of microbatches: there an emptied microbatch keeps one finished row (its outputs
+    are ignored). Logits are filled on the last pipeline stage, for the rows fed."""
 
     def __init__(self, model: torch.nn.Module, dims, rows: list[list[int]], pad_id: int, micro_batch: int,
                  device: torch.device, tp, max_new_tokens: int) -> None:
@@ -311,11 +311,13 @@ class _CachedLogits:
         self.caches = [KVCache(capacity) for _ in range(0, len(rows), micro_batch)]
         # The rows each cache holds, in its row order (all of a microbatch's at first).
         self.rows = [list(range(start, min(start + micro_batch, len(rows)))) for start in range(0, len(rows), micro_batch)]
-        self.compact = dims is None or dims.vpp == 1
+        self.keep_microbatches = dims is not None and dims.vpp > 1  # interleaving: a fixed microbatch count
 
     def _drop_finished(self, stopped: list[bool]) -> None:
         for cache, rows in zip(self.caches, self.rows):
             keep = [j for j, r in enumerate(rows) if not stopped[r]]
+            if not keep and self.keep_microbatches:
+                keep = [0]  # one finished row holds the microbatch's place in the schedule
             if len(keep) < len(rows):
                 cache.keep(keep)
                 rows[:] = [rows[j] for j in keep]
@@ -325,8 +327,7 @@ class _CachedLogits:
         if step == 0:
             tokens, positions, mask = b["tokens"], b["position_ids"], block_causal_mask(b["document_ids"])
         else:
-            if self.compact:
-                self._drop_finished(stopped)
+            self._drop_finished(stopped)
             tokens = torch.tensor(previous)[:, None]
             positions = (self.lengths + step - 1)[:, None]
             b["document_ids"] = torch.cat([b["document_ids"], torch.zeros_like(tokens)], dim=1)
