@@ -229,7 +229,8 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
         width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, iterations=pt.grpo_iterations,
         missing_stop_penalty=pt.missing_stop_penalty, overlong_buffer=pt.overlong_buffer,
         overlong_penalty=pt.overlong_penalty, mask_truncated=pt.mask_truncated, dynamic_sampling=pt.dynamic_sampling,
-        max_sampling_rounds=pt.max_sampling_rounds, **ppo)
+        max_sampling_rounds=pt.max_sampling_rounds, rollout_micro_batch=pt.rollout_micro_batch or t.micro_batch_size,
+        **ppo)
 
 
 def build_critic(cfg: RunConfig, dims, precision, device, backend, run_dir: Path, resumed_step: int | None,
@@ -283,7 +284,8 @@ def on_policy_batches(cfg: RunConfig, prompts, tokenizer, *, model, dims, precis
         seq_length=t.seq_length, seed=t.seed, consumed_samples=consumed_samples, tokenizer=tokenizer,
         stop_text=ChatRenderer(tokenizer, pt.chat_template).end_of_turn(), max_new_tokens=pt.max_new_tokens,
         temperature=pt.temperature, precision=precision, device=device,
-        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+        width_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
+        rollout_micro_batch=pt.rollout_micro_batch or t.micro_batch_size)
 
 
 def build_reward_scorer(cfg: RunConfig, tokenizer, dims, precision, device, backend, log):

@@ -305,7 +305,8 @@ def test_custom_rewards_resolve_or_fail_clearly():
     # cp2: each cp rank samples half the prompts on whole sequences, the step trains on split rows;
     # per-sequence normalisation sums each row's parts over cp. 5 held-out prompts: 3 + 2 over cp.
     ({"parallel.cp": 2, "posttrain.grpo_loss_norm": "sequence", "posttrain.grpo_iterations": 2}, 2),
-    ({"parallel.pp": 2, "parallel.vpp": 2}, 2),  # interleaved: decoding keeps whole groups of microbatches
+    # interleaved: decoding keeps whole groups of microbatches (2 sampling passes of 4 rows here)
+    ({"parallel.pp": 2, "parallel.vpp": 2, "posttrain.rollout_micro_batch": 4}, 2),
 ], ids=["tp2pp2sp", "dp2", "cp2", "pp2vpp2"])
 def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, prompts,
                                                         layout, world):
@@ -385,6 +386,7 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     ({"posttrain.grpo_loss_norm": "seq"}, "posttrain.grpo_loss_norm"),
     ({"posttrain.grpo_iterations": 0}, "must be at least 1"),
     ({"posttrain.clip_eps": 1.5}, "posttrain.clip_eps = 1.5"),
+    ({"posttrain.rollout_micro_batch": 3}, "posttrain.rollout_micro_batch = 3 must divide"),
 ])
 def test_bad_grpo_configs_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys, extra, message):
     assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
@@ -416,6 +418,32 @@ def test_grpo_raises_its_reward(tmp_path, tokenizer_dir, dataset_prefix, prompts
     rewards = [m["reward"] for m in read_metrics(run)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, (first, last)
+
+
+def test_rollout_micro_batch_changes_speed_not_results(tmp_path, tokenizer_dir, dataset_prefix, prompts, monkeypatch):
+    """Sampling 8 rows per forward instead of the training microbatch's 2: one KV cache (one pass per
+    token) per step instead of 4, the same completions and the same steps (float64; a row's logits do
+    not depend on its neighbours')."""
+    import scaletrain.posttrain.rollout as rollout
+
+    caches: list = []
+
+    class Counted(rollout.KVCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(rollout, "KVCache", Counted)
+    runs, passes = {}, {}
+    for rm in (0, 8):
+        runs[rm] = tmp_path / str(rm)
+        caches.clear()
+        assert main(_args(runs[rm], tokenizer_dir, dataset_prefix, prompts, **{"posttrain.rollout_micro_batch": rm})) == 0
+        passes[rm] = len(caches)
+    assert passes == {0: 3 * 4, 8: 3 * 1}  # 3 steps × microbatches of 8 completions
+    a, b = read_metrics(runs[0]), read_metrics(runs[8])
+    assert_same_steps(a, b, 1e-10)
+    assert (runs[0] / "rollouts.jsonl").read_text() == (runs[8] / "rollouts.jsonl").read_text()
 
 
 def test_missing_stop_penalty_is_subtracted_per_completion(tmp_path, tokenizer_dir, dataset_prefix, prompts):

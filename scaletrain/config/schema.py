@@ -287,6 +287,11 @@ class PostTrainConfig:
     """grpo: completions sampled per prompt (the group whose rewards are compared); train.global_batch_size counts completions."""
     max_new_tokens: int = 32
     """grpo: longest completion; prompt + completion must fit in train.seq_length + 1 tokens."""
+    rollout_micro_batch: int = 0
+    """grpo/ppo/on-policy distill: rows per forward when sampling (0: train.micro_batch_size). Decoding is
+    memory-bound and its KV cache holds every row whatever this is, so larger batches per forward cost
+    only one pass's logits and run far faster; must divide train.global_batch_size / dp (under
+    interleaved pipelining, into a multiple of parallel.pp passes)."""
     temperature: float = 1.0
     """grpo: sampling temperature of the rollouts (log-probs in the loss use the same temperature)."""
     kl_beta: float = 0.0

@@ -240,6 +240,13 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"grpo: each dp rank samples whole groups, so train.global_batch_size / dp = "
                       f"{t.global_batch_size}/{dp} must be a multiple of posttrain.group_size = "
                       f"{cfg.posttrain.group_size}.")
+    elif cfg.posttrain.rollout_micro_batch:
+        rm, per_replica = cfg.posttrain.rollout_micro_batch, t.global_batch_size // dp
+        if rm < 0 or per_replica % rm or (p.vpp > 1 and (per_replica // rm) % p.pp):
+            errors.append(f"posttrain.rollout_micro_batch = {rm} must divide the rows each replica samples, "
+                          f"train.global_batch_size / dp = {per_replica}"
+                          + (f", into a multiple of parallel.pp = {p.pp} passes (interleaved 1F1B)" if p.vpp > 1 else "")
+                          + "; 0 uses train.micro_batch_size.")
     if t.eval_tasks and not t.eval_interval:
         errors.append("train.eval_tasks run at validations: set train.eval_interval (or drop the tasks).")
     if errors:

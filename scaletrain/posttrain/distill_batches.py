@@ -29,9 +29,10 @@ class OnPolicyBatches:
     def __init__(self, prompts: PromptDataset, *, model: torch.nn.Module, dims, global_batch: int, micro_batch: int,
                  seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
                  max_new_tokens: int, temperature: float, precision, device: torch.device,
-                 width_multiple: int = 1) -> None:
+                 width_multiple: int = 1, rollout_micro_batch: int = 0) -> None:
         self.prompts, self.model, self.dims = prompts, model, dims
         self.global_batch, self.micro_batch, self.seq_length = global_batch, micro_batch, seq_length
+        self.rollout_micro = rollout_micro_batch or micro_batch  # rows per sampling forward
         self.seed, self.consumed_samples = seed, consumed_samples
         self.tokenizer, self.stop_text = tokenizer, stop_text
         self.stop_ids = stop_ids_for(tokenizer, stop_text)
@@ -58,7 +59,7 @@ class OnPolicyBatches:
             self.model, d, prompts, [sampling_generator(self.seed, k) for k in draws] if self.temperature else None,
             group_size=1, max_new_tokens=self.max_new_tokens, temperature=self.temperature, stop_ids=self.stop_ids,
             stop_text=self.stop_text, decode=self.tokenizer.decode, pad_id=self.pad_id,
-            vocab_limit=self.tokenizer.vocab_size, micro_batch=self.micro_batch, precision=self.precision,
+            vocab_limit=self.tokenizer.vocab_size, micro_batch=self.rollout_micro, precision=self.precision,
             device=self.device, width_multiple=self.width_multiple)
         items = [training_rows(p, c, self.seq_length, self.pad_id) for p, c in zip(prompts, completions)]
         sums = torch.tensor([float(sum(len(c) for c in completions)), float(sum(not s for s in stopped)),

@@ -52,12 +52,14 @@ class RolloutBatches:
                  precision, device: torch.device, fused_cross_entropy: bool = False,
                  run_dir: Path | None = None, width_multiple: int = 1, iterations: int = 1,
                  missing_stop_penalty: float = 0.0, overlong_buffer: int = 0, overlong_penalty: float = 1.0,
-                 mask_truncated: bool = False, dynamic_sampling: bool = False, max_sampling_rounds: int = 1) -> None:
+                 mask_truncated: bool = False, dynamic_sampling: bool = False, max_sampling_rounds: int = 1,
+                 rollout_micro_batch: int = 0) -> None:
         self.prompts, self.model, self.reference, self.dims = prompts, model, reference, dims
         self.rewards = rewards
         self.weights = torch.tensor(reward_weights or [1.0] * len(rewards), dtype=torch.float64)
         self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
         self.scale_rewards, self.global_batch, self.micro_batch = scale_rewards, global_batch, micro_batch
+        self.rollout_micro = rollout_micro_batch or micro_batch  # rows per sampling forward
         self.seq_length, self.seed, self.consumed_samples = seq_length, seed, consumed_samples
         self.tokenizer, self.stop_text = tokenizer, stop_text
         self.stop_ids = stop_ids_for(tokenizer, stop_text)
@@ -177,7 +179,7 @@ class RolloutBatches:
             self.model, d, prompts, [sampling_generator(self.seed, rnd * ROUND_KEY + k) for k in draws], group_size=g,
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, stop_ids=self.stop_ids,
             stop_text=self.stop_text, decode=self.tokenizer.decode,
-            pad_id=self.pad_id, vocab_limit=self.tokenizer.vocab_size, micro_batch=self.micro_batch,
+            pad_id=self.pad_id, vocab_limit=self.tokenizer.vocab_size, micro_batch=self.rollout_micro,
             precision=self.precision, device=self.device, width_multiple=self.width_multiple)
         texts = [self._text(c) for c in completions]
         rows = [self.prompts.rows[i] for i in index for _ in range(g)]
@@ -256,13 +258,13 @@ class RolloutBatches:
         # repeats of the last prompt, not scored.
         completions: list[list[int]] = []
         if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
-            unit = pass_unit(d, self.micro_batch)
+            unit = pass_unit(d, self.rollout_micro)
             padded = mine + [mine[-1]] * (-len(mine) % unit)
             completions, _ = sample_completions(
                 self.model, d, [prompts.prompts[i] for i in padded], None, group_size=1,
                 max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids,
                 stop_text=self.stop_text, decode=self.tokenizer.decode, pad_id=self.pad_id,
-                vocab_limit=self.tokenizer.vocab_size, micro_batch=self.micro_batch, precision=self.precision,
+                vocab_limit=self.tokenizer.vocab_size, micro_batch=self.rollout_micro, precision=self.precision,
                 device=self.device, width_multiple=self.width_multiple)
         n = len(mine)
         scores = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]],

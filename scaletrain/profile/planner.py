@@ -28,7 +28,7 @@ Conventions (all bytes are per rank):
   split over cp — rows are sampled whole, each cp rank a share — up to train.seq_length positions, keys
   and values of this rank's kv heads for the layers of its stage, in the compute dtype; only where
   decoding is incremental: the torch backend — SP is lifted for decoding) plus, on the last stage, one
-  microbatch's logits over this rank's vocabulary slice (the prompt pass, and every pass where each token
+  sampling pass's logits (posttrain.rollout_micro_batch rows) over this rank's vocabulary slice (the prompt pass, and every pass where each token
   recomputes its prefix).
 """
 
@@ -182,7 +182,7 @@ def rollout_rows(cfg: RunConfig, layout: Layout) -> int:
     if layout.cp > 1:
         group = pt.group_size if pt.objective in ("grpo", "ppo") else 1
         prompts = -(-(rows // group) // layout.cp)
-        unit = t.micro_batch_size * (layout.pp if layout.vpp > 1 else 1)
+        unit = (pt.rollout_micro_batch or t.micro_batch_size) * (layout.pp if layout.vpp > 1 else 1)
         while (prompts * group) % unit:  # whole passes: padded with copies of the last prompt
             prompts += 1
         rows = prompts * group
@@ -195,10 +195,11 @@ def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, com
     rows = rollout_rows(cfg, layout)
     if not rows:
         return 0, 0
+    micro = cfg.posttrain.rollout_micro_batch or t.micro_batch_size  # rows per sampling forward
     incremental = cfg.parallel.backend != "te"  # any layout on the torch backend (SP is lifted for decoding)
     kv = rows * t.seq_length * layers * 2 * (m.num_kv_heads // layout.tp) * m.head_dim * compute_bytes \
         if incremental else 0
-    logits = t.micro_batch_size * t.seq_length * (m.vocab_size // layout.tp) * compute_bytes \
+    logits = micro * t.seq_length * (m.vocab_size // layout.tp) * compute_bytes \
         if pp_rank == layout.pp - 1 else 0
     return kv, logits
 
