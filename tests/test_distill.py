@@ -256,7 +256,8 @@ def chat_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
-                                          ({}, 2), ({"parallel.cp": 2}, 2)], ids=["tp2pp2", "dp2", "cp2"])
+                                          ({"posttrain.rollout_micro_batch": 2}, 2), ({"parallel.cp": 2}, 2)],
+                         ids=["tp2pp2", "dp2-sampling-2-rows-per-pass", "cp2"])
 def test_on_policy_distillation_matches_single_process(tmp_path, tokenizer_dir, dataset_prefix, teacher_run, chat_file,
                                                        layout, world):
     """The student samples its own completions (the same ones at every layout) and the teacher scores them:
