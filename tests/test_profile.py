@@ -158,7 +158,8 @@ def test_full_recompute_gives_the_same_gradients_and_saves_what_the_planner_says
 
 def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int]:
     """Sample a GRPO rollout batch that fills train.seq_length (no stop token) at `layout`: the bytes its
-    KV caches hold at the end, next to the planner's rollout KV and logits bytes for this layout."""
+    KV caches hold at the end and the largest logits a sampling pass produced, next to the planner's
+    rollout KV and logits bytes for this layout."""
     import dataclasses
 
     import torch
@@ -183,7 +184,14 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     model = parallelize(build_model(m, tp_size=dims.tp, dtype=torch.float64), dims, cfg.parallel)
     init_parameters(model, 0, tp_rank=dims.tp_rank, tp_size=dims.tp)
-    caches = record_kv_caches()  # (a forked rank: the patch dies with it)
+    caches = record_kv_caches()  # (a forked rank: the patches die with it)
+    logits_bytes = [0]
+    read_last = rollout._gathered_last
+
+    def measured(output, tp):  # the logits each sampling pass produced, on the last stage
+        logits_bytes[0] = max(logits_bytes[0], output.numel() * output.element_size())
+        return read_last(output, tp)
+    rollout._gathered_last = measured
     prompts = [list(range(3 + i, 3 + i + seq - new + 1)) for i in range(2)]  # 2 prompts × 4 = the global batch
     rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(0, i) for i in range(2)],
                                group_size=4, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
@@ -191,7 +199,7 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
                                device=torch.device("cpu"), width_multiple=dims.tp if dims.tp > 1 else 1)
     held = sum(k.nbytes + v.nbytes for c in caches for k, v in c._kv.values())
     stage = plan(cfg, world).stages[dims.pp_rank]
-    return held, stage.rollout_kv_bytes, stage.rollout_logits_bytes
+    return held, stage.rollout_kv_bytes, logits_bytes[0], stage.rollout_logits_bytes
 
 
 @pytest.mark.parametrize("layout,world,rows,kv_heads", [({}, 1, 8, 2), ({"cp": 2}, 2, 4, 2),
@@ -202,9 +210,10 @@ def test_planned_rollout_kv_cache_is_what_decoding_holds(layout, world, rows, kv
     """GRPO's rollout memory: the KV cache the sampler really holds at the last token (8 rows, 4 per cp rank
     at cp2; tp2+SP decodes with SP lifted, each tp rank caching its kv head; a pp2 stage its own layer) × 32
     positions × layers × k and v × 8 dims × 8 bytes equals the plan's, as do one microbatch's logits over
-    the rank's vocabulary slice (last stage only)."""
+    the rank's vocabulary slice at the last position (last stage only)."""
     pp = layout.get("pp", 1)
-    for rank, (held, planned, logits) in enumerate(run_ranks(world, _rollout_kv_rank, layout, timeout=60)):
+    for rank, (held, planned, logits_held, logits) in enumerate(run_ranks(world, _rollout_kv_rank, layout,
+                                                                          timeout=60)):
         assert held == planned == rows * 32 * (2 // pp) * 2 * kv_heads * 8 * 8
         last = pp == 1 or rank == world - 1
-        assert logits == (2 * 32 * (96 // layout.get("tp", 1)) * 8 if last else 0)
+        assert logits_held == logits == (2 * 1 * (96 // layout.get("tp", 1)) * 8 if last else 0)  # last position

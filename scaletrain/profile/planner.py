@@ -28,8 +28,9 @@ Conventions (all bytes are per rank):
   split over cp — rows are sampled whole, each cp rank a share — up to train.seq_length positions, keys
   and values of this rank's kv heads for the layers of its stage, in the compute dtype; only where
   decoding is incremental: the torch backend — SP is lifted for decoding) plus, on the last stage, one
-  sampling pass's logits (posttrain.rollout_micro_batch rows) over this rank's vocabulary slice (the prompt pass, and every pass where each token
-  recomputes its prefix).
+  sampling pass's logits (posttrain.rollout_micro_batch rows) over this rank's vocabulary slice: at the
+  last position only when decoding is incremental, at every position where each token recomputes its
+  prefix.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, com
     incremental = cfg.parallel.backend != "te"  # any layout on the torch backend (SP is lifted for decoding)
     kv = rows * t.seq_length * layers * 2 * (m.num_kv_heads // layout.tp) * m.head_dim * compute_bytes \
         if incremental else 0
-    logits = micro * t.seq_length * (m.vocab_size // layout.tp) * compute_bytes \
+    positions = 1 if incremental else t.seq_length  # a KV-cache pass computes the last position's logits only
+    logits = micro * positions * (m.vocab_size // layout.tp) * compute_bytes \
         if pp_rank == layout.pp - 1 else 0
     return kv, logits
 

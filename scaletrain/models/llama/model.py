@@ -143,7 +143,8 @@ class LlamaModel(nn.Module):
         """inputs: token ids [b, s], embedded here, or hidden states [b, s(/tp), h] handed over by the
         previous pipeline stage. attention_mask: boolean [b, 1, s, s] (packing), or under context
         parallelism the batch's `nn.blockwise_attention.BlockwiseMask` (s is then this cp rank's share). layer_keys: the blocks to run (default: every block this module
-        holds). After the model's last block the final norm and head run and logits come out;
+        holds). After the model's last block the final norm and head run and logits come out —
+        with a kv_cache (incremental decoding) for the last position only, [b, 1, vocab/tp];
         otherwise the hidden states do. A pipeline split (parallel/pipeline) prunes the module
         tree and chooses the keys; the model itself knows no stages.
         """
@@ -167,6 +168,10 @@ class LlamaModel(nn.Module):
         if not keys or int(keys[-1]) != self.cfg.num_layers - 1:
             return x
         assert self.norm is not None, "the last block ran on a stage without the final norm"
+        if kv_cache is not None:
+            # Decoding reads the next token's logits only: skip the head over the prompt's positions
+            # (at a 128k vocabulary that is most of the prompt pass's memory).
+            x = x[:, -1:]
         x = self.norm(x)
         if self.score is not None:
             return self.score(x)
