@@ -123,8 +123,8 @@ def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, lay
     # every generated completion, word for word (answer and refusal tasks: 12 rows each)
     assert (tmp_path / "single.jsonl").read_text() == (tmp_path / "par.jsonl").read_text()
     assert len((tmp_path / "par.jsonl").read_text().splitlines()) == 24
-    sizes = {k: 1 for k in ("tp", "pp", "cp", "dp")} | {s.split("=")[0][9:]: int(s.split("=")[1])
-                                                         for s in layout if s[9:11] in ("tp", "pp", "cp")}
+    sets = dict(s.removeprefix("parallel.").split("=") for s in layout)
+    sizes = {k: int(sets.get(k, 1)) for k in ("tp", "pp", "cp")}
     assert par["layout"] == sizes | {"dp": world // (sizes["tp"] * sizes["pp"] * sizes["cp"])}
     for name, metrics in single["tasks"].items():
         for k, v in metrics.items():

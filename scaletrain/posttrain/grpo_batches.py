@@ -160,15 +160,20 @@ class RolloutBatches:
             self.buffer.save(step, mbs, self.last_metrics)
         return mbs
 
+    def _shares(self) -> tuple[int, int, int]:
+        """(this dp rank, groups per step, groups per dp rank): each dp rank samples a contiguous share."""
+        d = self.dims
+        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
+        per_step = self.global_batch // self.group_size
+        return dp_rank, per_step, per_step // dp
+
     def _sample_round(self, generation: int, rnd: int) -> Groups:
         """Sample and score this dp rank's share of sampling round `rnd` of rollout batch `generation`.
         Round 0 takes the run's prompt order (every prompt once per epoch); dynamic sampling's later
         rounds take their own seeded orders at the same positions, so every round is a function of
         (seed, step) alone and a resumed run samples what the uninterrupted one did."""
         d, g = self.dims, self.group_size
-        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
-        per_step = self.global_batch // g
-        per_rank = per_step // dp
+        dp_rank, per_step, per_rank = self._shares()
         if rnd not in self._round_orders:
             self._round_orders[rnd] = PromptOrder(len(self.prompts), self.seed + 104_729 * rnd)
         order = self._round_orders[rnd]
@@ -191,9 +196,7 @@ class RolloutBatches:
         posttrain.max_sampling_rounds ran out), then this dp rank's share of the chosen groups
         (posttrain/dynamic_sampling.py). The same choice on every rank of every replica."""
         d, g = self.dims, self.group_size
-        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
-        per_step = self.global_batch // g
-        per_rank = per_step // dp
+        dp_rank, per_step, per_rank = self._shares()
         dp_comm = d.comm("dp") if d is not None else None
         pool: Groups | None = None
         for rnd in range(self.max_sampling_rounds):
@@ -220,7 +223,6 @@ class RolloutBatches:
             mine, sampling = self._sample_round(generation, 0), {}
         prompts = [self.prompts.prompts[i] for i in mine.index]
         completions, stopped, scores, missing = mine.completions, mine.stopped, mine.scores, mine.missing
-        texts = [self._text(c) for c in completions]
         total = self._total(scores, missing, completions)
         advantages = self._sequence_advantages(total)
         items = [training_rows(prompts[i // g], c, self.seq_length, self.pad_id) for i, c in enumerate(completions)]
@@ -244,7 +246,7 @@ class RolloutBatches:
         self.last_metrics.update(sampling)  # already global: every rank chose from the same pool
         self._finish(mbs, total)
         self.last_metrics["rollout_s"] = time.perf_counter() - t0  # sampling, rewards, log-prob passes
-        self._log_rollouts(step + 1, prompts[0], texts[:g], total[:g].tolist())
+        self._log_rollouts(step + 1, prompts[0], [self._text(c) for c in completions[:g]], total[:g].tolist())
         return mbs
 
     def evaluate(self, prompts: PromptDataset) -> dict[str, float]:
