@@ -200,3 +200,18 @@ def test_a_bad_learning_rate_fails_on_the_command_line_before_any_work(tmp_path,
     assert main(_args(run, tokenizer_dir, dataset_prefix, **{"optim.lr": "inf"})) == 2
     assert "optim.lr = inf is not a finite number" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_weights_finite_is_exact_for_huge_and_non_finite_weights():
+    from scaletrain.trainer.divergence import weights_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    cpu = torch.device("cpu")
+    assert weights_finite(model, None, cpu)
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # finite, but any sum of it overflows: the exact check decides
+    assert weights_finite(model, None, cpu)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with torch.no_grad():
+            model[1].bias[1] = bad
+        assert not weights_finite(model, None, cpu)

@@ -111,7 +111,7 @@ class Trainer:
                                  tokenizer=self.cfg.data.tokenizer or None, async_save=self.cfg.checkpoint.async_save)
         save_state = getattr(self.train_batches, "save_state", None)
         if save_state is not None:  # state the batch source trains itself (PPO's critic), at the same step
-            save_state(self.run_dir, self.state.step)
+            save_state(self.run_dir, self.state.step, health)
         if isinstance(result, Path):
             return result
         self._pending = result
