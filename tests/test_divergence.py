@@ -47,6 +47,10 @@ def test_nonfinite_steps_stop_the_run_and_pruning_keeps_the_last_good_checkpoint
     assert _state(ckpts / "step_0000001")["good"] is True
     assert _state(ckpts / "step_0000003")["good"] is False
     assert _state(ckpts / "step_0000003")["last_finite_step"] == 1
+    # Resuming as it is warns that `latest` is not good and names the one to go back to.
+    main(_args(run, tokenizer_dir, dataset_prefix, **{"optim.lr": 1e30, "train.steps": 8}))
+    assert (f"resuming from {ckpts / 'step_0000003'}, which is not good (written after the last finite step); the "
+            f"newest good checkpoint is {ckpts / 'step_0000001'}") in capsys.readouterr().err
 
 
 def _cli_rank(rank, world, args, nan_from_step):
