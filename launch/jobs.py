@@ -4,7 +4,9 @@ Slurm: one allocation of N nodes × G GPUs; torchrun per node with c10d rendezvo
 (or, with --launch-style srun, one task per GPU and ranks from SLURM_*); the cluster environment file
 slurm/env/<name>.sh sourced first; `--signal=USR1@<s>` so the trainer checkpoints ahead of the time
 limit; `--open-mode=append` and requeue. nemo-run's script requeues on any non-zero exit while
-restarts < retries, which covers the trainer's exit 75 after a stop signal.
+restarts < retries, which covers the trainer's exit 75 after a stop signal (SIGUSR1 or SIGTERM), but also
+requeues exit 2 (bad input) and 3 (diverged), which slurm/common.sh does not: a diverged run then resumes
+from `latest` with a warning that it is not good, and stops again, until --max-requeues.
 """
 
 from __future__ import annotations

@@ -28,10 +28,11 @@ from scaletrain.distributed import ParallelDims, init_distributed, read_env, shu
 from scaletrain.nn.backend import select_backend
 from scaletrain.nn.fused import check_available, expand
 from scaletrain.posttrain.frozen import check_frozen_model, teacher_vocab
+from scaletrain.trainer.divergence import EXIT_DIVERGED, DivergenceError
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.optimizer import optimizer_problem
 from scaletrain.trainer.precision import resolve_precision
-from scaletrain.trainer.stop import EXIT_REQUEUE, StopRequest
+from scaletrain.trainer.stop import EXIT_INTERRUPTED, StopRequest, exit_code
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -374,7 +375,7 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
     cfg, dp, tokenizer = prepared if prepared is not None else prepare(cfg, env.world_size)
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
-    resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else latest_checkpoint(ckpt_root)
+    resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else latest_checkpoint(ckpt_root, warn=env.rank == 0)
     backend, backend_reason = select_backend(cfg.parallel.backend, tuple(cfg.parallel.kernels))
     device = _configure_runtime(cfg)
     precision = resolve_precision(cfg.precision, device)
@@ -532,8 +533,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
 
 
 def run(cfg: RunConfig) -> str:
-    """Train according to a loaded config; returns 'done', 'exit' (exit interval) or 'stopped' (a stop
-    signal: checkpointed, to be requeued)."""
+    """Train according to a loaded config; returns 'done', 'exit' (exit interval), 'stopped' (a stop
+    signal: checkpointed, to be requeued) or 'interrupted' (SIGINT: checkpointed)."""
     env = read_env()
     prepared = prepare(cfg, env.world_size)  # every input check happens before any process group exists
     # Installed before any slow start-up work, so that a signal then is honoured at the first step boundary.
@@ -599,7 +600,15 @@ def train_command(args: argparse.Namespace, objective: str | None = None) -> int
         print(f"scaletrain: error: {e}", file=sys.stderr)
         write_exit_status(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
-    code = EXIT_REQUEUE if outcome == "stopped" else EXIT_OK
+    except DivergenceError as e:
+        print(f"scaletrain: error: {e}", file=sys.stderr)
+        write_exit_status(EXIT_DIVERGED)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before the handler was installed)
+        print("scaletrain: interrupted: stopped at once, without a checkpoint", file=sys.stderr)
+        write_exit_status(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+    code = exit_code(outcome)
     write_exit_status(code)
     return code
 

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sourced by slurm/*.sbatch. Turns the allocation into one srun step running `scaletrain SUBCOMMAND`,
-# then requeues the job when the trainer stopped on a signal (exit code 75). No hyperparameters here:
-# the run file and --set overrides are the script's arguments.
+# then requeues the job when the trainer stopped on a signal (exit code 75; a diverged run exits 3 and is
+# not requeued). No hyperparameters here: the run file and --set overrides are the script's arguments.
 #
 # Knobs (environment variables, all optional):
 #   SCALETRAIN_LAUNCH=torchrun|srun   torchrun: one task per node running torchrun (c10d rendezvous on
@@ -79,22 +79,30 @@ scaletrain_launch() {  # scaletrain_launch SUBCOMMAND [ARGS...]
   if [[ ${SCALETRAIN_DRYRUN:-0} == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; return 0; fi
 
   # Run the step in the background so that a signal to this batch shell (--signal=B:USR1@N) can be
-  # forwarded: srun passes USR1 on to every task.
-  local srun_pid rc
+  # forwarded: srun passes USR1 on to every task. TERM (scancel, the time limit, preemption) reaches
+  # every task from Slurm itself, and the trainer checkpoints on it: the shell only goes on waiting, so
+  # that the job lives while the step saves (Slurm's KillWait bounds it).
+  local srun_pid rc terminated=0
   trap 'echo "scaletrain: batch shell received USR1, forwarding to the job step"; kill -USR1 "$srun_pid" 2>/dev/null' USR1
+  trap 'terminated=1; echo "scaletrain: batch shell received TERM (scancel, time limit or preemption); waiting for the job step to checkpoint"' TERM
   "${cmd[@]}" &
   srun_pid=$!
   while true; do
     wait "$srun_pid"; rc=$?
     kill -0 "$srun_pid" 2>/dev/null || break  # wait returned because of a trapped signal: wait again
   done
-  trap - USR1
+  trap - USR1 TERM
 
   local status=""
   [[ -f $SCALETRAIN_EXIT_STATUS_FILE ]] && status=$(cat "$SCALETRAIN_EXIT_STATUS_FILE")
   echo "scaletrain: step exited with code $rc (trainer reported: ${status:-nothing})"
   # torchrun reports any failed worker as 1, so the trainer's own record of 75 counts too.
   if [[ $rc == "$EXIT_REQUEUE" || ( $rc != 0 && $status == "$EXIT_REQUEUE" ) ]]; then
+    if (( terminated )); then  # Slurm is ending the job; with --requeue it requeues a preempted job itself
+      echo "scaletrain: checkpoint saved on TERM; Slurm is ending this job, so it is not requeued from here" \
+           "(resubmit to resume from latest)"
+      return "$EXIT_REQUEUE"
+    fi
     if (( attempt >= ${SCALETRAIN_MAX_REQUEUES:-20} )); then
       echo "scaletrain: stopped for requeue but SCALETRAIN_MAX_REQUEUES=${SCALETRAIN_MAX_REQUEUES:-20} reached" >&2
       return 1

@@ -9,7 +9,9 @@
 #
 # Why ignore USR1/USR2: Slurm delivers `--signal` / `scancel --signal` to every process of the step.
 # tee would die of it (breaking the trainer's stdout) and torchrun would tear its workers down; an
-# ignored signal stays ignored across exec, while the trainer installs its own handler.
+# ignored signal stays ignored across exec, while the trainer installs its own handler. tee also
+# ignores TERM and INT: the trainer checkpoints on them and still writes its last lines (tee ends at
+# end of input); torchrun and the trainer keep their own TERM/INT handling.
 set -uo pipefail
 trap '' USR1 USR2
 is_host=0; [[ ${SLURM_NODEID:-0} == 0 ]] && is_host=1
@@ -22,5 +24,5 @@ log=$(sub "$1"); shift
 args=()
 for a in "$@"; do args+=("$(sub "$a")"); done
 mkdir -p "$(dirname "$log")"
-exec > >(exec tee -a "$log") 2>&1
+exec > >(trap '' TERM INT; exec tee -a "$log") 2>&1
 exec "${args[@]}"

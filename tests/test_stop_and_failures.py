@@ -132,16 +132,18 @@ def _hang_in_stop_agreement(rank, world, args, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if rank == 1:
-        calls = []
-        agreed = StopRequest.agreed
+        import scaletrain.trainer.loop as loop
 
-        def stuck(self, comm, device):
+        calls = []
+        agree = loop.agree
+
+        def stuck(flags, world, device):
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == 3:  # the agreements: before the first step, at step 1, at step 2
                 time.sleep(8)  # past rank 0's timeout and grace: "alive but stuck"
                 raise _Hung
-            return agreed(self, comm, device)
-        StopRequest.agreed = stuck
+            return agree(flags, world, device)
+        loop.agree = stuck
     try:
         return main(args)
     except CollectiveError as e:

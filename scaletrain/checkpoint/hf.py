@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.checkpoint.atomic_dir import replaces_directory
 from scaletrain.checkpoint.io import (
     CheckpointError,
     load_checkpoint,
@@ -102,6 +103,7 @@ def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], 
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
+@replaces_directory("out_dir", marker="config.json")  # an earlier export is replaced as a whole, atomically
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
                  max_shard_bytes: int = 5 * 2**30) -> Path:
     """`scaletrain convert to-hf`: checkpoint (any layout) → HF directory loadable by transformers."""

@@ -276,21 +276,31 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
 
 
 def _prune(root: Path, keep_last: int, protect: str) -> None:
+    """Remove all but the newest `keep_last` checkpoints, never `protect` nor the newest good one."""
+    from scaletrain.checkpoint.select import newest_good
+
+    good = newest_good(root)
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for p in steps[:-keep_last]:
-        if p.name != protect:
+        if p.name != protect and (good is None or p.name != good.name):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint `latest` names under `root`, or None if there is none yet."""
+def latest_checkpoint(root: str | Path, *, warn: bool = False) -> Path | None:
+    """The checkpoint `latest` names under `root`, or None if there is none yet. Where `latest` is missing
+    or not a file, the newest complete checkpoint (checkpoint/select.py). `warn`: say so on stderr, and
+    when the checkpoint is not good."""
+    from scaletrain.checkpoint.select import warn_if_not_good, without_pointer
+
     pointer = Path(root) / LATEST
     if not pointer.is_file():
-        return None
+        return without_pointer(Path(root), warn)
     path = Path(root) / pointer.read_text().strip()
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; point `latest` at "
-                              "a complete step_* directory or remove it to start fresh.")
+                              "a complete step_* directory or remove it to resume from the newest complete one.")
+    if warn:
+        warn_if_not_good(path)
     return path
 
 

@@ -191,8 +191,22 @@ class TrainConfig:
     """torch intra-op threads per process (0: leave torch's default; deterministic mode pins 1)."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
-    stop_signals: tuple[str, ...] = ("SIGUSR1",)
-    """Signals that make the run checkpoint at the next step boundary and exit with code 75 (requeue me)."""
+    stop_signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")
+    """Signals that make the run checkpoint at the next step boundary and exit with code 75 (requeue me).
+    SIGTERM is what Slurm sends at preemption, `scancel` and the time limit. SIGINT (Ctrl-C), unless listed
+    here, also checkpoints at the next step boundary but exits 130 (no requeue); a second SIGINT stops at once."""
+    max_nonfinite_steps: int = 3
+    """Stop the run (exit code 3) after this many consecutive steps with a non-finite loss or gradient norm
+    (their updates are skipped meanwhile); 0: never stop."""
+    loss_spike_factor: float = 0.0
+    """Flag a step whose loss exceeds this many times the mean of the previous loss_spike_window finite,
+    unflagged losses (0: off; e.g. 3.0). Not for grpo/ppo, whose loss changes sign."""
+    loss_spike_window: int = 50
+    """Steps in the running mean of the spike check (it starts once the window is full)."""
+    loss_spike_action: str = "warn"
+    """On a loss spike: 'warn' (log it), 'stop' (exit code 3, no checkpoint of the spike) or 'rollback'
+    (reload weights and optimizer from the newest good checkpoint before the spike, go on with the next
+    batches; at most 3 rollbacks per launch, then stop)."""
 
 
 @dataclass(frozen=True)

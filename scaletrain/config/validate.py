@@ -12,6 +12,7 @@ from typing import Any
 
 from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import ModelConfig, RunConfig
+from scaletrain.config.stability import stability_errors
 from scaletrain.posttrain.tools import BUNDLED_TOOLS
 
 DTYPES = ("auto", "float32", "bfloat16", "float64")
@@ -78,6 +79,7 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     """
     m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data
     errors: list[str] = []
+    errors += stability_errors(cfg)  # non-finite numbers, learning rates, clip values, divergence guard
     _choice(errors, "model.family", m.family, FAMILIES)
     _choice(errors, "precision.dtype", cfg.precision.dtype, DTYPES)
     _choice(errors, "optim.schedule", o.schedule, SCHEDULES)

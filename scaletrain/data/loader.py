@@ -7,6 +7,7 @@ samples a step sees do not depend on how many microbatches or ranks share it.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -35,6 +36,15 @@ class _MicrobatchSampler(Sampler[list[int]]):
         return self.num_steps * (self.global_batch // self.dp_size) // self.micro_batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave stop signals (config/validate.py STOP_SIGNALS) to the training process,
+    which checkpoints on them (trainer/stop.py): Slurm and a terminal send them to every process, and
+    a worker that died of one (torch's worker handler re-raises an outside SIGTERM) would take the
+    trainer down before it saved. The workers still end when the trainer shuts them down or dies."""
+    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"):
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+
+
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack every field of the samples (tokens, labels, loss_mask, position_ids, document_ids, …)."""
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
@@ -54,7 +64,8 @@ class StepBatches:
         sampler = _MicrobatchSampler(len(dataset), consumed_samples, global_batch, micro_batch,
                                      dp_rank, dp_size, num_steps)
         self._loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0)
+                                  persistent_workers=num_workers > 0,
+                                  worker_init_fn=ignore_stop_signals if num_workers else None)
         self._it = iter(self._loader)
 
     def __iter__(self) -> StepBatches:

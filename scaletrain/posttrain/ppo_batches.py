@@ -73,12 +73,14 @@ class PPOBatches(RolloutBatches):
                 sums[k] = sums.get(k, 0.0) + val / self.iterations
         self.last_metrics.update(sums)
 
-    def save_state(self, run_dir: Path, step: int) -> Path:
-        """The critic and its optimizer beside the policy checkpoint of `step` (the Trainer calls this)."""
+    def save_state(self, run_dir: Path, step: int, health: dict | None = None) -> Path:
+        """The critic and its optimizer beside the policy checkpoint of `step` (the Trainer calls this), with
+        the policy checkpoint's health, so that pruning keeps the critic of the newest good one too."""
         from scaletrain.checkpoint import save_checkpoint
 
         path = save_checkpoint(run_dir / CRITIC_DIR, step, self.critic, self.critic_optimizer,
-                               {"model_config": self.model_config}, keep_last=self.keep_last, dims=self.dims)
+                               {"model_config": self.model_config, **(health or {})}, keep_last=self.keep_last,
+                               dims=self.dims)
         assert isinstance(path, Path)  # written synchronously (no async_save)
         return path
 

@@ -19,18 +19,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaletrain.checkpoint import save_checkpoint
-from scaletrain.checkpoint.io import PendingSave
+from scaletrain.checkpoint import load_checkpoint, save_checkpoint
+from scaletrain.checkpoint.io import PendingSave, step_dir_name
+from scaletrain.checkpoint.select import newest_good, step_of
 from scaletrain.config.schema import RunConfig
-from scaletrain.distributed.comm import CollectiveError
+from scaletrain.distributed.comm import CollectiveError, Comm
 from scaletrain.distributed.heartbeat import Heartbeat
+from scaletrain.trainer.divergence import MAX_ROLLBACKS, DivergenceError, DivergenceGuard, weights_finite
 from scaletrain.trainer.flops import device_peak_tflops, flops_per_token
 from scaletrain.trainer.lr_schedule import lr_at
 from scaletrain.trainer.memory import format_report, memory_report
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.sinks import MetricSinks
 from scaletrain.trainer.step import evaluate, train_step
-from scaletrain.trainer.stop import StopRequest
+from scaletrain.trainer.stop import StopRequest, agree
 
 
 def rng_state() -> dict[str, Any]:
@@ -90,6 +92,7 @@ class Trainer:
         self.downstream: Callable[[], dict[str, Any]] | None = None  # downstream tasks at validations
         self._pending: PendingSave | None = None  # an asynchronous checkpoint still being written
         self.stop: StopRequest | None = None  # set by the entry point: signals that ask to save and stop
+        self.guard = DivergenceGuard(cfg.train)  # non-finite steps and loss spikes (trainer/divergence.py)
         self.world_size = 1 if dims is None else dims.world_size
         t = cfg.train
         self.tokens_per_step = t.global_batch_size * t.seq_length
@@ -98,17 +101,17 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(name, "fp8" if cfg.precision.fp8 else "bfloat16") \
             if device.type == "cuda" and precision.autocast_dtype is not None else None
 
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self, health: dict[str, Any]) -> Path:
         self.wait_for_save()  # one save in flight at a time
         trainer_state = {"consumed_samples": self.state.consumed_samples,
-                         "model_config": dataclasses.asdict(self.cfg.model)}
+                         "model_config": dataclasses.asdict(self.cfg.model), **health}
         result = save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
                                  trainer_state, keep_last=self.cfg.checkpoint.keep_last,
                                  rank_state={"rng": rng_state()}, dims=self.dims,
                                  tokenizer=self.cfg.data.tokenizer or None, async_save=self.cfg.checkpoint.async_save)
         save_state = getattr(self.train_batches, "save_state", None)
         if save_state is not None:  # state the batch source trains itself (PPO's critic), at the same step
-            save_state(self.run_dir, self.state.step)
+            save_state(self.run_dir, self.state.step, health)
         if isinstance(result, Path):
             return result
         self._pending = result
@@ -128,20 +131,49 @@ class Trainer:
         return evaluate(self.model, self.objective, self.valid_batches_fn(), precision=self.precision,
                         device=self.device, dims=self.dims)
 
-    def _stop_requested(self) -> bool:
-        if self.stop is None:
-            return False
-        if self.dims is None:
-            return self.stop.received is not None
-        return self.stop.agreed(self.dims.comm("world"), self.device)
+    def _world(self) -> Comm | None:
+        return None if self.dims is None else self.dims.comm("world")
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """[stop signal, interrupt, *flags], each OR-ed over every rank: the step boundary's one collective."""
+        signals = [False, False] if self.stop is None else [self.stop.requeue, self.stop.interrupted]
+        return agree([*signals, *flags], self._world(), self.device)
+
+    def _roll_back(self, step: int, loss: float) -> None:
+        """Weights and optimizer state back to the newest good checkpoint before `step` (a loss spike);
+        the step count, schedule and data position go on, so the batches since it are not replayed.
+        Collective (every rank loads its part)."""
+        self.wait_for_save()
+        line = self.guard.spike_message(step, loss)
+        root = self.run_dir / "checkpoints"
+        target = newest_good(root, before=step)
+        world = self._world()
+        if world is not None and world.size > 1:  # every rank loads the one rank 0 chose
+            chosen = torch.tensor([-1 if target is None else step_of(target) or 0], dtype=torch.int64, device=self.device)
+            world.broadcast(chosen)
+            target = None if int(chosen.item()) < 0 else root / step_dir_name(int(chosen.item()))
+        if target is None or self.guard.rollbacks >= MAX_ROLLBACKS:
+            why = "no good checkpoint before it" if target is None else f"already rolled back {MAX_ROLLBACKS} times"
+            raise DivergenceError(f"{line}; cannot roll back: {why}. Lower optim.lr or tighten optim.clip_grad.")
+        load_checkpoint(target, self.model, self.optimizer, dims=self.dims)
+        self.guard.rollbacks += 1
+        self.sinks.info(f"{line}: rolled weights and optimizer back to {target}; going on at step {step + 1} with new "
+                        f"batches (rollback {self.guard.rollbacks} of at most {MAX_ROLLBACKS})")
 
     def run(self) -> str:
         """Train to the end ('done'), to an exit-interval boundary ('exit'), or until a stop signal
-        ('stopped': checkpointed at the step boundary every rank agreed on)."""
+        ('stopped': checkpointed at the step boundary every rank agreed on; 'interrupted': the same
+        for SIGINT). Raises DivergenceError when the run diverges (trainer/divergence.py)."""
         cfg, t = self.cfg, self.cfg.train
         self.model.train()
         start_step = self.state.step
         heartbeat = Heartbeat(self.dims.rank if self.dims else 0, self.world_size)
+        if self.state.step < t.steps:
+            requeue, interrupt = self._agree()  # a signal during start-up: no step since the last checkpoint
+            if requeue or interrupt:
+                self.sinks.info(f"stop signal {self.stop.received or '(on another rank)'} before the first step: "  # type: ignore[union-attr]
+                                f"nothing to checkpoint since step {self.state.step}; stopping")
+                return "stopped" if requeue else "interrupted"
         while self.state.step < t.steps:
             step = self.state.step + 1
             heartbeat.beat(step)
@@ -159,8 +191,8 @@ class Trainer:
         return "done"
 
     def _step(self, start_step: int) -> str | None:
-        """One update and what follows it (metrics, validation, checkpoint, stop/exit checks).
-        Returns 'stopped' or 'exit' when the run ends here, None to go on."""
+        """One update and what follows it (metrics, validation, divergence, checkpoint, stop/exit checks).
+        Returns 'stopped', 'interrupted' or 'exit' when the run ends here, None to go on."""
         cfg, t = self.cfg, self.cfg.train
         microbatches = next(self.train_batches)
         t0 = time.perf_counter()
@@ -195,20 +227,40 @@ class Trainer:
             report = memory_report(self.model, self.optimizer, self.device)
             metrics.update({f"mem_{k}_bytes": v for k, v in report.items()})
             self.sinks.info(format_report(report))
+        guard = self.guard
+        requeue, interrupt, nonfinite, spike = self._agree(*guard.local_flags(result.loss, result.grad_norm))
+        guard.update(step, result.loss, nonfinite, spike)
+        if spike:
+            metrics["loss_spike"] = True
         self.sinks.log(step, metrics)
+        if guard.diverged:  # no checkpoint: it would not be good
+            self.wait_for_save()
+            raise DivergenceError(guard.nonfinite_message(step, result.loss, result.grad_norm,
+                                                          newest_good(self.run_dir / "checkpoints")))
+        if spike and guard.action == "stop":
+            self.wait_for_save()
+            raise DivergenceError(f"{guard.spike_message(step, result.loss)}; stopped (train.loss_spike_action = "
+                                  f"'stop') without a checkpoint of it: the newest good checkpoint is "
+                                  f"{newest_good(self.run_dir / 'checkpoints')}")
+        if spike and guard.action == "rollback":
+            self._roll_back(step, result.loss)
+        elif spike:
+            self.sinks.info(guard.spike_message(step, result.loss))
         last = step == t.steps
         exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and not last
-        stopping = not last and self._stop_requested()
+        stopping = not last and (requeue or interrupt)
         interval = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
         if interval or exiting or stopping or (last and cfg.checkpoint.save_at_end):
-            path = self._checkpoint()
+            health = guard.health(result.loss, result.grad_norm, weights_finite(self.model, self._world(), self.device))
+            path = self._checkpoint(health)
             verb = "writing checkpoint in the background:" if cfg.checkpoint.async_save else "saved checkpoint"
-            self.sinks.info(f"{verb} {path}")
+            self.sinks.info(f"{verb} {path}" + ("" if health["good"] else " (not good: non-finite loss, gradient or weights)"))
         if stopping:
             self.wait_for_save()
+            code = "code 75 for requeue, rerun to resume" if requeue else "code 130 (interrupted); rerun to resume"
             self.sinks.info(f"stop signal {self.stop.received or '(on another rank)'}: checkpointed "  # type: ignore[union-attr]
-                            f"after step {step}; exiting with code 75 for requeue, rerun to resume")
-            return "stopped"
+                            f"after step {step}; exiting with {code}")
+            return "stopped" if requeue else "interrupted"
         if exiting:
             self.wait_for_save()
             self.sinks.info(f"exit interval: stopping cleanly after step {step}; rerun to resume")

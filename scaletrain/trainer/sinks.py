@@ -19,15 +19,35 @@ from typing import Any
 from scaletrain.config.schema import LoggingConfig
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step", 0), (int, float))
+    return record if ok else None
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only records with step <= last_step (atomic rewrite)."""
+    """Keep only records with step <= last_step (atomic rewrite). A line that is not a JSON record (the
+    torn last line of a run that crashed or ran out of disk mid-write) is dropped with a warning; a
+    failed rewrite (a full disk) leaves the file as it was and no temporary file behind."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = path.read_text(errors="replace").splitlines()
+    records = [(n, line, _record(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    torn = [n for n, _, r in records if r is None]
+    if torn:
+        print(f"scaletrain: warning: {path}: dropped line(s) {', '.join(map(str, torn))} of {len(lines)}, which are "
+              "not JSON records (torn by a crash or a full disk)", file=sys.stderr, flush=True)
+    kept = [line for _, line, r in records if r is not None and r.get("step", 0) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fmt_duration(seconds: float) -> str:
