@@ -176,7 +176,7 @@ def sandbox_problems(pt: PostTrainConfig, check_live: bool) -> list[str]:
     if check_live and not problems:
         problem = sandbox_problem(sandbox_settings(pt))
         if problem:
-            problems.append(f"posttrain.rewards uses python_tests, but {problem}.")
+            problems.append(f"posttrain.rewards uses python_tests, but {problem.rstrip('.')}.")
     return problems
 
 

@@ -107,15 +107,18 @@ def _others_can_enter(path: str) -> bool:
 
 
 def _interpreter(requested: str, uid: int | None) -> str:
-    options = [requested] if requested else [sys.executable, "/usr/bin/python3"]
+    options, problems = [requested] if requested else [sys.executable, "/usr/bin/python3"], []
     for option in options:
         real = os.path.realpath(option)
-        if os.path.isfile(real) and (uid is None or _others_can_enter(real)):
+        if not os.path.isfile(real):
+            problems.append(f"{option} does not exist")
+        elif uid is not None and not _others_can_enter(real):
+            problems.append(f"{real} is not readable by other users (a directory above it is closed, e.g. /root)")
+        else:
             return real
     raise SandboxUnavailable(
-        f"no Python interpreter the sandbox user (uid {uid}) can read: {', '.join(options)} "
-        "(a directory above it is closed to other users, e.g. /root). Set posttrain.sandbox_python to a "
-        "world-readable python3, e.g. /usr/bin/python3 (`apt-get install -y python3`).")
+        f"no Python interpreter for the sandbox{f' user (uid {uid})' if uid is not None else ''}: {'; '.join(problems)}. "
+        "Set posttrain.sandbox_python to a world-readable python3, e.g. /usr/bin/python3 (`apt-get install -y python3`)")
 
 
 def _mounts(python: str, facts: dict) -> tuple[str, ...]:
@@ -367,7 +370,10 @@ class _Program:
                 pids += [proc.pid, child]
             if self.rt.cgroups is not None:
                 self.cgroup = _Cgroup(self.rt.cgroups, self.s.memory_mb << 20, self.s.processes)
-                self.cgroup.add(pids)
+                try:
+                    self.cgroup.add(pids)
+                except ProcessLookupError:  # bwrap failed while setting up (a mount, ...)
+                    return Verdict(False, error=f"the sandbox did not start{self._bwrap_said()}")
             for _, block_w in sides:
                 assert block_w is not None
                 os.write(block_w, b"1")

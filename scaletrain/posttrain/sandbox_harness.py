@@ -100,6 +100,16 @@ class Remote:
         return self._ask("repr")
 
 
+class RemoteTuple(tuple):
+    """A tuple subclass of the other side (a namedtuple): its items here — compared as a tuple, here — and
+    its attributes asked for there; sent back, it is the other side's own object again."""
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "_handle" not in self.__dict__:
+            raise AttributeError(name)
+        return self._bridge.request("getattr", self._handle, (name,), {})
+
+
 class Bridge:
     """One side of the pipe pair: framing, the value codec and the handle tables."""
 
@@ -160,6 +170,8 @@ class Bridge:
             return v
         if isinstance(v, Remote) and v._bridge is self:
             return {"R": v._handle}
+        if isinstance(v, RemoteTuple) and v.__dict__.get("_bridge") is self:
+            return {"R": v.__dict__["_handle"]}
         if isinstance(v, bool):
             return bool(v)
         if isinstance(v, (int, float, str)):  # subclasses (IntEnum, ...) travel as their plain value
@@ -168,6 +180,8 @@ class Bridge:
             return {"C": [v.real, v.imag]}
         if isinstance(v, (bytes, bytearray)):
             return {"B" if isinstance(v, bytes) else "Y": bytes(v).hex()}
+        if isinstance(v, tuple) and type(v) is not tuple:  # a namedtuple: its items and a handle on it
+            return {"N": [self.export(v), [self.encode(x) for x in v]]}
         if isinstance(v, dict):
             return {"D": [[self.encode(k), self.encode(x)] for k, x in v.items()]}
         for tag, kind in (("L", list), ("T", tuple), ("S", set), ("F", frozenset)):
@@ -194,6 +208,10 @@ class Bridge:
                 return (bytes if tag == "B" else bytearray).fromhex(x)
             if tag == "C" and type(x) is list and all(type(y) in (int, float) for y in x):
                 return complex(*x)
+            if tag == "N" and type(x) is list and type(x[0]) is int and type(x[1]) is list:
+                shadow = RemoteTuple(self.decode(y) for y in x[1])
+                shadow._bridge, shadow._handle = self, x[0]
+                return shadow
             if tag == "H" and type(x) is int:
                 if x not in self.proxies:
                     self.proxies[x] = Remote(self, x)
@@ -308,6 +326,7 @@ def run_runner(job: str, bridge: Bridge, verdict_fd: int) -> None:
         finish(False, f"the candidate's code raised {str(hello['failed'])[:1000]}")
     main = types.ModuleType("__main__")
     sys.modules["__main__"] = main
+    sys.argv = ["tests.py"]  # what unittest.main() parses
     try:
         module = bridge.decode(hello.get("hello"))
         if not isinstance(module, Remote):
@@ -330,6 +349,7 @@ def run_candidate(job: str, bridge: Bridge) -> None:
     main = types.ModuleType("__main__")
     main.__file__ = "solution.py"
     sys.modules["__main__"] = main
+    sys.argv = ["solution.py"]
     try:
         source = open(job, encoding="utf-8", errors="replace").read()
         exec(compile(source, "solution.py", "exec"), main.__dict__)
