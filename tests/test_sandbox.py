@@ -228,6 +228,33 @@ def test_no_process_outlives_the_program_not_even_a_setsid_daemon(outside):
     assert left == [], "a process of the program outlived it"
 
 
+def test_a_trainer_that_dies_takes_its_sandboxes_with_it(outside):
+    marker = f"scaletrain-orphan-{uuid.uuid4().hex}"
+    code = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    os.execv(sys.executable, [sys.executable, '-c', "
+            f"'import time; time.sleep(60)', {marker!r}])\nimport time\ntime.sleep(60)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", "from scaletrain.posttrain.sandbox import SandboxSettings, "
+                                f"run_programs\nrun_programs([({code!r}, 'assert 1')], SandboxSettings(timeout_s=60))"])
+    try:
+        deadline = time.monotonic() + 20
+        while not processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_with(marker), "the program did not start"
+    finally:
+        trainer.kill()  # a crash: no cleanup code of the trainer runs
+        trainer.wait()
+    deadline, left = time.monotonic() + 5, processes_with(marker)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = processes_with(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+    bases = sandbox.runtime("bwrap", "").cgroups or ()
+    if bases:  # its emptied cgroup goes at the next start of any trainer here
+        sandbox.sweep_cgroups(bases)
+        assert not [d for base in bases for d in base.glob(f"scaletrain-sandbox-{trainer.pid}-*")]
+
+
 # ------------------------------------------------------------------ limits for the whole sandbox
 
 FORKS = ("import os, time\ndef forks():\n    pids = []\n    try:\n        for _ in range(100):\n"

@@ -89,6 +89,7 @@ class Runtime:
     mounts: tuple[str, ...]  # bwrap arguments for the read-only part of the filesystem
     cgroups: tuple[Path, Path] | None  # v1 memory and pids directories to create per-program cgroups in
     uid: int | None  # the sandboxes' uid, when it is not this process's
+    setpriv: tuple[str, ...] = ()  # a root trainer's way to drop to `uid` in an exec (no fork of a big process)
 
 
 _FACTS = ("import json, sys, sysconfig; g = sysconfig.get_config_var; print(json.dumps({"
@@ -158,9 +159,25 @@ def _cgroup_bases() -> tuple[Path, Path] | None:
         bases = tuple(Path("/sys/fs/cgroup") / c / own[c].lstrip("/") for c in ("memory", "pids"))
         probe = _Cgroup((bases[0], bases[1]), 64 << 20, 8)
         probe.close()
+        sweep_cgroups((bases[0], bases[1]))
         return bases[0], bases[1]
     except (OSError, KeyError, ValueError):
         return None
+
+
+def sweep_cgroups(bases: tuple[Path, Path]) -> None:
+    """Remove the empty program cgroups that trainers which died (no cleanup ran) left behind."""
+    for base in bases:
+        for d in base.glob("scaletrain-sandbox-*-*"):
+            try:
+                os.kill(int(d.name.split("-")[2]), 0)
+            except ProcessLookupError:
+                try:
+                    d.rmdir()  # fails while any process is still in it
+                except OSError:
+                    pass
+            except (ValueError, OSError):
+                pass
 
 
 @functools.cache
@@ -183,8 +200,10 @@ def runtime(mode: str, python: str) -> Runtime:
     if probe.returncode:
         raise SandboxUnavailable(f"the sandbox's interpreter {real} does not run: {probe.stderr.strip()[-500:]}")
     facts = json.loads(probe.stdout)
+    setpriv = shutil.which("setpriv") if uid is not None else None
+    drop = (setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--") if setpriv else ()
     return Runtime(bwrap, ".".join(map(str, version)), real, facts["version"], _mounts(real, facts),
-                   _cgroup_bases(), uid)
+                   _cgroup_bases(), uid, drop)
 
 
 class _Cgroup:
@@ -334,8 +353,11 @@ class _Program:
                 "--setenv", "HOME", "/sandbox", "--setenv", "TMPDIR", "/sandbox", "--setenv", "PATH", "/usr/bin:/bin",
                 "--setenv", "LANG", "C.UTF-8", "--info-fd", str(info_w), "--block-fd", str(block_r),
                 "--", *python, "/job/harness.py", *tail]
-        ids = {} if self.rt.uid is None else {"user": self.rt.uid, "group": self.rt.uid, "extra_groups": []}
-        self.procs.append(subprocess.Popen(argv, env={}, pass_fds=keep + [harness, job_fd, info_w, block_r],
+        # Dropping root: setpriv execs bwrap (the trainer is not forked, however large); without it, Popen's
+        # user= does it in a forked child.
+        ids = {} if self.rt.uid is None or self.rt.setpriv else \
+            {"user": self.rt.uid, "group": self.rt.uid, "extra_groups": []}
+        self.procs.append(subprocess.Popen([*self.rt.setpriv, *argv], env={}, pass_fds=keep + [harness, job_fd, info_w, block_r],
                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.PIPE, start_new_session=True, **ids))  # type: ignore[call-overload]
         self._close(harness, job_fd, info_w, block_r)
