@@ -111,6 +111,17 @@ def test_exits_hooks_markers_and_always_equal_objects_score_zero(outside):
     assert values[-1] == 1.0  # the same tests, honest code
 
 
+def test_the_candidate_cannot_reach_into_the_runner():
+    """Through what the tests hand it: private attributes, modules and eval-like builtins are refused."""
+    code = WRONG + ("def probe(f, mod=None, ev=None):\n    found = []\n    for attempt in (lambda: f.__globals__, "
+                    "lambda: f._secret, lambda: mod.path, lambda: ev('1')):\n        try:\n"
+                    "            found.append(attempt())\n        except Exception:\n            pass\n    return found\n")
+    tests = ("import os\ndef helper(x):\n    return x\nhelper._secret = 1\n"
+             "assert probe(helper) == []\ntry:\n    probe(helper, os)\nexcept TypeError:\n    pass\nelse:\n"
+             "    assert False\ntry:\n    probe(helper, None, eval)\nexcept TypeError:\n    pass\nelse:\n    assert False\n")
+    assert rewards([(code, tests)]) == [1.0]  # the tests pass only if every reach was refused
+
+
 def test_monkeypatched_builtins_do_not_reach_the_tests():
     patch = "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.round = lambda *a: 5\nabs = builtins.abs\n"
     tests = "assert abs(add(2, 3) - 5) < 1e-9\nassert round(add(2, 3) + 0.1) == 5\n"

@@ -289,7 +289,7 @@ class PostTrainConfig:
     sandbox_disk_mb: int = 64
     """python_tests: size of the sandbox's only writable directory (a tmpfs; also the per-file size limit)."""
     sandbox_workers: int = 0
-    """python_tests: programs judged at a time on the rank that scores (0: one per CPU it may use)."""
+    """python_tests: programs judged at a time on the rank that scores (0: two per CPU it may use, at most 16)."""
     sandbox_python: str = ""
     """python_tests: the interpreter in the sandbox ('': the trainer's, or /usr/bin/python3 where the sandbox user
     uid 65534 of a root trainer cannot read it); its standard library only, never site-packages."""

@@ -42,6 +42,11 @@ EXCEPTIONS = {n: c for n, c in vars(builtins).items() if isinstance(c, type) and
 CANDIDATE_OPS = frozenset({"call", "getattr", "setattr", "getitem", "setitem", "iter", "next", "len", "bool",
                            "str", "repr"})
 RUNNER_OPS = frozenset({"call", "getattr", "getitem", "iter", "next", "len", "bool", "str", "repr"})
+# Never handed to the candidate by the runner, even when a test passes one as an argument: each would let
+# the candidate run code of its choosing in the runner, where the verdict pipe is.
+UNSAFE = [vars(builtins)[n] for n in ("eval", "exec", "compile", "open", "__import__", "getattr", "setattr",
+                                      "delattr", "globals", "locals", "vars", "breakpoint", "input", "help", "exit",
+                                      "quit") if n in vars(builtins)]  # (help, exit, quit: only with site)
 
 
 class Gone(BaseException):
@@ -159,6 +164,8 @@ class Bridge:
         return msg
 
     def export(self, obj) -> int:
+        if self.ops is RUNNER_OPS and (isinstance(obj, types.ModuleType) or any(obj is u for u in UNSAFE)):
+            raise TypeError(f"the tests may not hand {obj!r} to the candidate")
         key = id(obj)
         if key not in self.handles:
             self.handles[key] = len(self.objects)
