@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     progs, want = programs(args.programs)
-    print(describe(SandboxSettings(workers=2)))
+    print(describe(SandboxSettings()))
     print(f"load average before: {os.getloadavg()[0]:.2f}; {args.programs} programs per round, {args.rounds} rounds")
     variants: dict[str, Callable[[], list[bool]]] = {
         "old: python -I child, serial (as GRPO called it)": lambda: [old_run_python_tests(c, t) for c, t in progs],
