@@ -24,7 +24,7 @@ import pytest
 
 import scaletrain
 from scaletrain.cli import main
-from scaletrain.posttrain import sandbox
+from scaletrain.posttrain import sandbox, sandbox_runtime
 from scaletrain.posttrain.rewards import PythonTests, score_rewards
 from scaletrain.posttrain.sandbox import SandboxSettings, run_programs
 
@@ -356,7 +356,7 @@ def test_a_program_that_cannot_be_judged_is_an_error_never_a_pass(monkeypatch):
     assert not verdict.passed and "the sandbox did not start" in verdict.error and "/no/such/dir" in verdict.error
     values, errors = PythonTests(FAST).score_batch([RIGHT, RIGHT], [{"tests": "assert (\n"}, {"tests": TESTS}])
     assert values == [0.0, 1.0] and "do not compile" in errors[0] and errors[1] == ""
-    monkeypatch.setattr(sandbox.shutil, "which", lambda *a, **k: None)  # bubblewrap not installed
+    monkeypatch.setattr(sandbox_runtime.shutil, "which", lambda *a, **k: None)  # bubblewrap not installed
     sandbox.runtime.cache_clear()
     try:
         (verdict,) = run_programs([(RIGHT, TESTS)], SandboxSettings(timeout_s=1.5))
@@ -424,7 +424,7 @@ def test_bad_sandbox_settings_fail_before_training(tmp_path, tokenizer_dir, data
 def test_without_bubblewrap_the_run_stops_with_the_fix(tmp_path, tokenizer_dir, dataset_prefix, capsys, monkeypatch):
     rows = tmp_path / "code.jsonl"
     rows.write_text(json.dumps({"prompt": "Write add.", "tests": TESTS}) + "\n")
-    monkeypatch.setattr(sandbox.shutil, "which", lambda *a, **k: None)  # bubblewrap not installed
+    monkeypatch.setattr(sandbox_runtime.shutil, "which", lambda *a, **k: None)  # bubblewrap not installed
     sandbox.runtime.cache_clear()
     sandbox.sandbox_problem.cache_clear()
     try:
