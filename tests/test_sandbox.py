@@ -333,6 +333,10 @@ HONEST = {
                                          "def enc(s):\n    return s.encode()\n",
                                          "assert apply(lambda v: v * 2, 3, times=2) == 12\nassert nothing() is None\n"
                                          "assert enc('hé') == b'h\\xc3\\xa9'\n"),
+    "arguments changed in place": ("def sort_in_place(xs, seen=None):\n    xs.sort()\n    if seen is not None:\n"
+                                   "        seen['n'] = len(xs)\n",
+                                   "a, seen = [3, 1, 2], {}\nassert sort_in_place(a, seen=seen) is None\n"
+                                   "assert a == [1, 2, 3] and seen == {'n': 3}\n"),
     "its own files, recursion": ("import os, sys\nsys.setrecursionlimit(5000)\ndef depth(n):\n"
                                  "    return 0 if n == 0 else 1 + depth(n - 1)\ndef roundtrip(text):\n"
                                  "    with open('scratch.txt', 'w') as f:\n        f.write(text)\n"

@@ -22,7 +22,8 @@ Wire format: a 4-byte big-endian length, then JSON. A value is a JSON null, bool
 one-key object: L/T/S/F (list, tuple, set, frozenset: a JSON array of values), D (dict: array of
 [key, value] pairs), B/Y (bytes/bytearray: hex), C (complex: [real, imag]), H (a handle on an object of
 the sender) or R (a handle the receiver gave out earlier: its own object). Requests are
-{"op", "h", "a", "k"}; answers {"ok": value} or {"err": [exception name, message]}. Either side may send a
+{"op", "h", "a", "k"}; answers {"ok": value} (a call's also "out": the list, dict, set and bytearray
+arguments as the call left them, copied back into the caller's) or {"err": [exception name, message]}. Either side may send a
 request while it waits for an answer (a callback the tests passed to the candidate).
 """
 
@@ -39,6 +40,7 @@ from typing import NoReturn
 MAX_FRAME = 64 << 20
 # Builtin exception classes a candidate's error may be re-raised as in the runner (never SystemExit &c.).
 EXCEPTIONS = {n: c for n, c in vars(builtins).items() if isinstance(c, type) and issubclass(c, Exception)}
+MUTABLE = (list, dict, set, bytearray)  # arguments whose in-place changes by a call travel back
 CANDIDATE_OPS = frozenset({"call", "getattr", "setattr", "getitem", "setitem", "iter", "next", "len", "bool",
                            "str", "repr"})
 RUNNER_OPS = frozenset({"call", "getattr", "getitem", "iter", "next", "len", "bool", "str", "repr"})
@@ -252,6 +254,8 @@ class Bridge:
             if "op" in msg:
                 self.serve(msg)
             elif "ok" in msg:
+                for key, value in msg.get("out", []):  # the callee changed these arguments in place
+                    self.restore(args[key] if type(key) is int and key < len(args) else kw.get(key), value)
                 return self.decode(msg["ok"])
             elif "err" in msg:
                 raise self.error(msg["err"])
@@ -271,11 +275,25 @@ class Bridge:
             raise self.fail("a malformed request") from None
         try:
             reply = {"ok": self.encode(self.apply(op, obj, args, kw))}
+            if op == "call":  # in-place changes to list/dict/set/bytearray arguments go back (copy-restore)
+                reply["out"] = [[k, self.encode(v)] for k, v in [*enumerate(args), *kw.items()]
+                                if type(v) in MUTABLE]
         except Gone:
             raise
         except BaseException as e:  # the object raised (SystemExit included): an error answer
             reply = {"err": [type(e).__name__, str(e)[:2000]]}
         self.send(reply)
+
+    def restore(self, original, value) -> None:
+        """Give a mutable argument the contents the other side's call left in its copy."""
+        new = self.decode(value)
+        if type(original) is not type(new) or type(new) not in MUTABLE:
+            return  # (a subclass went as its base type's copy: its changes stay there)
+        if isinstance(original, (list, bytearray)):
+            original[:] = new
+        else:
+            original.clear()
+            original.update(new)
 
     def apply(self, op: str, obj, args: list, kw: dict):
         if op == "call":
