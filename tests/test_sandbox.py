@@ -167,10 +167,11 @@ def test_the_trainers_environment_host_files_and_packages_cannot_be_read(outside
                     (packages, "assert imports()\n")]) == [0.0, 0.0, 0.0]
     # What it sees instead: its own empty directory, its own processes, the standard library.
     honest = ("import os, json\ndef view():\n    return sorted(os.listdir('/')), os.getcwd(), os.listdir('.'), "
-              "len([p for p in os.listdir('/proc') if p.isdigit()]), json.dumps([1])\n")
-    assert rewards([(honest, "root, cwd, files, procs, js = view()\nassert '/root' not in root and 'work' not in "
-                     "root and 'home' not in root and 'etc' not in root\nassert cwd == '/sandbox' and files == []\n"
-                     "assert procs <= 4 and js == '[1]'\n")]) == [1.0]
+              "len([p for p in os.listdir('/proc') if p.isdigit()]), json.dumps([1]), sorted(os.environ)\n")
+    assert rewards([(honest, "root, cwd, files, procs, js, env = view()\n"
+                     "assert set(root) <= {'dev', 'job', 'lib', 'lib32', 'lib64', 'proc', 'sandbox', 'tmp', 'usr'}, root\n"
+                     "assert cwd == '/sandbox' and files == [] and procs <= 4 and js == '[1]'\n"
+                     "assert env == ['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR'], env\n")]) == [1.0]
 
 
 # ------------------------------------------------------------------ no network, no signals, no leftovers

@@ -14,7 +14,7 @@ either process means nothing. Each sandbox has:
   with every site-packages/dist-packages below them hidden, a /proc of its own PID namespace,
   /dev/{null,zero,random,urandom}, its input files read-only under /job, and one writable tmpfs
   /sandbox of posttrain.sandbox_disk_mb (also /tmp and /dev/shm) — nothing else of the host;
-- the environment HOME, TMPDIR, PATH, LANG, nothing inherited;
+- the environment HOME, TMPDIR, PATH, LANG (and PWD), nothing inherited;
 - limits: posttrain.sandbox_timeout_s of wall clock, then both sandboxes are killed; per process an address
   space of posttrain.sandbox_memory_mb, CPU time, file size and no core file; the processes of the
   sandbox's own user namespace at most posttrain.sandbox_processes; and, where this process may create
