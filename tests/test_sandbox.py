@@ -297,13 +297,30 @@ def test_without_cgroups_each_sandbox_counts_its_own_processes(outside):
     rt = dataclasses.replace(sandbox.runtime("bwrap", ""), cgroups=None)
     tests = "n = forks()\nassert 8 <= n < 16, n\n"
     verdicts = []
-    threads = [threading.Thread(target=lambda: verdicts.append(sandbox._Program(FORKS, tests, FAST, rt).judge()))
+    threads = [threading.Thread(target=lambda: verdicts.append(sandbox.Program(FORKS, tests, FAST, rt).judge()))
                for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
     assert [v.passed for v in verdicts] == [True, True], verdicts
+
+
+def test_a_non_root_trainer_gets_the_same_verdicts_with_rlimits_only():
+    """The trainer as an unprivileged user (uid 65534 here): no setpriv, no cgroups; the namespaces, the
+    harness and the per-user-namespace process limit still hold."""
+    repo, python = Path(scaletrain.__file__).parents[1], "/usr/bin/python3"
+    readable = os.path.exists(python) and sandbox_runtime.others_can_read(str(repo / "scaletrain" / "__init__.py"))
+    if os.geteuid() != 0 or not readable:
+        pytest.skip("needs root (to become uid 65534), /usr/bin/python3 and a checkout other users can read")
+    script = ("import os\nfrom scaletrain.posttrain.sandbox import SandboxSettings, describe, run_programs\n"
+              "s = SandboxSettings(timeout_s=4.0, memory_mb=256, processes=16)\n"
+              f"print(os.getuid(), describe(s))\nprint([v.passed for v in run_programs({[(RIGHT, TESTS), (FORGERIES['exit 0 from an atexit hook'], TESTS), (FORKS, 'assert 8 <= forks() < 16')]!r}, s)])\n")
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", script],
+                         capture_output=True, text=True, timeout=120, cwd="/", env={"PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr
+    assert "65534 python_tests sandbox" in out.stdout and "rlimits; no writable cgroups" in out.stdout
+    assert out.stdout.strip().endswith("[True, False, True]"), out.stdout
 
 
 # ------------------------------------------------------------------ honest code still scores 1
@@ -357,7 +374,7 @@ def test_honest_solutions_score_one():
 
 def test_a_program_that_cannot_be_judged_is_an_error_never_a_pass(monkeypatch):
     broken = dataclasses.replace(sandbox.runtime("bwrap", ""), mounts=("--ro-bind", "/no/such/dir", "/x"))
-    verdict = sandbox._Program(RIGHT, TESTS, FAST, broken).judge()
+    verdict = sandbox.Program(RIGHT, TESTS, FAST, broken).judge()
     assert not verdict.passed and "the sandbox did not start" in verdict.error and "/no/such/dir" in verdict.error
     values, errors = PythonTests(FAST).score_batch([RIGHT, RIGHT], [{"tests": "assert (\n"}, {"tests": TESTS}])
     assert values == [0.0, 1.0] and "do not compile" in errors[0] and errors[1] == ""

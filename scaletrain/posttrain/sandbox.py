@@ -110,7 +110,7 @@ def _said(proc: subprocess.Popen) -> str:
         return ""
 
 
-class _Program:
+class Program:
     """One program's two processes, pipes and cgroup; `judge` returns the verdict and leaves nothing behind."""
 
     def __init__(self, code: str, tests: str, settings: SandboxSettings, rt: Runtime) -> None:
@@ -282,9 +282,9 @@ def run_programs(programs: list[tuple[str, str]], settings: SandboxSettings) -> 
     except (SandboxUnavailable, OSError, subprocess.SubprocessError, ValueError) as e:
         return [Verdict(False, error=f"no sandbox: {e}")] * len(programs)
     if len(programs) <= 1:
-        return [_Program(code, tests, settings, rt).judge() for code, tests in programs]
+        return [Program(code, tests, settings, rt).judge() for code, tests in programs]
     with ThreadPoolExecutor(min(settings.worker_count(), len(programs)), thread_name_prefix="sandbox") as pool:
-        return list(pool.map(lambda p: _Program(p[0], p[1], settings, rt).judge(), programs))
+        return list(pool.map(lambda p: Program(p[0], p[1], settings, rt).judge(), programs))
 
 
 @functools.cache

@@ -48,7 +48,7 @@ _FACTS = ("import json, sys, sysconfig; g = sysconfig.get_config_var; print(json
           "'packages': sorted({sysconfig.get_path('purelib'), sysconfig.get_path('platlib')})}))")
 
 
-def _others_can_enter(path: str) -> bool:
+def others_can_read(path: str) -> bool:
     """Whether a user other than the owner (uid 65534) can reach `path` through every directory above it."""
     parts = Path(path).parts
     for i in range(1, len(parts)):
@@ -63,7 +63,7 @@ def _interpreter(requested: str, uid: int | None) -> str:
         real = os.path.realpath(option)
         if not os.path.isfile(real):
             problems.append(f"{option} does not exist")
-        elif uid is not None and not _others_can_enter(real):
+        elif uid is not None and not others_can_read(real):
             problems.append(f"{real} is not readable by other users (a directory above it is closed, e.g. /root)")
         else:
             return real
