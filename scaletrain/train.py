@@ -213,7 +213,7 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.grpo_batches import RolloutBatches
     from scaletrain.posttrain.ppo_batches import PPOBatches
-    from scaletrain.posttrain.rewards import resolve_reward
+    from scaletrain.posttrain.rewards import resolve_reward, sandbox_settings
 
     pt, t = cfg.posttrain, cfg.train
     # The template's end-of-turn marker ends a completion (and is learnt, like eos).
@@ -221,7 +221,7 @@ def rollout_batches(cfg: RunConfig, prompts, tokenizer, *, model, reference, dim
     cls: Any = PPOBatches if ppo else RolloutBatches
     return cls(
         prompts, model=model, reference=reference, dims=dims,
-        rewards={n: reward_scorer if n == "reward_model" else resolve_reward(n) for n in pt.rewards},
+        rewards={n: reward_scorer if n == "reward_model" else resolve_reward(n, sandbox_settings(pt)) for n in pt.rewards},
         reward_weights=pt.reward_weights, group_size=pt.group_size, max_new_tokens=pt.max_new_tokens,
         temperature=pt.temperature, scale_rewards=pt.scale_rewards, global_batch=t.global_batch_size,
         micro_batch=t.micro_batch_size, seq_length=t.seq_length, seed=t.seed, consumed_samples=consumed_samples,
@@ -493,6 +493,11 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
         reference = build_reference(cfg, dims, precision, device, backend, model, run_dir, log) if pt.kl_beta else None
         scorer = build_reward_scorer(cfg, tokenizer, dims, precision, device, backend, log) \
             if "reward_model" in pt.rewards else None
+        if "python_tests" in pt.rewards:
+            from scaletrain.posttrain.rewards import sandbox_settings
+            from scaletrain.posttrain.sandbox import describe
+
+            log(describe(sandbox_settings(pt)))
         extra: dict[str, Any] = {}
         if pt.objective == "ppo":
             extra = build_critic(cfg, dims, precision, device, backend, run_dir,

@@ -5,6 +5,7 @@ the saved reference policy, the up-front errors, and a run that raises its rewar
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -279,14 +280,17 @@ def test_math_answer_reward():
 
 def test_python_tests_reward_runs_code_apart_and_bounded():
     from scaletrain.posttrain.rewards import python_tests, run_python_tests
+    from scaletrain.posttrain.sandbox import SandboxSettings, sandbox_problem
 
+    if sandbox_problem(SandboxSettings()) and not os.environ.get("SCALETRAIN_REQUIRE_SANDBOX"):
+        pytest.skip("no bubblewrap sandbox here (tests/test_sandbox.py has the attacks)")
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
     good = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```"
     assert python_tests(good, {"tests": tests}) == 1.0
     assert python_tests("```python\ndef add(a, b):\n    return a - b\n```", {"tests": tests}) == 0.0
     assert python_tests("def add(a, b) return", {"tests": tests}) == 0.0  # a syntax error fails, nothing raises
-    assert not run_python_tests("while True:\n    pass", "", timeout_s=1.0)  # killed at the timeout
-    assert not run_python_tests("x = bytearray(4 << 30)", "", memory_bytes=1 << 28)  # the memory limit holds
+    assert not run_python_tests("while True:\n    pass", "", SandboxSettings(timeout_s=1.0))  # killed at the timeout
+    assert not run_python_tests("x = bytearray(4 << 30)", "", SandboxSettings(memory_mb=256))  # the memory limit holds
 
 
 def test_custom_rewards_resolve_or_fail_clearly():

@@ -106,9 +106,9 @@ def test_ppo_matches_single_process(tmp_path, tokenizer_dir, dataset_prefix, pro
         # On a fresh batch the ratio is 1 and the advantages are whitened: the loss is −mean(A) ≈ 0 (rounding)
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-10, abs=1e-14), x["step"]
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-10), x["step"]
-        for k in ("reward", "value_loss", "value_grad_norm", "clip_fraction"):
+        for k in ("reward", "value_loss", "value_grad_norm", "clip_fraction", "reward_errors"):
             assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), (x["step"], k)
-        assert x["value_loss"] > 0
+        assert x["value_loss"] > 0 and x["reward_errors"] == 0  # PPO counts them too (GRPO's rollouts)
     assert a[0]["clip_fraction"] == 0.0 and a[1]["clip_fraction"] >= 0.0  # step 2 reuses step 1's batch
     assert a[0]["value_loss"] != a[2]["value_loss"]  # the critic trains
     assert (tmp_path / "False" / "critic").is_dir()

@@ -290,6 +290,23 @@ class PostTrainConfig:
     is stated at all), 'package.module:function', or 'reward_model' (the score of posttrain.reward_model: RLHF)."""
     reward_weights: tuple[float, ...] = ()
     """grpo: one weight per reward function (empty: all 1)."""
+    sandbox: str = "bwrap"
+    """python_tests: how completions' code is isolated — 'bwrap' (bubblewrap: own user/pid/net/mount namespaces,
+    read-only standard library, one small tmpfs, limits; posttrain/sandbox.py) or 'none' (UNSANDBOXED: trusted
+    code only; warned at start)."""
+    sandbox_timeout_s: float = 5.0
+    """python_tests: wall-clock seconds per program (its code and the tests); then every process it started is killed."""
+    sandbox_memory_mb: int = 1024
+    """python_tests: memory per program: for the whole program where cgroups can be created (as root), else per process."""
+    sandbox_processes: int = 32
+    """python_tests: processes per sandbox (with cgroups, for the whole program too)."""
+    sandbox_disk_mb: int = 64
+    """python_tests: size of the sandbox's only writable directory (a tmpfs; also the per-file size limit)."""
+    sandbox_workers: int = 0
+    """python_tests: programs judged at a time on the rank that scores (0: two per CPU it may use, at most 16)."""
+    sandbox_python: str = ""
+    """python_tests: the interpreter in the sandbox ('': the trainer's, or /usr/bin/python3 where the sandbox user
+    uid 65534 of a root trainer cannot read it); its standard library only, never site-packages."""
     missing_stop_penalty: float = 0.0
     """grpo: subtracted from the reward of a completion that does not end with the chat template's end-of-turn
     marker (it ran out of posttrain.max_new_tokens, or stopped at a bare eos) — TRL's missing_eos_penalty for

@@ -303,7 +303,7 @@ def _context_parallel_errors(errors: list[str], cfg: RunConfig) -> None:
 
 def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
     """GRPO's cross-field rules: groups fill the batch and stay on one dp rank, rollouts fit the rows."""
-    from scaletrain.posttrain.rewards import reward_problem
+    from scaletrain.posttrain.rewards import reward_problem, sandbox_problems
 
     pt, t = cfg.posttrain, cfg.train
     _choice(errors, "posttrain.grpo_loss_norm", pt.grpo_loss_norm, ("token", "sequence"))
@@ -337,6 +337,7 @@ def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
         problem = reward_problem(name)
         if problem:
             errors.append(f"posttrain.rewards: {problem}")
+    errors.extend(sandbox_problems(pt, check_live="python_tests" in pt.rewards))
     if pt.objective == "ppo":
         if not (pt.critic or pt.reward_model):
             errors.append("posttrain.objective = 'ppo' needs a critic to start from: posttrain.critic (a reward model, "

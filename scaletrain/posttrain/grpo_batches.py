@@ -5,7 +5,8 @@ Rollout batch k draws prompts k·P … k·P+P−1 of a seeded per-epoch permutat
 group size; one batch per posttrain.grpo_iterations steps, kept on disk between its updates); dp
 rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its advantages
 need no communication. The step's rollout metrics (means over the global batch's
-completions, reduced over dp) are left in `last_metrics` for the step's metrics record. Rewards are
+completions, reduced over dp; `reward_errors` a count: completions whose reward could not be computed,
+scored 0 and logged with the cause) are left in `last_metrics` for the step's metrics record. Rewards are
 computed once per replica (its first tp and cp rank on the last stage: a timed-out unit test must
 not score differently on two ranks) and broadcast to the replica's other ranks; a reward model
 scores on all of the replica's ranks together, in the policy's layout (RLHF). Under context
@@ -26,7 +27,7 @@ from scaletrain.posttrain.dynamic_sampling import Groups, choose_groups, gather_
 from scaletrain.posttrain.grpo import group_advantages, overlong_penalty
 from scaletrain.posttrain.grpo_data import PromptDataset, PromptOrder
 from scaletrain.posttrain.reward_scorer import RewardModelScorer
-from scaletrain.posttrain.rewards import RewardFn, reward_label
+from scaletrain.posttrain.rewards import RewardFn, report_errors, reward_label, score_rewards
 from scaletrain.posttrain.rollout import (
     completion_text,
     pass_unit,
@@ -76,6 +77,7 @@ class RolloutBatches:
             if iterations > 1 and run_dir is not None else None
         self._current: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
         self.last_metrics: dict[str, float] = {}
+        self._reward_errors = 0  # completions of this step's sampling rounds whose reward could not be computed
         self.console_keys: tuple[str, ...] = ("reward",)
         self._prompt_index = PromptOrder(len(prompts), seed)
         self._round_orders: dict[int, PromptOrder] = {0: self._prompt_index}
@@ -128,21 +130,26 @@ class RolloutBatches:
         return t.cpu()
 
     def _score(self, rows: list[dict], texts: list[str], prompts: list[list[int]],
-               completions: list[list[int]]) -> torch.Tensor:
-        """[completions, rewards] reward values: functions of (text, row) on the replica's lead rank,
-        then broadcast; a reward model (posttrain/reward_scorer.py) by every rank of the replica together."""
+               completions: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """[completions, rewards] reward values, and how many completions a reward could not be computed for
+        (scored 0): functions of (text, row) on the replica's lead rank, then broadcast; a reward model
+        (posttrain/reward_scorer.py) by every rank of the replica together."""
         d = self.dims
-        scores = torch.zeros(len(texts), len(self.rewards), dtype=torch.float64)
+        scores = torch.zeros(len(texts), len(self.rewards) + 1, dtype=torch.float64)  # + a column of error flags
         if d is None or (d.tp_rank == 0 and d.cp_rank == 0 and d.pp_rank == d.pp - 1):
-            for i, (row, text) in enumerate(zip(rows, texts)):
-                for j, fn in enumerate(self.rewards.values()):
-                    if not isinstance(fn, RewardModelScorer):
-                        scores[i, j] = float(fn(text, row))
+            for j, (name, fn) in enumerate(self.rewards.items()):
+                if not isinstance(fn, RewardModelScorer):
+                    values, causes = score_rewards(fn, texts, rows)
+                    scores[:, j] = torch.tensor(values, dtype=torch.float64)
+                    scores[:, -1] += torch.tensor([float(bool(c)) for c in causes], dtype=torch.float64)
+                    report_errors(reward_label(name), causes)
         scores = self._replica_broadcast(scores)
+        errors = int((scores[:, -1] > 0).sum())
+        scores = scores[:, :-1].contiguous()
         for j, fn in enumerate(self.rewards.values()):
             if isinstance(fn, RewardModelScorer) and texts:
                 scores[:, j] = fn(prompts, completions)
-        return scores
+        return scores, errors
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         step = self.consumed_samples // self.global_batch
@@ -188,7 +195,8 @@ class RolloutBatches:
             precision=self.precision, device=self.device, width_multiple=self.width_multiple)
         texts = [self._text(c) for c in completions]
         rows = [self.prompts.rows[i] for i in index for _ in range(g)]
-        scores = self._score(rows, texts, [prompts[i // g] for i in range(len(completions))], completions)
+        scores, errors = self._score(rows, texts, [prompts[i // g] for i in range(len(completions))], completions)
+        self._reward_errors += errors
         return Groups(index, completions, stopped, scores, self._missing_stop(completions))
 
     def _dynamic_sample(self, generation: int) -> tuple[Groups, dict[str, float]]:
@@ -217,6 +225,7 @@ class RolloutBatches:
         d, g = self.dims, self.group_size
         generation = step // self.iterations  # prompts advance once per rollout batch
         t0 = time.perf_counter()
+        self._reward_errors = 0
         if self.dynamic_sampling:
             mine, sampling = self._dynamic_sample(generation)
         else:
@@ -269,17 +278,19 @@ class RolloutBatches:
                 vocab_limit=self.tokenizer.vocab_size, micro_batch=self.rollout_micro, precision=self.precision,
                 device=self.device, width_multiple=self.width_multiple)
         n = len(mine)
-        scores = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]],
-                             [prompts.prompts[i] for i in mine], completions[:n]) if mine \
-            else torch.zeros(0, len(self.rewards), dtype=torch.float64)
+        scores, errors = self._score([prompts.rows[i] for i in mine], [self._text(c) for c in completions[:n]],
+                                     [prompts.prompts[i] for i in mine], completions[:n]) if mine \
+            else (torch.zeros(0, len(self.rewards), dtype=torch.float64), 0)
         # The held-out reward is defined as the training one (penalties included).
         total = self._total(scores, self._missing_stop(completions[:n]), completions[:n])
         sums = torch.cat([total.sum().reshape(1), scores.sum(dim=0),
-                          torch.tensor([float(sum(len(c) for c in completions[:n])), float(n)], dtype=torch.float64)])
+                          torch.tensor([float(sum(len(c) for c in completions[:n])), float(errors), float(n)],
+                                       dtype=torch.float64)])
         if d is not None and d.dp > 1:
             sums = d.comm("dp").all_reduce(sums.to(self.device)).cpu()
         names = ["reward", *(f"reward_{reward_label(k)}" for k in self.rewards), "completion_tokens"]
-        return {k: float(v) / max(float(sums[-1]), 1.0) for k, v in zip(names, sums[:-1].tolist())}
+        means = {k: float(v) / max(float(sums[-1]), 1.0) for k, v in zip(names, sums[:-2].tolist())}
+        return {**means, "reward_errors": float(sums[-2])}  # a count, not a mean
 
     def _record_metrics(self, scores: torch.Tensor, total: torch.Tensor, completions: list[list[int]],
                         stopped: list[bool], missing: torch.Tensor) -> None:
@@ -290,13 +301,15 @@ class RolloutBatches:
             groups.std(dim=1).sum().reshape(1) * g,  # weighted per completion, like the other means
             (groups.max(dim=1).values == groups.min(dim=1).values).double().sum().reshape(1) * g,
             torch.tensor([float(sum(len(c) for c in completions)), float(sum(not s for s in stopped)),
-                          float(missing.sum()), float(len(completions))], dtype=torch.float64)])
+                          float(missing.sum()), float(self._reward_errors), float(len(completions))],
+                         dtype=torch.float64)])
         if self.dims is not None and self.dims.dp > 1:
             sums = self.dims.comm("dp").all_reduce(sums.to(self.device)).cpu()
         n = float(sums[-1])
         names = ["reward", *(f"reward_{reward_label(k)}" for k in self.rewards), "reward_std", "zero_std_groups",
                  "completion_tokens", "truncated", "missing_stop"]
-        self.last_metrics = {k: float(v) / n for k, v in zip(names, sums[:-1].tolist())}
+        self.last_metrics = {k: float(v) / n for k, v in zip(names, sums[:-2].tolist())}
+        self.last_metrics["reward_errors"] = float(sums[-2])  # a count over the step's scored completions
 
     def _log_rollouts(self, step: int, prompt: list[int], texts: list[str], rewards: list[float]) -> None:
         """One group per step into run_dir/rollouts.jsonl (main rank): what the policy writes, as it learns."""
