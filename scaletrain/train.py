@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from scaletrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from scaletrain.checkpoint.resume import keep_recorded_vocab
 from scaletrain.config import ConfigError, RunConfig, dump_config, load_config, resolve_model, validate
 from scaletrain.config.load import config_to_dict
 from scaletrain.config.validate import uses_pretraining_data
@@ -74,6 +75,7 @@ def prepare(cfg: RunConfig, world_size: int):
     if cfg.posttrain.objective == "distill" and cfg.posttrain.teacher and not cfg.model.vocab_size:
         # 0 = derive: the teacher's (padded) size, so that both logit tensors shard over tp alike.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=teacher_vocab(cfg)))
+    cfg = keep_recorded_vocab(cfg)  # a resumed run keeps the vocabulary its first start derived, at any layout
     model = resolve_model(cfg.model, tokenizer_vocab=tokenizer.vocab_size, tp=cfg.parallel.tp,
                           seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)

@@ -19,9 +19,11 @@ class ModelConfig:
     hf_architecture: str = ""
     """Hugging Face class to export as ('': LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
     vocab_size: int = 0
-    """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`."""
+    """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`, derived at the run's first
+    start, recorded in its checkpoints and config.toml, and kept on every resume whatever the layout."""
     vocab_multiple: int = 128
-    """With vocab_size = 0, pad the tokenizer's size to a multiple of this (times tp)."""
+    """With vocab_size = 0, pad the tokenizer's size to a multiple of this (not times tp: the size must not depend
+    on the layout; every tp that divides the result can load the run)."""
     hidden_size: int = 128
     """Width of the residual stream."""
     num_layers: int = 4
