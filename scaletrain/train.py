@@ -28,6 +28,7 @@ from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
 from scaletrain.nn.backend import select_backend
 from scaletrain.nn.fused import check_available, expand
+from scaletrain.posttrain.chat import chat_template_origin
 from scaletrain.posttrain.frozen import check_frozen_model, teacher_vocab
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.optimizer import optimizer_problem
@@ -139,12 +140,13 @@ def build_preference_datasets(cfg: RunConfig, tokenizer, log):
 
     pt = cfg.posttrain
     renderer = ChatRenderer(tokenizer, pt.chat_template, "assistant", bundled_tools(pt.tools))
-    train = PreferenceDataset(read_pairs(pt.train_data), renderer, tokenizer, cfg.train.seq_length)
+    reward = pt.objective == "reward"
+    train = PreferenceDataset(read_pairs(pt.train_data), renderer, tokenizer, cfg.train.seq_length, always_eos=reward)
     log(train.report.line())
     valid = None
     if pt.valid_data:
         valid = PreferenceDataset(read_pairs(pt.valid_data), renderer, tokenizer, cfg.train.seq_length,
-                                  index_offset=len(train))
+                                  index_offset=len(train), always_eos=reward)
         log("validation " + valid.report.line())
     return train, valid
 
@@ -393,6 +395,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
                      "grpo": build_prompt_datasets, "ppo": build_prompt_datasets,
                      "distill": build_distill_datasets}.get(
         "pretrain" if uses_pretraining_data(cfg) else cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
+    if not uses_pretraining_data(cfg):
+        log(f"chat template: {chat_template_origin(cfg.posttrain, tokenizer)}")
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
         f"layout tp{dims.tp}·pp{dims.pp}·{f'cp{dims.cp}·' if dims.cp > 1 else ''}dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "

@@ -26,7 +26,8 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.models.llama.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json")
+                   "chat_template.jinja", "added_tokens.json", "chat_template.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)  # named chat templates (transformers ≥ 4.5x)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -40,6 +41,9 @@ def copy_tokenizer(src: str | Path, dst: Path) -> bool:
     dst.mkdir(parents=True, exist_ok=True)
     for f in found:
         shutil.copy2(f, dst / f.name)
+    for d in TOKENIZER_DIRS:
+        if (folder / d).is_dir():
+            shutil.copytree(folder / d, dst / d, dirs_exist_ok=True)
     return True
 
 
@@ -123,30 +127,28 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     return out
 
 
-def write_chat_template(ckpt: Path, out: Path) -> None:
-    """A fine-tuned run's chat template into the export's tokenizer_config.json (where the tokenizer
-    had none, or the run chose another), so transformers' apply_chat_template renders prompts as the
-    model was trained. Read from the run's config.toml next to checkpoints/."""
+def write_chat_template(ckpt: Path, out: Path) -> str | None:
+    """A fine-tuned run's chat template — the one it trained with, chosen from the run's config.toml next to
+    checkpoints/ exactly as the run chose it — as the export's only template (posttrain/chat_templates.py
+    `write_single_template`), so transformers' apply_chat_template renders prompts as the model was trained.
+    Returns where the template came from (None: not a chat run; the tokenizer's files are kept as they are)."""
     from scaletrain.config.load import load_config
     from scaletrain.config.validate import uses_pretraining_data
-    from scaletrain.posttrain.chat import BUNDLED, CHATML
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.chat_templates import write_single_template
+    from scaletrain.posttrain.tools import bundled_tools
 
-    run_config, tok_config = ckpt.parent.parent / "config.toml", out / "tokenizer_config.json"
-    if not run_config.is_file() or not tok_config.is_file():
-        return
+    run_config = ckpt.parent.parent / "config.toml"
+    if not run_config.is_file():
+        return None
     run = load_config(run_config)
-    pt = run.posttrain
     if uses_pretraining_data(run):  # trained on documents: no chat format to record
-        return
-    current = json.loads(tok_config.read_text())
-    if pt.chat_template == "auto":
-        if isinstance(current.get("chat_template"), str):
-            return  # trained with the tokenizer's own template, already there
-        source = CHATML
-    else:
-        source = BUNDLED.get(pt.chat_template, pt.chat_template)
-    current["chat_template"] = source
-    tok_config.write_text(json.dumps(current, indent=2, ensure_ascii=False))
+        return None
+    pt = run.posttrain
+    renderer = ChatRenderer(load_tokenizer(out), pt.chat_template, tools=bundled_tools(pt.tools))
+    write_single_template(out, renderer.source)
+    return renderer.origin
 
 
 def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -223,7 +223,8 @@ def _preference_task(task, model, dims, tokenizer, template: str, seq: int, comm
             start = max(i for i, t in enumerate(target) if t)  # the final response's first target token
             while start > 0 and target[start - 1]:
                 start -= 1
-            rows.append((ids + [tokenizer.eos_id], start))
+            # eos after the response, as training closes it (a reward model always: its score is read before it)
+            rows.append((ids + [tokenizer.eos_id] if reward_model else renderer.close(ids, target)[0], start))
     if reward_model:
         scores = scores_at(model, dims, [(ids[:-1], len(ids) - 2) for ids, _ in rows], **common)
         return T.preference_metrics(scores[0::2], scores[1::2])
