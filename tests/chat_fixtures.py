@@ -53,23 +53,29 @@ DEFAULT = _SYSTEM_BLOCK + _TURNS
 TOOL_USE = _TOOLS_BLOCK + _TURNS
 
 
-def build_chatml_tokenizer(out: Path) -> Path:
-    """A byte-level BPE (512 tokens) with <|endoftext|>, <|im_start|>, <|im_end|>, saved by transformers
-    with QWEN as its template: current transformers writes it to chat_template.jinja."""
+def build_bpe_tokenizer(out: Path, specials: list[str], template: str | None, **named_tokens: str) -> Path:
+    """A byte-level BPE of 512 tokens (trained on the corpus) with `specials` first, saved by transformers
+    with `template` (current transformers writes it to chat_template.jinja) and the named special tokens."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus_texts(200), trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-    fast.chat_template = QWEN
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **named_tokens)
+    if template is not None:
+        fast.chat_template = template
     fast.save_pretrained(str(out))
     return out
+
+
+def build_chatml_tokenizer(out: Path) -> Path:
+    """ChatML specials with eos = <|im_end|> (ids 0-2: <|endoftext|>, <|im_start|>, <|im_end|>) and QWEN."""
+    return build_bpe_tokenizer(out, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], QWEN, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
 def to_old_layout(new: Path, old: Path, named: bool = True) -> Path:
