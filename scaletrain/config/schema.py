@@ -248,7 +248,8 @@ class PostTrainConfig:
     valid_data: tuple[str, ...] = ()
     """Held-out rows of the same kind, for validation (optional)."""
     chat_template: str = "auto"
-    """'auto' (the tokenizer's chat template, else ChatML), 'chatml', 'llama3', or a Jinja string."""
+    """'auto' (the tokenizer's chat template wherever HF keeps it, chosen as transformers does; else ChatML),
+    'chatml', 'llama3', one of the tokenizer's named templates (e.g. 'tool_use'), or a Jinja string."""
     tools: tuple[str, ...] = ()
     """Bundled tools (e.g. ["calculator"]) listed to the model in every conversation through the chat template's `tools`."""
     loss_on: str = "assistant"
