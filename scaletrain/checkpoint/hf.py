@@ -131,28 +131,31 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     return out
 
 
-def token_ids(tok, template: str | None) -> TokenIds:
+def token_ids(tok, renderer) -> TokenIds:
     """The tokenizer's special ids, and the end-of-turn marker of the chat template the export carries (the
-    run's, else the tokenizer's own) where it is one token other than eos: generation stops there too."""
+    run's `renderer`, else the tokenizer's own) where it is one token other than eos: generation stops there too."""
+    import jinja2
+
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.chat_templates import find_templates
 
     end = None
-    if template is not None or find_templates(Path(tok.path).parent) is not None:
+    if renderer is not None or find_templates(Path(tok.path).parent) is not None:
         try:
-            marker = ChatRenderer(tok, "auto").end_of_turn()
-        except ValueError:  # named templates without a default, a template that refuses the probe
+            marker = (renderer or ChatRenderer(tok, "auto")).end_of_turn()
+        except (ValueError, TypeError, jinja2.TemplateError):  # a template that cannot render the probe
             marker = None
         marker_ids = tok.encode(marker) if marker else []
         end = marker_ids[0] if len(marker_ids) == 1 and marker_ids[0] != tok.eos_id else None
     return TokenIds(tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id, end)
 
 
-def write_chat_template(ckpt: Path, out: Path) -> str | None:
+def write_chat_template(ckpt: Path, out: Path):
     """A fine-tuned run's chat template — the one it trained with, chosen from the run's config.toml next to
     checkpoints/ exactly as the run chose it — as the export's only template (posttrain/chat_templates.py
     `write_single_template`), so transformers' apply_chat_template renders prompts as the model was trained.
-    Returns where the template came from (None: not a chat run; the tokenizer's files are kept as they are)."""
+    Returns the run's ChatRenderer (`origin` says where the template came from); None for a checkpoint that is
+    not a chat run's, whose tokenizer files are kept as they are."""
     from scaletrain.config.load import load_config
     from scaletrain.config.validate import uses_pretraining_data
     from scaletrain.data.tokenizer import load_tokenizer
@@ -169,7 +172,7 @@ def write_chat_template(ckpt: Path, out: Path) -> str | None:
     pt = run.posttrain
     renderer = ChatRenderer(load_tokenizer(out), pt.chat_template, tools=bundled_tools(pt.tools))
     write_single_template(out, renderer.source)
-    return renderer.origin
+    return renderer
 
 
 def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
