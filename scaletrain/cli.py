@@ -10,6 +10,7 @@
     scaletrain chat runs/tools_sft [--message "..."]   (executes the model's tool calls)
     scaletrain rlaif --policy runs/sft --prompts prompts.jsonl --output pairs.jsonl   (AI-labelled pairs)
     scaletrain eval runs/tiny --task perplexity:held_out.jsonl --task choice:mc.jsonl [--set parallel.tp=2]
+    scaletrain generate runs/tiny --prompts prompts.jsonl [--temperature 0.8 --seed 1] [--stop TEXT] [--output out.jsonl]
     scaletrain profile --config run.toml --plan | --steps 20
 """
 
@@ -206,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_args(ev)
     ev.set_defaults(func=eval_command)
+    gen = sub.add_parser("generate", help="plain-text continuations of raw prompts (no chat template; greedy or "
+                                          "sampled, stop strings) in any tp/pp/dp layout → jsonl with token ids")
+    from scaletrain.evaluation.generate_command import add_generate_args, generate_command
+
+    add_generate_args(gen)
+    gen.set_defaults(func=generate_command)
     prof = sub.add_parser("profile", help="analytic plan (--plan) or a measured run next to it")
     from scaletrain.profile.command import add_profile_args, profile_command
 

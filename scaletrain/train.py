@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from scaletrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from scaletrain.checkpoint.resume import keep_recorded_vocab
 from scaletrain.config import ConfigError, RunConfig, dump_config, load_config, resolve_model, validate
 from scaletrain.config.load import config_to_dict
 from scaletrain.config.validate import uses_pretraining_data
@@ -27,6 +28,7 @@ from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
 from scaletrain.nn.backend import select_backend
 from scaletrain.nn.fused import check_available, expand
+from scaletrain.posttrain.chat import chat_template_origin
 from scaletrain.posttrain.frozen import check_frozen_model, teacher_vocab
 from scaletrain.trainer.divergence import EXIT_DIVERGED, DivergenceError
 from scaletrain.trainer.flops import parameter_counts
@@ -75,6 +77,7 @@ def prepare(cfg: RunConfig, world_size: int):
     if cfg.posttrain.objective == "distill" and cfg.posttrain.teacher and not cfg.model.vocab_size:
         # 0 = derive: the teacher's (padded) size, so that both logit tensors shard over tp alike.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=teacher_vocab(cfg)))
+    cfg = keep_recorded_vocab(cfg)  # a resumed run keeps the vocabulary its first start derived, at any layout
     model = resolve_model(cfg.model, tokenizer_vocab=tokenizer.vocab_size, tp=cfg.parallel.tp,
                           seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)
@@ -138,12 +141,13 @@ def build_preference_datasets(cfg: RunConfig, tokenizer, log):
 
     pt = cfg.posttrain
     renderer = ChatRenderer(tokenizer, pt.chat_template, "assistant", bundled_tools(pt.tools))
-    train = PreferenceDataset(read_pairs(pt.train_data), renderer, tokenizer, cfg.train.seq_length)
+    reward = pt.objective == "reward"
+    train = PreferenceDataset(read_pairs(pt.train_data), renderer, tokenizer, cfg.train.seq_length, always_eos=reward)
     log(train.report.line())
     valid = None
     if pt.valid_data:
         valid = PreferenceDataset(read_pairs(pt.valid_data), renderer, tokenizer, cfg.train.seq_length,
-                                  index_offset=len(train))
+                                  index_offset=len(train), always_eos=reward)
         log("validation " + valid.report.line())
     return train, valid
 
@@ -392,6 +396,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
                      "grpo": build_prompt_datasets, "ppo": build_prompt_datasets,
                      "distill": build_distill_datasets}.get(
         "pretrain" if uses_pretraining_data(cfg) else cfg.posttrain.objective, lambda *a: (None, None))(cfg, tokenizer, log)
+    if not uses_pretraining_data(cfg):
+        log(f"chat template: {chat_template_origin(cfg.posttrain, tokenizer)}")
     log(f"scaletrain: {cfg.model.family} {cfg.model.num_layers}L h{cfg.model.hidden_size} "
         f"({counts['total'] / 1e6:.2f}M params), vocab {cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}); "
         f"layout tp{dims.tp}·pp{dims.pp}·{f'cp{dims.cp}·' if dims.cp > 1 else ''}dp{dims.dp} ({env.world_size} processes via {env.launcher}); backend {backend} ({backend_reason}); "

@@ -104,6 +104,59 @@ def test_scores_match_transformers(tmp_path, model_run, task_dir):
     assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
 
 
+def test_samples_rows_audit_every_question_and_document(tmp_path, model_run, task_dir):
+    """--samples: per question, each choice's log-likelihood (as transformers computes it on the export), the
+    picked and gold index; per document, its log-likelihood sum and token count; token ids beside the text."""
+    import transformers
+
+    from scaletrain.data.tokenizer import load_tokenizer
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_run / "hf"), dtype=torch.float32).eval()
+    tok = load_tokenizer(str(model_run / "hf"))
+
+    def logps(ids: list[int]) -> torch.Tensor:  # log p(ids[i + 1] | ids[:i + 1])
+        with torch.no_grad():
+            out = hf(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+        return out[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+    samples = tmp_path / "samples.jsonl"
+    res = _eval(model_run / "hf", [f"choice:{task_dir / 'choice_test.jsonl'}", f"perplexity:{task_dir / 'pretrain.jsonl'}"],
+                tmp_path / "r.json", "--limit", "2", "--seq-length", "128", "--samples", str(samples))["tasks"]
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    choice, docs = rows[:2], rows[2:]
+    assert [r["task"] for r in rows] == ["choice:choice_test.jsonl"] * 2 + ["perplexity:pretrain.jsonl"] * 2
+    source = [json.loads(line) for line in (task_dir / "choice_test.jsonl").read_text().splitlines()]
+    for q, r in enumerate(choice):
+        assert r["index"] == q and r["row"] == source[q] and r["gold"] == source[q]["answer"]
+        scores = []
+        for c, text in zip(r["choices"], source[q]["choices"]):
+            ids = c["context_ids"] + c["continuation_ids"]
+            assert c["text"] == text and tok.decode(c["continuation_ids"]) == text
+            scores.append(float(logps(ids)[len(c["context_ids"]) - 1:].sum()))
+            assert c["loglik"] == pytest.approx(scores[-1], rel=1e-5, abs=1e-5)
+        assert r["picked"] == max(range(4), key=scores.__getitem__) and r["acc"] == (r["picked"] == r["gold"])
+    assert sum(r["acc"] for r in choice) / 2 == res["choice:choice_test.jsonl"]["acc"]
+    # Two documents in one window of 128 tokens: each one's tokens scored with the documents before as context.
+    stream = [t for r in docs for t in r["ids"]]
+    assert len(stream) <= 129 and all(tok.decode(r["ids"][:-1]) == r["row"]["text"] for r in docs)
+    per_token = logps(stream)
+    k = 0
+    for i, r in enumerate(docs):
+        n = len(r["ids"]) - (i == 0)  # the first token of the file is not scored
+        assert r["tokens"] == n and r["bytes"] == len(r["row"]["text"].encode())
+        assert r["loglik"] == pytest.approx(float(per_token[k:k + n].sum()), rel=1e-5)
+        k += n
+    ppl = res["perplexity:pretrain.jsonl"]
+    assert ppl["tokens"] == sum(r["tokens"] for r in docs)
+    assert ppl["loss"] == pytest.approx(-sum(r["loglik"] for r in docs) / ppl["tokens"], rel=1e-12)
+    # Windows shorter than a document: each document's sums still add up to the task's loss.
+    short = _eval(model_run / "hf", [f"perplexity:{task_dir / 'pretrain.jsonl'}"], tmp_path / "s.json", "--limit", "2",
+                  "--seq-length", "16", "--samples", str(tmp_path / "short.jsonl"))["tasks"]["perplexity:pretrain.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "short.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in docs]
+    assert short["loss"] == pytest.approx(-sum(r["loglik"] for r in rows) / short["tokens"], rel=1e-12)
+
+
 @pytest.mark.parametrize("layout,world", [(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4),
                                           ([], 2), (["parallel.cp=2"], 2)], ids=["tp2pp2", "dp2", "cp2"])
 def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, layout, world):
@@ -120,9 +173,13 @@ def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, lay
             *[x for s in layout for x in ("--set", s)]]
     assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
     par = json.loads((tmp_path / "par.json").read_text())
-    # every generated completion, word for word (answer and refusal tasks: 12 rows each)
-    assert (tmp_path / "single.jsonl").read_text() == (tmp_path / "par.jsonl").read_text()
-    assert len((tmp_path / "par.jsonl").read_text().splitlines()) == 24
+    # every per-question / per-document row (log-likelihoods to 1e-10) and generated completion, word for
+    # word: perplexity 30 documents, choice 12 questions, answer and refusal 12 prompts each
+    samples = [[json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("single.jsonl",
+                                                                                            "par.jsonl")]
+    assert [r["task"].split(":")[0] for r in samples[1]] == ["perplexity"] * 30 + ["choice"] * 12 + [
+        "answer"] * 12 + ["refusal"] * 12
+    assert _same_samples(*samples)
     sets = dict(s.removeprefix("parallel.").split("=") for s in layout)
     sizes = {k: int(sets.get(k, 1)) for k in ("tp", "pp", "cp")}
     assert par["layout"] == sizes | {"dp": world // (sizes["tp"] * sizes["pp"] * sizes["cp"])}
@@ -132,6 +189,19 @@ def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, lay
                 assert par["tasks"][name][k] == pytest.approx(v, rel=1e-10, abs=0), (name, k)
     answer = single["tasks"]["answer:sft_test.jsonl"]
     assert answer["questions"] == 12 and 1 <= answer["completion_tokens"] <= 12
+
+
+def _same_samples(a, b, rel: float = 1e-10) -> bool:
+    """Two --samples files agree: floats to `rel`, everything else (ids, text, picks) exactly."""
+    def same(x, y) -> bool:
+        if isinstance(x, float):
+            return isinstance(y, float) and abs(x - y) <= rel * abs(y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return isinstance(y, list) and len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+    return same(a, b)
 
 
 def test_bad_tasks_fail_before_the_model_is_built(tmp_path, model_run, task_dir, capsys):

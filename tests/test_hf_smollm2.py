@@ -97,3 +97,54 @@ def test_sft_and_dpo_run_from_the_smollm2_import(smollm2, tmp_path):
         losses = [m["loss"] for m in read_metrics(run)]
         assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
         assert losses[-1] < losses[0], (stage, losses)
+
+
+def test_smollm2_chat_renders_and_eos_match_transformers(smollm2):
+    """SmolLM2-Instruct's own template (chat_template.jinja, with its default system prompt), not ChatML:
+    prompts and conversations token-identical to apply_chat_template; no second eos after <|im_end|>."""
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.posttrain.chat import ChatRenderer
+
+    hf_dir, _, tok = smollm2
+    ours = ChatRenderer(load_tokenizer(hf_dir))
+    assert ours.origin == f"the tokenizer's chat_template.jinja in {hf_dir}"
+    lengths = []
+    for question in ("What is 6 times 7?", "Name three prime numbers.", "Why is the sky blue?"):
+        conv = [{"role": "user", "content": question}, {"role": "assistant", "content": "Let me think."}]
+        for prompt in (True, False):
+            msgs = conv[:1] if prompt else conv
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=prompt)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            assert (ours.prompt_ids(msgs) if prompt else ours.render(msgs)[0]) == ids
+            lengths.append(len(ids))
+        assert "You are a helpful AI assistant named SmolLM" in ours.text(conv)
+    chatml = ChatRenderer(load_tokenizer(hf_dir), "chatml")  # what a reader of tokenizer_config.json alone used
+    assert lengths[0] >= len(chatml.prompt_ids(conv[:1])) + 15, lengths  # the default system prompt's tokens
+    ids, target = ours.render(conv)
+    assert ours.end_of_turn() == "<|im_end|>" and ours.close(ids, target) == (ids, target)
+
+
+def test_smollm2_import_export_config_and_greedy_generation(smollm2, tmp_path):
+    """import → export: config.json and generation_config.json equal the source on every field transformers
+    defines (but the directory name and the derived-config marker); `scaletrain generate` continues raw prompts
+    greedily token for token as transformers' generate(do_sample=False)."""
+    import json
+
+    from scaletrain.cli import main
+
+    hf_dir, hf, tok = smollm2
+    out = export_to_hf(import_from_hf(hf_dir, tmp_path / "ckpt"), tmp_path / "export")
+    for cls, allowed in ((transformers.AutoConfig, {"_name_or_path"}),
+                         (transformers.GenerationConfig, {"_from_model_config"})):
+        a, b = cls.from_pretrained(str(hf_dir)).to_dict(), cls.from_pretrained(str(out)).to_dict()
+        assert {k for k in set(a) | set(b) if a.get(k) != b.get(k)} <= allowed, cls
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert main(["generate", str(hf_dir), "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "20",
+                 "--batch-size", "3", "--output", str(tmp_path / "g.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    for p, row in zip(prompts, rows):
+        ids = tok.encode(p, add_special_tokens=False)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=20)[0, len(ids):].tolist()
+        assert row["prompt_ids"] == ids and row["completion_ids"] == ref, (p, row, tok.decode(ref))

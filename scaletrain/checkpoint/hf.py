@@ -17,6 +17,13 @@ from pathlib import Path
 import torch
 
 from scaletrain.checkpoint.atomic_dir import replaces_directory
+from scaletrain.checkpoint.hf_config import (
+    TokenIds,
+    export_config,
+    export_generation_config,
+    read_source,
+    source_configs,
+)
 from scaletrain.checkpoint.io import (
     CheckpointError,
     load_checkpoint,
@@ -24,10 +31,11 @@ from scaletrain.checkpoint.io import (
     write_checkpoint_dir,
 )
 from scaletrain.config.schema import ModelConfig
-from scaletrain.models.llama.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
+from scaletrain.models.llama.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json")
+                   "chat_template.jinja", "added_tokens.json", "chat_template.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)  # named chat templates (transformers ≥ 4.5x)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -41,6 +49,9 @@ def copy_tokenizer(src: str | Path, dst: Path) -> bool:
     dst.mkdir(parents=True, exist_ok=True)
     for f in found:
         shutil.copy2(f, dst / f.name)
+    for d in TOKENIZER_DIRS:
+        if (folder / d).is_dir():
+            shutil.copytree(folder / d, dst / d, dirs_exist_ok=True)
     return True
 
 
@@ -71,8 +82,8 @@ def _stored_dtype(path: Path) -> torch.dtype:
 
 
 def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, dtype: str,
-                 bos_id: int | None, eos_id: int | None, max_shard_bytes: int = 5 * 2**30,
-                 pad_id: int | None = None) -> None:
+                 ids: TokenIds, max_shard_bytes: int = 5 * 2**30,
+                 source: tuple[dict | None, dict | None] = (None, None)) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -97,10 +108,8 @@ def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], 
         total = sum(v.numel() * v.element_size() for v in tensors.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id, dtype=dtype,
-                                                             pad_id=pad_id), indent=2))
-    gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    (out / "config.json").write_text(json.dumps(export_config(cfg, ids, dtype, source[0]), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(export_generation_config(ids, source[1]), indent=2))
 
 
 @replaces_directory("out_dir", marker="config.json")  # an earlier export is replaced as a whole, atomically
@@ -116,39 +125,56 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     cfg, model = load_full_model(ckpt, _stored_dtype(ckpt))
     tensors = to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, cfg)
-    bos = eos = pad = None
+    ids = TokenIds()
     if copy_tokenizer(ckpt / "tokenizer", out):
-        tok = load_tokenizer(out)
-        bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
-        write_chat_template(ckpt, out)
-    write_hf_dir(out, cfg, tensors, dtype=dtype, bos_id=bos, eos_id=eos, max_shard_bytes=max_shard_bytes, pad_id=pad)
+        ids = token_ids(load_tokenizer(out), write_chat_template(ckpt, out))
+    write_hf_dir(out, cfg, tensors, dtype=dtype, ids=ids, max_shard_bytes=max_shard_bytes,
+                 source=source_configs(ckpt, read_trainer_state(ckpt)))
     return out
 
 
-def write_chat_template(ckpt: Path, out: Path) -> None:
-    """A fine-tuned run's chat template into the export's tokenizer_config.json (where the tokenizer
-    had none, or the run chose another), so transformers' apply_chat_template renders prompts as the
-    model was trained. Read from the run's config.toml next to checkpoints/."""
+def token_ids(tok, renderer) -> TokenIds:
+    """The tokenizer's special ids, and the end-of-turn marker of the chat template the export carries (the
+    run's `renderer`, else the tokenizer's own) where it is one token other than eos: generation stops there too."""
+    import jinja2
+
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.chat_templates import find_templates
+
+    end = None
+    if renderer is not None or find_templates(Path(tok.path).parent) is not None:
+        try:
+            marker = (renderer or ChatRenderer(tok, "auto")).end_of_turn()
+        except (ValueError, TypeError, jinja2.TemplateError):  # a template that cannot render the probe
+            marker = None
+        marker_ids = tok.encode(marker) if marker else []
+        end = marker_ids[0] if len(marker_ids) == 1 and marker_ids[0] != tok.eos_id else None
+    return TokenIds(tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id, end)
+
+
+def write_chat_template(ckpt: Path, out: Path):
+    """A fine-tuned run's chat template — the one it trained with, chosen from the run's config.toml next to
+    checkpoints/ exactly as the run chose it — as the export's only template (posttrain/chat_templates.py
+    `write_single_template`), so transformers' apply_chat_template renders prompts as the model was trained.
+    Returns the run's ChatRenderer (`origin` says where the template came from); None for a checkpoint that is
+    not a chat run's, whose tokenizer files are kept as they are."""
     from scaletrain.config.load import load_config
     from scaletrain.config.validate import uses_pretraining_data
-    from scaletrain.posttrain.chat import BUNDLED, CHATML
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.chat_templates import write_single_template
+    from scaletrain.posttrain.tools import bundled_tools
 
-    run_config, tok_config = ckpt.parent.parent / "config.toml", out / "tokenizer_config.json"
-    if not run_config.is_file() or not tok_config.is_file():
-        return
+    run_config = ckpt.parent.parent / "config.toml"
+    if not run_config.is_file():
+        return None
     run = load_config(run_config)
-    pt = run.posttrain
     if uses_pretraining_data(run):  # trained on documents: no chat format to record
-        return
-    current = json.loads(tok_config.read_text())
-    if pt.chat_template == "auto":
-        if isinstance(current.get("chat_template"), str):
-            return  # trained with the tokenizer's own template, already there
-        source = CHATML
-    else:
-        source = BUNDLED.get(pt.chat_template, pt.chat_template)
-    current["chat_template"] = source
-    tok_config.write_text(json.dumps(current, indent=2, ensure_ascii=False))
+        return None
+    pt = run.posttrain
+    renderer = ChatRenderer(load_tokenizer(out), pt.chat_template, tools=bundled_tools(pt.tools))
+    write_single_template(out, renderer.source)
+    return renderer
 
 
 def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -179,7 +205,9 @@ def import_from_hf(hf_dir: str | Path, out_checkpoint: str | Path, dtype: str = 
     init_parameters(model, 0)  # every tensor is overwritten just below; strict load checks that
     model.load_state_dict({k: v.to(_DTYPES[dtype]) for k, v in sd.items()}, strict=True)
     out = Path(out_checkpoint)
-    state = {"step": 0, "consumed_samples": 0, "model_config": dataclasses.asdict(cfg), "source": str(hf_dir)}
+    source, generation = read_source(Path(hf_dir))  # what the export gives back (checkpoint/hf_config.py)
+    state = {"step": 0, "consumed_samples": 0, "model_config": dataclasses.asdict(cfg), "source": str(hf_dir),
+             "hf_config": source, "hf_generation_config": generation}
     write_checkpoint_dir(out, model, None, state, tokenizer=hf_dir)
     return out
 

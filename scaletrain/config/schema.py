@@ -19,9 +19,11 @@ class ModelConfig:
     hf_architecture: str = ""
     """Hugging Face class to export as ('': LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
     vocab_size: int = 0
-    """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`."""
+    """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`, derived at the run's first
+    start, recorded in its checkpoints and config.toml, and kept on every resume whatever the layout."""
     vocab_multiple: int = 128
-    """With vocab_size = 0, pad the tokenizer's size to a multiple of this (times tp)."""
+    """With vocab_size = 0, pad the tokenizer's size to a multiple of this (not times tp: the size must not depend
+    on the layout; every tp that divides the result can load the run)."""
     hidden_size: int = 128
     """Width of the residual stream."""
     num_layers: int = 4
@@ -260,7 +262,8 @@ class PostTrainConfig:
     valid_data: tuple[str, ...] = ()
     """Held-out rows of the same kind, for validation (optional)."""
     chat_template: str = "auto"
-    """'auto' (the tokenizer's chat template, else ChatML), 'chatml', 'llama3', or a Jinja string."""
+    """'auto' (the tokenizer's chat template wherever HF keeps it, chosen as transformers does; else ChatML),
+    'chatml', 'llama3', one of the tokenizer's named templates (e.g. 'tool_use'), or a Jinja string."""
     tools: tuple[str, ...] = ()
     """Bundled tools (e.g. ["calculator"]) listed to the model in every conversation through the chat template's `tools`."""
     loss_on: str = "assistant"

@@ -29,19 +29,34 @@ KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 
 
-def padded_vocab_size(tokenizer_vocab: int, multiple: int, tp: int) -> int:
-    """Megatron's rule: pad the vocabulary so every tp shard has a multiple of `multiple` rows."""
-    step = multiple * tp
-    return int(math.ceil(tokenizer_vocab / step) * step)
+def padded_vocab_size(tokenizer_vocab: int, multiple: int) -> int:
+    """The derived vocabulary: the tokenizer's size rounded up to a multiple of `multiple`, whatever the layout.
+
+    Megatron pads to make-vocab-size-divisible-by × tp, so the embedding's shape — and a seeded model —
+    depends on tp, and a checkpoint saved at tp2 does not load at tp1. Here the shape is a property of the
+    model: the default multiple, 128, divides over every tp up to 128 that is a power of two (each shard
+    then holds 128/tp·k rows: a multiple of 16 at tp8, enough for tensor-core tiles), and a tp that does
+    not divide the size is refused up front (`resolve_model`, `validate`)."""
+    return int(math.ceil(tokenizer_vocab / multiple) * multiple)
 
 
 def resolve_model(model: ModelConfig, *, tokenizer_vocab: int | None, tp: int, seq_length: int) -> ModelConfig:
-    """Replace every 0 ('derive') field of the model section by its derived value."""
+    """Replace every 0 ('derive') field of the model section by its derived value. The derived vocabulary
+    does not depend on tp (`padded_vocab_size`); a tp that does not divide it is refused here, with the fix."""
     changes: dict[str, Any] = {}
     if model.vocab_size == 0:
         if tokenizer_vocab is None:
             raise ConfigError("model.vocab_size = 0 derives the size from the tokenizer; set data.tokenizer.")
-        changes["vocab_size"] = padded_vocab_size(tokenizer_vocab, model.vocab_multiple, tp)
+        if model.vocab_multiple < 1:
+            raise ConfigError(f"model.vocab_multiple = {model.vocab_multiple} must be at least 1.")
+        changes["vocab_size"] = padded_vocab_size(tokenizer_vocab, model.vocab_multiple)
+        if changes["vocab_size"] % tp:
+            raise ConfigError(
+                f"model.vocab_size = 0 derives {changes['vocab_size']} rows (the tokenizer's {tokenizer_vocab} "
+                f"tokens rounded up to model.vocab_multiple = {model.vocab_multiple}), which do not split over "
+                f"parallel.tp = {tp}; choose a tp that divides {changes['vocab_size']}, or start the run with "
+                f"model.vocab_multiple a multiple of {tp} (e.g. {math.lcm(model.vocab_multiple, tp)}) — the size "
+                "is kept for every later layout.")
     if model.num_kv_heads == 0:
         changes["num_kv_heads"] = model.num_heads
     if model.head_dim == 0 and model.num_heads > 0:
@@ -165,8 +180,9 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     if m.ffn_hidden_size % p.tp:
         errors.append(f"model.ffn_hidden_size = {m.ffn_hidden_size} is not divisible by parallel.tp = {p.tp}.")
     if m.vocab_size % p.tp:
-        errors.append(f"model.vocab_size = {m.vocab_size} is not divisible by parallel.tp = {p.tp}; "
-                      "set model.vocab_size = 0 to pad it automatically.")
+        errors.append(f"model.vocab_size = {m.vocab_size} is not divisible by parallel.tp = {p.tp} (each tp rank "
+                      "holds an equal share of the vocabulary); choose a tp that divides it, or for a new run "
+                      "set model.vocab_size = 0 to pad the tokenizer's size to model.vocab_multiple.")
     if m.head_dim % 2:
         errors.append(f"head_dim = {m.head_dim} must be even for RoPE.")
     if m.num_layers % (p.pp * p.vpp):

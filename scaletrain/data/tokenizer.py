@@ -27,9 +27,30 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int
     pad_id: int | None
+    unk_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token spelled exactly `token` (None: the vocabulary has no such token)."""
+        raise NotImplementedError
+
+    def encode_with_specials(self, text: str, specials: Iterable[str]) -> list[int]:
+        """Ids of `text` in which each of `specials` (tokens of the vocabulary) stands for its own id, as
+        transformers encodes a rendered chat: the text between them is encoded piece by piece."""
+        import re
+
+        tokens = sorted({t for t in specials if t}, key=len, reverse=True)
+        if not tokens:
+            return self.encode(text)
+        ids: list[int] = []
+        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, tokens)) + ")", text)):
+            if i % 2:
+                ids.append(self.token_id(piece))  # type: ignore[arg-type]
+            elif piece:
+                ids += self.encode(piece)
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -54,9 +75,14 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{path}: the SentencePiece model has no end-of-sequence token (eos_id < 0).")
         self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+        self.unk_id = self.sp.unk_id() if self.sp.unk_id() >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def token_id(self, token: str) -> int | None:
+        tid = self.sp.piece_to_id(token)
+        return tid if self.sp.id_to_piece(tid) == token else None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
@@ -78,6 +104,7 @@ class HFTokenizer(Tokenizer):
         self.eos_id = self._find(named.get("eos_token"), _EOS_CANDIDATES, path, required=True)  # type: ignore[assignment]
         self.bos_id = self._find(named.get("bos_token"), _BOS_CANDIDATES, path, required=False)
         self.pad_id = self._find(named.get("pad_token"), (), path, required=False)
+        self.unk_id = self._find(named.get("unk_token"), (), path, required=False)
 
     @staticmethod
     def _configured_specials(folder: Path) -> dict[str, str]:
@@ -86,7 +113,7 @@ class HFTokenizer(Tokenizer):
             return {}
         data = json.loads(cfg.read_text())
         out = {}
-        for key in ("eos_token", "bos_token", "pad_token"):
+        for key in ("eos_token", "bos_token", "pad_token", "unk_token"):
             value = data.get(key)
             if isinstance(value, dict):
                 value = value.get("content")
@@ -106,6 +133,12 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def encode_with_specials(self, text: str, specials: Iterable[str]) -> list[int]:
+        return self.encode(text)  # the tokenizer splits out its added (special) tokens itself
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]

@@ -51,7 +51,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refusal-patterns", default=None,
                    help="refusal tasks: a file of regular expressions (one per line, case-insensitive) that mark a "
                         "completion as a refusal (default: evaluation/tasks.py's REFUSAL_PATTERNS)")
-    p.add_argument("--samples", default=None, help="append every generated completion (answer, refusal) here as jsonl")
+    p.add_argument("--samples", default=None,
+                   help="append one jsonl row per question (choice: every choice's log-likelihood, the picked and "
+                        "gold index), document (perplexity: log-likelihood sum and token count) or completion "
+                        "(answer, refusal) here, token ids beside the text")
     p.add_argument("--output", default=None, help="write the results as JSON here (rank 0)")
 
 
@@ -111,6 +114,10 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
         if dims.is_main:
             print(f"scaletrain eval: {line}; layout tp{dims.tp}·pp{dims.pp}·cp{dims.cp}·dp{dims.dp}; precision {precision.name}; "
                   f"rows of up to {cfg.train.seq_length} tokens", flush=True)
+            if args.chat or any(t.kind in ("answer", "refusal", "preference") for t in tasks):
+                from scaletrain.posttrain.chat import ChatRenderer
+
+                print(f"chat template: {ChatRenderer(tokenizer, args.template or template).origin}", flush=True)
         out: dict[str, Any] = {}
         for task in tasks:
             t0 = time.perf_counter()
@@ -125,34 +132,40 @@ def _evaluate(cfg, args: argparse.Namespace, tasks, tokenizer, template: str) ->
 
 
 def _run_task(task, model, dims, cfg, args, tokenizer, template, precision, device) -> dict[str, Any]:
+    from scaletrain.evaluation import samples as S
     from scaletrain.evaluation import tasks as T
-    from scaletrain.posttrain.likelihood import continuation_logprobs
+    from scaletrain.posttrain.likelihood import continuation_logprobs, continuation_token_logprobs
 
     seq = cfg.train.seq_length
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     width = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     common = dict(micro_batch=args.batch_size, precision=precision, device=device, pad_id=pad, width_multiple=width)
+    samples = args.samples if dims.is_main else None  # rank 0 appends every task's rows (evaluation/samples.py)
     if task.kind == "perplexity":
         rows, n_bytes = T.perplexity_rows(task, tokenizer, seq)
-        logps, counts = continuation_logprobs(model, dims, rows, **common)
-        return T.perplexity_metrics(logps, counts, n_bytes)
+        documents = T.perplexity_documents(task, tokenizer)
+        sums, counts = T.document_logprobs(documents, seq, continuation_token_logprobs(model, dims, rows, **common))
+        if samples:
+            S.append_samples(samples, S.perplexity_samples(task, documents, sums, counts))
+        return T.perplexity_metrics(sums, counts, n_bytes)
     if task.kind == "choice":
         renderer = None
         if getattr(args, "chat", False):
             from scaletrain.posttrain.chat import ChatRenderer
 
             renderer = ChatRenderer(tokenizer, args.template or template)
-        logps, _ = continuation_logprobs(model, dims, T.choice_rows(task, tokenizer, seq, renderer), **common)
+        rows = T.choice_rows(task, tokenizer, seq, renderer)
+        logps, _ = continuation_logprobs(model, dims, rows, **common)
+        if samples:
+            S.append_samples(samples, S.choice_samples(task, rows, logps, tokenizer))
         return T.choice_metrics(task, logps)
     if task.kind == "preference":
         return _preference_task(task, model, dims, tokenizer, args.template or template, seq, common,
                                 reward_model=bool(cfg.model.num_labels))
     generations = _generate(task, model, dims, tokenizer, args.template or template, args, precision, device, width)
-    if dims.is_main and args.samples:
-        with open(args.samples, "a") as f:
-            for row, (text, n, truncated) in zip(task.rows, generations):
-                f.write(json.dumps({"task": task.name, "row": {k: v for k, v in row.items() if not k.startswith("_")},
-                                    "completion": text, "tokens": n, "truncated": truncated}) + "\n")
+    if samples:
+        texts = _prompt_texts(task, tokenizer, args.template or template)
+        S.append_samples(samples, S.generation_samples(task, texts, generations))
     if task.kind == "refusal":
         return T.refusal_metrics(task, [g[0] for g in generations], args.refusal_patterns)
     return _answer_task(task, generations)
@@ -177,9 +190,20 @@ def _answer_prompts(task, tokenizer, template: str, seq: int, max_new_tokens: in
     return prompts
 
 
-def _generate(task, model, dims, tokenizer, template, args, precision, device, width) -> list[tuple[str, int, bool]]:
-    """(text, completion tokens, truncated) of a greedy completion per prompt of a generation task, on
-    every rank (the prompts split over dp replicas, the completions gathered)."""
+def _prompt_texts(task, tokenizer, template: str) -> list[str]:
+    """The rendered text of each prompt of a generation task (the ids are task.prompts)."""
+    from scaletrain.posttrain.chat import ChatRenderer
+    from scaletrain.posttrain.grpo_data import prompt_messages
+
+    renderer = ChatRenderer(tokenizer, template)
+    return [renderer.text(row.get("_shot_messages", []) + prompt_messages(row), add_generation_prompt=True)
+            for row in task.rows]
+
+
+def _generate(task, model, dims, tokenizer, template, args, precision, device,
+              width) -> list[tuple[str, int, bool, list[int]]]:
+    """(text, completion tokens, truncated, completion ids) of a greedy completion per prompt of a generation
+    task, on every rank (the prompts split over dp replicas, the completions gathered)."""
     from scaletrain.posttrain.chat import ChatRenderer
     from scaletrain.posttrain.rollout import completion_text, sample_share, stop_ids_for
 
@@ -190,7 +214,7 @@ def _generate(task, model, dims, tokenizer, template, args, precision, device, w
         max_new_tokens=args.max_new_tokens, temperature=0.0, stop_ids=stop_ids, stop_text=marker,
         decode=tokenizer.decode, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
         vocab_limit=tokenizer.vocab_size, precision=precision, device=device, width_multiple=width)
-    return [(completion_text(c, tokenizer.decode, stop_ids, marker), len(c), not s)
+    return [(completion_text(c, tokenizer.decode, stop_ids, marker), len(c), not s, c)
             for c, s in zip(completions, stopped)]
 
 
@@ -199,7 +223,7 @@ def _answer_task(task, generations) -> dict[str, Any]:
     from scaletrain.posttrain.rewards import math_answer
 
     n = len(generations)
-    right = sum(math_answer(text, row) for (text, _, _), row in zip(generations, task.rows))
+    right = sum(math_answer(g[0], row) for g, row in zip(generations, task.rows))
     return {"accuracy": right / n, "completion_tokens": sum(g[1] for g in generations) / n,
             "truncated": sum(g[2] for g in generations) / n, "questions": n}
 
@@ -223,7 +247,8 @@ def _preference_task(task, model, dims, tokenizer, template: str, seq: int, comm
             start = max(i for i, t in enumerate(target) if t)  # the final response's first target token
             while start > 0 and target[start - 1]:
                 start -= 1
-            rows.append((ids + [tokenizer.eos_id], start))
+            # eos after the response, as training closes it (a reward model always: its score is read before it)
+            rows.append((ids + [tokenizer.eos_id] if reward_model else renderer.close(ids, target)[0], start))
     if reward_model:
         scores = scores_at(model, dims, [(ids[:-1], len(ids) - 2) for ids, _ in rows], **common)
         return T.preference_metrics(scores[0::2], scores[1::2])

@@ -154,15 +154,31 @@ def gold_of(row: dict) -> int:
     return int(next(row[k] for k in ANSWER_KEYS if row.get(k) is not None))
 
 
+def perplexity_documents(task: Task, tokenizer) -> list[list[int]]:
+    """Each document's token ids, its end-of-document token included."""
+    return [tokenizer.encode(row["text"]) + [tokenizer.eos_id] for row in task.rows]
+
+
 def perplexity_rows(task: Task, tokenizer, seq_length: int) -> tuple[list[tuple[list[int], int]], int]:
-    """(windows as (ids, 1) rows, the documents' UTF-8 bytes)."""
-    stream: list[int] = []
-    n_bytes = 0
-    for row in task.rows:
-        stream += tokenizer.encode(row["text"]) + [tokenizer.eos_id]
-        n_bytes += len(row["text"].encode("utf-8"))
-    rows = [(stream[s:s + seq_length + 1], 1) for s in range(0, len(stream) - 1, seq_length)]
-    return [r for r in rows if len(r[0]) >= 2], n_bytes
+    """(windows as (ids, 1) rows — window k starts at stream position k·seq_length —, the documents' UTF-8 bytes)."""
+    stream = [t for doc in perplexity_documents(task, tokenizer) for t in doc]
+    n_bytes = sum(len(row["text"].encode("utf-8")) for row in task.rows)
+    return [(stream[s:s + seq_length + 1], 1) for s in range(0, len(stream) - 1, seq_length)], n_bytes
+
+
+def document_logprobs(documents: list[list[int]], seq_length: int, token_logps) -> tuple[Any, Any]:
+    """([documents] float64 Σ log p of each document's scored tokens, [documents] int64 their count) from the
+    per-token log-probs of `perplexity_rows`' windows (window k scores stream positions k·seq_length + 1 …)."""
+    import torch
+
+    owner = torch.repeat_interleave(torch.arange(len(documents)), torch.tensor([len(d) for d in documents]))
+    sums = torch.zeros(len(documents), dtype=torch.float64)
+    counts = torch.zeros(len(documents), dtype=torch.long)
+    for k, values in enumerate(token_logps):
+        docs = owner[k * seq_length + 1:k * seq_length + 1 + len(values)]
+        sums.index_add_(0, docs, values.double())
+        counts.index_add_(0, docs, torch.ones_like(docs))
+    return sums, counts
 
 
 def perplexity_metrics(logps, counts, n_bytes: int) -> dict[str, Any]:

@@ -1,11 +1,17 @@
 """Chat rendering with loss masks: messages → token ids + 1 on the tokens the model should learn.
 
-A conversation is rendered with the tokenizer's own chat template (tokenizer_config.json
-`chat_template`, Jinja, as transformers renders it) or a bundled one (ChatML; Llama 3) when the
-tokenizer has none. Masks come from rendering prefixes: for each assistant turn, the text the
-template adds for the generation prompt (the assistant header) is context, and the rest of the turn
-(content, tool calls, end-of-turn marker) is target — so the model learns to stop. Segments are
-tokenised one by one and concatenated, the usual practice, so masks never straddle a token.
+A conversation is rendered with the tokenizer's own chat template — read from every place Hugging Face
+keeps one, in transformers' order of precedence, chosen and rendered as `apply_chat_template` does
+(posttrain/chat_templates.py) — or a bundled one (ChatML; Llama 3) when the tokenizer has none or the run
+names it. Masks come from rendering prefixes: for each assistant turn, the text the template adds for the
+generation prompt (the assistant header) is context, and the rest of the turn (content, tool calls,
+end-of-turn marker) is target — so the model learns to stop. Segments are tokenised one by one and
+concatenated, the usual practice, so masks never straddle a token; special tokens the template writes
+(`bos_token`, …) are encoded as their ids, as transformers encodes them.
+
+End of a training conversation (`close`): eos follows the rendered conversation, except where the
+template's end-of-turn marker is the eos token itself (ChatML models such as SmolLM2 and Qwen, whose eos is
+`<|im_end|>`) or the rendering already ends in eos (templates that write `eos_token`): no second eos.
 
 Rows that cannot be rendered are reported by reason, never silently repaired: unknown roles, no
 assistant turn, an empty assistant turn.
@@ -13,11 +19,17 @@ assistant turn, an empty assistant turn.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.posttrain.chat_templates import (
+    choose_template,
+    compile_template,
+    find_templates,
+    select,
+    template_variables,
+)
 from scaletrain.posttrain.tools import Tool, ToolCallError, normalise_call
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -54,45 +66,58 @@ class BadConversation(ValueError):
     """A row that cannot become a training example; the message is the reason counted in reports."""
 
 
-def tokenizer_chat_template(tokenizer: Tokenizer) -> str | None:
-    cfg = Path(tokenizer.path).parent / "tokenizer_config.json"
-    if cfg.is_file():
-        template = json.loads(cfg.read_text()).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
+def tokenizer_chat_template(tokenizer: Tokenizer, tools: bool = False) -> str | None:
+    """The tokenizer's own template as transformers would choose it (None: it has none)."""
+    found = find_templates(Path(tokenizer.path).parent)
+    return None if found is None else found.templates[select(found, tools)]
+
+
+def chat_template_origin(posttrain, tokenizer: Tokenizer) -> str:
+    """Which template a run with this [posttrain] section renders with, and where it came from (for the log)."""
+    from scaletrain.posttrain.tools import bundled_tools
+
+    return ChatRenderer(tokenizer, posttrain.chat_template, tools=bundled_tools(posttrain.tools)).origin
 
 
 class ChatRenderer:
-    """Renders conversations for one tokenizer. template: 'auto' (the tokenizer's, else ChatML),
-    'chatml', 'llama3', or a Jinja string; tools: listed to the model in every conversation."""
+    """Renders conversations for one tokenizer. template: 'auto' (the tokenizer's, else ChatML), 'chatml',
+    'llama3', a named template of the tokenizer ('tool_use'), or a Jinja string; tools: listed to the model
+    in every conversation (and, as in transformers, they pick the tokenizer's `tool_use` template). `origin`
+    says which template renders and where it came from (logged by the runs)."""
 
     def __init__(self, tokenizer: Tokenizer, template: str = "auto", loss_on: str = "assistant",
                  tools: Sequence[Tool] = ()) -> None:
-        import jinja2
-
         if loss_on not in ("assistant", "all"):
             raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
-        source = BUNDLED.get(template) or (
-            (tokenizer_chat_template(tokenizer) or CHATML) if template == "auto" else template)
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-
-        def raise_exception(message: str):
-            raise BadConversation(message)
-
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
+        folder = Path(tokenizer.path).parent
+        chosen = choose_template(template, folder, tools=bool(tools), bundled=BUNDLED)
+        self.source, self.origin = chosen.source, chosen.origin
+        self.template = compile_template(chosen.source)
         self.tokenizer, self.loss_on = tokenizer, loss_on
         self.tools = list(tools)
         self._schemas = [t.schema() for t in self.tools] or None
-        self.bos_token = ""
+        self.variables = template_variables(folder)  # bos_token, eos_token, … as transformers passes them
+        # Special tokens written by the template are encoded as their ids (tokenizer.json tokenizers do
+        # that themselves; a SentencePiece model would spell '<s>' out in characters).
+        self._specials = tuple(v for v in self.variables.values() if tokenizer.token_id(v) is not None)
         self._end: tuple[str | None] | None = None
 
     def text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=normalise_messages(messages), add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token="",
-                                    tools=self._schemas)
+        return self.template.render(**self.variables, messages=normalise_messages(messages), tools=self._schemas,
+                                    documents=None, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered text, special tokens as their ids (as `apply_chat_template` tokenises)."""
+        return self.tokenizer.encode_with_specials(text, self._specials)
+
+    def close(self, ids: list[int], target: list[int]) -> tuple[list[int], list[int]]:
+        """A rendered training conversation with its end of document: eos appended (a target where the
+        last token is), unless the template's end-of-turn marker is eos or the rendering ends in eos."""
+        eos = self.tokenizer.eos_id
+        marker = self.end_of_turn()
+        if (ids and ids[-1] == eos) or (marker is not None and self.encode(marker) == [eos]):
+            return ids, target
+        return ids + [eos], target + [target[-1]]
 
     def end_of_turn(self) -> str | None:
         """The marker the template closes an assistant turn with ('<|im_end|>', '<|eot_id|>'), which
@@ -108,7 +133,7 @@ class ChatRenderer:
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation ending in a generation prompt (for generation / evaluation)."""
-        return self.tokenizer.encode(self.text(messages, add_generation_prompt=True))
+        return self.encode(self.text(messages, add_generation_prompt=True))
 
     def render(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
         """(token ids, loss mask) of a whole conversation; raises BadConversation."""
@@ -122,14 +147,14 @@ class ChatRenderer:
                 if not with_header.startswith(done):
                     raise BadConversation("the chat template does not render prefixes consistently")
                 header = with_header[len(done):]
-                seg_ids = self.tokenizer.encode(header)
+                seg_ids = self.encode(header)
                 ids += seg_ids
                 mask += [1 if self.loss_on == "all" else 0] * len(seg_ids)
                 done = with_header
             full = self.text(messages[:k + 1])
             if not full.startswith(done):
                 raise BadConversation("the chat template does not render prefixes consistently")
-            seg_ids = self.tokenizer.encode(full[len(done):])
+            seg_ids = self.encode(full[len(done):])
             target = message["role"] == "assistant" or self.loss_on == "all"
             ids += seg_ids
             mask += [1 if target else 0] * len(seg_ids)

@@ -43,10 +43,12 @@ def read_pairs(files: tuple[str, ...] | list[str]) -> list[dict]:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Item i: {chosen,rejected}_{tokens,labels,mask} [seq_length] and `index` (for reference log-probs)."""
+    """Item i: {chosen,rejected}_{tokens,labels,mask} [seq_length] and `index` (for reference log-probs).
+    always_eos (reward models): eos follows every conversation, even after an eos end-of-turn marker — the
+    score is read at the last rendered token, before it, where transformers pools (the last non-pad token)."""
 
     def __init__(self, pairs: list[dict], renderer: ChatRenderer, tokenizer: Tokenizer, seq_length: int,
-                 index_offset: int = 0) -> None:
+                 index_offset: int = 0, always_eos: bool = False) -> None:
         self.report = DPOReport(rows=len(pairs))
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         self.items: list[dict[str, torch.Tensor]] = []
@@ -57,7 +59,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 item: dict[str, torch.Tensor] = {}
                 for side in SIDES:
                     ids, target = renderer.render(_messages(pair["prompt"], pair[side]))
-                    ids, target = ids + [tokenizer.eos_id], target + [target[-1]]
+                    ids, target = (ids + [tokenizer.eos_id], target + [target[-1]]) if always_eos else \
+                        renderer.close(ids, target)  # + eos, never twice (chat.py)
                     if len(ids) > seq_length + 1:
                         raise BadConversation("longer than train.seq_length")
                     n = len(ids)

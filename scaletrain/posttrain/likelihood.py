@@ -68,6 +68,28 @@ def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[lis
 
 
 @torch.no_grad()
+def continuation_token_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], *,
+                                micro_batch: int, precision, device: torch.device, pad_id: int,
+                                width_multiple: int = 1) -> list[torch.Tensor]:
+    """Per row, [len(ids) − start] float64: log p of each continuation token (what `continuation_logprobs`
+    sums), on every rank; collective like it. For per-document sums of windows that span documents."""
+    for ids, start in rows:
+        if not 1 <= start < len(ids):
+            raise ValueError(f"a row of {len(ids)} tokens cannot score from position {start}")
+    tp = dims.tp_comm if dims is not None else None
+    width = max(len(ids) - 1 for ids, _ in rows)
+
+    def read(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logp = -cross_entropy_per_token(output, batch["labels"], tp) * batch["loss_mask"]
+        logp = logp[:, :width]  # (rows padded for sequence parallelism are wider; the rest is masked)
+        return torch.nn.functional.pad(logp, (0, width - logp.shape[-1]))
+
+    values = _replica_pass(model, dims, rows, read, width, micro_batch=micro_batch, precision=precision,
+                           device=device, pad_id=pad_id, width_multiple=width_multiple)
+    return [values[r, start - 1:len(ids) - 1] for r, (ids, start) in enumerate(rows)]
+
+
+@torch.no_grad()
 def scores_at(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], *, micro_batch: int, precision,
               device: torch.device, pad_id: int, width_multiple: int = 1) -> torch.Tensor:
     """[n] float64: a score-head model's output (reward models: model.num_labels = 1) at position `at` of

@@ -128,15 +128,16 @@ def _copy_generator(gen: torch.Generator | None) -> torch.Generator | None:
 def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
                        generators: Sequence[torch.Generator] | None,
                        *, group_size: int, max_new_tokens: int, temperature: float,
-                       stop_ids: set[int], stop_text: str | None = None, decode=None, pad_id: int, vocab_limit: int,
-                       micro_batch: int, precision, device: torch.device,
+                       stop_ids: set[int], stop_text: str | Sequence[str] | None = None, decode=None, pad_id: int,
+                       vocab_limit: int, micro_batch: int, precision, device: torch.device,
                        width_multiple: int = 1, kv_cache: bool | None = None) -> tuple[list[list[int]], list[bool]]:
     """`group_size` sampled completions per prompt, in prompt order (prompt i's are rows i·G … i·G+G−1);
     temperature 0 (generators None) decodes greedily.
 
     A completion stops at a token in `stop_ids` (eos, a one-token end-of-turn marker) or once its
     decoded text contains `stop_text` (a marker the tokenizer splits into pieces, which need not
-    tokenise alone as in context); the stopping token is kept (the model learns to stop). Returns
+    tokenise alone as in context; or several strings, any of which stops); the stopping token is kept (the
+    model learns to stop). Returns
     (completion token ids, stopped: False where max_new_tokens ran out). Collective over tp and pp of
     this replica; identical on its ranks. width_multiple: rows are padded to a multiple of it (tp under
     sequence parallelism, which shards the sequence) where each token recomputes its prefix. kv_cache:
@@ -178,7 +179,7 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
 def _sample_replica(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
                     generators: Sequence[torch.Generator] | None,
                     *, group_size: int, max_new_tokens: int, temperature: float,
-                    stop_ids: set[int], stop_text: str | None, decode, pad_id: int, vocab_limit: int,
+                    stop_ids: set[int], stop_text: str | Sequence[str] | None, decode, pad_id: int, vocab_limit: int,
                     micro_batch: int, precision, device: torch.device,
                     width_multiple: int, kv_cache: bool | None) -> tuple[list[list[int]], list[bool]]:
     """`sample_completions` on this replica's tp and pp ranks, with no cp split."""
@@ -221,12 +222,19 @@ def _sample_replica(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
                 if stopped[i]:
                     continue
                 new[i].append(t)
-                stopped[i] = t in stop_ids or (stop_text is not None and stop_text in decode(new[i]))
+                stopped[i] = t in stop_ids or _has_stop_text(decode, new[i], stop_text)
             if all(stopped):
                 break
     finally:
         model.train(was_training)
     return new, stopped
+
+
+def _has_stop_text(decode, completion: list[int], stop_text: str | Sequence[str] | None) -> bool:
+    if not stop_text:
+        return False
+    text = decode(completion)
+    return stop_text in text if isinstance(stop_text, str) else any(s in text for s in stop_text)
 
 
 def completion_text(completion: list[int], decode, stop_ids: set[int], stop_text: str | None) -> str:

@@ -69,7 +69,7 @@ class SFTDataset(torch.utils.data.Dataset):
             except BadConversation as e:
                 self.report.dropped[str(e)] += 1
                 continue
-            ids, target = ids + [tokenizer.eos_id], target + [target[-1]]  # end of document
+            ids, target = renderer.close(ids, target)  # end of document (eos, never twice: chat.py)
             if len(ids) > seq_length + 1:
                 if over_length == "drop":
                     self.report.dropped["longer than train.seq_length"] += 1

@@ -87,15 +87,16 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         ffn_hidden_size=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope["theta"], max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM",
-        num_labels=num_labels, **kw,
+        num_labels=num_labels, init_std=float(hf.get("initializer_range", 0.02)), **kw,
     )
 
 
 def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dtype: str,
-                 pad_id: int | None = None) -> dict[str, Any]:
-    """config.json for transformers: top-level rope_theta (read by 4.x) and rope_parameters (5.x).
-    A reward model (num_labels > 0) exports as *ForSequenceClassification, which scores the last
-    token that is not `pad_token_id` (pad_id, else eos)."""
+                 pad_id: int | None = None, unk_id: int | None = None) -> dict[str, Any]:
+    """config.json for transformers: every field its Llama/Qwen2/Mistral config defines (those scaletrain does
+    not model at transformers' defaults), top-level rope_theta (read by 4.x) and rope_parameters (5.x), and
+    the tokenizer's special ids. A reward model (num_labels > 0) exports as *ForSequenceClassification,
+    which scores the last token that is not `pad_token_id` (pad_id, else eos)."""
     arch = causal_architecture(cfg.hf_architecture) or ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
     if cfg.qkv_bias and arch != "Qwen2ForCausalLM":
         raise UnsupportedModelError("a model with qkv bias exports as Qwen2ForCausalLM only.")
@@ -116,12 +117,19 @@ def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dt
         "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_position_embeddings,
         "rope_theta": cfg.rope_theta, "rope_scaling": legacy_scaling, "rope_parameters": rope_params,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "torch_dtype": dtype, "dtype": dtype,
+        "use_cache": True,
     }
+    if unk_id is not None:  # not a field of these configs; transformers keeps it (SmolLM2's config has it)
+        out["unk_token_id"] = unk_id
     if arch == "LlamaForCausalLM":
-        out.update(attention_bias=False, mlp_bias=False)
-    if arch in ("MistralForCausalLM", "Qwen2ForCausalLM"):
+        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    if arch == "Qwen2ForCausalLM":
         out.update(sliding_window=None, use_sliding_window=False)
+        if cfg.head_dim == cfg.hidden_size // cfg.num_heads:  # Qwen2Config has no head_dim: only when it differs
+            del out["head_dim"]
+    if arch == "MistralForCausalLM":
+        out.update(sliding_window=None)
     if cfg.num_labels:
         out.update(architectures=[classifier_architecture(arch)], num_labels=cfg.num_labels,
                    id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
