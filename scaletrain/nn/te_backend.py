@@ -20,7 +20,7 @@ Sequence parallelism: TE gathers and scatters along the first dimension ([s, b, 
 are [b, s, h], so under SP the TE linears transpose around the call (a copy each way).
 
 FP8: `fp8_context(cfg, group)` returns the one autocast the model's forward enters (forward only, as
-TE requires): recipe current (Float8CurrentScaling, TE ≥ 2.2), delayed (DelayedScaling) or blockwise
+TE requires; training forwards only — decoding, evaluation and other no_grad passes stay in bf16): recipe current (Float8CurrentScaling, TE ≥ 2.2), delayed (DelayedScaling) or blockwise
 (Float8BlockScaling, TE ≥ 2.3 on sm90+), amax reduced over the tp×dp group of the pipeline stage.
 `fp8_disabled()` keeps chosen blocks in bf16 (precision.fp8_bf16_layers).
 """
