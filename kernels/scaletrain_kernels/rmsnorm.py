@@ -12,6 +12,8 @@ values spread over 16 warps instead of spilling registers with the default 4. Of
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -31,12 +33,17 @@ _MIN_ROWS_PER_PROGRAM = 4
 _PROGRAMS_PER_SM = 4
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def launch_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK, num_warps, backward programs) for rows of n_cols elements."""
     block = triton.next_power_of_2(n_cols)
     num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     if device.type == "cuda":
-        slots = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        slots = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:  # Triton's interpreter (tests): a few programs, so that partials are still summed
         slots = 4
     programs = max(1, min(slots, triton.cdiv(n_rows, _MIN_ROWS_PER_PROGRAM)))

@@ -177,7 +177,7 @@ class Comm:
         for op in ops:
             if op.kind == "send":
                 self.stats.add("send", op.tensor)
-        return P2PWork(list(self.p2p_transport.post(self, ops)), ops, self)
+        return P2PWork(list(self.p2p_transport.post(self, ops)), ops, self._named)
 
     def warm_up_p2p(self, device: torch.device) -> None:
         """Once per group, before its first batch_p2p: a tiny all-reduce, so that every member creates

@@ -14,6 +14,8 @@ buffers sends and honours tags, cannot hide an ordering that would deadlock unde
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -56,13 +58,14 @@ class P2PWork:
     """The handle of one posted batch: `wait` returns once every op of it has completed (idempotent).
     Keep the batch's tensors alive until then."""
 
-    def __init__(self, works: list, ops: list[P2POp], comm: Comm) -> None:
-        self._works, self.ops, self._comm, self._done = works, ops, comm, False
+    def __init__(self, works: list, ops: list[P2POp], named: Callable[[str], AbstractContextManager]) -> None:
+        # named: the Comm's failure wrapper (names the group and its ranks in the error)
+        self._works, self.ops, self._named, self._done = works, ops, named, False
 
     def wait(self) -> None:
         if self._done:
             return
-        with self._comm._named("batch_p2p"):
+        with self._named("batch_p2p"):
             for w in self._works:
                 w.wait()
         self._done = True
