@@ -196,6 +196,21 @@ def test_plan_properties(pp, vpp, m):
                 if direction == BWD and stage > 0:
                     produced.append(Message(BWD, stage - 1, mb))
             assert sent == produced
+            # Receives are posted ahead of need by the lockstep's margin only: the receive buffers alive
+            # at once stay few, also on a rank that only receives (the last stage, forward-only).
+            posted = live = peak = 0
+            actions = schedule_order(pp, vpp, rank, m, forward_only)
+            for i in range(len(actions) + 1):
+                while posted < len(mine) and mine[posted].after <= i:
+                    live += len(mine[posted].recvs)
+                    posted += 1
+                peak = max(peak, live)
+                if i < len(actions):
+                    direction, chunk, _mb = actions[i]
+                    stage = chunk * pp + rank
+                    live -= (direction == FWD and stage > 0) or (direction == BWD and stage < pp * vpp - 1)
+            assert posted == len(mine) and live == 0
+            assert peak <= 2 * vpp, (rank, forward_only, peak)
 
 
 def _train_pp(rank, world, *args):

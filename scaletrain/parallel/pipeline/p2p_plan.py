@@ -14,13 +14,17 @@ round's sends and receives sorted by message, so both ends of a pair list the pa
 same order. No deadlock follows by induction over rounds: the sends of round t depend only on data of
 rounds < t, so once those completed every rank can post round t, and round t's batches match.
 
-A round whose sends are all computed is posted at once — receives included, so the data of later
-actions arrives while this rank computes (the overlap the tag-matched isend/irecv had); a rank waits
-on a batch only when an action needs the data it receives.
+A rank posts round t as soon as it has run its actions of ticks ≤ t — the one that computed the
+round's sends, if any, is the last of them — so receives are posted ahead of need by the lockstep's
+margin only (the receive buffers alive at once stay those of a lockstep run, also where a rank only
+receives, as the last stage does in forward-only passes), and their data arrives while this rank
+computes (the overlap the tag-matched isend/irecv had). A rank waits on a batch only when an action
+needs the data it receives.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -40,10 +44,11 @@ class Message:
 @dataclass(frozen=True)
 class Round:
     """This rank's part of one round: messages sent (with the receiving pipeline rank) and received
-    (with the sending one), each in message order."""
+    (with the sending one), each in message order, and when to post it."""
 
     sends: tuple[tuple[Message, int], ...]
     recvs: tuple[tuple[Message, int], ...]
+    after: int  # post once this many of the rank's actions ran (those of ticks ≤ the round's)
 
 
 def input_message(direction: int, stage: int, mb: int, num_stages: int) -> Message | None:
@@ -61,26 +66,28 @@ def output_message(direction: int, stage: int, mb: int, num_stages: int) -> Mess
 
 
 @lru_cache(maxsize=64)
-def plan_rounds(pp: int, vpp: int, num_microbatches: int, forward_only: bool) -> tuple[tuple[Message, ...], ...]:
-    """Every message of one step, by round (the lockstep simulation above); each round sorted."""
+def _simulate(pp: int, vpp: int, num_microbatches: int, forward_only: bool
+              ) -> tuple[tuple[tuple[Message, ...], ...], tuple[tuple[int, ...], ...]]:
+    """The lockstep simulation: every message of one step by round (each round sorted), and the tick
+    each rank's actions run at."""
     from scaletrain.parallel.pipeline.schedules import schedule_order
 
     num_stages = pp * vpp
     orders = [schedule_order(pp, vpp, q, num_microbatches, forward_only) for q in range(pp)]
-    ptr = [0] * pp
+    ticks: list[list[int]] = [[] for _ in range(pp)]
     arrived: dict[Message, int] = {}
     rounds: list[tuple[Message, ...]] = []
-    while any(ptr[q] < len(orders[q]) for q in range(pp)):
+    while any(len(ticks[q]) < len(orders[q]) for q in range(pp)):
         tick, produced, ran = len(rounds), [], False
         for q in range(pp):
-            if ptr[q] == len(orders[q]):
+            if len(ticks[q]) == len(orders[q]):
                 continue
-            direction, chunk, mb = orders[q][ptr[q]]
+            direction, chunk, mb = orders[q][len(ticks[q])]
             stage = chunk * pp + q
             need = input_message(direction, stage, mb, num_stages)
             if need is not None and arrived.get(need, tick) >= tick:
                 continue  # its input has not arrived yet
-            ptr[q] += 1
+            ticks[q].append(tick)
             ran = True
             out = output_message(direction, stage, mb, num_stages)
             if out is not None:
@@ -90,7 +97,12 @@ def plan_rounds(pp: int, vpp: int, num_microbatches: int, forward_only: bool) ->
         for msg in produced:
             arrived[msg] = tick
         rounds.append(tuple(sorted(produced)))
-    return tuple(rounds)
+    return tuple(rounds), tuple(tuple(t) for t in ticks)
+
+
+def plan_rounds(pp: int, vpp: int, num_microbatches: int, forward_only: bool) -> tuple[tuple[Message, ...], ...]:
+    """Every message of one step, by round (the lockstep simulation above); each round sorted."""
+    return _simulate(pp, vpp, num_microbatches, forward_only)[0]
 
 
 def sender(m: Message) -> int:
@@ -100,10 +112,11 @@ def sender(m: Message) -> int:
 
 def rank_rounds(pp: int, vpp: int, rank: int, num_microbatches: int, forward_only: bool) -> list[Round]:
     """The batches pipeline rank `rank` posts, in order (rounds it takes no part in left out)."""
+    rounds, ticks = _simulate(pp, vpp, num_microbatches, forward_only)
     out = []
-    for messages in plan_rounds(pp, vpp, num_microbatches, forward_only):
+    for t, messages in enumerate(rounds):
         sends = tuple((m, m.stage % pp) for m in messages if sender(m) % pp == rank)
         recvs = tuple((m, sender(m) % pp) for m in messages if m.stage % pp == rank)
         if sends or recvs:
-            out.append(Round(sends, recvs))
+            out.append(Round(sends, recvs, bisect_right(ticks[rank], t)))
     return out

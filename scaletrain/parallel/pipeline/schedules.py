@@ -77,7 +77,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
     outbox: dict[Message, torch.Tensor] = {}  # computed, waiting for their round's batch
     inbox: dict[Message, tuple[P2PWork, torch.Tensor]] = {}  # posted receives: batch, buffer
     posted: list[P2PWork] = []
-    next_round = 0
+    next_round = actions_run = 0
     total = torch.zeros((), dtype=torch.float64)
     summed: dict[str, torch.Tensor] = {}  # the objective's metric sums (last pipeline rank)
     wait_s, in_flight, peak = 0.0, 0, 0
@@ -96,9 +96,9 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
                             f"{err}. The peer process has most likely died or hung; its own log says why.")
 
     def post_ready() -> None:
-        """Post, in order, every round whose sends are all computed (its receives with them)."""
+        """Post, in order, every round due after the actions run so far (p2p_plan.Round.after)."""
         nonlocal next_round
-        while next_round < len(rounds) and all(m in outbox for m, _ in rounds[next_round].sends):
+        while next_round < len(rounds) and rounds[next_round].after <= actions_run:
             rnd = rounds[next_round]
             ops = [P2POp("send", outbox.pop(m), dst, tag(m)) for m, dst in rnd.sends]
             ops += [P2POp("recv", torch.empty(shapes[m.mb], dtype=dtype, device=device), src, tag(m))
@@ -126,8 +126,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         return buf
 
     def send(t: torch.Tensor, m: Message) -> None:
-        outbox[m] = t
-        post_ready()
+        outbox[m] = t  # posted with its round, right after this action
 
     def forward(chunk_id: int, mb: int) -> None:
         nonlocal total, in_flight, peak
@@ -172,9 +171,11 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
         comm.warm_up_p2p(device)
     except RuntimeError as e:
         raise failed("starting point-to-point traffic with", (r + 1) % pp, e) from e
-    post_ready()  # rounds that only receive, before this rank's first send
+    post_ready()  # receives due before this rank's first action
     for direction, chunk_id, mb in schedule_order(pp, vpp, r, len(microbatches), forward_only):
         (forward if direction == FWD else backward)(chunk_id, mb)
+        actions_run += 1
+        post_ready()
     assert next_round == len(rounds) and not outbox and not inbox, "pipeline p2p plan and actions disagree"
     for work in posted:
         try:
