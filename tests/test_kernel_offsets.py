@@ -46,8 +46,25 @@ def programs_from(first: int):
         del builder.create_get_program_id
 
 
+@pytest.fixture(autouse=True)
+def lazy_empty():
+    """torch.empty must not touch its pages: deterministic mode (which an in-process `scaletrain train
+    --set train.deterministic=true` leaves on) fills new memory with NaN — gigabytes here."""
+    import torch.utils.deterministic as deterministic
+
+    algorithms, fill = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(False)
+    deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(algorithms)
+        deterministic.fill_uninitialized_memory = fill
+
+
 def reserved(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat tensor of `numel` elements preceded by PAD elements, in untouched virtual memory."""
+    assert not torch.are_deterministic_algorithms_enabled()  # (lazy_empty) or every page gets written
     try:
         storage = torch.empty(PAD + numel, dtype=dtype)
     except RuntimeError as e:  # a machine that refuses to overcommit
