@@ -7,7 +7,8 @@ Idle time is what a rank spends blocked in receives during one step's schedule (
 excluded); the bubble fraction is idle / schedule time, reported for the worst rank next to the
 theory (pp − 1) / (vpp·m + pp − 1). "in flight" is the most microbatches (per chunk) whose
 activations stage 0 held at once, next to the schedule's bound (1F1B: pp; interleaved: its warm-up
-+ 1) — activation memory is that count times one microbatch's activations.
++ 1) — activation memory is that count times one microbatch's activations. "step" is the median
+wall time of one step's schedule on the slowest rank (torch.distributed's p2p, gloo).
 Keep one core per rank (pp ≤ cores) for a meaningful bubble: oversubscribed ranks wait for a CPU,
 not for each other.
 """
@@ -52,7 +53,7 @@ def _measure(rank: int, world: int, cfg: ModelConfig, vpp: int, m: int, b: int, 
         t = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g)
         mbs.append({"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(b, s)})
     objective = LanguageModelingObjective()
-    fracs, peaks = [], []
+    fracs, peaks, times = [], [], []
     for i in range(steps + 1):  # the first step warms up allocator and threads
         dims.comm("world").barrier()
         stats: dict = {}
@@ -64,7 +65,8 @@ def _measure(rank: int, world: int, cfg: ModelConfig, vpp: int, m: int, b: int, 
         if i:
             fracs.append(stats["wait_s"] / elapsed)
             peaks.append(stats["peak_in_flight"])
-    return {"bubble": statistics.median(fracs), "peak": max(peaks)}
+            times.append(elapsed)
+    return {"bubble": statistics.median(fracs), "peak": max(peaks), "step_s": statistics.median(times)}
 
 
 def main() -> int:
@@ -87,23 +89,25 @@ def main() -> int:
     rows = []
     for vpp in (1, 2):
         for m in (pp, 2 * pp, 4 * pp, 8 * pp):
-            res = run_ranks(pp, _measure, cfg, vpp, m, args.micro_batch, args.seq, args.steps, timeout=600)
+            res = run_ranks(pp, _measure, cfg, vpp, m, args.micro_batch, args.seq, args.steps, timeout=600,
+                            p2p="gloo")  # the transport runs use, not the tests' NCCL-like one
             theory = (pp - 1) / (vpp * m + pp - 1)
             bound = pp if vpp == 1 else min((pp - 1) * 2 + (vpp - 1) * pp + 1, m * vpp)
             rows.append((vpp, m, max(r["bubble"] for r in res), statistics.mean(r["bubble"] for r in res), theory,
-                         res[0]["peak"], bound))
+                         res[0]["peak"], bound, max(r["step_s"] for r in res)))
     load1 = os.getloadavg()[0]
     print(f"\n# pipeline bubble — pp={pp}, {args.layers} layers, h={args.hidden}, vocab={args.vocab}, b={args.micro_batch}, "
           f"s={args.seq}, fp32, {os.cpu_count()} CPUs, 1 thread per rank; load average {load0:.2f} → {load1:.2f}\n")
     print("| schedule | microbatches m | measured bubble, worst rank | mean over ranks | theory (pp-1)/(vpp·m+pp-1) |"
-          " worst − theory | stage-0 peak in flight | bound |")
-    print("|---|---|---|---|---|---|---|---|")
+          " worst − theory | stage-0 peak in flight | bound | step (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ok = True
-    for vpp, m, measured, mean, theory, peak, bound in rows:
+    for vpp, m, measured, mean, theory, peak, bound, step_s in rows:
         diff = measured - theory
         ok &= abs(diff) <= 0.05 and peak <= bound
         name = "1F1B" if vpp == 1 else f"interleaved vpp={vpp}"
-        print(f"| {name} | {m} | {measured:.3f} | {mean:.3f} | {theory:.3f} | {diff:+.3f} | {peak} | {bound} |")
+        print(f"| {name} | {m} | {measured:.3f} | {mean:.3f} | {theory:.3f} | {diff:+.3f} | {peak} | {bound} "
+              f"| {step_s:.3f} |")
     print(f"\nwithin 0.05 of theory and within the in-flight bound everywhere: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 

@@ -5,6 +5,11 @@ sends back its result or its traceback. A rank that dies, or a run that passes i
 the test with every rank's report instead of hanging. TORCH_DISTRIBUTED_DEBUG=DETAIL makes gloo
 check that every rank calls the same collective with the same shapes (without it a mismatch can
 silently return garbage).
+
+Point-to-point traffic (`Comm.batch_p2p`, the pipeline schedules) runs by default through an
+NCCL-like rendezvous transport (rendezvous_p2p.py: a send completes only once its receive is posted,
+messages matched by per-peer order, tags ignored), so an ordering that would hang under NCCL fails
+here too instead of being hidden by gloo's buffering; p2p="gloo" keeps torch.distributed's own.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ class RankFailure(AssertionError):
     pass
 
 
-def _worker(rank: int, world: int, store: str, fn: Callable, args: tuple, q, timeout: float) -> None:
+def _worker(rank: int, world: int, store: str, fn: Callable, args: tuple, q, timeout: float,
+            inboxes: list | None, p2p_timeout: float) -> None:
     code = 0
+    transport = None
     try:
         import torch
         import torch.distributed as dist
@@ -35,6 +42,10 @@ def _worker(rank: int, world: int, store: str, fn: Callable, args: tuple, q, tim
         torch.set_num_threads(1)
         dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
+        if inboxes is not None:
+            from rendezvous_p2p import install
+
+            transport = install(rank, inboxes, p2p_timeout)
         try:
             # Plain pickle, not the queue's ForkingPickler: torch's reducers would share tensors
             # through file descriptors that die with this process.
@@ -48,15 +59,33 @@ def _worker(rank: int, world: int, store: str, fn: Callable, args: tuple, q, tim
     finally:
         q.close()
         q.join_thread()
+        if transport is not None:
+            transport.close()  # flush messages still on their way to peers
         os._exit(code)  # never run the parent's (pytest's) exit handlers in a child
 
 
-def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -> list[Any]:
-    """Run fn(rank, world, *args) on `world` forked ranks; return their results in rank order."""
+def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 60.0, p2p: str = "rendezvous",
+              p2p_timeout: float | None = None) -> list[Any]:
+    """Run fn(rank, world, *args) on `world` forked ranks; return their results in rank order.
+    p2p: "rendezvous" (NCCL-like point-to-point, see above; a batch that makes no progress for
+    p2p_timeout seconds, default `timeout`, fails as deadlocked) or "gloo"."""
+    if p2p not in ("rendezvous", "gloo"):
+        raise ValueError(f"p2p = {p2p!r}: choose 'rendezvous' or 'gloo'")
     ctx = mp.get_context("fork")
     q = ctx.Queue()
+    inboxes = [ctx.Queue() for _ in range(world)] if p2p == "rendezvous" else None
+    announced: set[int] = set()
+
+    def announce_failures() -> None:  # as a closed connection would: peers stop waiting for a failed rank
+        for r in set(errors) - announced:
+            announced.add(r)
+            for peer, inbox in enumerate(inboxes or []):
+                if peer != r:
+                    inbox.put(("dead", r))
+
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), fn, args, q, timeout))
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), fn, args, q, timeout,
+                                                   inboxes, p2p_timeout or timeout))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -70,6 +99,7 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
                 (results if ok else errors)[rank] = payload
                 if not ok and grace_until is None:
                     grace_until = time.monotonic() + 5.0  # peers are likely blocked in a collective
+                announce_failures()
                 continue
             except queue.Empty:
                 pass
@@ -84,6 +114,7 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
                         pass
                     errors.setdefault(r, f"rank {r} died with exit code {p.exitcode} before reporting")
                     grace_until = grace_until or time.monotonic() + 5.0
+            announce_failures()
             now = time.monotonic()
             if now > deadline or (grace_until is not None and now > grace_until):
                 for r in range(world):
@@ -95,6 +126,9 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
             if p.is_alive():
                 p.kill()
                 p.join()
+        for inbox in inboxes or []:
+            inbox.cancel_join_thread()  # the ranks are gone: nothing needs what is still buffered
+            inbox.close()
     if errors:
         report = "\n".join(f"----- rank {r} -----\n{errors[r]}" for r in sorted(errors))
         raise RankFailure(f"{len(errors)} of {world} ranks failed:\n{report}")

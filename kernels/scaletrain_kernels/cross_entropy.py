@@ -5,6 +5,8 @@ the sum of exp(x − local max) and the label's logit (0 where the label is anot
 combining them across tp (max, rescaled sum, label) happens in scaletrain.nn.loss with two
 all-reduces. The backward kernel writes (softmax − one-hot) · grad from the logits and the global
 statistics, so only the logits are kept for backward — not an fp32 softmax as large as them.
+
+Offsets are int64: rows × local vocabulary passes 2³¹ already at micro-batch 3 × seq 8192 × 128256.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ BLOCK = 1024
 
 @triton.jit
 def _stats(x_ptr, label_ptr, max_ptr, sum_ptr, lab_ptr, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row · n_cols passes 2³¹ at large batch × vocabulary
     base = row * n_cols
     label = tl.load(label_ptr + row)  # local index, or −1 when another rank holds it
     m = -float("inf")
@@ -41,7 +43,7 @@ def _stats(x_ptr, label_ptr, max_ptr, sum_ptr, lab_ptr, n_cols, BLOCK: tl.conste
 
 @triton.jit
 def _grad(x_ptr, label_ptr, max_ptr, sum_ptr, g_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row · n_cols passes 2³¹ at large batch × vocabulary
     base = row * n_cols
     label = tl.load(label_ptr + row)
     m = tl.load(max_ptr + row)

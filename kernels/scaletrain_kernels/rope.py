@@ -21,9 +21,9 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
 
 @triton.jit
 def _rotate(x_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, heads, sign, HALF: tl.constexpr):
-    row = tl.program_id(0)  # (token, head)
+    row = tl.program_id(0).to(tl.int64)  # (token, head); int64: rows × head_dim may pass 2³¹
     token = row // heads
-    pos = tl.load(pos_ptr + token)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
     i = tl.arange(0, HALF)
     base = row * 2 * HALF
     x1 = tl.load(x_ptr + base + i).to(tl.float32)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from scaletrain.distributed.p2p import P2POp, P2PTransport, P2PWork, TorchP2P
 from scaletrain.profile.phases import phase
 
 
@@ -57,6 +58,10 @@ class Comm:
     group and the global ranks in it, so a job log says where it stopped instead of a bare gloo/NCCL
     message.
     """
+
+    # How batch_p2p reaches the peers: torch.distributed; the test harness swaps in an NCCL-like
+    # rendezvous transport (distributed/p2p.py).
+    p2p_transport: P2PTransport = TorchP2P()
 
     def __init__(self, group: dist.ProcessGroup | None, size: int, rank: int, name: str) -> None:
         self.group, self.size, self.rank, self.name = group, size, rank, name
@@ -166,18 +171,21 @@ class Comm:
             dist.broadcast(t, group=self.group, group_src=src_group_rank)
         return t
 
-    def isend(self, t: torch.Tensor, dst: int, tag: int) -> dist.Work:
-        """Asynchronous send of a contiguous tensor to group rank `dst`; keep `t` alive until waited."""
-        self.stats.add("send", t)
-        work = dist.isend(t, group=self.group, group_dst=dst, tag=tag)
-        assert work is not None
-        return work
+    def batch_p2p(self, ops: list[P2POp]) -> P2PWork:
+        """Post point-to-point ops (group ranks) as one batch; returns its handle. Both ends must post
+        the messages of a pair in the same order, whatever their tags (distributed/p2p.py)."""
+        for op in ops:
+            if op.kind == "send":
+                self.stats.add("send", op.tensor)
+        return P2PWork(list(self.p2p_transport.post(self, ops)), ops, self._named)
 
-    def irecv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
-        """Asynchronous receive into a preallocated contiguous tensor from group rank `src`."""
-        work = dist.irecv(t, group=self.group, group_src=src, tag=tag)
-        assert work is not None
-        return work
+    def warm_up_p2p(self, device: torch.device) -> None:
+        """Once per group, before its first batch_p2p: a tiny all-reduce, so that every member creates
+        the group's NCCL communicator together (torch leaves batched p2p among a subset of a group
+        undefined when it is the group's first call). Collective over the group."""
+        if self.size > 1 and not getattr(self, "_p2p_warm", False):
+            self.all_reduce(torch.zeros(1, device=device))
+            self._p2p_warm = True
 
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's picklable `obj` (small metadata only: checkpoint key lists and the like)."""

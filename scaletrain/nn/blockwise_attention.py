@@ -16,16 +16,17 @@ query dimension ([b, kv, g·s_q, d]).
 Numerics: scores, softmax statistics and accumulators are float32 (float64 inputs stay float64);
 the result equals SDPA's to rounding.
 
-On CUDA, unpacked rows take `prefix_attention` instead: each query chunk attends to the key prefix
-up to its end with PyTorch's lower-right causal bias, which SDPA runs in its fused flash /
-memory-efficient kernels without a mask (on CPU the same call materialises the mask, so CPU uses
-the blockwise path). Packed rows always take the blockwise path.
+On CUDA this path is not taken (nn/attention.py chooses): unpacked rows take `prefix_attention`, each
+query chunk attending to the key prefix up to its end with PyTorch's lower-right causal bias, which
+SDPA runs in its fused flash / memory-efficient kernels without a mask (on CPU the same call
+materialises the mask, so CPU uses the blockwise path); packed rows take flex_attention with a block
+mask built from the same description (nn/flex_attention.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,13 +48,64 @@ class QuerySegment:
 @dataclass(frozen=True)
 class BlockwiseMask:
     """The mask of one attention call, described instead of materialised (carried in a batch as
-    `attention_mask`; built by parallel/context_parallel.py): where the queries sit, how to put
-    the keys into sequence order, and packed rows' document ids. Tensors on the batch's device."""
+    `attention_mask`; built by parallel/context_parallel.py, or `document_mask` for packed rows):
+    where the queries sit, how to put the keys into sequence order, and packed rows' document ids.
+    Tensors on the batch's device. nn/attention.py picks the kernel that computes it."""
 
     segments: tuple[QuerySegment, ...]
-    sequence_order: torch.Tensor  # [s]: index into the given keys of each sequence position
+    sequence_order: torch.Tensor | None  # [s]: index into the given keys of each sequence position (None: in order)
     q_doc: torch.Tensor | None  # [b, s_q] document ids (−1 padding), or None: plain causal
     k_doc: torch.Tensor | None  # [b, s], sequence order
+    # Derived per microbatch and shared by its layers (the te backend's cu_seqlens); not compared.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def whole_rows(self) -> bool:
+        """Queries are the rows' every position, in order, and keys are in order: no context parallelism."""
+        return (self.sequence_order is None and len(self.segments) == 1
+                and self.segments[0].offset == 0 and self.segments[0].start == 0)
+
+    def query_positions(self, device: torch.device) -> torch.Tensor:
+        """[s_q] the sequence position of each local query row."""
+        pos = torch.empty(sum(seg.length for seg in self.segments), dtype=torch.long)
+        for seg in self.segments:
+            pos[seg.offset:seg.offset + seg.length] = torch.arange(seg.start, seg.start + seg.length)
+        return pos.to(device)
+
+
+def document_mask(document_ids: torch.Tensor) -> BlockwiseMask:
+    """Packed rows [b, s] (document ids, −1 padding) without context parallelism: the block-diagonal
+    causal mask of `posttrain.packing.block_causal_mask`, described instead of materialised, so that
+    attention can run it as a fused kernel (flex_attention, or TE's cu_seqlens) on CUDA."""
+    s = document_ids.shape[1]
+    return BlockwiseMask((QuerySegment(0, 0, s),), None, document_ids, document_ids)
+
+
+def dense_mask(mask: BlockwiseMask, s_k: int) -> torch.Tensor:
+    """The materialised boolean mask [b|1, 1, s_q, s_k] (True = may attend) of a described one: same
+    document (when packed) and not in the future; a token always sees itself (padding)."""
+    q_pos = mask.query_positions(mask.q_doc.device if mask.q_doc is not None else torch.device("cpu"))
+    k_pos = torch.arange(s_k, device=q_pos.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, s_q, s_k]
+    if mask.q_doc is not None and mask.k_doc is not None:
+        same = mask.q_doc[:, :, None] == mask.k_doc[:, None, :]
+        allowed = (same & allowed) | (k_pos[None, :] == q_pos[:, None])[None]
+    return allowed[:, None]
+
+
+def document_cu_seqlens(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Packed rows [b, s] → (cu_seqlens int32 [n + 1], longest run) of the flattened b·s tokens, one
+    sequence per run of equal ids within a row (what a `thd` varlen kernel takes). A padding run is one
+    causal sequence of its own: its tokens see each other, which changes only padding outputs (no real
+    token attends to padding, and padding carries no loss). One host sync (the longest run)."""
+    b, s = document_ids.shape
+    flat = document_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True  # every row starts a sequence
+    idx = torch.nonzero(starts).reshape(-1)
+    cu = torch.cat([idx, idx.new_tensor([b * s])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max().item())
 
 
 def _blocks(segments: tuple[QuerySegment, ...], block: int):

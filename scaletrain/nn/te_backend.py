@@ -12,7 +12,8 @@ initialisation do not know which backend trained a model:
   its ParamSpec carries that view, and state_dict / load_state_dict convert.
 - TERMSNorm subclasses `te.pytorch.RMSNorm` (`weight` [h]).
 - TECoreAttention wraps `te.pytorch.DotProductAttention` (flash / cuDNN fused attention) on this
-  rank's heads, bshd layout; packed documents pass their block-diagonal mask as an arbitrary mask.
+  rank's heads, bshd layout; packed documents run as variable-length sequences (thd, cu_seqlens,
+  padding_causal), and only decoding's small dense masks as TE's `arbitrary` mask.
 - Transformer Engine's `_extra_state` (FP8 scaling metadata) is left out of state dicts: checkpoints
   stay backend-independent; under the delayed recipe the amax history restarts after a resume.
 
@@ -20,7 +21,7 @@ Sequence parallelism: TE gathers and scatters along the first dimension ([s, b, 
 are [b, s, h], so under SP the TE linears transpose around the call (a copy each way).
 
 FP8: `fp8_context(cfg, group)` returns the one autocast the model's forward enters (forward only, as
-TE requires): recipe current (Float8CurrentScaling, TE ≥ 2.2), delayed (DelayedScaling) or blockwise
+TE requires; training forwards only — decoding, evaluation and other no_grad passes stay in bf16): recipe current (Float8CurrentScaling, TE ≥ 2.2), delayed (DelayedScaling) or blockwise
 (Float8BlockScaling, TE ≥ 2.3 on sm90+), amax reduced over the tp×dp group of the pipeline stage.
 `fp8_disabled()` keeps chosen blocks in bf16 (precision.fp8_bf16_layers).
 """
@@ -36,6 +37,7 @@ from torch import nn
 
 from scaletrain.config.schema import PrecisionConfig
 from scaletrain.distributed.comm import Comm
+from scaletrain.nn.blockwise_attention import BlockwiseMask, document_cu_seqlens
 from scaletrain.nn.init import mark, store_fused_flat
 
 _EXTRA = "_extra_state"
@@ -154,11 +156,24 @@ class TECoreAttention(nn.Module):
         _without_extra_state(self.dpa)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """attention_mask: optional boolean [b, 1, s, s], True where attention is allowed (TE's is the
-        opposite: True masks out)."""
+                attention_mask: torch.Tensor | BlockwiseMask | None = None) -> torch.Tensor:
+        """attention_mask: packed rows' `document_mask` — run as variable-length sequences (`thd`, one
+        sequence per document, cu_seqlens; TE's fused kernels) — or a boolean [b, 1, s, s_kv], True
+        where attention is allowed (decoding, padded rows: TE's `arbitrary` mask, whose True masks out)."""
         if attention_mask is None:
             return self.dpa(q, k, v)
+        if isinstance(attention_mask, BlockwiseMask):
+            if not attention_mask.whole_rows or attention_mask.q_doc is None:
+                raise ValueError("the te backend runs packed rows without context parallelism only (te + cp is "
+                                 "refused up front)")
+            if "cu_seqlens" not in attention_mask.cache:  # once per microbatch, shared by its layers
+                attention_mask.cache["cu_seqlens"] = document_cu_seqlens(attention_mask.q_doc)
+            cu, longest = attention_mask.cache["cu_seqlens"]
+            b, s = q.shape[:2]
+            out = self.dpa(*(t.reshape(b * s, *t.shape[2:]).contiguous() for t in (q, k, v)), qkv_format="thd",
+                           attn_mask_type="padding_causal", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+            return out.reshape(b, s, -1)
         return self.dpa(q, k, v, attention_mask=~attention_mask, attn_mask_type="arbitrary")
 
 

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.nn import cross_entropy_per_token
+from scaletrain.nn.blockwise_attention import document_mask
 from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.parallel.parallelize import eager
-from scaletrain.posttrain.packing import block_causal_mask
 from scaletrain.trainer.step import forward_pass
 
 
@@ -134,7 +134,7 @@ def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], 
 
         def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
             out = module(batch["tokens"], position_ids=batch["position_ids"],
-                         attention_mask=block_causal_mask(batch["document_ids"]))
+                         attention_mask=document_mask(batch["document_ids"]))
 
             def record(output: torch.Tensor):
                 for i, v in zip(batch["index"].tolist(), read(output, batch).double().cpu()):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scaletrain.nn.blockwise_attention import BlockwiseMask, document_mask
+
 
 @dataclass
 class Document:
@@ -72,12 +74,13 @@ def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return ((same & causal) | torch.eye(s, dtype=torch.bool, device=d.device))[:, None]
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | BlockwiseMask]:
     """Keyword inputs of the model for a microbatch: under context parallelism its positions and the
     mask to the gathered keys (parallel/context_parallel.shard_microbatch); packed rows their restarting
-    positions and block-diagonal mask; plain rows none (causal, positions 0…s−1)."""
+    positions and block-diagonal mask (`nn.document_mask`, the `block_causal_mask` below described
+    instead of materialised); plain rows none (causal, positions 0…s−1)."""
     if "attention_mask" in batch:
         return {"position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"]}
-    if "document_ids" in batch:
-        return {"position_ids": batch["position_ids"], "attention_mask": block_causal_mask(batch["document_ids"])}
+    if "document_ids" in batch:  # described, not materialised: CUDA runs it as a fused kernel (nn/attention.py)
+        return {"position_ids": batch["position_ids"], "attention_mask": document_mask(batch["document_ids"])}
     return {}

@@ -11,7 +11,7 @@ import torch
 
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
-from scaletrain.posttrain.packing import block_causal_mask
+from scaletrain.nn.blockwise_attention import document_mask
 
 
 class SFTObjective:
@@ -25,7 +25,7 @@ class SFTObjective:
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
         # Under context parallelism the batch brings the mask to the gathered keys (built before the split).
-        mask = batch["attention_mask"] if "attention_mask" in batch else block_causal_mask(batch["document_ids"])
+        mask = batch["attention_mask"] if "attention_mask" in batch else document_mask(batch["document_ids"])
         logits = model(batch["tokens"], position_ids=batch["position_ids"], attention_mask=mask)
         labels, loss_mask = batch["labels"], batch["loss_mask"]
 

@@ -148,7 +148,11 @@ class LlamaModel(nn.Module):
         otherwise the hidden states do. A pipeline split (parallel/pipeline) prunes the module
         tree and chooses the keys; the model itself knows no stages.
         """
-        if self.fp8_context is not None:  # the one place FP8 is entered (te backend): forward only
+        # The one place FP8 is entered (te backend), and only for training forwards. Everything that runs
+        # under no_grad — KV-cache decoding, rollouts, evaluation, reference log-probs — stays in bf16:
+        # TE's FP8 GEMMs need token counts divisible by 8/16, which a decoding step ([b, 1] tokens) or an
+        # evaluation row of any width does not have.
+        if self.fp8_context is not None and torch.is_grad_enabled():
             with self.fp8_context():
                 return self._forward(inputs, position_ids, attention_mask, layer_keys, kv_cache)
         return self._forward(inputs, position_ids, attention_mask, layer_keys, kv_cache)

@@ -8,10 +8,11 @@ Each rank executes a fixed list of actions F(chunk, microbatch) / B(chunk, micro
     microbatch (k // (pp·vpp))·pp + k % pp; warm-up (pp − rank − 1)·2 + (vpp − 1)·pp forwards.
     Needs microbatches % pp == 0.
 
-Point-to-point traffic uses isend/irecv on contiguous tensors whose shapes are agreed up front
-(from each microbatch's shape and the model width); each message is tagged with (direction,
-receiving virtual stage, microbatch), so matching never depends on arrival order. Sends are
-asynchronous and waited at the end of the step; a receive blocks only when its data is needed.
+Point-to-point traffic moves contiguous tensors whose shapes are agreed up front (from each
+microbatch's shape and the model width), in batches planned so that NCCL cannot deadlock on them
+(p2p_plan.py: sends and receives of one round posted together, in the same order at both ends of a
+pair). Batches are asynchronous: a rank waits on one only when an action needs the data it
+receives, and on the rest at the end of the step.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.distributed.dims import ParallelDims
+from scaletrain.distributed.p2p import P2POp, P2PWork
+from scaletrain.parallel.pipeline.p2p_plan import BWD, FWD, Message, rank_rounds
 from scaletrain.parallel.pipeline.split import StageChunk
 from scaletrain.parallel.schedules import ForwardStep
 from scaletrain.profile.phases import phase
-
-FWD, BWD = 0, 1
 
 
 def schedule_order(pp: int, vpp: int, rank: int, num_microbatches: int, forward_only: bool = False
@@ -72,7 +73,11 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
     shapes = [chunks[0].activation_shape(mb["tokens"], dims.tp) for mb in microbatches]
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
-    pending: list[tuple[object, torch.Tensor, int]] = []  # (work, buffer kept alive, peer)
+    rounds = rank_rounds(pp, vpp, r, len(microbatches), forward_only)
+    outbox: dict[Message, torch.Tensor] = {}  # computed, waiting for their round's batch
+    inbox: dict[Message, tuple[P2PWork, torch.Tensor]] = {}  # posted receives: batch, buffer
+    posted: list[P2PWork] = []
+    next_round = actions_run = 0
     total = torch.zeros((), dtype=torch.float64)
     summed: dict[str, torch.Tensor] = {}  # the objective's metric sums (last pipeline rank)
     wait_s, in_flight, peak = 0.0, 0, 0
@@ -80,37 +85,55 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
     def stage_of(chunk: int) -> int:
         return chunk * pp + r
 
-    def tag(direction: int, virtual_stage: int, mb: int) -> int:
-        return (mb * pp * vpp + virtual_stage) * 2 + direction
+    def tag(m: Message) -> int:
+        return (m.mb * pp * vpp + m.stage) * 2 + m.direction
+
+    def what(m: Message) -> str:
+        return f"{'activations' if m.direction == FWD else 'gradients'} (tag {tag(m)})"
 
     def failed(what: str, peer: int, err: Exception) -> RuntimeError:
         return RuntimeError(f"pipeline rank {r} (global rank {dims.rank}): {what} pipeline rank {peer} failed: "
                             f"{err}. The peer process has most likely died or hung; its own log says why.")
 
-    def recv(src_rank: int, t: int, mb: int) -> torch.Tensor:
+    def post_ready() -> None:
+        """Post, in order, every round due after the actions run so far (p2p_plan.Round.after)."""
+        nonlocal next_round
+        while next_round < len(rounds) and rounds[next_round].after <= actions_run:
+            rnd = rounds[next_round]
+            ops = [P2POp("send", outbox.pop(m), dst, tag(m)) for m, dst in rnd.sends]
+            ops += [P2POp("recv", torch.empty(shapes[m.mb], dtype=dtype, device=device), src, tag(m))
+                    for m, src in rnd.recvs]
+            try:
+                work = comm.batch_p2p(ops)
+            except RuntimeError as e:
+                peer = (rnd.sends or rnd.recvs)[0][1]
+                raise failed(f"sending {what((rnd.sends or rnd.recvs)[0][0])} to", peer, e) from e
+            posted.append(work)
+            for (m, _src), op in zip(rnd.recvs, ops[len(rnd.sends):]):
+                inbox[m] = (work, op.tensor)
+            next_round += 1
+
+    def recv(m: Message, src_rank: int) -> torch.Tensor:
         nonlocal wait_s
-        buf = torch.empty(shapes[mb], dtype=dtype, device=device)
+        work, buf = inbox.pop(m)  # posted: its round came before this action's
         t0 = time.perf_counter()
         try:
             with phase("pipeline_wait"):
-                comm.irecv(buf, src_rank, t).wait()
+                work.wait()
         except RuntimeError as e:  # gloo/nccl: peer closed the connection, or the collective timed out
-            raise failed(f"receiving {'activations' if t % 2 == FWD else 'gradients'} (tag {t}) from", src_rank, e) from e
+            raise failed(f"receiving {what(m)} from", src_rank, e) from e
         wait_s += time.perf_counter() - t0
         return buf
 
-    def send(t: torch.Tensor, dst_rank: int, tg: int) -> None:
-        try:
-            pending.append((comm.isend(t, dst_rank, tg), t, dst_rank))
-        except RuntimeError as e:
-            raise failed(f"sending {'activations' if tg % 2 == FWD else 'gradients'} (tag {tg}) to", dst_rank, e) from e
+    def send(t: torch.Tensor, m: Message) -> None:
+        outbox[m] = t  # posted with its round, right after this action
 
     def forward(chunk_id: int, mb: int) -> None:
         nonlocal total, in_flight, peak
         chunk, j = chunks[chunk_id], stage_of(chunk_id)
         inp = None
         if not chunk.is_first:
-            inp = recv((r - 1) % pp, tag(FWD, j, mb), mb).requires_grad_(not forward_only)
+            inp = recv(Message(FWD, j, mb), (r - 1) % pp).requires_grad_(not forward_only)
         chunk.input_tensor = inp
         with torch.set_grad_enabled(not forward_only), phase("forward"):
             output, loss_fn = forward_step(microbatches[mb], chunk)  # type: ignore[arg-type]
@@ -122,7 +145,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
                     summed[k] = summed.get(k, 0) + v.detach()
         chunk.input_tensor = None
         if not chunk.is_last:
-            send(output.detach().contiguous(), (r + 1) % pp, tag(FWD, j + 1, mb))
+            send(output.detach().contiguous(), Message(FWD, j + 1, mb))
         if not forward_only:
             inputs[(chunk_id, mb)], outputs[(chunk_id, mb)] = inp, output
             in_flight += 1
@@ -136,21 +159,29 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
             with phase("backward"):
                 out.backward()
         else:
-            grad = recv((r + 1) % pp, tag(BWD, j, mb), mb)
+            grad = recv(Message(BWD, j, mb), (r + 1) % pp)
             with phase("backward"):
                 torch.autograd.backward(out, grad)
         del out  # this microbatch's activations are freed here
         in_flight -= 1
         if inp is not None:
-            send(inp.grad.contiguous(), (r - 1) % pp, tag(BWD, j - 1, mb))  # type: ignore[union-attr]
+            send(inp.grad.contiguous(), Message(BWD, j - 1, mb))  # type: ignore[union-attr]
 
+    try:
+        comm.warm_up_p2p(device)
+    except RuntimeError as e:
+        raise failed("starting point-to-point traffic with", (r + 1) % pp, e) from e
+    post_ready()  # receives due before this rank's first action
     for direction, chunk_id, mb in schedule_order(pp, vpp, r, len(microbatches), forward_only):
         (forward if direction == FWD else backward)(chunk_id, mb)
-    for work, _buf, peer in pending:
+        actions_run += 1
+        post_ready()
+    assert next_round == len(rounds) and not outbox and not inbox, "pipeline p2p plan and actions disagree"
+    for work in posted:
         try:
-            work.wait()  # type: ignore[attr-defined]
+            work.wait()
         except RuntimeError as e:
-            raise failed("completing a send to", peer, e) from e
+            raise failed("completing a send to", work.ops[0].peer, e) from e
     if stats is not None:
         stats.update(wait_s=wait_s, peak_in_flight=peak)
     return total, summed
