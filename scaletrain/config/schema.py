@@ -193,6 +193,9 @@ class TrainConfig:
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
     stop_signals: tuple[str, ...] = ("SIGUSR1",)
     """Signals that make the run checkpoint at the next step boundary and exit with code 75 (requeue me)."""
+    memory_check: bool = True
+    """Refuse to start when the planner's per-rank memory estimate exceeds the device's memory (CPU: the RAM
+    available) by more than 25% (profile/memory_check.py); false starts anyway."""
 
 
 @dataclass(frozen=True)
