@@ -8,6 +8,7 @@ contain. Rows run in-process through the CLI's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -211,3 +212,17 @@ def test_the_installed_entry_point_prints_no_traceback(env, argv, fragment):
                           env=environ, timeout=300)
     assert done.returncode == 2, done.stderr
     assert fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_memory_check_compares_the_planner_with_the_device_and_can_be_turned_off(monkeypatch):
+    from scaletrain.profile import memory_check
+    from scaletrain.profile.command import resolved_config
+
+    cfg = resolved_config(TINY, ["model.vocab_size=512", "train.seq_length=65536", "model.max_position_embeddings=0"], 1)
+    need = memory_check.plan(cfg, 1).peak_stage.total_bytes  # CUDA: the planner's bf16 activations
+    for have, refused in ((need, False), (int(need / 1.3), True)):
+        monkeypatch.setattr(memory_check, "available_memory", lambda *a, h=have: (h, "the memory of GPU 0 (test)"))
+        problem = memory_check.memory_problem(cfg, 1, "cuda")
+        assert (problem is not None) == refused and (not refused or "the memory of GPU 0 (test)" in problem)
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, memory_check=False))
+    assert memory_check.memory_problem(off, 1, "cuda") is None

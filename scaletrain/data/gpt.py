@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.config.validate import parse_split
-from scaletrain.data.indexed import DatasetError, check_indexed_dataset, check_vocab, file_stamp
+from scaletrain.data.indexed import (
+    DatasetError,
+    check_indexed_dataset,
+    check_vocab,
+    document_count,
+    file_stamp,
+)
 
 
 @dataclass
@@ -82,14 +88,13 @@ def build_gpt_datasets(cfg: DataConfig, *, seq_length: int, seed: int, eod_id: i
     return train, (valid if valid_n else None)
 
 
-
 def _check_split_documents(cfg: DataConfig, split: list[float]) -> None:
     """Refuse a split that gives a part with a non-zero share no documents of some dataset: Megatron
     builds that part anyway and loops forever looking for its first sample."""
     bounds = [0.0, split[0], split[0] + split[1], 1.0]
     names = ("training", "validation", "test")
     for prefix in cfg.prefixes:
-        n = check_indexed_dataset(prefix).documents
+        n = document_count(prefix)
         # Megatron's rule (BlendedMegatronDatasetBuilder): documents [round(lo·n), round(hi·n)) per part.
         for i, name in enumerate(names):
             if split[i] > 0 and int(round(bounds[i + 1] * n)) == int(round(bounds[i] * n)):

@@ -99,6 +99,13 @@ def _check_pointers(idx: Path, prefix: str, lengths: np.ndarray, pointers: np.nd
                            f"{_fix(prefix)}.")
 
 
+def document_count(prefix: str) -> int:
+    """Documents in `prefix`.idx, from its header (checked by check_indexed_dataset beforehand)."""
+    with open(f"{prefix}.idx", "rb") as f:
+        head = f.read(34)
+    return struct.unpack("<Q", head[26:34])[0] - 1
+
+
 def file_stamp(path: str | Path) -> list[int]:
     """[size, mtime in ns] of a file: changes whenever the file is rewritten (used as a cache key)."""
     st = Path(path).stat()

@@ -24,6 +24,7 @@ def _open_text(path: Path):
 
 
 def _is_json(path: Path) -> bool:
+    """A JSON input this module can re-read: plain or gzip (other compressions are left to the loader)."""
     return path.name.lower().removesuffix(".gz").endswith(_JSON_SUFFIXES)
 
 
@@ -33,8 +34,8 @@ def _kind(value: Any) -> str:
 
 
 def not_text(where: str, text_key: str, value: Any) -> str:
-    return (f"{where}: field '{text_key}' holds {_kind(value)} ({json.dumps(value)[:60]}), not a string; fix the "
-            "row, or pass --text-key with the field that holds the text.")
+    return (f"{where}: field '{text_key}' holds {_kind(value)} ({json.dumps(value, default=str)[:60]}), not a "
+            "string; fix the row, or pass --text-key with the field that holds the text.")
 
 
 def first_bad_line(inputs: Iterable[str], text_key: str) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scaletrain.config.schema import RunConfig
+from scaletrain.profile.planner import plan
 
 MARGIN = 1.25  # refuse when the estimate exceeds the memory by more than this factor
 _GIB = 2**30
@@ -41,6 +42,8 @@ def available_memory(device_type: str, local_rank: int = 0) -> tuple[int, str] |
     if device_type == "cuda":
         import torch
 
+        if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+            return None  # the runtime set-up reports this with its own message
         props = torch.cuda.get_device_properties(local_rank)
         return props.total_memory, f"the memory of GPU {local_rank} ({props.name})"
     try:
@@ -54,8 +57,6 @@ def available_memory(device_type: str, local_rank: int = 0) -> tuple[int, str] |
 
 def memory_problem(cfg: RunConfig, world_size: int, device_type: str, local_rank: int = 0) -> str | None:
     """Why `cfg` cannot fit (the estimate, the memory and what to change), or None."""
-    from scaletrain.profile.planner import plan
-
     if not cfg.train.memory_check:
         return None
     available = available_memory(device_type, local_rank)
