@@ -32,11 +32,12 @@ def _builtin(inputs: list[str]) -> list[str]:
 def _iter_texts(inputs: list[str], text_key: str):
     import datasets
 
-    from scaletrain.data.preprocess import _format_of
+    from scaletrain.data.inputs import checked_rows
+    from scaletrain.data.preprocess import input_format
 
-    fmt = _format_of(inputs[0])
+    fmt = input_format(inputs, "train a tokenizer on")
     ds = datasets.load_dataset(fmt, data_files=inputs, split="train", streaming=True)
-    for row in ds:
+    for row in checked_rows(ds, inputs, text_key):
         if text_key not in row:
             raise KeyError(f"input rows have no '{text_key}' field (fields: {', '.join(row)}); pass --text-key.")
         yield row[text_key] or ""

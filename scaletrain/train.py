@@ -30,6 +30,7 @@ from scaletrain.nn.backend import select_backend
 from scaletrain.nn.fused import check_available, expand
 from scaletrain.posttrain.chat import chat_template_origin
 from scaletrain.posttrain.frozen import check_frozen_model, teacher_vocab
+from scaletrain.profile.memory_check import memory_problem
 from scaletrain.trainer.divergence import EXIT_DIVERGED, DivergenceError
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.optimizer import optimizer_problem
@@ -51,9 +52,7 @@ def prepare(cfg: RunConfig, world_size: int):
     from scaletrain.data.gpt import check_data
 
     if cfg.checkpoint.init_from_hf:
-        import json
-
-        from scaletrain.models.llama.hf import config_from_hf
+        from scaletrain.checkpoint.hf_checks import check_hf_weights, read_hf_config
 
         hf_dir = Path(cfg.checkpoint.init_from_hf)
         if not (hf_dir / "config.json").is_file():
@@ -61,7 +60,8 @@ def prepare(cfg: RunConfig, world_size: int):
                               "model directory is expected; nothing is downloaded).")
         # The HF model's architecture replaces [model]; its tokenizer is the default one. An explicit
         # model.max_position_embeddings still applies: fine-tuning at a longer context than the model had.
-        hf_model = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+        hf_model = read_hf_config(hf_dir)
+        check_hf_weights(hf_dir, hf_model)  # safetensors headers only
         if cfg.model.max_position_embeddings:
             hf_model = dataclasses.replace(hf_model, max_position_embeddings=cfg.model.max_position_embeddings)
         if cfg.model.num_labels and not hf_model.num_labels:  # a reward model from a causal LM's body
@@ -130,6 +130,9 @@ def prepare(cfg: RunConfig, world_size: int):
         missing = [f for f in (*cfg.posttrain.train_data, *cfg.posttrain.valid_data) if not Path(f).is_file()]
         if missing:
             raise ConfigError(f"posttrain data file(s) not found: {', '.join(missing)}")
+    problem = memory_problem(cfg, world_size, device_type(cfg), read_env().local_rank)  # before any allocation
+    if problem:
+        raise ConfigError(problem)
     return cfg, dp, tokenizer
 
 

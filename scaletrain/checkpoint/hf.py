@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.checkpoint.atomic_dir import replaces_directory
+from scaletrain.checkpoint.hf_checks import check_hf_weights, read_hf_config
 from scaletrain.checkpoint.hf_config import (
     TokenIds,
     export_config,
@@ -31,7 +32,7 @@ from scaletrain.checkpoint.io import (
     write_checkpoint_dir,
 )
 from scaletrain.config.schema import ModelConfig
-from scaletrain.models.llama.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
+from scaletrain.models.llama.hf import from_hf_state_dict, to_hf_state_dict
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json", "chat_template.json")
@@ -75,7 +76,13 @@ def load_full_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 def _stored_dtype(path: Path) -> torch.dtype:
     from safetensors import safe_open
 
-    f = next(path.glob("*.safetensors"))
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give a step_* directory or a run's "
+                                "checkpoints/ folder.")
+    f = next(path.glob("*.safetensors"), None)
+    if f is None:
+        read_trainer_state(path)  # names a directory that is no checkpoint
+        raise CheckpointError(f"{path} holds no .safetensors files; the checkpoint is incomplete or corrupt.")
     with safe_open(str(f), framework="pt") as fh:
         key = next(k for k in fh.keys() if k.startswith("model."))
         return torch.float64 if fh.get_slice(key).get_dtype() == "F64" else torch.float32
@@ -182,13 +189,12 @@ def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
     from safetensors.torch import load_file
 
     d = Path(hf_dir)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d} has no config.json: not a Hugging Face model directory.")
-    cfg = config_from_hf(json.loads((d / "config.json").read_text()))
+    cfg = read_hf_config(d)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{d} has no .safetensors weights (pickled .bin weights are not loaded: "
                                 "convert them with transformers' save_pretrained(safe_serialization=True)).")
+    check_hf_weights(d, cfg, files)  # headers only: readable files, shapes that agree with config.json
     hf: dict[str, torch.Tensor] = {}
     for f in files:
         hf.update(load_file(str(f)))

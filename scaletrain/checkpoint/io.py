@@ -7,6 +7,7 @@ Layout of a run directory's checkpoints:
       step_0000200/
         shard-*.safetensors       model and optimizer tensors (DCP, Hugging Face safetensors storage)
         trainer_state.json        step, consumed samples, RNG states, config — written last
+        checksums.json            sha256 and size of every shard, verified at load (checkpoint/checksums.py)
 
 Tensors go through DCP with its safetensors storage, which records each tensor's global offsets in
 the file headers: loading executes no pickled code (DCP's default `.metadata` is a pickle) and
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from scaletrain.checkpoint.checksums import verify_checkpoint, write_manifest, write_rank_part
 from scaletrain.parallel.distributed_optimizer import DistributedOptimizer, materialize_optimizer_state
 
 LATEST = "latest"
@@ -211,6 +213,7 @@ def _write(root: Path, final: Path, state: dict[str, Any], trainer_state: dict[s
         dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True),
                  process_group=group.group if group is not None else None)
     (tmp / f"rank_{rank}.json").write_text(json.dumps(rank_state or {}))
+    write_rank_part(tmp, rank)  # sha256 of this rank's shards, merged by rank 0 below
     if group is not None:
         group.barrier()
     if rank == 0:
@@ -219,6 +222,7 @@ def _write(root: Path, final: Path, state: dict[str, Any], trainer_state: dict[s
 
             copy_tokenizer(tokenizer, tmp / "tokenizer")
         (tmp / STATE_FILE).write_text(json.dumps({"step": int(final.name.split("_")[1]), **trainer_state}, indent=1))
+        write_manifest(tmp)
         _fsync_tree(tmp)
         # Fault injection for the crash-during-save test: hold the finished, unpublished directory.
         time.sleep(float(os.environ.get("SCALETRAIN_FAULT_SAVE_DELAY_S", "0")))
@@ -251,6 +255,7 @@ def write_checkpoint_dir(path: str | Path, model: torch.nn.Module, optimizer: to
 
         copy_tokenizer(tokenizer, tmp / "tokenizer")
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    write_manifest(tmp)
     _fsync_tree(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
@@ -308,7 +313,20 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     f = Path(path) / STATE_FILE
     if not f.is_file():
         raise CheckpointError(f"{path} is not a complete scaletrain checkpoint (no {STATE_FILE}).")
-    return json.loads(f.read_text())
+    return _read_json(f)
+
+
+def _read_json(f: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file; invalid JSON is a CheckpointError naming the file."""
+    try:
+        out = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt — resume from an earlier "
+                              "step_* directory (edit `latest`).") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{f} holds no JSON object; the checkpoint is corrupt — resume from an earlier "
+                              "step_* directory (edit `latest`).")
+    return out
 
 
 def _stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -377,6 +395,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
 
     path = Path(path)
     state = read_trainer_state(path)
+    world = dims.world_size if dims is not None else 1
+    verify_checkpoint(path, rank=dims.rank if dims is not None else 0, world_size=world,
+                      comm=dims.comm("world") if world > 1 else None, error=CheckpointError)
     stored = _stored_tensors(path)
     target, groups = _tensor_state(model, optimizer, dims)
     flat = _flatten(target)
@@ -420,5 +441,5 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
                        optim_state_dict={"state": target["optim"]["state"], "param_groups": groups})
     rank_file = path / f"rank_{dims.rank if dims is not None else 0}.json"
     if rank_file.is_file():
-        state["rank_state"] = json.loads(rank_file.read_text())
+        state["rank_state"] = _read_json(rank_file)
     return state

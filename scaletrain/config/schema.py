@@ -209,6 +209,9 @@ class TrainConfig:
     """On a loss spike: 'warn' (log it), 'stop' (exit code 3, no checkpoint of the spike) or 'rollback'
     (reload weights and optimizer from the newest good checkpoint before the spike, go on with the next
     batches; at most 3 rollbacks per launch, then stop)."""
+    memory_check: bool = True
+    """Refuse to start when the planner's per-rank memory estimate exceeds the device's memory (CPU: the RAM
+    available) by more than 25% (profile/memory_check.py); false starts anyway."""
 
 
 @dataclass(frozen=True)

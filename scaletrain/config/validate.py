@@ -160,9 +160,16 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         ("train.eval_interval", t.eval_interval), ("train.exit_interval", t.exit_interval),
         ("checkpoint.interval", cfg.checkpoint.interval), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
         ("optim.warmup_steps", o.warmup_steps), ("logging.interval", cfg.logging.interval),
+        ("train.eval_iters", t.eval_iters),
     ]:
         if value < 0:
             errors.append(f"{key} = {value} must be 0 (off) or positive.")
+    if o.clip_grad < 0:
+        errors.append(f"optim.clip_grad = {o.clip_grad} must be 0 (off) or positive.")
+    for key, value in [("model.num_kv_heads", m.num_kv_heads), ("model.head_dim", m.head_dim),
+                       ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size)]:
+        if value < 0:
+            errors.append(f"{key} = {value} must be 0 (derive) or positive.")
     if errors:  # sizes below are meaningless with non-positive inputs
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
 

@@ -17,15 +17,19 @@ Mixing ratios are the trainer's job: curate each source, preprocess it, and weig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from scaletrain.data.decontaminate import Decontaminator
 from scaletrain.data.dedup import ExactDedup, NearDedup
+from scaletrain.data.inputs import checked_rows
 from scaletrain.data.quality import QualityConfig, quality_problem
 
 DEDUP_MODES = ("exact", "near")
@@ -54,6 +58,17 @@ class CurationReport:
     def to_dict(self) -> dict:
         return {"rows": self.rows, "kept": self.kept, "removed": dict(self.removed.most_common()),
                 "examples": dict(self.examples), "seconds": round(self.seconds, 3)}
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path) -> Iterator[TextIO]:
+    """`tmp` open for writing; deleted if the run fails (a failed curate leaves no OUTPUT.tmp-* behind)."""
+    try:
+        with open(tmp, "w") as f:
+            yield f
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_rows(paths: list[str]):
@@ -93,8 +108,8 @@ def curate(inputs: list[str], output: str, *, text_key: str = "text", quality: s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     t0 = time.perf_counter()
-    with open(tmp, "w") as f:
-        for i, row in enumerate(rows):
+    with _removed_on_error(tmp) as f:
+        for i, row in enumerate(checked_rows(rows, list(inputs), text_key)):
             if i == 0 and text_key not in row:
                 raise KeyError(f"input rows have no '{text_key}' field (fields: {', '.join(row)}); pass --text-key.")
             report.rows += 1

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.config.validate import parse_split
-from scaletrain.data.indexed import check_indexed_dataset, check_vocab
+from scaletrain.data.indexed import (
+    DatasetError,
+    check_indexed_dataset,
+    check_vocab,
+    document_count,
+    file_stamp,
+)
 
 
 @dataclass
@@ -23,10 +29,14 @@ class _MegatronTokenizerView:
 
     vocab_size: int
     eod: int
+    files: dict[str, list[int]] | None = None  # prefix → .idx and .bin size and mtime
 
     @property
     def unique_identifiers(self) -> dict:  # part of Megatron's dataset cache key
-        return {"class": "scaletrain", "vocab_size": self.vocab_size, "eod": self.eod}
+        # Megatron keys PREFIX/cache/ by path, split, seed and length, not by content: a dataset
+        # re-preprocessed to the same prefix would reuse indices of the old one (an IndexError, or
+        # samples from the wrong documents). The files' stamps make a rewritten dataset a new key.
+        return {"class": "scaletrain", "vocab_size": self.vocab_size, "eod": self.eod, "files": self.files}
 
 
 def check_data(cfg: DataConfig, *, model_vocab: int, tokenizer_vocab: int, tokenizer_sha256: str | None) -> list[int]:
@@ -43,7 +53,7 @@ def build_gpt_datasets(cfg: DataConfig, *, seq_length: int, seed: int, eod_id: i
                        train_samples: int, valid_samples: int):
     """(train, valid) map-style datasets of dicts with `tokens`, `labels`, `loss_mask`, `position_ids`.
 
-    valid is None when the split gives validation no documents or valid_samples is 0.
+    valid is None when data.split gives validation no share or valid_samples is 0.
     """
     # Megatron warns about absent TE/apex when its package initialises; irrelevant to datasets.
     with warnings.catch_warnings():
@@ -59,7 +69,8 @@ def build_gpt_datasets(cfg: DataConfig, *, seq_length: int, seed: int, eod_id: i
         sequence_length=seq_length,
         blend=(list(cfg.prefixes), weights),
         split=",".join(f"{s:.6f}" for s in split),
-        tokenizer=_MegatronTokenizerView(vocab_size, eod_id),  # type: ignore[arg-type]
+        tokenizer=_MegatronTokenizerView(vocab_size, eod_id, {  # type: ignore[arg-type]
+            p: file_stamp(f"{p}.idx") + file_stamp(f"{p}.bin") for p in cfg.prefixes}),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -67,6 +78,7 @@ def build_gpt_datasets(cfg: DataConfig, *, seq_length: int, seed: int, eod_id: i
         path_to_cache=None,
     )
     valid_n = valid_samples if split[1] > 0 else 0
+    _check_split_documents(cfg, split)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_n, 0],
                                             lambda: True, gpt_cfg)
     train, valid, _test = builder.build()
@@ -74,3 +86,19 @@ def build_gpt_datasets(cfg: DataConfig, *, seq_length: int, seed: int, eod_id: i
         raise ValueError("the training split is empty: give data.split a non-zero first part and data that "
                          f"holds at least one sequence of {seq_length + 1} tokens.")
     return train, (valid if valid_n else None)
+
+
+def _check_split_documents(cfg: DataConfig, split: list[float]) -> None:
+    """Refuse a split that gives a part with a non-zero share no documents of some dataset: Megatron
+    builds that part anyway and loops forever looking for its first sample."""
+    bounds = [0.0, split[0], split[0] + split[1], 1.0]
+    names = ("training", "validation", "test")
+    for prefix in cfg.prefixes:
+        n = document_count(prefix)
+        # Megatron's rule (BlendedMegatronDatasetBuilder): documents [round(lo·n), round(hi·n)) per part.
+        for i, name in enumerate(names):
+            if split[i] > 0 and int(round(bounds[i + 1] * n)) == int(round(bounds[i] * n)):
+                raise DatasetError(
+                    f"data.split = {cfg.split!r} gives dataset {prefix} ({n} documents) no {name} documents; give "
+                    + ("it more documents." if i == 0 else
+                       f"the {name} part a larger share, or none (e.g. data.split = '100,0,0': no validation)."))

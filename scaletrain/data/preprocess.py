@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaletrain.data.inputs import check_text_column, malformed_input
 from scaletrain.data.tokenizer import load_tokenizer
 
 BUILTIN_CORPUS = Path(__file__).parent / "assets" / "kjv.jsonl.gz"
@@ -53,6 +54,9 @@ def input_format(inputs: list[str], what: str) -> str:
     missing = [p for p in inputs if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+    empty = [p for p in inputs if Path(p).stat().st_size == 0]
+    if empty:
+        raise ValueError(f"input file(s) {', '.join(empty)} are empty (0 bytes); drop them from --input.")
     formats = {_format_of(p) for p in inputs}
     if len(formats) != 1:
         raise ValueError(f"inputs mix formats {sorted(formats)}; {what} each format separately.")
@@ -97,10 +101,12 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, *, text_ke
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="scaletrain-hf-cache-", dir=out.parent) as cache:
-        ds = datasets.load_dataset(fmt, data_files=list(inputs), split="train", cache_dir=cache)
+        with malformed_input(list(inputs), text_key):
+            ds = datasets.load_dataset(fmt, data_files=list(inputs), split="train", cache_dir=cache)
         if text_key not in ds.column_names:
             raise KeyError(f"inputs have no '{text_key}' field (fields: {', '.join(ds.column_names)}); "
                            "pass --text-key with the field that holds the text.")
+        check_text_column(ds.features, list(inputs), text_key)
         ds = ds.map(
             _tokenize_batch, batched=True, batch_size=batch_size, num_proc=workers if workers > 1 else None,
             remove_columns=ds.column_names, desc=f"tokenizing ({workers} worker{'s' if workers > 1 else ''})",

@@ -133,6 +133,9 @@ def write_task(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, *,
     (tool-use conversations on operands up to `tool_max_number`), tools_pretrain.jsonl (the training
     tool problems as plain transcripts, for a base model that has seen tool use) and choice_test.jsonl
     (the held-out problems as 4-way multiple choice); returns row counts."""
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"--train {n_train} --test {n_test}: ask for at least 1 training problem and 0 or more "
+                         "held-out ones.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)

@@ -68,7 +68,11 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a readable SentencePiece model ({_reason(e)}); it is truncated or "
+                             "corrupt — copy it again or re-train it with `scaletrain data tokenizer`.") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         if self.sp.eos_id() < 0:
@@ -98,7 +102,11 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _Tok
 
         self.path = path
-        self.tok = _Tok.from_file(str(path))
+        try:
+            self.tok = _Tok.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+            raise ValueError(f"{path} is not a readable tokenizer.json ({_reason(e)}); it is truncated or corrupt "
+                             "— copy it again.") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         named = self._configured_specials(path.parent)
         self.eos_id = self._find(named.get("eos_token"), _EOS_CANDIDATES, path, required=True)  # type: ignore[assignment]
@@ -147,6 +155,14 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode(ids)
 
 
+def _reason(e: BaseException) -> str:
+    """SentencePiece's messages start with its source location ('INTERNAL: src/x.cc(78) [check] reason')."""
+    text = str(e).strip()
+    if "sentences_.empty()" in text:
+        return "the input holds no text"
+    return text.split("] ", 1)[1].strip() if "] " in text else text
+
+
 def resolve_tokenizer_file(path: str | Path) -> Path:
     """A tokenizer directory or file → the file to load; clear error when there is none."""
     p = Path(path)
@@ -183,28 +199,35 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: i
     """Train a byte-fallback BPE on `texts` and write a transformers-loadable tokenizer folder."""
     import sentencepiece as spm
 
+    if vocab_size < 1:
+        raise ValueError(f"--vocab-size {vocab_size} must be positive (e.g. 4096: the 256 byte pieces, the "
+                         "corpus' characters and the merges).")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts, 4096),
-        model_prefix=str(out / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        # identity, no whitespace folding, no dummy prefix: transformers' Llama conversion
-        # (with add_prefix_space=False) then gives identical ids, leading spaces included.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=threads,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts, 4096),
+            model_prefix=str(out / "tokenizer"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            split_digits=True,
+            character_coverage=1.0,
+            # identity, no whitespace folding, no dummy prefix: transformers' Llama conversion
+            # (with add_prefix_space=False) then gives identical ids, leading spaces included.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # SentencePiece's own checks, e.g. fewer pieces than the characters seen
+        raise ValueError(f"--vocab-size {vocab_size}: SentencePiece cannot train this vocabulary on the input "
+                         f"({_reason(e)}); choose another --vocab-size.") from None
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,15 @@ def locate_model(key: str, path_text: str) -> tuple[str, Path, ModelConfig]:
     """The model `key` (a config key, for messages) names → ('hf' | 'checkpoint', path, its ModelConfig)."""
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import checkpoint_model_config
+    from scaletrain.checkpoint.hf_checks import HFModelError, read_hf_config
     from scaletrain.checkpoint.io import STATE_FILE
-    from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
+    from scaletrain.models.llama.hf import UnsupportedModelError
 
     path = Path(path_text)
     if (path / "config.json").is_file():
         try:
-            return "hf", path, config_from_hf(json.loads((path / "config.json").read_text()))
-        except UnsupportedModelError as e:
+            return "hf", path, read_hf_config(path)
+        except (UnsupportedModelError, HFModelError) as e:
             raise ConfigError(f"{key} = {path}: {e}") from None
     for candidate in (path if (path / STATE_FILE).is_file() else None, latest_checkpoint(path),
                       latest_checkpoint(path / "checkpoints")):
