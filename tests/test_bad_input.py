@@ -120,7 +120,7 @@ ROWS: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ("negative head_dim", lambda e: e.train(**{"model.head_dim": -16}), "model.head_dim = -16 must be 0 (derive)"),
     ("negative eval_iters", lambda e: e.train(**{"train.eval_iters": -1, "train.eval_interval": 1}),
      "train.eval_iters = -1 must be 0 (off) or positive"),
-    ("negative clip_grad", lambda e: e.train(**{"optim.clip_grad": -1}), "optim.clip_grad = -1.0 must be 0 (off)"),
+    ("negative clip_grad", lambda e: e.train(**{"optim.clip_grad": -1}), "optim.clip_grad = -1.0 must be a positive global gradient norm"),
     ("synth --train -5", lambda e: ["data", "synth", "--output", str(e.fresh("synth")), "--train", "-5"],
      "--train -5 --test 500: ask for at least 1 training problem"),
     ("preprocess empty text", lambda e: ["data", "preprocess", "--input", e.jsonl("empty.jsonl", '{"text": ""}'),

@@ -164,8 +164,6 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     ]:
         if value < 0:
             errors.append(f"{key} = {value} must be 0 (off) or positive.")
-    if o.clip_grad < 0:
-        errors.append(f"optim.clip_grad = {o.clip_grad} must be 0 (off) or positive.")
     for key, value in [("model.num_kv_heads", m.num_kv_heads), ("model.head_dim", m.head_dim),
                        ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size)]:
         if value < 0:
