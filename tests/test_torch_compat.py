@@ -111,7 +111,12 @@ def test_tp2_sequence_parallel_training_on_the_fallback_matches_single_process_f
     assert_matches(ranks, ref, 2, 1e-10)
 
 
+# Where compiled float64 attention runs (torch >= 2.13), test_compile.py checks all of this in float64.
+FLOAT64_COMPILE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(FLOAT64_COMPILE, reason="test_compile.py covers compiled tp2+SP/cp2 in float64 on this torch")
 @pytest.mark.parametrize("split", [{"parallel.tp": 2, "parallel.sequence_parallel": True}, {"parallel.cp": 2}],
                          ids=["tp2sp", "cp2"])
 def test_compiled_collectives_trace_without_graph_breaks_float32(tmp_path, tokenizer_dir, dataset_prefix, split):
@@ -154,10 +159,10 @@ def test_compiled_blockwise_attention_has_the_eager_gradients_float32():
     segments = (QuerySegment(0, 0, 4), QuerySegment(4, 12, 4))  # cp rank 0 of 2 at s = 16
 
     def loss(q, k, v):
-        return (blockwise_attention(q, k, v, segments, None, None, block=4) * w).sum()
+        return (blockwise_attention(q, k, v, segments, None, None, block=8) * w).sum()
 
     grads = []
-    for fn in (loss, torch.compile(loss)):
+    for fn in (loss, torch.compile(loss, backend="aot_eager")):  # the fault is in AOT autograd, not inductor
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         fn(*leaves).backward()
         grads.append([t.grad for t in leaves])
