@@ -163,7 +163,7 @@ def build_rows(shape: Shape, work: Path, memory_gb: float, quick: bool) -> list[
     te_why = paths[0][2]
     rows.insert(3, Row("te tests: tests/test_te_backend.py",
                        None if te_why else [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_te_backend.py"],
-                       240, required=False, status="unavailable" if te_why else "left out", detail=te_why or ""))
+                       240, required=te_why is None, status="unavailable" if te_why else "left out", detail=te_why or ""))
     first, *longer = shape.seqs
     plan_rows: list[tuple[int, str, tuple[str, ...], str | None]] = []
     for seq in (first, *(() if quick else longer)):  # the first length's every variant before longer ones
