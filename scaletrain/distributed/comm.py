@@ -11,6 +11,12 @@ all_reduce / all_gather / reduce_scatter are functional collectives instead, whi
 into the graph: an in-place c10d call would end the graph there, leaving the block in pieces that
 inductor fuses and schedules separately. There they return a new tensor (use the return value, not
 the argument), do not count in `stats`, and a failure surfaces as the backend's own error.
+
+Flat all-gather and reduce-scatter go through `flat_collectives()`: recent torch (2.13) names them
+`all_gather_single` / `reduce_scatter_single` and deprecates the older names; torch 2.11 — the oldest
+release supported, what CUDA 13 images ship — has only `all_gather_into_tensor` /
+`reduce_scatter_tensor`, with the same arguments and semantics. The functional collectives used
+under torch.compile (`all_gather_tensor`, `reduce_scatter_tensor`, `all_reduce`) exist in both.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,6 +53,22 @@ class CommStats:
 
     def total(self) -> int:
         return sum(self.bytes.values())
+
+
+def flat_collectives(api: ModuleType | Any = dist) -> tuple[Any, Any]:
+    """(all_gather, reduce_scatter) over flat dim-0 layouts, from `api` (torch.distributed): the
+    `*_single` names where this torch has them, else the older `all_gather_into_tensor` /
+    `reduce_scatter_tensor` (torch 2.11). Both take (output, input, [op,] group=, async_op=)."""
+    gather = getattr(api, "all_gather_single", None) or getattr(api, "all_gather_into_tensor", None)
+    scatter = getattr(api, "reduce_scatter_single", None) or getattr(api, "reduce_scatter_tensor", None)
+    if gather is None or scatter is None:
+        raise ImportError(f"torch {torch.__version__}: torch.distributed has neither all_gather_single nor "
+                          "all_gather_into_tensor (or the reduce-scatter pair); scaletrain needs torch >= 2.11.")
+    return gather, scatter
+
+
+# Chosen once at import; tests swap them to run the fallback on a torch that has both.
+all_gather_flat, reduce_scatter_flat = flat_collectives()
 
 
 class CollectiveError(RuntimeError):
@@ -125,34 +149,36 @@ class Comm:
             out.copy_(t)
             return None
         self.stats.add("reduce_scatter", t)
-        return dist.reduce_scatter_single(out, t, group=self.group, async_op=True)
+        return reduce_scatter_flat(out, t, group=self.group, async_op=True)
 
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's `t` along `dim` (output size × along dim)."""
         if self.size == 1:
             return t
-        if torch.compiler.is_compiling():
-            return funcol.all_gather_tensor(t.contiguous(), dim, self._traced_group())
         src = t.movedim(dim, 0).contiguous()
+        if torch.compiler.is_compiling():
+            # Gathered along dim 0 and moved back here, as below: funcol's own gather_dim≠0 path calls a
+            # helper that dynamo refuses to trace on torch 2.11 (a graph break per call).
+            return funcol.all_gather_tensor(src, 0, self._traced_group()).movedim(0, dim)
         out = torch.empty((src.shape[0] * self.size, *src.shape[1:]), dtype=src.dtype, device=src.device)
         self.stats.add("all_gather", out)
         with self._named("all_gather"):
-            dist.all_gather_single(out, src, group=self.group)
+            all_gather_flat(out, src, group=self.group)
         return out.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Sum over ranks, then keep this rank's 1/size slice along `dim`."""
         if self.size == 1:
             return t
-        if torch.compiler.is_compiling():
-            return funcol.reduce_scatter_tensor(t.contiguous(), "sum", dim, self._traced_group())
         src = t.movedim(dim, 0).contiguous()
+        if torch.compiler.is_compiling():  # dim 0, as all_gather
+            return funcol.reduce_scatter_tensor(src, "sum", 0, self._traced_group()).movedim(0, dim)
         if src.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: dim {dim} of size {src.shape[0]} is not divisible by {self.size}")
         out = torch.empty((src.shape[0] // self.size, *src.shape[1:]), dtype=src.dtype, device=src.device)
         self.stats.add("reduce_scatter", src)
         with self._named("reduce_scatter"):
-            dist.reduce_scatter_single(out, src, group=self.group)
+            reduce_scatter_flat(out, src, group=self.group)
         return out.movedim(0, dim)
 
     def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -163,7 +163,9 @@ class _BlockwiseAttention(torch.autograd.Function):
                 m = m_new
             out[:, :, :, row0:row0 + nq] = o / s[..., None]
             lse[:, :, :, row0:row0 + nq] = m + torch.log(s)
-        out = out.to(q.dtype)
+        # A fresh tensor even when the dtype is already right: returned as is, a buffer filled by slice writes
+        # gets no gradient under torch.compile on torch 2.11 (dq, dk, dv all zero; fixed in 2.13).
+        out = out.to(q.dtype, copy=True)
         ctx.save_for_backward(q, k, v, out, lse, *(t for t in (q_doc, k_doc) if t is not None))
         ctx.segments, ctx.block, ctx.has_doc, ctx.scale = segments, block, q_doc is not None, scale
         return out

@@ -199,6 +199,7 @@ def _measure(args: argparse.Namespace) -> int:
         "optimizer_bytes": first.get("mem_optimizer_bytes"),
         "activation_bytes_per_microbatch": activation,
         "phases_s_per_step": {k: v / args.phase_steps for k, v in sorted(clock.seconds.items())},
+        "losses": [m["loss"] for m in metrics[:args.steps]],  # every throughput step's (variants compare)
     }
     predicted = plan(cfg, env.world_size, gpu_memory_gb=args.gpu_memory_gb, **_companions(cfg)[0],
                      compute_dtype=trainer.precision.name if trainer.precision.autocast_dtype else
