@@ -1,16 +1,18 @@
 """Memory and throughput of the data tools on corpora of two sizes: `scaletrain data preprocess` against
 the tokenizer's own batch encoding, and `scaletrain data curate` (docs/s, removals).
 
-    python benchmarks/bench_data_tools.py [--copies 8 64] [--workers 2] [--only preprocess|curate]
+    python benchmarks/bench_data_tools.py [--copies 1 8] [--workers 2] [--only preprocess|curate]
+        [--baseline-code DIR]   # also run another checkout's commands, interleaved (before/after)
 
-Corpora: the bundled KJV (1,189 chapters) written `copies` times as jsonl, every copy after the first
-with a third of its longer words respelled per copy (so copies are neither exact nor near duplicates:
-they flow through every curation stage and fill the dedup index). 8 copies ≈ 35 MB (the size of the
-outside comparison's input), 64 ≈ 277 MB. Tokenizer: a byte-level BPE `tokenizer.json` (HF `tokenizers`,
+Corpora: the bundled KJV (1,189 chapters, 4.3 MB) written `copies` times as jsonl, every copy after the
+first with a third of its longer words respelled per copy (so copies are neither exact nor near
+duplicates: they flow through every curation stage and fill the dedup index). 8 copies ≈ 35 MB, the size
+of the outside comparison's input. Tokenizer: a byte-level BPE `tokenizer.json` (HF `tokenizers`,
 32k vocabulary) trained on the KJV here. Each command runs in its own process under `/usr/bin/time -v`
 (peak RSS); throughput is what the command reports (its clock starts after imports). The raw tokenizer
-baseline: `tokenizers`' `encode_batch` over the same texts in batches, already in memory, with the same
-threads (RAYON_NUM_THREADS), timed alone.
+baseline: `tokenizers`' `encode_batch` and `encode_batch_fast` (the faster counts) over the same texts in
+batches of 1024, already in memory, with the same threads (RAYON_NUM_THREADS), timed alone. Every
+measurement runs `--rounds` times, interleaved with the others (the machine may be shared); medians.
 """
 
 from __future__ import annotations
@@ -64,11 +66,12 @@ import json, os, sys, time
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1])
 texts = [json.loads(line)["text"] for line in open(sys.argv[2])]
-tok.encode_batch(texts[:64], add_special_tokens=False)  # the thread pool starts
+encode = getattr(tok, sys.argv[3])
+encode(texts[:64], add_special_tokens=False)  # the thread pool starts
 t0 = time.perf_counter()
 n = 0
 for i in range(0, len(texts), 1024):
-    n += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 1024], add_special_tokens=False))
+    n += sum(len(e.ids) for e in encode(texts[i:i + 1024], add_special_tokens=False))
 print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t0}))
 """
 
@@ -85,50 +88,80 @@ def measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
 
 
 def main() -> int:
+    import statistics
+
     p = argparse.ArgumentParser()
-    p.add_argument("--copies", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--copies", type=int, nargs="+", default=[1, 8])
     p.add_argument("--workers", type=int, default=2, help="tokenizer threads (preprocess --workers)")
     p.add_argument("--only", choices=("preprocess", "curate"), default=None)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--code", default=str(REPO), help="the scaletrain checkout to measure (PYTHONPATH)")
+    p.add_argument("--baseline-code", default=None, help="another checkout, measured interleaved with --code")
     p.add_argument("--work", default=None, help="keep corpora here (default: a temporary folder)")
     args = p.parse_args()
-    env = {**os.environ, "PYTHONPATH": f"{args.code}:{args.code}/kernels", "RAYON_NUM_THREADS": str(args.workers),
-           "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+    def env_for(code: str) -> dict:
+        return {**os.environ, "PYTHONPATH": f"{code}:{code}/kernels", "RAYON_NUM_THREADS": str(args.workers),
+                "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+    codes = {"this": args.code, **({"baseline": args.baseline_code} if args.baseline_code else {})}
     py = sys.executable
     load_before = os.getloadavg()[0]
-    rows = []
+    results: dict[tuple, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         tok = work / "tok"
         if not (tok / "tokenizer.json").is_file():
             train_tokenizer(tok)
+        corpora = {}
         for copies in args.copies:
-            corpus = work / f"kjv_x{copies}.jsonl"
-            if not corpus.is_file():
-                build_corpus(corpus, copies)
-            mb = corpus.stat().st_size / 1e6
-            if args.only in (None, "preprocess"):
-                raw = json.loads(subprocess.run([py, "-c", RAW, str(tok / "tokenizer.json"), str(corpus)], env=env,
-                                                capture_output=True, text=True, check=True).stdout)
-                out, rss, wall = measured([py, "-m", "scaletrain.cli", "data", "preprocess", "--input", str(corpus),
-                                           "--tokenizer", str(tok), "--output-prefix", str(work / f"x{copies}"),
-                                           "--workers", str(args.workers)], env)
-                tps = float(re.search(r"([\d,]+) tokens/s", out).group(1).replace(",", ""))
-                rows.append(("preprocess", copies, mb, rss, wall, f"{tps:,.0f} tok/s", f"raw tokenizer "
-                             f"{raw['tokens'] / raw['seconds']:,.0f} tok/s ({100 * tps / (raw['tokens'] / raw['seconds']):.0f}%)"))
-            if args.only in (None, "curate"):
-                out, rss, wall = measured([py, "-m", "scaletrain.cli", "data", "curate", "--input", str(corpus),
-                                           "--output", str(work / f"x{copies}.curated.jsonl")], env)
-                rate = re.search(r"([\d,]+) docs/s", out).group(1)
-                kept = re.search(r"kept (\d+ \([\d.]+%\))", out).group(1)
-                rows.append(("curate", copies, mb, rss, wall, f"{rate} docs/s", f"kept {kept}"))
+            corpora[copies] = work / f"kjv_x{copies}.jsonl"
+            if not corpora[copies].is_file():
+                build_corpus(corpora[copies], copies)
+        for _ in range(args.rounds):
+            for copies, corpus in corpora.items():
+                if args.only in (None, "preprocess"):
+                    for fn in ("encode_batch", "encode_batch_fast"):
+                        raw = json.loads(subprocess.run([py, "-c", RAW, str(tok / "tokenizer.json"), str(corpus), fn],
+                                                        env=env_for(args.code), capture_output=True, text=True,
+                                                        check=True).stdout)
+                        results.setdefault(("raw " + fn, copies), []).append(raw["tokens"] / raw["seconds"])
+                    for name, code in codes.items():
+                        out, rss, wall = measured([py, "-m", "scaletrain.cli", "data", "preprocess", "--input",
+                                                   str(corpus), "--tokenizer", str(tok), "--output-prefix",
+                                                   str(work / f"x{copies}_{name}"), "--workers", str(args.workers)],
+                                                  env_for(code))
+                        tps = float(re.search(r"([\d,]+) tokens/s", out).group(1).replace(",", ""))
+                        results.setdefault(("preprocess", name, copies), []).append((rss, wall, tps))
+                if args.only in (None, "curate"):
+                    for name, code in codes.items():
+                        out, rss, wall = measured([py, "-m", "scaletrain.cli", "data", "curate", "--input", str(corpus),
+                                                   "--output", str(work / f"x{copies}_{name}.curated.jsonl")],
+                                                  env_for(code))
+                        rate = float(re.search(r"([\d,]+) docs/s", out).group(1).replace(",", ""))
+                        kept = re.search(r"kept (\d+ \([\d.]+%\))", out).group(1)
+                        results.setdefault(("curate", name, copies), []).append((rss, wall, rate, kept))
+    med = statistics.median
     print(f"\nload average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; {args.workers} tokenizer threads; "
-          f"code {args.code}")
-    print("| command | corpus | MB | peak RSS MiB | wall s | throughput | note |")
-    print("|---|---|---|---|---|---|---|")
-    for cmd, copies, mb, rss, wall, rate, note in rows:
-        print(f"| {cmd} | KJV×{copies} | {mb:.0f} | {rss:.0f} | {wall:.1f} | {rate} | {note} |")
+          f"{args.rounds} interleaved rounds, medians; this = {args.code}"
+          + (f", baseline = {args.baseline_code}" if args.baseline_code else ""))
+    print("| command | code | corpus | MB | peak RSS MiB | wall s | throughput | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, vals in results.items():
+        if key[0] == "preprocess":
+            _, name, copies = key
+            raw = max(med(results[("raw encode_batch", copies)]), med(results[("raw encode_batch_fast", copies)]))
+            tps = med(v[2] for v in vals)
+            print(f"| preprocess | {name} | KJV×{copies} | {corpora[copies].stat().st_size / 1e6:.0f} | "
+                  f"{med(v[0] for v in vals):.0f} | {med(v[1] for v in vals):.1f} | {tps:,.0f} tok/s | "
+                  f"{100 * tps / raw:.0f}% of the raw tokenizer ({raw:,.0f} tok/s; encode_batch "
+                  f"{med(results[('raw encode_batch', copies)]):,.0f}) |")
+        elif key[0] == "curate":
+            _, name, copies = key
+            print(f"| curate | {name} | KJV×{copies} | {corpora[copies].stat().st_size / 1e6:.0f} | "
+                  f"{med(v[0] for v in vals):.0f} | {med(v[1] for v in vals):.1f} | {med(v[2] for v in vals):,.0f} "
+                  f"docs/s | kept {vals[0][3]} |")
     return 0
 
 

@@ -46,10 +46,11 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     """input_ids [b, s] → [b, s + n]: argmax continuation over the model's whole vocabulary, rows that
     hit eos filled with eos, n the longest completion (≤ max_new_tokens). All rows in one batch."""
     rows = input_ids.tolist()
+    cfg = getattr(model, "cfg", None)
     completions, _ = sample_completions(
         model, dims, rows, None, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
         stop_ids=set() if eos_id is None else {eos_id}, pad_id=0 if eos_id is None else eos_id,
-        vocab_limit=model.cfg.vocab_size if hasattr(model, "cfg") else 2**62, micro_batch=max(len(rows), 1),
+        vocab_limit=int(cfg.vocab_size) if cfg is not None else 2**62, micro_batch=max(len(rows), 1),
         precision=precision or _precision_of(model), device=input_ids.device)
     n = max((len(c) for c in completions), default=0)
     fill = 0 if eos_id is None else eos_id
@@ -67,13 +68,14 @@ def generate_turn(model: torch.nn.Module, prompt_ids: list[int], tokenizer, *, m
     come from the tokenizer's vocabulary. Stops at the model's max_position_embeddings (ContextFull
     when the prompt already reaches it). Runs on the model's device."""
     max_new_tokens = _room(model, len(prompt_ids), max_new_tokens)
-    sampled = temperature > 0
-    if sampled and generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    generators = None
+    if temperature > 0:
+        generators = [generator if generator is not None else
+                      torch.Generator().manual_seed(int(torch.randint(2**62, ())))]
     stop_ids = stop_ids_for(tokenizer, stop_text)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     completions, _ = sample_completions(
-        model, dims, [list(prompt_ids)], [generator] if sampled else None, group_size=1,
+        model, dims, [list(prompt_ids)], generators, group_size=1,
         max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids, stop_text=stop_text or None,
         decode=tokenizer.decode, pad_id=pad, vocab_limit=tokenizer.vocab_size, micro_batch=1,
         precision=precision or _precision_of(model), device=next(model.parameters()).device)
