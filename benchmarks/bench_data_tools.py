@@ -11,8 +11,9 @@ of the outside comparison's input. Tokenizer: a byte-level BPE `tokenizer.json` 
 32k vocabulary) trained on the KJV here. Each command runs in its own process under `/usr/bin/time -v`
 (peak RSS); throughput is what the command reports (its clock starts after imports). The raw tokenizer
 baseline: `tokenizers`' `encode_batch` and `encode_batch_fast` (the faster counts) over the same texts in
-batches of 1024, already in memory, with the same threads (RAYON_NUM_THREADS), timed alone. Every
-measurement runs `--rounds` times, interleaved with the others (the machine may be shared); medians.
+batches of 1024, already in memory, with the same threads (RAYON_NUM_THREADS), timed alone, right before each preprocess run: the ratio is taken per
+round, then its median. Every measurement runs `--rounds` times, interleaved with the others (the
+machine may be shared); medians.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t0}))
 
 
 def measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
-    """(stdout, peak RSS MiB, wall seconds) of cmd under /usr/bin/time -v."""
+    """(stdout, peak RSS MiB, wall seconds) of cmd under /usr/bin/time -v, run from the measured checkout
+    (`python -m` puts the working directory first on the path)."""
     t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env,
+                         cwd=env["PYTHONPATH"].split(":")[0])
     wall = time.perf_counter() - t0
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
@@ -133,7 +136,8 @@ def main() -> int:
                                                    str(work / f"x{copies}_{name}"), "--workers", str(args.workers)],
                                                   env_for(code))
                         tps = float(re.search(r"([\d,]+) tokens/s", out).group(1).replace(",", ""))
-                        results.setdefault(("preprocess", name, copies), []).append((rss, wall, tps))
+                        raw = max(results[("raw " + fn, copies)][-1] for fn in ("encode_batch", "encode_batch_fast"))
+                        results.setdefault(("preprocess", name, copies), []).append((rss, wall, tps, tps / raw))
                 if args.only in (None, "curate"):
                     for name, code in codes.items():
                         out, rss, wall = measured([py, "-m", "scaletrain.cli", "data", "curate", "--input", str(corpus),
@@ -155,8 +159,8 @@ def main() -> int:
             tps = med(v[2] for v in vals)
             print(f"| preprocess | {name} | KJV×{copies} | {corpora[copies].stat().st_size / 1e6:.0f} | "
                   f"{med(v[0] for v in vals):.0f} | {med(v[1] for v in vals):.1f} | {tps:,.0f} tok/s | "
-                  f"{100 * tps / raw:.0f}% of the raw tokenizer ({raw:,.0f} tok/s; encode_batch "
-                  f"{med(results[('raw encode_batch', copies)]):,.0f}) |")
+                  f"{100 * med(v[3] for v in vals):.0f}% of the raw tokenizer run just before it (medians: raw "
+                  f"{raw:,.0f} tok/s; encode_batch {med(results[('raw encode_batch', copies)]):,.0f}) |")
         elif key[0] == "curate":
             _, name, copies = key
             print(f"| curate | {name} | KJV×{copies} | {corpora[copies].stat().st_size / 1e6:.0f} | "

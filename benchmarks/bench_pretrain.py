@@ -1,6 +1,6 @@
 """Pretraining-vertical benchmark: preprocessing tokens/s, training tokens/s, framework overhead.
 
-    python benchmarks/bench_pretrain.py [--quick] [--only tiny|wide]
+    python benchmarks/bench_pretrain.py [--quick] [--only tiny|wide] [--steps N]
 
 The overhead is measured against an independent baseline: a plain training loop over transformers'
 `LlamaForCausalLM` of the same config, holding scaletrain's initial weights (converted with
@@ -9,11 +9,14 @@ dataset), with the same AdamW settings (decay on matrices only, foreach), the sa
 schedule and grad-norm clipping — forward, F.cross_entropy, backward, clip, step, and reading the loss
 every step. Its losses are checked against the run's (same training, so they agree to float32
 rounding). A second baseline, the same loop over scaletrain's own model class, separates the model's
-cost from the framework's. The framework side is `Trainer.run()` exactly as `scaletrain train`
-builds it (Megatron dataset and loader, objective, schedule, normalisation, metrics.jsonl).
-The three run interleaved over several rounds (the machine may be shared: interleaving spreads load
-over all three), same thread count; the table reports the median step time of each.
-Target: overhead ≤ 3% against the transformers loop.
+cost from the framework's. The framework side is the Trainer exactly as `scaletrain train` builds it
+(Megatron dataset and loader, objective, schedule, normalisation, metrics and metrics.jsonl), stepped
+through its loop body `Trainer._step` (what `run()` repeats). The three run in lockstep in one process —
+step i of each, in an order rotating every step — so the load of a shared machine falls on all three
+alike; same thread count, a few warm-up steps untimed. Reported: the median over steps of the per-step
+ratio of wall time, and of the process's CPU time (user + system: what each step cost in work, which
+other jobs on the machine disturb far less than wall time; set OMP_WAIT_POLICY=PASSIVE so waiting
+threads do not spin). Target: overhead ≤ 3% against the transformers loop.
 """
 
 from __future__ import annotations
@@ -49,24 +52,6 @@ def bench_preprocess(work: Path, tokenizer: Path) -> list[tuple[int, float, int]
     return rows
 
 
-def _framework_step_time(config: str, overrides: list[str], steps: int, run_dir: Path) -> tuple[float, list[float]]:
-    """Seconds per step of `Trainer.run()`, and the losses it logged."""
-    import json
-
-    from scaletrain.train import build_trainer
-
-    cfg = load_config(config, overrides + [f"train.steps={steps}", f"train.run_dir={run_dir}"])
-    trainer = build_trainer(cfg)
-    try:
-        t0 = time.perf_counter()
-        trainer.run()
-        dt = (time.perf_counter() - t0) / steps
-    finally:
-        trainer.sinks.close()
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return dt, losses
-
-
 def _run_batches(config: str, overrides: list[str], steps: int, run_dir: Path) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The (tokens, labels) microbatches of the run's first `steps` steps, from its own data loader."""
     from scaletrain.train import build_trainer
@@ -97,17 +82,14 @@ def _hf_model(cfg) -> torch.nn.Module:
     return model.train()
 
 
-def _plain_step_time(cfg, model: torch.nn.Module, steps: list[list[tuple[torch.Tensor, torch.Tensor]]],
-                     hf: bool) -> tuple[float, list[float]]:
-    """Seconds per step of a plain loop over `model` (transformers' or scaletrain's class), and its losses."""
+def _plain_loop(cfg, model: torch.nn.Module, steps: list[list[tuple[torch.Tensor, torch.Tensor]]], hf: bool):
+    """A plain training loop over `model` (transformers' or scaletrain's class): yields each step's loss."""
     from scaletrain.trainer.lr_schedule import lr_at
     from scaletrain.trainer.optimizer import param_groups
 
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             foreach=True)
-    losses = []
-    t0 = time.perf_counter()
     for i, micro_batches in enumerate(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(i, o, len(steps))
@@ -120,43 +102,66 @@ def _plain_step_time(cfg, model: torch.nn.Module, steps: list[list[tuple[torch.T
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad, foreach=True)
         opt.step()
-        losses.append(float(total))  # the framework reads its loss every step too
-    return (time.perf_counter() - t0) / len(steps), losses
+        yield float(total)  # the framework reads its loss every step too
 
 
-def bench_training(name: str, config: str, overrides: list[str], steps: int, rounds: int, work: Path) -> dict:
+def _framework_loop(config: str, overrides: list[str], steps: int, run_dir: Path):
+    """`scaletrain train`'s Trainer, one loop body (`Trainer._step`, what `run()` repeats) per next()."""
+    import json
+
+    from scaletrain.train import build_trainer
+
+    cfg = load_config(config, overrides + [f"train.steps={steps}", f"train.run_dir={run_dir}"])
+    trainer = build_trainer(cfg)
+    trainer.model.train()
+    try:
+        for _ in range(steps):
+            trainer._step(0)
+            yield None
+    finally:
+        trainer.sinks.close()
+    yield [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def bench_training(name: str, config: str, overrides: list[str], steps: int, warmup: int, work: Path) -> dict:
+    """The three loops in lockstep: step i of each, in an order that rotates every step, so that the
+    machine's load (shared with other jobs) falls on all three alike; per-step times, medians."""
     cfg = load_config(config, overrides)
     model_cfg = resolve_model(cfg.model, tokenizer_vocab=2048, tp=1, seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     t = cfg.train
-    batches = _run_batches(config, overrides, steps, work / f"{name}-data")
-    warm = batches[:2]
-
-    def ours():
-        model = build_model(cfg.model)
-        init_parameters(model, cfg.train.seed)
-        return model.train()
-
-    # Warm up every path (allocator, thread pools, first-call overheads) before timing.
-    _framework_step_time(config, overrides, 2, work / f"{name}-warm")
-    _plain_step_time(cfg, _hf_model(cfg), warm, hf=True)
-    _plain_step_time(cfg, ours(), warm, hf=False)
-    fw, hf, plain = [], [], []
-    for r in range(rounds):
-        # Each loop starts from the initial weights, so all three train the same steps from the same state.
-        f_s, f_losses = _framework_step_time(config, overrides, steps, work / f"{name}-{r}")
-        fw.append(f_s)
-        h_s, h_losses = _plain_step_time(cfg, _hf_model(cfg), batches, hf=True)
-        hf.append(h_s)
-        p_s, _ = _plain_step_time(cfg, ours(), batches, hf=False)
-        plain.append(p_s)
+    total = warmup + steps
+    batches = _run_batches(config, overrides, total, work / f"{name}-data")
+    ours = build_model(cfg.model)
+    init_parameters(ours, cfg.train.seed)
+    loops = {"framework": _framework_loop(config, overrides, total, work / f"{name}-run"),
+             "hf": _plain_loop(cfg, _hf_model(cfg), batches, hf=True),
+             "plain": _plain_loop(cfg, ours.train(), batches, hf=False)}
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    cpu: dict[str, list[float]] = {k: [] for k in loops}
+    losses: dict[str, list[float]] = {"hf": []}
+    names = list(loops)
+    for i in range(total):
+        for k in names[i % 3:] + names[:i % 3]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = next(loops[k])
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+            if k == "hf":
+                losses["hf"].append(out)
+    f_losses = next(loops["framework"])
+    med = statistics.median
     tokens = t.global_batch_size * t.seq_length
-    f_med, h_med, p_med = statistics.median(fw), statistics.median(hf), statistics.median(plain)
-    loss_gap = max(abs(a - b) / abs(b) for a, b in zip(f_losses, h_losses))
+    f_med, h_med, p_med = med(times["framework"]), med(times["hf"]), med(times["plain"])
+    loss_gap = max(abs(a - b) / abs(b) for a, b in zip(f_losses, losses["hf"]))
     return {"name": name, "params": parameter_counts(model_cfg)["total"], "tokens_per_step": tokens,
             "framework_tok_s": tokens / f_med, "hf_tok_s": tokens / h_med, "plain_tok_s": tokens / p_med,
-            "overhead": f_med / h_med - 1, "model_vs_hf": p_med / h_med - 1, "framework_s": f_med, "hf_s": h_med,
-            "plain_s": p_med, "loss_gap": loss_gap, "rounds": {"framework": fw, "hf": hf, "plain": plain}}
+            "overhead": med([f / h for f, h in zip(times["framework"], times["hf"])]) - 1,
+            "overhead_cpu": med([f / h for f, h in zip(cpu["framework"], cpu["hf"])]) - 1,
+            "model_vs_hf_cpu": med([p / h for p, h in zip(cpu["plain"], cpu["hf"])]) - 1,
+            "cpu_ms": {k: 1e3 * med(v) for k, v in cpu.items()},
+            "loss_gap": loss_gap, "steps": steps}
 
 
 WIDE = ["model.hidden_size=1024", "model.num_heads=16", "model.num_kv_heads=8", "model.ffn_hidden_size=2816",
@@ -168,9 +173,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke run)")
     ap.add_argument("--only", choices=("tiny", "wide"), default=None, help="one training shape (and no preprocessing)")
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5; --quick 2)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per loop (default: tiny 60, wide 12; --quick 5)")
     args = ap.parse_args()
-    threads = 2
+    threads = args.threads
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,15 +191,14 @@ def main() -> int:
                   "checkpoint.save_at_end=false", "checkpoint.interval=0", "logging.tensorboard=false",
                   "logging.interval=1000000", f"train.threads={threads}", "train.deterministic=false",
                   "train.device=cpu", "precision.dtype=float32", "optim.warmup_steps=0"]
-        rounds = args.rounds or (2 if args.quick else 5)
         rows = []
         if args.only in (None, "tiny"):
             rows.append(bench_training("tiny (configs/tiny.toml, fp32)", str(REPO / "configs/tiny.toml"), common,
-                                       5 if args.quick else 20, rounds, work))
+                                       args.steps or (5 if args.quick else 60), 3, work))
         if args.only in (None, "wide"):
             rows.append(bench_training("1024-wide (tiny.toml + h1024, 16/8 heads, ffn 2816, 2 layers), fp32",
-                                       str(REPO / "configs/tiny.toml"), common + WIDE, 3 if args.quick else 6,
-                                       rounds, work))
+                                       str(REPO / "configs/tiny.toml"), common + WIDE,
+                                       args.steps or (5 if args.quick else 12), 2, work))
     load_after = os.getloadavg()
     print(f"\n# scaletrain pretraining benchmark — {time.strftime('%Y-%m-%d %H:%M')}")
     import transformers
@@ -205,16 +210,17 @@ def main() -> int:
         print("|---|---|---|")
         for workers, tps, tokens in pre:
             print(f"| {workers} worker{'s' if workers > 1 else ''} | {tokens:,} | {tps:,.0f} |")
-    print("\n| training config | params | tokens/step | scaletrain tok/s | transformers loop tok/s | overhead | "
-          "same loop, scaletrain's model | max loss gap |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| training config | params | tokens/step | steps | scaletrain tok/s | transformers loop tok/s | "
+          "overhead, wall | overhead, CPU time | CPU ms/step: scaletrain, transformers loop, same loop on "
+          "scaletrain's model | max loss gap |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for r in rows:
-        print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {r['framework_tok_s']:,.0f} | "
-              f"{r['hf_tok_s']:,.0f} | {100 * r['overhead']:+.1f}% | {r['plain_tok_s']:,.0f} ({100 * r['model_vs_hf']:+.1f}%) | "
-              f"{r['loss_gap']:.1e} |")
-        print("  per round (s/step): " + "; ".join(f"{k} " + ", ".join(f"{v:.4f}" for v in vs)
-                                              for k, vs in r["rounds"].items()))
+        c = r["cpu_ms"]
+        print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {r['steps']} | "
+              f"{r['framework_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | {100 * r['overhead']:+.1f}% | "
+              f"{100 * r['overhead_cpu']:+.1f}% | {c['framework']:.1f}, {c['hf']:.1f}, {c['plain']:.1f} "
+              f"({100 * r['model_vs_hf_cpu']:+.1f}%) | {r['loss_gap']:.1e} |")
         ok &= r["overhead"] <= 0.03
     print(f"\nframework overhead ≤ 3% against the transformers loop on every config: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
