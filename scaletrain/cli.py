@@ -19,8 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scaletrain.checkpoint.io import CheckpointError
-from scaletrain.train import EXIT_BAD_INPUT, EXIT_OK, add_train_args, train_command
+EXIT_OK, EXIT_BAD_INPUT = 0, 2  # scaletrain.train's; imported lazily so that the data tools never load torch
 
 
 def _builtin(inputs: list[str]) -> list[str]:
@@ -30,14 +29,12 @@ def _builtin(inputs: list[str]) -> list[str]:
 
 
 def _iter_texts(inputs: list[str], text_key: str):
-    import datasets
-
     from scaletrain.data.inputs import checked_rows
     from scaletrain.data.preprocess import input_format
+    from scaletrain.data.rows import iter_rows
 
     fmt = input_format(inputs, "train a tokenizer on")
-    ds = datasets.load_dataset(fmt, data_files=inputs, split="train", streaming=True)
-    for row in checked_rows(ds, inputs, text_key):
+    for row in checked_rows(iter_rows(inputs, fmt), inputs, text_key):  # streamed as `data preprocess` reads
         if text_key not in row:
             raise KeyError(f"input rows have no '{text_key}' field (fields: {', '.join(row)}); pass --text-key.")
         yield row[text_key] or ""
@@ -47,7 +44,7 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     from scaletrain.data.tokenizer import train_sentencepiece
 
     path = train_sentencepiece(_iter_texts(_builtin(args.input), args.text_key), args.output, args.vocab_size,
-                               threads=args.workers)
+                               threads=args.workers or 1)
     print(f"wrote {path} (SentencePiece BPE, {args.vocab_size} tokens, byte fallback)")
     return EXIT_OK
 
@@ -105,45 +102,15 @@ def _cmd_from_hf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="pretrain from a run file")
-    add_train_args(train)
-    train.set_defaults(func=train_command)
-    sft = sub.add_parser("sft", help="supervised fine-tuning on chat data ([posttrain] section; = train with "
-                                     "posttrain.objective=sft)")
-    add_train_args(sft)
-    sft.set_defaults(func=lambda a: train_command(a, objective="sft"))
-    dpo = sub.add_parser("dpo", help="preference optimisation (DPO, IPO, hinge, SimPO) on prompt/chosen/rejected "
-                                     "rows ([posttrain] section; = train with posttrain.objective=dpo)")
-    add_train_args(dpo)
-    dpo.set_defaults(func=lambda a: train_command(a, objective="dpo"))
-    reward = sub.add_parser("reward", help="train a reward model (Bradley–Terry, score head) on prompt/chosen/rejected "
-                                           "rows ([posttrain] section; = train with posttrain.objective=reward)")
-    add_train_args(reward)
-    reward.set_defaults(func=lambda a: train_command(a, objective="reward"))
-    grpo = sub.add_parser("grpo", help="RL on verifiable rewards (GRPO: sampled groups, group-relative advantages; "
-                                       "[posttrain] section; = train with posttrain.objective=grpo)")
-    add_train_args(grpo)
-    grpo.set_defaults(func=lambda a: train_command(a, objective="grpo"))
-    ppo = sub.add_parser("ppo", help="RLHF with PPO: a learned critic, per-token KL-penalised rewards, GAE and the "
-                                     "clipped surrogate (= train with posttrain.objective=ppo)")
-    add_train_args(ppo)
-    ppo.set_defaults(func=lambda a: train_command(a, objective="ppo"))
-    distill = sub.add_parser("distill", help="knowledge distillation: match posttrain.teacher's next-token "
-                                             "distributions (KL, vocab-parallel) on pretraining data or chat rows "
-                                             "(= train with posttrain.objective=distill)")
-    add_train_args(distill)
-    distill.set_defaults(func=lambda a: train_command(a, objective="distill"))
-
+def _add_data_commands(sub) -> None:
+    """`scaletrain data …`: parsed without importing torch or the trainer (their memory and start-up)."""
     data = sub.add_parser("data", help="tokenizers and datasets").add_subparsers(dest="data_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--input", nargs="+", required=True,
                         help="jsonl/json/parquet/txt files (gzip ok); 'builtin:kjv' is the bundled corpus")
     common.add_argument("--text-key", default="text", help="field holding the text (default: text)")
-    common.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    common.add_argument("--workers", type=int, default=None,
+                        help="threads: tokenizer training (default 1), tokenizing in preprocess (default: every core)")
     tok = data.add_parser("tokenizer", parents=[common], help="train a SentencePiece BPE tokenizer")
     tok.add_argument("--vocab-size", type=int, required=True)
     tok.add_argument("--output", required=True, help="output folder (tokenizer.model + transformers config)")
@@ -176,6 +143,44 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--tool-max-number", type=int, default=99,
                        help="largest operand of the tool-use form, tools_{train,test}.jsonl (default 99)")
     synth.set_defaults(func=_cmd_synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from scaletrain.train import add_train_args, train_command
+
+    parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="pretrain from a run file")
+    add_train_args(train)
+    train.set_defaults(func=train_command)
+    sft = sub.add_parser("sft", help="supervised fine-tuning on chat data ([posttrain] section; = train with "
+                                     "posttrain.objective=sft)")
+    add_train_args(sft)
+    sft.set_defaults(func=lambda a: train_command(a, objective="sft"))
+    dpo = sub.add_parser("dpo", help="preference optimisation (DPO, IPO, hinge, SimPO) on prompt/chosen/rejected "
+                                     "rows ([posttrain] section; = train with posttrain.objective=dpo)")
+    add_train_args(dpo)
+    dpo.set_defaults(func=lambda a: train_command(a, objective="dpo"))
+    reward = sub.add_parser("reward", help="train a reward model (Bradley–Terry, score head) on prompt/chosen/rejected "
+                                           "rows ([posttrain] section; = train with posttrain.objective=reward)")
+    add_train_args(reward)
+    reward.set_defaults(func=lambda a: train_command(a, objective="reward"))
+    grpo = sub.add_parser("grpo", help="RL on verifiable rewards (GRPO: sampled groups, group-relative advantages; "
+                                       "[posttrain] section; = train with posttrain.objective=grpo)")
+    add_train_args(grpo)
+    grpo.set_defaults(func=lambda a: train_command(a, objective="grpo"))
+    ppo = sub.add_parser("ppo", help="RLHF with PPO: a learned critic, per-token KL-penalised rewards, GAE and the "
+                                     "clipped surrogate (= train with posttrain.objective=ppo)")
+    add_train_args(ppo)
+    ppo.set_defaults(func=lambda a: train_command(a, objective="ppo"))
+    distill = sub.add_parser("distill", help="knowledge distillation: match posttrain.teacher's next-token "
+                                             "distributions (KL, vocab-parallel) on pretraining data or chat rows "
+                                             "(= train with posttrain.objective=distill)")
+    add_train_args(distill)
+    distill.set_defaults(func=lambda a: train_command(a, objective="distill"))
+
+    _add_data_commands(sub)
 
     conv = sub.add_parser("convert", help="Hugging Face checkpoint conversion").add_subparsers(
         dest="convert_command", required=True)
@@ -223,10 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    handled: tuple[type[Exception], ...] = (FileNotFoundError, FileExistsError, KeyError, ValueError)
+    if argv[:1] == ["data"]:  # the data tools alone: no torch, no trainer (~0.2 GB less resident memory)
+        parser = argparse.ArgumentParser(prog="scaletrain")
+        _add_data_commands(parser.add_subparsers(dest="command", required=True))
+    else:
+        from scaletrain.checkpoint.io import CheckpointError
+
+        parser, handled = build_parser(), (*handled, CheckpointError)
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, CheckpointError) as e:
+    except handled as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

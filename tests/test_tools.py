@@ -106,7 +106,7 @@ class ScriptedPolicy(torch.nn.Module):
         op = "-" if "gives away" in prompt else "+"
         return f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{a}{op}{b}"}}}}</tool_call>{end}'
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, **_) -> torch.Tensor:  # (no KV cache: the engine recomputes for it)
         seq = ids[0].tolist()
         if not (len(seq) == len(self.last) + 1 and seq[:-1] == self.last):
             self.turn_start = len(seq)  # a new prompt: the turn starts after it

@@ -115,3 +115,40 @@ def test_vocab_parallel_cross_entropy_at_tp1_matches_torch():
     (g_ours,) = torch.autograd.grad((ours * w).sum(), logits)
     (g_ref,) = torch.autograd.grad((ref * w).sum(), logits)
     assert torch.allclose(g_ours, g_ref, rtol=1e-12, atol=1e-15)
+    # The vocab-parallel function itself (what tp > 1 runs) at one rank gives the same numbers.
+    from scaletrain.distributed.comm import Comm
+    from scaletrain.nn.loss import _VocabParallelCrossEntropy
+
+    vp = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), labels.flatten(), Comm.single("tp")).view(2, 5)
+    (g_vp,) = torch.autograd.grad((vp * w).sum(), logits)
+    assert torch.allclose(vp, ref, rtol=1e-13, atol=0) and torch.allclose(g_vp, g_ref, rtol=1e-12, atol=1e-15)
+
+
+def test_cross_entropy_without_vocab_split_is_torchs():
+    """At tp = 1 the loss is torch's F.cross_entropy itself (bit for bit, forward and backward, on a
+    training-sized fp32 row block), not the vocab-parallel function: that one is ~2x slower there."""
+    from scaletrain.nn import cross_entropy_per_token
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 64, 512)).requires_grad_()
+    labels = torch.randint(0, 512, (2, 64))
+    ours = cross_entropy_per_token(logits, labels)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(2, 64)
+    assert torch.equal(ours, ref)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    assert torch.equal(g_ours, g_ref)
+
+
+def test_global_grad_norm_is_float64_accurate_in_every_dtype():
+    """The norm of float32 gradients comes from their own dtype's dot product (no float64 copy of every
+    gradient): still within 1e-5 of the float64 value on large, tiny-valued gradients; exact for float64."""
+    from scaletrain.parallel.grads import global_grad_norm
+
+    torch.manual_seed(0)
+    grads = [1e-3 * torch.randn(2_000_000), 1e-3 * torch.randn(300, 500), torch.randn(7)]
+    exact = sum(float(g.double().pow(2).sum()) for g in grads) ** 0.5
+    for dtype, rel in ((torch.float64, 1e-14), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        pairs = [(torch.nn.Parameter(g.to(dtype)), g.to(dtype)) for g in grads]
+        norm = global_grad_norm(pairs, None)
+        assert norm.dtype == torch.float64 and float(norm) == pytest.approx(exact, rel=rel), dtype

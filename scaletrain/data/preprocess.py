@@ -1,26 +1,27 @@
-"""`scaletrain data preprocess`: text corpora → Megatron .bin/.idx through HF `datasets`.
+"""`scaletrain data preprocess`: text corpora → Megatron .bin/.idx, as a stream.
 
-Reading (jsonl / json / parquet / text, gzip welcome) and tokenisation run through
-`datasets.Dataset.map` with `num_proc` worker processes and its progress bar; the token stream is
-written with megatron.core's IndexedDatasetBuilder, so Megatron reads what we write and we read
-what Megatron writes. A `PREFIX.meta.json` sidecar records which tokenizer wrote the data, so a
-vocabulary mismatch is caught before training. Outputs appear atomically (temporary names, then
-rename), so an interrupted run never leaves a half-written dataset under the final name.
+Rows are read a row at a time (data/rows.py: jsonl / json / parquet / text, gzip welcome; every format
+reads as HF `datasets` read it before), tokenised in batches by the tokenizer's
+own threaded batch encoder (`--workers` threads; HF `tokenizers` and SentencePiece both release the GIL),
+and written as they come (data/indexed_builder.py: the bytes megatron.core's IndexedDatasetBuilder
+writes, without importing it). Memory holds a batch of rows and 4 bytes per document, whatever the
+corpus size; nothing is cached on disk. A `PREFIX.meta.json` sidecar records which tokenizer wrote the
+data, so a vocabulary mismatch is caught before training. Outputs appear atomically (temporary names,
+then rename; removed on failure), so an interrupted run never leaves a half-written dataset under the
+final name.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scaletrain.data.inputs import check_text_column, malformed_input
+from scaletrain.data.inputs import checked_rows
 from scaletrain.data.tokenizer import load_tokenizer
 
 BUILTIN_CORPUS = Path(__file__).parent / "assets" / "kjv.jsonl.gz"
@@ -63,17 +64,12 @@ def input_format(inputs: list[str], what: str) -> str:
     return formats.pop()
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_cached(path: str):  # one load per worker process
-    return load_tokenizer(path)
-
-
-def _tokenize_batch(batch: dict, *, tokenizer_path: str, text_key: str, append_eod: bool, add_bos: bool) -> dict:
-    tok = _tokenizer_cached(tokenizer_path)
-    ids = tok.encode_batch([t or "" for t in batch[text_key]])
+def _tokenize_batch(texts: list, tok, *, append_eod: bool, add_bos: bool) -> list[list[int]]:
+    """Each text's ids with BOS / EOD added; [] for a text with no tokens (skipped, not a document)."""
+    ids = tok.encode_batch([t or "" for t in texts])
     prefix = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     suffix = [tok.eos_id] if append_eod else []
-    return {"ids": [prefix + x + suffix if x else [] for x in ids]}
+    return [prefix + x + suffix if x else [] for x in ids]
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -82,63 +78,54 @@ def token_dtype(vocab_size: int) -> type[np.number]:
 
 
 def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, *, text_key: str = "text",
-               workers: int = 1, append_eod: bool = True, add_bos: bool = False,
+               workers: int | None = None, append_eod: bool = True, add_bos: bool = False,
                batch_size: int = 256) -> PreprocessStats:
-    """Tokenize `inputs` and write `output_prefix`.bin/.idx/.meta.json; return throughput stats."""
-    import warnings
+    """Tokenize `inputs` and write `output_prefix`.bin/.idx/.meta.json; return throughput stats.
 
-    import datasets
+    workers: tokenizer threads (None: every core). HF `tokenizers` sizes its thread pool once per process,
+    from RAYON_NUM_THREADS at its first batch: set here, so it holds for the first call in a process."""
     from tqdm import tqdm
 
-    with warnings.catch_warnings():  # megatron.core warns about absent TE/apex; irrelevant to data
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from scaletrain.data.indexed_builder import IndexedBuilder
+    from scaletrain.data.rows import iter_rows, text_batches
 
     fmt = input_format(inputs, "preprocess")
+    threads = workers or os.cpu_count() or 1
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
     tok = load_tokenizer(tokenizer)
+    tok.threads = threads
     tok_path = str(tok.path)
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="scaletrain-hf-cache-", dir=out.parent) as cache:
-        with malformed_input(list(inputs), text_key):
-            ds = datasets.load_dataset(fmt, data_files=list(inputs), split="train", cache_dir=cache)
-        if text_key not in ds.column_names:
-            raise KeyError(f"inputs have no '{text_key}' field (fields: {', '.join(ds.column_names)}); "
-                           "pass --text-key with the field that holds the text.")
-        check_text_column(ds.features, list(inputs), text_key)
-        ds = ds.map(
-            _tokenize_batch, batched=True, batch_size=batch_size, num_proc=workers if workers > 1 else None,
-            remove_columns=ds.column_names, desc=f"tokenizing ({workers} worker{'s' if workers > 1 else ''})",
-            fn_kwargs={"tokenizer_path": tok_path, "text_key": text_key, "append_eod": append_eod, "add_bos": add_bos},
-        )
-        dtype = token_dtype(tok.vocab_size)
-        tmp_bin, tmp_idx = f"{out}.tmp-{os.getpid()}.bin", f"{out}.tmp-{os.getpid()}.idx"
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-        documents = tokens = skipped = max_id = 0
-        with tqdm(total=len(ds), desc="writing .bin/.idx", unit="doc", disable=None) as bar:
-            for batch in ds.with_format("numpy").iter(batch_size=1024):
-                for ids in batch["ids"]:
-                    if len(ids) == 0:
-                        skipped += 1
-                        continue
-                    arr = np.asarray(ids, dtype=dtype)
-                    builder.add_document(arr, [arr.size])
-                    documents += 1
-                    tokens += arr.size
-                    max_id = max(max_id, int(arr.max()))
-                bar.update(len(batch["ids"]))
+    rows = checked_rows(iter_rows(list(inputs), fmt), list(inputs), text_key)  # non-string text: named
+    dtype = token_dtype(tok.vocab_size)
+    tmp_bin, tmp_idx = f"{out}.tmp-{os.getpid()}.bin", f"{out}.tmp-{os.getpid()}.idx"
+    builder = IndexedBuilder(tmp_bin, dtype)
+    skipped = 0
+    try:
+        with tqdm(desc=f"tokenizing ({threads} thread{'s' if threads > 1 else ''})", unit="doc", disable=None) as bar:
+            for texts in text_batches(rows, text_key, batch_size):
+                docs = _tokenize_batch(texts, tok, append_eod=append_eod, add_bos=add_bos)
+                kept = [d for d in docs if d]
+                skipped += len(docs) - len(kept)
+                builder.add_documents(kept)
+                bar.update(len(docs))
         builder.finalize(tmp_idx)
-    if documents == 0:
-        os.unlink(tmp_bin)
-        os.unlink(tmp_idx)
-        raise ValueError(f"no non-empty documents in {', '.join(inputs)} (field '{text_key}').")
+        if builder.documents == 0:
+            raise ValueError(f"no non-empty documents in {', '.join(inputs)} (field '{text_key}').")
+    except BaseException:
+        builder.close()
+        for tmp in (tmp_bin, tmp_idx):
+            Path(tmp).unlink(missing_ok=True)
+        raise
     os.replace(tmp_bin, f"{out}.bin")
     os.replace(tmp_idx, f"{out}.idx")
     seconds = time.perf_counter() - t0
+    documents, tokens = builder.documents, builder.tokens
     meta = {
         "tokenizer": tok_path, "tokenizer_sha256": tok.fingerprint(), "tokenizer_vocab_size": tok.vocab_size,
-        "eod_id": tok.eos_id, "max_token_id": max_id, "documents": documents, "tokens": tokens,
+        "eod_id": tok.eos_id, "max_token_id": builder.max_id, "documents": documents, "tokens": tokens,
         "dtype": np.dtype(dtype).name, "append_eod": append_eod, "add_bos": add_bos, "inputs": list(inputs),
     }
     Path(f"{out}.meta.json").write_text(json.dumps(meta, indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from scaletrain.distributed.comm import Comm
 
@@ -70,8 +71,17 @@ def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor, tp: Comm
     """Per-token loss [b, s] from logits [b, s, V/tp] and labels [b, s], computed in at least float32.
 
     Placement: logits sharded over tp along V (the whole vocabulary when tp is None or of size 1);
-    labels and the result replicated over tp. fused: the Triton kernels (parallel.kernels).
+    labels and the result replicated over tp. fused: the Triton kernels (parallel.kernels). Labels are
+    token ids in [0, V) (positions not to be learnt are masked by the caller, not by a label value).
+
+    Where the vocabulary is not split (tp None or of size 1) the unfused loss is torch's own
+    `F.cross_entropy`: the same function, and about twice as fast forward + backward as the
+    vocab-parallel autograd function, whose collectives and saved softmax buy nothing there.
     """
+    if not fused and (tp is None or tp.size == 1):
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        flat = logits.reshape(-1, logits.shape[-1]).to(compute)
+        return F.cross_entropy(flat, labels.reshape(-1), reduction="none").view(labels.shape)
     if fused:
         flat = logits.reshape(-1, logits.shape[-1])
         comm = tp if tp is not None else Comm.single("tp")

@@ -59,7 +59,7 @@ def global_grad_norm(pairs: GradPairs, dims: ParallelDims | None, *, sharded_ove
     def sq(gs: list[torch.Tensor]) -> torch.Tensor:
         if not gs:
             return torch.zeros(1, dtype=acc, device=device)
-        return torch.stack([torch.linalg.vector_norm(g, dtype=acc) for g in gs]).pow(2).sum().reshape(1)
+        return torch.stack([_squared_norm(g, acc) for g in gs]).sum().reshape(1)
 
     is_sharded = [tp > 1 and spec_of(p).shard_dim is not None for p, _ in pairs]
     total = sq([g for (_, g), s in zip(pairs, is_sharded) if not s])
@@ -72,3 +72,13 @@ def global_grad_norm(pairs: GradPairs, dims: ParallelDims | None, *, sharded_ove
     if dims is not None and dims.pp > 1:
         dims.comm("pp").all_reduce(total)
     return total[0].sqrt()
+
+
+def _squared_norm(g: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Σ g², as `acc`. float32 / float64 gradients: a BLAS dot product in their own dtype (blocked
+    accumulation: ~1e-6 relative in float32), not a cast of the whole gradient to float64, which cost
+    ~3x the time (2-6% of a step at width 1024 on CPU); lower precisions accumulate in float64."""
+    if g.dtype in (torch.float32, torch.float64):
+        flat = g.reshape(-1)
+        return torch.dot(flat, flat).to(acc)
+    return torch.linalg.vector_norm(g, dtype=acc).pow(2)

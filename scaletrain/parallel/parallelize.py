@@ -12,8 +12,9 @@ parallelism: bucketed gradient all-reduce hooks over dp × cp (`model.grad_bucke
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -142,6 +143,8 @@ def compile_blocks(model: torch.nn.Module) -> None:
 def eager():
     """Inside this context the compiled blocks run eager: for passes whose shapes change every call (a new
     token per decoding step, evaluation rows of any width), which would otherwise recompile."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process: no stance to set (and
+        return nullcontext()               # setting one imports dynamo, ~2 s before a chat's first token)
     return torch.compiler.set_stance("force_eager")
 
 

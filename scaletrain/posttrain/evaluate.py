@@ -8,29 +8,37 @@ import torch
 from scaletrain.data.synth import Problem, check_answer
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.posttrain.chat import ChatRenderer
-from scaletrain.posttrain.generate import greedy_generate
 from scaletrain.posttrain.preference_losses import sequence_logprobs
 from scaletrain.posttrain.tool_loop import respond
 from scaletrain.posttrain.tools import Tool
+from scaletrain.trainer.precision import Precision
 
 
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, renderer: ChatRenderer, problems: list[Problem], *,
-                max_new_tokens: int = 16, prompt_format: str = "chat") -> float:
+                max_new_tokens: int = 16, prompt_format: str = "chat", micro_batch: int = 64) -> float:
     """Fraction of problems whose greedy answer contains 'The answer is <right number>'.
 
     prompt_format 'chat': the renderer's generation prompt after the user turn; 'text': the
-    pretraining format ('Question: …\\nAnswer:')."""
+    pretraining format ('Question: …\\nAnswer:'). Answers run to eos or max_new_tokens, decoded
+    `micro_batch` problems at a time on the KV-cache engine (posttrain/rollout.py)."""
+    from scaletrain.posttrain.rollout import sample_completions
+
     tok = renderer.tokenizer
-    correct = 0
-    for p in problems:
-        if prompt_format == "chat":
-            ids = renderer.prompt_ids([{"role": "user", "content": p.question}])
-        else:
-            ids = tok.encode(f"Question: {p.question}\nAnswer:")
-        out = greedy_generate(model, torch.tensor([ids]), max_new_tokens, eos_id=tok.eos_id)
-        correct += check_answer(tok.decode(out[0, len(ids):].tolist()), p.answer)
-    return correct / max(len(problems), 1)
+    if prompt_format == "chat":
+        prompts = [renderer.prompt_ids([{"role": "user", "content": p.question}]) for p in problems]
+    else:
+        prompts = [tok.encode(f"Question: {p.question}\nAnswer:") for p in problems]
+    if not prompts:
+        return 0.0
+    param = next(model.parameters())
+    completions, _ = sample_completions(
+        model, None, prompts, None, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
+        stop_ids={tok.eos_id}, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id,
+        vocab_limit=tok.vocab_size, micro_batch=micro_batch,
+        precision=Precision(param.dtype, None, param.device.type, "eval"), device=param.device)
+    correct = sum(check_answer(tok.decode(c), p.answer) for c, p in zip(completions, problems))
+    return correct / len(problems)
 
 
 @torch.no_grad()
@@ -94,7 +102,6 @@ def sampled_accuracy(model: torch.nn.Module, renderer: ChatRenderer, problems: l
     """Share of (problem, sample) pairs whose answer is right, batched with the rollout sampler (KV
     cache): `samples` completions per problem at `temperature` (0: one greedy completion each)."""
     from scaletrain.posttrain.rollout import sample_completions, sampling_generator, stop_ids_for
-    from scaletrain.trainer.precision import Precision
 
     tok = renderer.tokenizer
     param = next(model.parameters())
