@@ -84,6 +84,25 @@ def test_a_latest_directory_or_only_incomplete_checkpoints_are_refused(tmp_path,
     assert _snapshot(ckpts) == before
 
 
+def test_convert_to_hf_without_latest_exports_the_newest_complete_checkpoint(tmp_path, tokenizer_dir,
+                                                                            dataset_prefix, capsys):
+    """Before: `convert to-hf RUN/checkpoints` with `latest` missing failed ("not a complete checkpoint")."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert main(_args(run, tokenizer_dir, dataset_prefix, **{**RESUME, "train.steps": 6})) == 0
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").unlink()
+    capsys.readouterr()
+    assert main(["convert", "to-hf", str(ckpts), str(tmp_path / "from_folder")]) == 0
+    assert f"resuming from the newest complete checkpoint, {ckpts / 'step_0000006'}" in capsys.readouterr().err
+    assert main(["convert", "to-hf", str(ckpts / "step_0000006"), str(tmp_path / "direct")]) == 0
+    a = load_file(tmp_path / "from_folder" / "model.safetensors")
+    b = load_file(tmp_path / "direct" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (ckpts / "latest").exists()  # an export never writes into the run
+
+
 # ---- convert to-hf into an existing export ------------------------------------------------------------
 
 def _hf_checkpoint(tmp_path, seed: int) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -27,6 +27,7 @@ from scaletrain.checkpoint.hf_config import (
 )
 from scaletrain.checkpoint.io import (
     CheckpointError,
+    latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
     write_checkpoint_dir,
@@ -126,8 +127,9 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     from scaletrain.data.tokenizer import load_tokenizer
 
     ckpt, out = Path(checkpoint), Path(out_dir)
-    if (ckpt / "latest").is_file():  # a run's checkpoints/ folder: take its latest
-        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+    if not (ckpt / "trainer_state.json").is_file() and ckpt.is_dir():
+        # A run's checkpoints/ folder: its latest, or — `latest` missing — the newest complete one (warned).
+        ckpt = latest_checkpoint(ckpt, warn=True) or ckpt
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     cfg, model = load_full_model(ckpt, _stored_dtype(ckpt))
