@@ -154,3 +154,19 @@ def test_near_dedup_recall_and_false_removals_on_planted_pairs(threshold, pairs,
     assert len(above) >= 100 and len(below) >= 50, (len(above), len(below))
     assert sum(above) / len(above) >= 0.99, (sum(above), len(above))
     assert sum(below) / len(below) <= 0.01, (sum(below), len(below))
+
+
+def test_band_index_finds_every_document_sharing_a_band():
+    """The near-dedup index (a sorted array plus a dict of the newest entries, merged every few inserts)
+    returns exactly the documents that share a band key with the query, merged or not yet."""
+    import numpy as np
+
+    from scaletrain.data.near_dedup import BandIndex
+
+    index = BandIndex(merge_every=10)
+    keys = np.random.default_rng(0).integers(0, 50, size=(41, 3), dtype=np.uint64)
+    for doc, k in enumerate(keys):
+        index.insert(k, doc)
+    assert len(index.keys) == 120 and len(index.recent) == 3  # 40 documents merged, the last one not yet
+    for k in keys:
+        assert index.query(k) == {d for d, other in enumerate(keys) if set(k.tolist()) & set(other.tolist())}

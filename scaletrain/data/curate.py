@@ -1,7 +1,7 @@
 """`scaletrain data curate`: quality filtering, deduplication and decontamination of a text corpus.
 
 Input: jsonl/json/parquet files (gzip ok) with a text field, read a row at a time (data/rows.py), so
-memory holds the dedup indices (~1.7 KB per kept document), not the corpus. Output: one jsonl file of
+memory holds the dedup indices (~2 KB per kept document), not the corpus. Output: one jsonl file of
 the kept rows, every field preserved, written atomically, plus OUTPUT.report.json with the counts by stage and
 reason, a few removed examples per reason, and the throughput. The output feeds
 `scaletrain data preprocess` unchanged.

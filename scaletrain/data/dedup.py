@@ -9,7 +9,7 @@ inputs keeps the same documents.
   banded so that pairs at Jaccard `threshold` (default 0.8) are candidates with probability ≥ 0.99; a
   candidate counts as a duplicate when the signatures' estimate of its Jaccard similarity to an indexed
   document reaches the threshold. The approach of Lee et al. 2022 and The Pile / RefinedWeb pipelines,
-  at CPU scale: the index lives in memory, ~1.7 KB per kept document.
+  at CPU scale: the index lives in memory, ~2 KB per kept document.
 """
 
 from __future__ import annotations

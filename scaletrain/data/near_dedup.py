@@ -16,7 +16,8 @@ A document is its set of word 5-gram shingles; its signature holds `num_perm` Mi
 
 The index stores, per kept document, its signature (num_perm × 4 bytes) and b 12-byte band entries
 (a sorted array searched with numpy, plus a small dict of the newest entries merged in batches): about
-1.7 KB per kept document at t = 0.8, the only memory that grows with the corpus.
+1.7 KB per kept document at t = 0.8 (~2.2 KB measured with the exact-dedup set and the keys), the only
+memory that grows with the corpus.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
+_BLOCK = 4096  # signatures per storage block
 
 def _tail(k: int, p: float, m: int) -> float:
     """P(Binomial(k, p) ≥ m)."""
@@ -96,9 +98,10 @@ class BandIndex:
     def _merge(self) -> None:
         new_keys = np.fromiter((k for k, ds in self.recent.items() for _ in ds), dtype=np.uint64, count=self._pending)
         new_docs = np.fromiter((d for ds in self.recent.values() for d in ds), dtype=np.int32, count=self._pending)
-        keys, docs = np.concatenate([self.keys, new_keys]), np.concatenate([self.docs, new_docs])
-        order = np.argsort(keys, kind="stable")
-        self.keys, self.docs = keys[order], docs[order]
+        order = np.argsort(new_keys)  # sort the newcomers only, then insert them in place: one copy of the array
+        new_keys, new_docs = new_keys[order], new_docs[order]
+        at = np.searchsorted(self.keys, new_keys, "right")
+        self.keys, self.docs = np.insert(self.keys, at, new_keys), np.insert(self.docs, at, new_docs)
         self.recent, self._pending = {}, 0
 
 
@@ -121,7 +124,7 @@ class NearDedup:
         rng = np.random.default_rng(seed)
         self._mix = rng.integers(1, 2**63, size=(1, self.rows), dtype=np.uint64) * 2 + 1  # odd multipliers
         self._band_salt = rng.integers(0, 2**63, size=self.bands, dtype=np.uint64)
-        self.signatures = np.zeros((1024, self.num_perm), dtype=np.uint32)
+        self._blocks: list[np.ndarray] = []  # signatures, _BLOCK per array: growing never copies them
         self.names: list[Hashable] = []
         self.index = BandIndex()
 
@@ -146,15 +149,15 @@ class NearDedup:
         keys = self.band_keys(sig)
         candidates = self.index.query(keys)
         if candidates:
-            docs = np.fromiter(sorted(candidates), dtype=np.int64, count=len(candidates))
-            agree = (self.signatures[docs] == sig).sum(axis=1)
-            hits = docs[agree >= self.needed]
+            docs = sorted(candidates)
+            agree = (np.stack([self._blocks[d // _BLOCK][d % _BLOCK] for d in docs]) == sig).sum(axis=1)
+            hits = np.flatnonzero(agree >= self.needed)
             if len(hits):
-                return self.names[int(hits[0])]
+                return self.names[docs[int(hits[0])]]
         doc = len(self.names)
-        if doc == len(self.signatures):
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.signatures[doc] = sig
+        if doc % _BLOCK == 0:
+            self._blocks.append(np.empty((_BLOCK, self.num_perm), dtype=np.uint32))
+        self._blocks[-1][doc % _BLOCK] = sig
         self.names.append(key)
         self.index.insert(keys, doc)
         return None
