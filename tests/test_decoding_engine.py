@@ -143,14 +143,15 @@ def test_tool_loop_and_exact_match_decode_what_recomputation_does(tokenizer_dir,
 def hf_model_dir(tmp_path, tokenizer_dir):
     """A random float64 model as a Hugging Face directory with the session tokenizer."""
     from scaletrain.checkpoint.hf import copy_tokenizer, write_hf_dir
+    from scaletrain.checkpoint.hf_config import TokenIds
     from scaletrain.models.llama.hf import to_hf_state_dict
 
     model = _model(init_std=0.3)
     out = tmp_path / "hf"
     copy_tokenizer(tokenizer_dir, out)
     tok = load_tokenizer(str(out))
-    write_hf_dir(out, model.cfg, to_hf_state_dict(model.state_dict(), model.cfg), dtype="float64", bos_id=tok.bos_id,
-                 eos_id=tok.eos_id)
+    write_hf_dir(out, model.cfg, to_hf_state_dict(model.state_dict(), model.cfg), dtype="float64",
+                 ids=TokenIds(bos=tok.bos_id, eos=tok.eos_id))
     return out, model, tok
 
 

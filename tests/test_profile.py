@@ -101,6 +101,17 @@ def test_measured_mode_prints_measured_next_to_planned_within_10_percent(tmp_pat
     assert set(m["phases_s_per_step"]) >= {"forward", "backward", "optimizer"}
 
 
+def test_measured_mode_runs_on_every_rank(tmp_path, tokenizer_dir, dataset_prefix):
+    """Under torchrun every rank measures; only rank 0 writes (and reads) metrics.jsonl. Before: the other
+    ranks read a metrics.jsonl that was never written and failed."""
+    args = ["profile", "--config", TINY, "--steps", "3", "--warmup", "1", "--phase-steps", "1",
+            "--json", str(tmp_path / "m.json")]
+    for s in tiny_overrides(tmp_path / "unused", tokenizer_dir, dataset_prefix, **{"parallel.tp": 2}):
+        args += ["--set", s]
+    assert run_ranks(2, _cli_rank, args, timeout=240) == [0, 0]
+    assert json.loads((tmp_path / "m.json").read_text())["measured"]["world_size"] == 2
+
+
 @pytest.mark.parametrize("layout,world", [({"parallel.pp": 2}, 2), ({"optim.distributed": True}, 2),
                                           ({"parallel.tp": 2}, 2)])
 def test_planned_static_memory_matches_ranks_of_real_runs(tmp_path, tokenizer_dir, dataset_prefix, layout, world):

@@ -177,7 +177,8 @@ def _measure(args: argparse.Namespace) -> int:
             trace.export_chrome_trace(str(Path(args.trace) / f"trace_rank{env.rank}.json"))
         activation = _activation_bytes(trainer)
         trainer.sinks.close()
-        metrics = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()] \
+            if env.rank == 0 else []  # only rank 0 writes metrics.jsonl (its own scratch directory)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # each rank's scratch run directory: nothing in it is kept
         if owns:
