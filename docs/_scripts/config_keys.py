@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -36,8 +37,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def markdown_cell(text: str) -> str:
-    """Text that stays one table cell and shows as written (no emphasis, no HTML tags)."""
-    return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")
+    """Text that stays one table cell and shows as written: no emphasis, no HTML tags (code spans kept)."""
+    parts = re.split(r"(`[^`]*`)", text.replace("|", "\\|"))
+    return "".join(p if p.startswith("`") else re.sub(r"([*_])", r"\\\1", p).replace("<", "&lt;") for p in parts)
 
 
 def toml_literal(value: Any) -> str:
