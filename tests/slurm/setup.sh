@@ -5,7 +5,7 @@
 #   bash tests/slurm/setup.sh [--nodes N]    install if missing, configure, start, wait until idle
 #   bash tests/slurm/setup.sh --teardown     stop only the daemons this script started (pid files)
 #
-# Idempotent: a cluster that is already up with the same node count is left alone. Everything lives
+# Idempotent: a cluster that is already up with the same node count, all idle and no jobs queued, is left alone. Everything lives
 # in $SCALETRAIN_SLURM_DIR (default /tmp/scaletrain-slurm); clients find it through SLURM_CONF, which
 # `source tests/slurm/env.sh` exports. Needs root (daemons, namespaces); no systemd, no cgroups.
 #
@@ -49,7 +49,13 @@ teardown() {
   for f in "$DIR"/run/slurmd.*.pid; do [[ -e $f ]] && stop_pid_file "$f"; done
   stop_pid_file "$DIR/run/slurmctld.pid"
   stop_pid_file "$DIR/run/munged.pid"
-  for ns in $(ip netns list 2>/dev/null | awk '/^stslurm-/{print $1}'); do ip netns del "$ns" || true; done
+  # Jobs and their slurmstepd outlive slurmd and would keep a namespace (and its veth) alive after
+  # `ip netns del`: every process left in a node's namespace goes too.
+  for ns in $(ip netns list 2>/dev/null | awk '/^stslurm-/{print $1}'); do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" || true
+  done
+  for i in $(seq 64); do ip link del "stsl$i-h" 2>/dev/null || true; done
   ip link del "$BRIDGE" 2>/dev/null || true
   sed -i "/$HOSTS_MARK/d" /etc/hosts 2>/dev/null || true
   log "stopped"
@@ -59,11 +65,16 @@ if [[ $TEARDOWN == 1 ]]; then teardown; exit 0; fi
 [[ $(id -u) == 0 ]] || { echo "setup.sh: needs root (it starts slurm daemons and network namespaces)" >&2; exit 2; }
 
 export SLURM_CONF=$DIR/slurm.conf
-if [[ -f $DIR/nodes ]] && [[ $(cat "$DIR/nodes") == "$NODES" ]] && sinfo -h -o %T 2>/dev/null | grep -q idle \
-   && [[ $(sinfo -h -N -t idle,mix,alloc -o %N | sort -u | wc -l) == "$NODES" ]]; then
-  log "cluster with $NODES node(s) already up"; exit 0
+# Reused only when every node is idle: a node still busy with a job of an earlier run (a killed CI run leaves
+# one behind in the saved state) would never become idle for the tests.
+if [[ -f $DIR/nodes ]] && [[ $(cat "$DIR/nodes") == "$NODES" ]] && ! squeue -h 2>/dev/null | grep -q . \
+   && [[ $(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l) == "$NODES" ]]; then
+  log "cluster with $NODES idle node(s) already up"; exit 0
 fi
 teardown >/dev/null
+# A fresh cluster starts from empty state: slurmctld would otherwise recover the jobs of the last run
+# (and their nodes with them) from StateSaveLocation.
+rm -rf "$DIR"/state "$DIR"/spool "$DIR"/log
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   log "installing slurm-wlm and munge"
