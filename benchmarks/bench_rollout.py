@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fo
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
+from scaletrain.generation.rollout import sample_completions, sampling_generator
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
-from scaletrain.posttrain.rollout import sample_completions, sampling_generator
 from scaletrain.trainer.precision import Precision
 
 
@@ -106,7 +106,7 @@ def _setup(args, dims=None, parallel=None):
 def _first_decoder():
     """The KV-cache decoder as first written: every token concatenates the cache (a copy of all of it)
     and finished rows keep being fed to the last step."""
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.rollout as rollout
 
     cache, drop = rollout.KVCache, rollout._CachedLogits._drop_finished
     rollout.KVCache = lambda capacity=None: cache()  # type: ignore[misc,assignment]

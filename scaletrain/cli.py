@@ -146,7 +146,7 @@ def _add_data_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scaletrain.train import add_train_args, train_command
+    from scaletrain.build import add_train_args, train_command
 
     parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,30 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.set_defaults(func=_cmd_from_hf)
     chat = sub.add_parser("chat", help="talk to a fine-tuned model (run, checkpoint or HF directory), executing "
                                        "the tools it calls")
-    from scaletrain.posttrain.chat_command import add_chat_args, chat_command
+    from scaletrain.commands.chat import add_chat_args, chat_command
 
     add_chat_args(chat)
     chat.set_defaults(func=chat_command)
     fb = sub.add_parser("rlaif", help="preference pairs from AI feedback: the policy's two responses per prompt, "
                                       "judged against written principles (for dpo / reward)")
-    from scaletrain.posttrain.rlaif_command import add_rlaif_args, rlaif_command
+    from scaletrain.commands.rlaif import add_rlaif_args, rlaif_command
 
     add_rlaif_args(fb)
     fb.set_defaults(func=rlaif_command)
     ev = sub.add_parser("eval", help="score a model on local evaluation files (perplexity, multiple choice, "
                                      "answers) in any tp/pp/dp layout")
-    from scaletrain.evaluation.command import add_eval_args, eval_command
+    from scaletrain.commands.eval import add_eval_args, eval_command
 
     add_eval_args(ev)
     ev.set_defaults(func=eval_command)
     gen = sub.add_parser("generate", help="plain-text continuations of raw prompts (no chat template; greedy or "
                                           "sampled, stop strings) in any tp/pp/dp layout → jsonl with token ids")
-    from scaletrain.evaluation.generate_command import add_generate_args, generate_command
+    from scaletrain.commands.generate import add_generate_args, generate_command
 
     add_generate_args(gen)
     gen.set_defaults(func=generate_command)
     prof = sub.add_parser("profile", help="analytic plan (--plan) or a measured run next to it")
-    from scaletrain.profile.command import add_profile_args, profile_command
+    from scaletrain.commands.profile import add_profile_args, profile_command
 
     add_profile_args(prof)
     prof.set_defaults(func=profile_command)

@@ -6,7 +6,7 @@ import torch
 
 from scaletrain.config.schema import OptimConfig
 from scaletrain.nn import spec_of
-from scaletrain.trainer.objective import LanguageModelingObjective
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import build_optimizer
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import train_step

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from scaletrain.cli import main
+from scaletrain.data.packing import block_causal_mask
 from scaletrain.parallel.context_parallel import attention_mask, gathered_order, local_indices
-from scaletrain.posttrain.packing import block_causal_mask
 
 from conftest import TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
@@ -87,8 +87,8 @@ def _rollout_fields_rank(rank: int, world: int) -> dict:
     values of this rank's share gathered back; a split sampling job gathered in item order."""
     from scaletrain.config.schema import ParallelConfig
     from scaletrain.distributed import ParallelDims
+    from scaletrain.generation.rollout import split_over_cp
     from scaletrain.parallel.context_parallel import gather_sequence, shard_microbatch
-    from scaletrain.posttrain.rollout import split_over_cp
 
     dims = ParallelDims.from_config(ParallelConfig(cp=world), world, rank)
     cp = dims.comm("cp")
@@ -201,7 +201,7 @@ def _saved_bytes_rank(rank: int, world: int, cp: int) -> int:
     from scaletrain.parallel.context_parallel import shard_microbatch
     from scaletrain.parallel.parallelize import parallelize
     from scaletrain.profile.activations import saved_activation_bytes
-    from scaletrain.trainer.objective import LanguageModelingObjective
+    from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 
     cfg, _ = _memory_config(cp)
     dims = ParallelDims.from_config(dataclasses.replace(ParallelConfig(), cp=cp), world, rank)

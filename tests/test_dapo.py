@@ -11,8 +11,8 @@ import torch
 from test_grpo import _args, prompts  # noqa: F401  (the module-scoped synthetic prompts fixture)
 
 from scaletrain.cli import main
-from scaletrain.posttrain.dynamic_sampling import choose_groups, informative_groups
-from scaletrain.posttrain.grpo import overlong_penalty
+from scaletrain.stages.rl.dynamic_sampling import choose_groups, informative_groups
+from scaletrain.stages.rl.grpo import overlong_penalty
 
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel

@@ -202,7 +202,7 @@ def test_bad_distillation_configs_fail_up_front(tmp_path, tokenizer_dir, dataset
     # Layout checks against the teacher's own shapes (a process per rank would be needed to reach them via the CLI).
     from scaletrain.config.load import ConfigError
     from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig
-    from scaletrain.posttrain.frozen import check_frozen_model, locate_model
+    from scaletrain.model_builder import check_frozen_model, locate_model
 
     teacher_vocab = locate_model("posttrain.teacher", str(teacher_run))[2].vocab_size
     cfg = RunConfig(parallel=ParallelConfig(tp=3, pp=3), model=ModelConfig(vocab_size=teacher_vocab))

@@ -85,14 +85,14 @@ def test_every_loss_type_trains(tmp_path, tokenizer_dir, dataset_prefix, pairs, 
 def test_nll_weight_adds_the_chosen_mean_token_nll(tokenizer_dir):
     import torch
 
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.config.schema import ModelConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.models import build_model
     from scaletrain.nn import cross_entropy_per_token, init_parameters
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.dpo import DPOObjective
-    from scaletrain.posttrain.dpo_data import PreferenceDataset
+    from scaletrain.stages.preference.data import PreferenceDataset
+    from scaletrain.stages.preference.dpo import DPOObjective
 
     tok = load_tokenizer(str(tokenizer_dir))
     ds = PreferenceDataset([{"prompt": "1+1?", "chosen": "2", "rejected": "3"},

@@ -279,14 +279,14 @@ def test_refusal_task_after_a_refusal_fine_tune(tmp_path, tokenizer_dir, dataset
 
 def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model_run, task_dir, tokenizer_dir,
                                                                  dataset_prefix):
-    """LM: pair accuracy and margin as posttrain/evaluate.py computes them from DPO's own rows; a reward model
+    """LM: pair accuracy and margin as evaluation/synthetic.py computes them from DPO's own rows; a reward model
     (score head): its scores at the last rendered token, recomputed on the full model, at dp2 too."""
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.dpo_data import PreferenceDataset, _messages, read_pairs
-    from scaletrain.posttrain.evaluate import pair_logprobs
+    from scaletrain.evaluation.synthetic import pair_logprobs
+    from scaletrain.stages.preference.data import PreferenceDataset, _messages, read_pairs
 
     pairs_file = task_dir / "dpo_test.jsonl"
     res = _eval(model_run, [f"preference:{pairs_file}"], tmp_path / "p.json", "--seq-length", "128")
@@ -386,9 +386,9 @@ def test_eval_tasks_under_context_parallelism_match_the_single_process(tmp_path,
 
 def test_chat_choice_asks_in_the_template(tmp_path, model_run, task_dir, tokenizer_dir):
     """--chat: the question is the user's turn and each choice the assistant's reply; shots are earlier turns."""
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.evaluation.tasks import add_shots, choice_rows, parse_task
-    from scaletrain.posttrain.chat import ChatRenderer
 
     tok = load_tokenizer(str(tokenizer_dir))
     renderer = ChatRenderer(tok, "chatml")

@@ -13,11 +13,11 @@ import torch
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.config.validate import resolve_model
 from scaletrain.distributed import ParallelDims
+from scaletrain.generation.rollout import sample_completions, sampling_generator, token_logprobs
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
-from scaletrain.posttrain.rollout import sample_completions, sampling_generator, token_logprobs
-from scaletrain.trainer.objective import LanguageModelingObjective
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import build_optimizer
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import evaluate, train_step

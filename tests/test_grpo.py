@@ -38,7 +38,7 @@ def _args(run_dir, tokenizer_dir, prefix, prompts, **extra):
 # ---------------------------------------------------------------------------------------- maths
 
 def test_group_advantages_by_hand():
-    from scaletrain.posttrain.grpo import group_advantages
+    from scaletrain.stages.rl.grpo import group_advantages
 
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 3.0])
     a = group_advantages(r, 4)
@@ -66,8 +66,8 @@ def _tiny_model(init_std: float = 0.02, num_layers: int = 2):
 
 @pytest.mark.parametrize("norm", ["token", "sequence"])
 def test_loss_value_and_gradient_by_hand(norm):
-    from scaletrain.posttrain.grpo import GRPOObjective
-    from scaletrain.posttrain.rollout import training_rows
+    from scaletrain.generation.rollout import training_rows
+    from scaletrain.stages.rl.grpo import GRPOObjective
 
     model = _tiny_model()
     rows = [training_rows([1, 2, 3], [4, 5, 6, 7], 12, 0), training_rows([8, 9], [10, 11], 12, 0)]
@@ -109,8 +109,8 @@ def test_loss_value_and_gradient_by_hand(norm):
 def test_clipped_surrogate_by_hand():
     """grpo_iterations > 1: −min(ρA, clip(ρ, 1−ε, 1+ε_high)A) against the sampling-time log-probs; tokens
     on the clipped branch contribute no gradient."""
-    from scaletrain.posttrain.grpo import GRPOObjective
-    from scaletrain.posttrain.rollout import training_rows
+    from scaletrain.generation.rollout import training_rows
+    from scaletrain.stages.rl.grpo import GRPOObjective
 
     model = _tiny_model()
     rows = [training_rows([1, 2, 3], [4, 5, 6, 7], 12, 0), training_rows([8, 9], [10, 11], 12, 0)]
@@ -146,7 +146,7 @@ def test_clipped_surrogate_by_hand():
 
 
 def test_training_rows_mask_the_completion():
-    from scaletrain.posttrain.rollout import training_rows
+    from scaletrain.generation.rollout import training_rows
 
     r = training_rows([5, 6, 7], [8, 9], 8, 0)
     assert r["tokens"].tolist() == [5, 6, 7, 8, 0, 0, 0, 0]
@@ -159,7 +159,7 @@ def test_training_rows_mask_the_completion():
 
 
 def test_left_padding_does_not_change_what_a_prompt_samples():
-    from scaletrain.posttrain.rollout import sample_completions, sampling_generator
+    from scaletrain.generation.rollout import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     model = _tiny_model()
@@ -177,7 +177,7 @@ def test_left_padding_does_not_change_what_a_prompt_samples():
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_kv_cache_decodes_what_recomputation_does(temperature):
-    from scaletrain.posttrain.rollout import can_use_kv_cache, sample_completions, sampling_generator
+    from scaletrain.generation.rollout import can_use_kv_cache, sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     model = _tiny_model(init_std=0.5)  # sharp attention: a wrong position or mask changes the tokens
@@ -199,7 +199,7 @@ def test_kv_cache_decodes_what_recomputation_does(temperature):
 
 
 def _decoding_rank(rank: int, world: int, layout: dict, num_layers: int) -> tuple:
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.rollout as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims
@@ -237,7 +237,7 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
     again afterwards. The tokens equal the layout's own recomputation and the single process's.
     Finished rows leave the caches (the last token ran for the longest completions only; under
     interleaving, whose schedule needs whole groups of microbatches, one row per emptied microbatch)."""
-    from scaletrain.posttrain.rollout import sample_completions, sampling_generator
+    from scaletrain.generation.rollout import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     from dist_harness import run_ranks
@@ -262,7 +262,7 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
 # ---------------------------------------------------------------------------------------- rewards
 
 def test_math_answer_reward():
-    from scaletrain.posttrain.rewards import math_answer
+    from scaletrain.stages.rl.rewards import math_answer
 
     assert math_answer("The answer is 12.", {"answer": 12}) == 1.0
     assert math_answer("The answer is 13.", {"answer": 12}) == 0.0
@@ -272,15 +272,15 @@ def test_math_answer_reward():
     assert math_answer("twelve", {"answer": 12}) == 0.0
     with pytest.raises(KeyError, match="answer"):
         math_answer("The answer is 1", {})
-    from scaletrain.posttrain.rewards import answer_format
+    from scaletrain.stages.rl.rewards import answer_format
 
     assert [answer_format(t, {}) for t in ("The answer is 12.", "The answer is 40 or so", "T1|im_end|>", "\\boxed{x}")] \
         == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_python_tests_reward_runs_code_apart_and_bounded():
-    from scaletrain.posttrain.rewards import python_tests, run_python_tests
-    from scaletrain.posttrain.sandbox import SandboxSettings, sandbox_problem
+    from scaletrain.stages.rl.rewards import python_tests, run_python_tests
+    from scaletrain.stages.rl.sandbox.runner import SandboxSettings, sandbox_problem
 
     if sandbox_problem(SandboxSettings()) and not os.environ.get("SCALETRAIN_REQUIRE_SANDBOX"):
         pytest.skip("no bubblewrap sandbox here (tests/test_sandbox.py has the attacks)")
@@ -294,7 +294,7 @@ def test_python_tests_reward_runs_code_apart_and_bounded():
 
 
 def test_custom_rewards_resolve_or_fail_clearly():
-    from scaletrain.posttrain.rewards import resolve_reward, reward_problem
+    from scaletrain.stages.rl.rewards import resolve_reward, reward_problem
 
     assert resolve_reward("grpo_rewards:digits")("a1b2", {}) == 0.5
     assert "bundled ones are math_answer, python_tests" in reward_problem("answer")
@@ -428,7 +428,7 @@ def test_rollout_micro_batch_changes_speed_not_results(tmp_path, tokenizer_dir, 
     """Sampling 8 rows per forward instead of the training microbatch's 2: one KV cache (one pass per
     token) per step instead of 4, the same completions and the same steps (float64; a row's logits do
     not depend on its neighbours')."""
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.rollout as rollout
 
     caches: list = []
 

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
+from scaletrain.chat.renderer import LLAMA3
 from scaletrain.checkpoint.hf import export_to_hf, import_from_hf
-from scaletrain.posttrain.chat import LLAMA3
 
 from chat_fixtures import build_bpe_tokenizer, build_chatml_tokenizer
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from scaletrain.checkpoint.hf import export_to_hf, import_from_hf, load_full_model
+from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
-from scaletrain.posttrain.generate import greedy_generate
 
 from dist_harness import run_ranks
 from hf_helpers import run_rotary_in_float64

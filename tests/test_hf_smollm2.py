@@ -102,8 +102,8 @@ def test_sft_and_dpo_run_from_the_smollm2_import(smollm2, tmp_path):
 def test_smollm2_chat_renders_and_eos_match_transformers(smollm2):
     """SmolLM2-Instruct's own template (chat_template.jinja, with its default system prompt), not ChatML:
     prompts and conversations token-identical to apply_chat_template; no second eos after <|im_end|>."""
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
 
     hf_dir, _, tok = smollm2
     ours = ChatRenderer(load_tokenizer(hf_dir))

@@ -16,7 +16,7 @@ from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
 from scaletrain.parallel.pipeline.schedules import BWD, FWD, schedule_order
 from scaletrain.parallel.pipeline.split import layer_layout
-from scaletrain.trainer.objective import LanguageModelingObjective
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import build_optimizer
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import train_step

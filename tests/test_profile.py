@@ -8,7 +8,7 @@ import json
 import pytest
 
 from scaletrain.cli import main
-from scaletrain.profile.command import resolved_config
+from scaletrain.commands.profile import resolved_config
 from scaletrain.profile.planner import peak_in_flight, plan
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
@@ -164,7 +164,7 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
 
     import torch
 
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.rollout as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scaletrain.cli import main
-from scaletrain.posttrain.reward import bradley_terry, last_token_index
+from scaletrain.stages.preference.reward_model import bradley_terry, last_token_index
 
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
@@ -46,9 +46,9 @@ def test_bradley_terry_by_hand():
 
 
 def test_score_is_read_at_the_last_rendered_token(tokenizer_dir):
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.dpo_data import PreferenceDataset
+    from scaletrain.stages.preference.data import PreferenceDataset
 
     tok = load_tokenizer(str(tokenizer_dir))
     renderer = ChatRenderer(tok, "chatml")
@@ -95,10 +95,10 @@ def test_export_scores_like_transformers_sequence_classification(tmp_path, token
 
     from test_hf_convert import _patch_hf_float64
 
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
 
     _, ours = load_full_model(latest_checkpoint(run / "checkpoints"), torch.float64)
     hf.config._attn_implementation = "eager"
@@ -162,7 +162,7 @@ def test_scorer_reads_each_row_alone_despite_left_padding():
     from scaletrain.config.validate import resolve_model
     from scaletrain.models import build_model
     from scaletrain.nn import init_parameters
-    from scaletrain.posttrain.reward_scorer import RewardModelScorer
+    from scaletrain.stages.rl.reward_model_scorer import RewardModelScorer
     from scaletrain.trainer.precision import Precision
 
     m = resolve_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,

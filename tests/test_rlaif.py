@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scaletrain.cli import main
-from scaletrain.posttrain.rlaif import JUDGE_TEMPLATE, judge_rows, preferences
+from scaletrain.stages.preference.rlaif import JUDGE_TEMPLATE, judge_rows, preferences
 
 from conftest import TINY, tiny_overrides
 from dist_harness import run_ranks
@@ -69,7 +69,7 @@ def test_labels_match_transformers_and_feed_dpo(tmp_path, policy_run, prompts, t
     import transformers
 
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.rlaif import conversation_text
+    from scaletrain.stages.preference.rlaif import conversation_text
 
     out = tmp_path / "pairs.jsonl"
     assert main(_rlaif(policy_run, prompts, out, "--judge", str(policy_run / "hf"))) == 0

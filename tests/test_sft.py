@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from scaletrain.chat.renderer import BadConversation, ChatRenderer
 from scaletrain.cli import main
 from scaletrain.data.tokenizer import load_tokenizer
-from scaletrain.posttrain.chat import BadConversation, ChatRenderer
-from scaletrain.posttrain.sft_data import SFTDataset
+from scaletrain.stages.sft.data import SFTDataset
 
 from conftest import TINY, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel

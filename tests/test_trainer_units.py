@@ -11,9 +11,9 @@ from scaletrain.config import load_config, resolve_model
 from scaletrain.config.schema import ModelConfig, OptimConfig
 from scaletrain.models import build_model
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.flops import device_peak_tflops, flops_per_token, parameter_counts
 from scaletrain.trainer.lr_schedule import lr_at
-from scaletrain.trainer.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import param_groups
 
 from conftest import REPO

@@ -13,13 +13,13 @@ import shutil
 import pytest
 import torch
 
+from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.checkpoint.hf import read_hf_dir
 from scaletrain.data.loader import collate
 from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.models import build_model
-from scaletrain.posttrain.chat import ChatRenderer
-from scaletrain.posttrain.dpo import DPOObjective
-from scaletrain.posttrain.dpo_data import PreferenceDataset, read_pairs
+from scaletrain.stages.preference.data import PreferenceDataset, read_pairs
+from scaletrain.stages.preference.dpo import DPOObjective
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")

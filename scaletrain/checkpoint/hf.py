@@ -145,8 +145,8 @@ def token_ids(tok, renderer) -> TokenIds:
     run's `renderer`, else the tokenizer's own) where it is one token other than eos: generation stops there too."""
     import jinja2
 
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.chat_templates import find_templates
+    from scaletrain.chat.renderer import ChatRenderer
+    from scaletrain.chat.templates import find_templates
 
     end = None
     if renderer is not None or find_templates(Path(tok.path).parent) is not None:
@@ -161,16 +161,16 @@ def token_ids(tok, renderer) -> TokenIds:
 
 def write_chat_template(ckpt: Path, out: Path):
     """A fine-tuned run's chat template — the one it trained with, chosen from the run's config.toml next to
-    checkpoints/ exactly as the run chose it — as the export's only template (posttrain/chat_templates.py
+    checkpoints/ exactly as the run chose it — as the export's only template (chat/templates.py
     `write_single_template`), so transformers' apply_chat_template renders prompts as the model was trained.
     Returns the run's ChatRenderer (`origin` says where the template came from); None for a checkpoint that is
     not a chat run's, whose tokenizer files are kept as they are."""
+    from scaletrain.chat.renderer import ChatRenderer
+    from scaletrain.chat.templates import write_single_template
+    from scaletrain.chat.tools import bundled_tools
     from scaletrain.config.load import load_config
     from scaletrain.config.validate import uses_pretraining_data
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.chat_templates import write_single_template
-    from scaletrain.posttrain.tools import bundled_tools
 
     run_config = ckpt.parent.parent / "config.toml"
     if not run_config.is_file():

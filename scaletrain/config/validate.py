@@ -10,10 +10,10 @@ import dataclasses
 import math
 from typing import Any
 
+from scaletrain.chat.tools import BUNDLED_TOOLS
 from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import ModelConfig, RunConfig
 from scaletrain.config.stability import stability_errors
-from scaletrain.posttrain.tools import BUNDLED_TOOLS
 
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -324,7 +324,7 @@ def _context_parallel_errors(errors: list[str], cfg: RunConfig) -> None:
 
 def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
     """GRPO's cross-field rules: groups fill the batch and stay on one dp rank, rollouts fit the rows."""
-    from scaletrain.posttrain.rewards import reward_problem, sandbox_problems
+    from scaletrain.stages.rl.rewards import reward_problem, sandbox_problems
 
     pt, t = cfg.posttrain, cfg.train
     _choice(errors, "posttrain.grpo_loss_norm", pt.grpo_loss_norm, ("token", "sequence"))

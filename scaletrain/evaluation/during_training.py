@@ -18,7 +18,7 @@ import torch
 
 class DownstreamEval:
     def __init__(self, cfg, tokenizer, model: torch.nn.Module, dims, precision, device: torch.device) -> None:
-        from scaletrain.evaluation.command import _answer_prompts
+        from scaletrain.commands.eval import _answer_prompts
         from scaletrain.evaluation.tasks import parse_task
 
         t = cfg.train
@@ -38,7 +38,7 @@ class DownstreamEval:
         return f"eval_{task.kind}_{stem}_{metric}"
 
     def __call__(self) -> dict[str, Any]:
-        from scaletrain.evaluation.command import _run_task
+        from scaletrain.commands.eval import _run_task
 
         out: dict[str, Any] = {}
         t0 = time.perf_counter()

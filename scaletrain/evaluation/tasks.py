@@ -68,7 +68,7 @@ def parse_task(spec: str, limit: int | None = None) -> Task:
     if kind == "perplexity" and file.suffix == ".txt":
         rows: list[dict] = [{"text": file.read_text()}]
     else:
-        from scaletrain.posttrain.sft_data import read_rows
+        from scaletrain.stages.sft.data import read_rows
 
         rows = read_rows([str(file)], None)
     rows = rows[:limit] if limit else rows
@@ -130,7 +130,7 @@ def add_shots(task: Task, shots: int, seed: int = 0) -> None:
         solved = [f"{context_of(r)}{r['choices'][gold_of(r)]}" for r in task.rows]
         pool = list(range(len(task.rows)))
     else:
-        from scaletrain.posttrain.chat import normalise_messages
+        from scaletrain.chat.renderer import normalise_messages
 
         solved_turns = []
         for r in task.rows:
