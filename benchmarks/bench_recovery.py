@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from scaletrain.checkpoint import save_checkpoint
-from scaletrain.checkpoint.hf import export_to_hf
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
+from scaletrain.export import export_to_hf
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.trainer.divergence import weights_finite

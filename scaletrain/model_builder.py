@@ -1,51 +1,35 @@
-"""Frozen companion models of a run — GRPO's reward model, a distillation teacher: found on disk,
-checked against the run's layout and tokenizer before anything is allocated, and built in the
-run's own layout (tp, pp, SP) without gradients.
+"""The one model-building path: every model of a run — the policy, a reference copy, a reward model, a
+critic, a teacher, the models `eval` / `generate` / `rlaif` load — is built here, in the run's layout.
 
-A companion is given as a Hugging Face directory (config.json + safetensors) or as scaletrain
-output: a checkpoint, a checkpoints folder (its latest) or a run directory (its latest checkpoint).
-Its architecture is its own (a teacher is usually larger than its student); what must agree with
-the run is listed per use in `check_frozen_model`.
+    build_model (on the meta device under pp, so each rank materialises only its stage; else on the
+    device) → frozen: no gradients (no dp buckets) → parallelize(model, dims, parallel) → weights
+
+Companions (everything but the policy) never recompute activations and never shard an optimizer; their
+architecture is their own (a teacher is usually larger than its student), so `check_companion` lists,
+before anything is allocated, every reason one cannot serve this run in its role.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-from scaletrain.config import ConfigError, RunConfig
-from scaletrain.config.schema import ModelConfig
+from scaletrain.checkpoint import load_checkpoint
+from scaletrain.checkpoint.hf import load_hf_weights
+from scaletrain.checkpoint.io import stored_param_dtype
+from scaletrain.checkpoint.locate import locate_model
+from scaletrain.config.load import ConfigError
+from scaletrain.config.schema import ModelConfig, RunConfig
+from scaletrain.models import build_model
+from scaletrain.nn import init_parameters
+from scaletrain.parallel.parallelize import enable_fp8, parallelize
+from scaletrain.runtime import Runtime
 
 
-def locate_model(key: str, path_text: str) -> tuple[str, Path, ModelConfig]:
-    """The model `key` (a config key, for messages) names → ('hf' | 'checkpoint', path, its ModelConfig)."""
-    from scaletrain.checkpoint import latest_checkpoint
-    from scaletrain.checkpoint.hf import checkpoint_model_config
-    from scaletrain.checkpoint.hf_checks import HFModelError, read_hf_config
-    from scaletrain.checkpoint.io import STATE_FILE
-    from scaletrain.models.llama.hf import UnsupportedModelError
-
-    path = Path(path_text)
-    if (path / "config.json").is_file():
-        try:
-            return "hf", path, read_hf_config(path)
-        except (UnsupportedModelError, HFModelError) as e:
-            raise ConfigError(f"{key} = {path}: {e}") from None
-    for candidate in (path if (path / STATE_FILE).is_file() else None, latest_checkpoint(path),
-                      latest_checkpoint(path / "checkpoints")):
-        if candidate is not None:
-            return "checkpoint", candidate, checkpoint_model_config(candidate)
-    raise ConfigError(f"{key} = {path}: neither a Hugging Face directory (config.json) nor a "
-                      "checkpoint, checkpoints folder or run directory with one.")
-
-
-def check_frozen_model(cfg: RunConfig, key: str, path_text: str, *, role: str, tokenizer_vocab: int) -> ModelConfig:
-    """Every reason the model cannot serve as `role` ('reward' or 'teacher') of this run, at once."""
+def check_companion(cfg: RunConfig, key: str, path_text: str, *, role: str, tokenizer_vocab: int) -> ModelConfig:
+    """Every reason the model cannot serve as `role` ('reward', 'critic' or 'teacher') of this run, at once."""
     _kind, path, m = locate_model(key, path_text)
     p, problems = cfg.parallel, []
     if role == "reward" and m.num_labels != 1:
@@ -75,70 +59,74 @@ def check_frozen_model(cfg: RunConfig, key: str, path_text: str, *, role: str, t
     return m
 
 
-def build_frozen_model(cfg: RunConfig, key: str, path_text: str, *, dims, precision, device: torch.device,
-                       backend: str) -> tuple[torch.nn.Module, str]:
-    """The model, loaded, frozen and in eval mode, in the run's layout; and a line for the log."""
-    from scaletrain.checkpoint import load_checkpoint
-    from scaletrain.checkpoint.hf import load_hf_weights
-    from scaletrain.checkpoint.io import stored_param_dtype
-    from scaletrain.models import build_model
-    from scaletrain.parallel.parallelize import parallelize
+class ModelBuilder:
+    """Builds the models of one run in its layout (`Runtime`: dims, precision, device, backend)."""
 
-    kind, path, m = locate_model(key, path_text)
-    # A checkpoint loads in the dtype it was saved in (checked strictly), then runs in the run's.
-    dtype = precision.param_dtype if kind == "hf" else stored_param_dtype(path)
-    with torch.device("meta") if dims.pp > 1 else torch.device(device):
-        model = build_model(m, tp_size=dims.tp, dtype=dtype, backend=backend)
-    model.requires_grad_(False)  # no gradient buffers, no dp buckets
-    model = parallelize(model, dims, dataclasses.replace(cfg.parallel, recompute="none"), device)
-    if kind == "hf":
-        load_hf_weights(model, path, tp_rank=dims.tp_rank, tp_size=dims.tp)
-    else:
-        load_checkpoint(path, model, None, dims=dims)
-        model.to(precision.param_dtype)
-    model.eval()
-    return model, f"{m.num_layers}L h{m.hidden_size} from {path} ({kind}), frozen, in the run's layout"
+    def __init__(self, cfg: RunConfig, runtime: Runtime, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.runtime, self.log = cfg, runtime, log
 
+    def build(self, model: ModelConfig, *, trainable: bool, dtype: torch.dtype | None = None,
+              policy: bool = False) -> torch.nn.Module:
+        """An uninitialised model of `model`'s architecture, parallelised in the run's layout. Only the
+        policy recomputes activations and shards its optimizer over dp (parallel.recompute, optim.distributed)."""
+        rt, cfg = self.runtime, self.cfg
+        with torch.device("meta") if rt.dims.pp > 1 else torch.device(rt.device):
+            module = build_model(model, tp_size=rt.dims.tp, dtype=dtype or rt.precision.param_dtype, backend=rt.backend)
+        if not trainable:
+            module.requires_grad_(False)  # no gradient buffers, no dp buckets
+        parallel = cfg.parallel if policy else dataclasses.replace(cfg.parallel, recompute="none")
+        return parallelize(module, rt.dims, parallel, rt.device, shard_optimizer=policy and cfg.optim.distributed)
 
-def teacher_vocab(cfg: RunConfig) -> Any:
-    """The teacher's vocabulary size (for a student whose model.vocab_size is 0, i.e. derived)."""
-    return locate_model("posttrain.teacher", cfg.posttrain.teacher)[2].vocab_size
+    def policy(self, *, resumed: bool) -> torch.nn.Module:
+        """The trained model: seeded init (a layout-independent function of train.seed), FP8 where asked,
+        and on a first start checkpoint.init_from_hf's weights."""
+        cfg, dims = self.cfg, self.runtime.dims
+        model = self.build(cfg.model, trainable=True, policy=True)
+        if cfg.precision.fp8:
+            self.log(enable_fp8(model, dims, cfg.precision))
+        init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
+        if not resumed and cfg.checkpoint.init_from_hf:
+            fresh = load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)
+            self.log(f"initialised from Hugging Face weights in {cfg.checkpoint.init_from_hf}"
+                     + (f" ({', '.join(fresh)} newly initialised: the HF model is a causal LM)" if fresh else ""))
+        return model
 
+    def frozen(self, key: str, path_text: str) -> tuple[torch.nn.Module, str]:
+        """A companion named by config key `key`, loaded, frozen and in eval mode; and a line for the log.
+        A checkpoint loads in the dtype it was saved in (checked strictly), then runs in the run's."""
+        kind, path, m = locate_model(key, path_text)
+        rt = self.runtime
+        model = self.build(m, trainable=False, dtype=rt.precision.param_dtype if kind == "hf" else stored_param_dtype(path))
+        if kind == "hf":
+            load_hf_weights(model, path, tp_rank=rt.dims.tp_rank, tp_size=rt.dims.tp)
+        else:
+            load_checkpoint(path, model, None, dims=rt.dims)
+            model.to(rt.precision.param_dtype)
+        model.eval()
+        return model, f"{m.num_layers}L h{m.hidden_size} from {path} ({kind}), frozen, in the run's layout"
 
-def model_files(path: str) -> tuple[str, ModelConfig, Path, str]:
-    """(kind, ModelConfig, tokenizer directory, chat template setting) of a model given on the command line:
-    an HF directory (its own tokenizer and template) or scaletrain output (the checkpoint's tokenizer copy,
-    the run's posttrain.chat_template from its config.toml)."""
-    kind, where, m = locate_model("model", path)
-    if kind == "hf":
-        return kind, m, where, "auto"
-    template = "auto"
-    run_config = where.parent.parent / "config.toml"
-    if run_config.is_file():
-        from scaletrain.config.load import load_config
+    def score_model(self, key: str, path_text: str, *, seed: int, load: bool) -> tuple[torch.nn.Module, ModelConfig, str]:
+        """A trainable score-head model (PPO's critic) of the architecture `key` names: seeded (a causal LM's
+        export gets a fresh score head), then, with `load`, its weights (a checkpoint's must be stored in the
+        run's parameter dtype). Returns (model, its config, a line for the log)."""
+        kind, path, m = locate_model(key, path_text)
+        m = dataclasses.replace(m, num_labels=1)
+        rt = self.runtime
+        model = self.build(m, trainable=True)
+        init_parameters(model, seed, tp_rank=rt.dims.tp_rank, tp_size=rt.dims.tp)
+        line = f"{m.num_layers}L h{m.hidden_size} from {path}"
+        if load and kind == "hf":
+            fresh = load_hf_weights(model, path, tp_rank=rt.dims.tp_rank, tp_size=rt.dims.tp)
+            line += " (a causal LM: fresh score head)" if fresh else ""
+        elif load:
+            if stored_param_dtype(path) != rt.precision.param_dtype:
+                raise ConfigError(f"{key} = {path} was saved in {stored_param_dtype(path)}, the run trains in "
+                                  f"{rt.precision.param_dtype}: export it (`scaletrain convert to-hf`) or match "
+                                  "precision.dtype")
+            load_checkpoint(path, model, None, dims=rt.dims)
+        return model, m, line
 
-        template = load_config(run_config).posttrain.chat_template
-    if not (where / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{where} holds no tokenizer/ folder: the tokenizer it trained with is needed")
-    return kind, m, where / "tokenizer", template
+    def copy_of_policy(self) -> torch.nn.Module:
+        """A frozen model of the policy's architecture (a reference policy), weights still to be filled."""
+        return self.build(self.cfg.model, trainable=False)
 
-
-@contextlib.contextmanager
-def frozen_runtime(cfg: RunConfig) -> Iterator[tuple[Any, Any, torch.device, str]]:
-    """(dims, precision, device, backend) for commands that only run frozen models (eval, rlaif): the
-    run's runtime settings (threads, seed, device), the process group for the launch (torn down on
-    exit if this call created it) and the layout of cfg.parallel."""
-    from scaletrain.build import _configure_runtime, device_type
-    from scaletrain.distributed import ParallelDims, init_distributed, read_env, shutdown_distributed
-    from scaletrain.nn.backend import select_backend
-    from scaletrain.trainer.precision import resolve_precision
-
-    env = read_env()
-    device = _configure_runtime(cfg)
-    owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
-    try:
-        dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
-        yield dims, resolve_precision(cfg.precision, device), device, select_backend(cfg.parallel.backend, ())[0]
-    finally:
-        if owns:
-            shutdown_distributed()

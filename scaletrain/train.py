@@ -5,7 +5,7 @@ Launch scripts and the README call it; the command itself lives in scaletrain/co
 
 from __future__ import annotations
 
-from scaletrain.build import main
+from scaletrain.commands.train import main
 
 __all__ = ["main"]
 

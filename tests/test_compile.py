@@ -155,7 +155,7 @@ def test_compiled_grpo_matches_eager(tmp_path, tokenizer_dir, dataset_prefix):
 def test_compile_on_the_te_backend_is_refused_before_anything_is_built(tmp_path, tokenizer_dir, dataset_prefix,
                                                                      capsys, monkeypatch):
     # No CUDA here, so te itself would be refused first: pretend it was selected to reach the compile check.
-    monkeypatch.setattr("scaletrain.build.select_backend", lambda backend, kernels: ("te", None))
+    monkeypatch.setattr("scaletrain.prepare.select_backend", lambda backend, kernels: ("te", None))
     args = ["train", "--config", TINY]
     for item in tiny_overrides(tmp_path / "run", tokenizer_dir, dataset_prefix, **{"parallel.compile": True}):
         args += ["--set", item]

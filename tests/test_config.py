@@ -8,6 +8,7 @@ import pytest
 
 from scaletrain.config import ConfigError, dump_config, load_config, resolve_model, validate
 from scaletrain.config.load import load_tree
+from scaletrain.prepare import check_config
 
 from conftest import TINY
 
@@ -117,8 +118,8 @@ def test_layouts_not_built_yet_are_refused_not_faked():
     assert validate(_resolved(), world_size=2) == 2
     assert validate(_resolved(["parallel.cp=2"]), world_size=4) == 2  # dp counts replicas: cp ranks share samples
     # rollouts are sampled on whole sequences by the cp ranks, then trained on split rows
-    assert validate(_resolved(["parallel.cp=2", "posttrain.objective=grpo", 'posttrain.train_data=["p.jsonl"]',
-                               "posttrain.group_size=2"]), world_size=2) == 1
+    assert check_config(_resolved(["parallel.cp=2", "posttrain.objective=grpo", 'posttrain.train_data=["p.jsonl"]',
+                                   "posttrain.group_size=2"]), world_size=2) == 1
     assert validate(_resolved(["parallel.pp=2"]), world_size=2) == 1
     with pytest.raises(ConfigError, match=r"interleaved 1F1B \(parallel.vpp = 2\) needs the microbatches per step \(2\)"):
         validate(_resolved(["parallel.pp=4", "parallel.vpp=1", "parallel.vpp=2", "model.num_layers=8"]), world_size=4)

@@ -120,11 +120,12 @@ def test_bad_dapo_settings_fail_before_training(tmp_path, tokenizer_dir, dataset
 
 
 def test_ppo_refuses_grpo_only_settings(tmp_path, tokenizer_dir, dataset_prefix, prompts):  # noqa: F811
-    from scaletrain.config import ConfigError, load_config, validate
+    from scaletrain.config import ConfigError, load_config
+    from scaletrain.prepare import check_config
 
     cfg = load_config(TINY, tiny_overrides(tmp_path, tokenizer_dir, dataset_prefix, **{
         "posttrain.objective": "ppo", "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 1,
         "train.global_batch_size": 8, "train.micro_batch_size": 1, "train.seq_length": 96,
         "posttrain.max_new_tokens": 6, "posttrain.critic": "somewhere", "posttrain.dynamic_sampling": True}))
     with pytest.raises(ConfigError, match="dynamic_sampling and posttrain.mask_truncated are GRPO's"):
-        validate(cfg, 1)
+        check_config(cfg, 1)

@@ -173,8 +173,8 @@ def test_chat_command_decodes_what_recomputation_does(hf_model_dir, monkeypatch,
 def test_eval_answers_decode_what_recomputation_does_in_every_layout(tmp_path, hf_model_dir):
     """`scaletrain eval`'s answer task in one process and at tp2·pp2+SP (4 ranks): every completion is the
     reference decoder's turn for that prompt."""
+    from scaletrain.chat.rows import prompt_messages
     from scaletrain.cli import main
-    from scaletrain.stages.rl.prompts import prompt_messages
 
     from dist_harness import run_ranks
     from test_tp_train import _cli_rank

@@ -282,11 +282,12 @@ def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model
     """LM: pair accuracy and margin as evaluation/synthetic.py computes them from DPO's own rows; a reward model
     (score head): its scores at the last rendered token, recomputed on the full model, at dp2 too."""
     from scaletrain.chat.renderer import ChatRenderer
+    from scaletrain.chat.rows import pair_messages
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.evaluation.synthetic import pair_logprobs
-    from scaletrain.stages.preference.data import PreferenceDataset, _messages, read_pairs
+    from scaletrain.stages.preference.data import PreferenceDataset, read_pairs
 
     pairs_file = task_dir / "dpo_test.jsonl"
     res = _eval(model_run, [f"preference:{pairs_file}"], tmp_path / "p.json", "--seq-length", "128")
@@ -314,7 +315,7 @@ def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model
     scores = []
     for row in read_pairs([str(pairs_file)]):
         for side in ("chosen", "rejected"):
-            ids, _ = renderer.render(_messages(row["prompt"], row[side]))
+            ids, _ = renderer.render(pair_messages(row["prompt"], row[side]))
             with torch.no_grad():
                 scores.append(float(model(torch.tensor([ids]))[0, -1, 0]))
     chosen, rejected = (torch.tensor(scores[k::2], dtype=torch.float64) for k in (0, 1))

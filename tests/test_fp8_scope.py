@@ -44,7 +44,7 @@ def _model(pp: int, world: int, rank: int):
         yield
 
     model.fp8_context = recording  # where enable_fp8 puts TE's autocast factory
-    return model, dims if pp > 1 else None, entered
+    return model, dims, entered
 
 
 def _passes(rank: int, world: int, pp: int) -> dict[str, int]:

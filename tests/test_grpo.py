@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from scaletrain.cli import main
+from scaletrain.distributed import ParallelDims
 
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
@@ -166,8 +167,8 @@ def test_left_padding_does_not_change_what_a_prompt_samples():
     kw = dict(group_size=3, max_new_tokens=5, temperature=1.0, stop_ids={63}, pad_id=0, vocab_limit=60,
               micro_batch=3, precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
     short, long = [4, 5], [7, 8, 9, 10, 11, 12]
-    alone, _ = sample_completions(model, None, [short], [sampling_generator(1, 0)], **kw)
-    both, stopped = sample_completions(model, None, [long, short], [sampling_generator(1, 5), sampling_generator(1, 0)],
+    alone, _ = sample_completions(model, ParallelDims.single(), [short], [sampling_generator(1, 0)], **kw)
+    both, stopped = sample_completions(model, ParallelDims.single(), [long, short], [sampling_generator(1, 5), sampling_generator(1, 0)],
                                        **kw)
     assert both[3:] == alone  # the short prompt, left-padded beside a longer one, samples the same tokens
     assert all(len(c) == 5 for c in alone) and all(t < 60 for c in both for t in c)  # vocab limit respected
@@ -190,9 +191,9 @@ def test_kv_cache_decodes_what_recomputation_does(temperature):
     def gens():
         return [sampling_generator(2, i) for i in range(3)] if temperature else None
 
-    cached = sample_completions(model, None, prompts, gens(), **kw)
-    recomputed = sample_completions(model, None, prompts, gens(), kv_cache=False, **kw)
-    padded = sample_completions(model, None, prompts, gens(), width_multiple=2, **kw)  # wider rows: no cache
+    cached = sample_completions(model, ParallelDims.single(), prompts, gens(), **kw)
+    recomputed = sample_completions(model, ParallelDims.single(), prompts, gens(), kv_cache=False, **kw)
+    padded = sample_completions(model, ParallelDims.single(), prompts, gens(), width_multiple=2, **kw)  # wider rows: no cache
     assert cached == recomputed == padded
     lengths = {len(c) for c in cached[0]}
     assert len(lengths) > 1  # rows finished at different steps: the cache kept finished rows aligned
@@ -242,7 +243,7 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
 
     from dist_harness import run_ranks
 
-    single = sample_completions(_tiny_model(0.5, num_layers), None, [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]],
+    single = sample_completions(_tiny_model(0.5, num_layers), ParallelDims.single(), [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]],
                                 [sampling_generator(2, i) for i in range(3)], group_size=4, max_new_tokens=8,
                                 temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60, micro_batch=4,
                                 precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
@@ -399,15 +400,16 @@ def test_bad_grpo_configs_fail_before_training(tmp_path, tokenizer_dir, dataset_
 
 
 def test_groups_must_stay_on_one_dp_rank(tmp_path, tokenizer_dir, dataset_prefix, prompts):
-    from scaletrain.config import ConfigError, load_config, validate
+    from scaletrain.config import ConfigError, load_config
+    from scaletrain.prepare import check_config
 
     cfg = load_config(TINY, tiny_overrides(tmp_path, tokenizer_dir, dataset_prefix, **{
         "posttrain.objective": "grpo", "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 4,
         "train.global_batch_size": 8, "train.micro_batch_size": 1, "train.seq_length": 96,
         "posttrain.max_new_tokens": 6}))
-    assert validate(cfg, 2) == 2
+    assert check_config(cfg, 2) == 2
     with pytest.raises(ConfigError, match="each dp rank samples whole groups"):
-        validate(cfg, 4)
+        check_config(cfg, 4)
 
 
 @pytest.mark.slow

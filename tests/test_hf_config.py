@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from scaletrain.chat.renderer import LLAMA3
-from scaletrain.checkpoint.hf import export_to_hf, import_from_hf
+from scaletrain.checkpoint.hf import import_from_hf
+from scaletrain.export import export_to_hf
 
 from chat_fixtures import build_bpe_tokenizer, build_chatml_tokenizer
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from scaletrain.checkpoint.hf import export_to_hf, import_from_hf, load_full_model
+from scaletrain.checkpoint.hf import import_from_hf, load_full_model
+from scaletrain.export import export_to_hf
 from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaletrain.checkpoint.hf import export_to_hf, import_from_hf, load_full_model
+from scaletrain.checkpoint.hf import import_from_hf, load_full_model
+from scaletrain.export import export_to_hf
 
 from conftest import corpus_texts
 

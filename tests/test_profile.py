@@ -186,19 +186,19 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
     init_parameters(model, 0, tp_rank=dims.tp_rank, tp_size=dims.tp)
     caches = record_kv_caches()  # (a forked rank: the patches die with it)
     logits_bytes = [0]
-    read_last = rollout._gathered_last
+    read_last = rollout.gathered_last_logits
 
     def measured(output, tp):  # the logits each sampling pass produced, on the last stage
         logits_bytes[0] = max(logits_bytes[0], output.numel() * output.element_size())
         return read_last(output, tp)
-    rollout._gathered_last = measured
+    rollout.gathered_last_logits = measured
     prompts = [list(range(3 + i, 3 + i + seq - new + 1)) for i in range(2)]  # 2 prompts × 4 = the global batch
     rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(0, i) for i in range(2)],
                                group_size=4, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
                                vocab_limit=96, micro_batch=2, precision=Precision(torch.float64, None, "cpu", "t"),
                                device=torch.device("cpu"), width_multiple=dims.tp if dims.tp > 1 else 1)
     held = sum(k.nbytes + v.nbytes for c in caches for k, v in c._kv.values())
-    stage = plan(cfg, world).stages[dims.pp_rank]
+    stage = plan(cfg, world, rollout_group=4).stages[dims.pp_rank]  # a GRPO stage: groups of 4
     return held, stage.rollout_kv_bytes, logits_bytes[0], stage.rollout_logits_bytes
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from scaletrain.cli import main
+from scaletrain.distributed import ParallelDims
 from scaletrain.stages.preference.reward_model import bradley_terry, last_token_index
 
 from conftest import TINY, read_metrics, tiny_overrides
@@ -169,7 +170,7 @@ def test_scorer_reads_each_row_alone_despite_left_padding():
                                   vocab_size=64, num_labels=1), tokenizer_vocab=None, tp=1, seq_length=32)
     model = build_model(m, tp_size=1, dtype=torch.float64)
     init_parameters(model, 5, tp_rank=0, tp_size=1)
-    scorer = RewardModelScorer(model, None, pad_id=0, eos_id=2, micro_batch=2,
+    scorer = RewardModelScorer(model, ParallelDims.single(), pad_id=0, eos_id=2, micro_batch=2,
                                precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
     prompts, completions = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[20, 21, 2], [22], [23, 24]]
     got = scorer(prompts, completions)

@@ -19,10 +19,22 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.chat.renderer import ChatRenderer
+from scaletrain.chat.tool_loop import respond
 from scaletrain.chat.tools import BUNDLED_TOOLS, Tool, bundled_tools
+from scaletrain.checkpoint.io import STATE_FILE, latest_checkpoint
+from scaletrain.checkpoint.locate import model_files
+from scaletrain.config.load import load_config
+from scaletrain.config.schema import RunConfig
+from scaletrain.data.tokenizer import Tokenizer, load_tokenizer
+from scaletrain.distributed import ParallelDims
+from scaletrain.generation.turn import ContextFull
+from scaletrain.model_builder import ModelBuilder
+from scaletrain.runtime import Runtime
+from scaletrain.trainer.precision import Precision
 
 
-def add_chat_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory, its checkpoints/ folder, a step_* checkpoint, or a Hugging Face "
                                  "model directory")
     p.add_argument("--message", action="append", default=[],
@@ -46,8 +58,6 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step_* folder from a run directory, its checkpoints/ folder or the step folder itself."""
-    from scaletrain.checkpoint.io import STATE_FILE, latest_checkpoint
-
     if (path / STATE_FILE).is_file():
         return path
     for root in (path, path / "checkpoints"):
@@ -59,39 +69,24 @@ def resolve_checkpoint(path: Path) -> Path:
                             "checkpoints/ folder or step_* checkpoint")
 
 
-def _refuse_reward_model(num_labels: int, path: Path) -> None:
-    if num_labels:
-        raise ValueError(f"{path} is a reward model (a score head, model.num_labels = {num_labels}): it scores "
-                         "conversations and cannot write one; chat with a policy (sft, dpo or grpo run) instead")
-
-
-def load_chat_model(path: str | Path) -> tuple[torch.nn.Module, object, str, tuple[str, ...]]:
-    """(model on CPU, tokenizer, chat template setting, tools listed in training) for `path`."""
-    from scaletrain.checkpoint.hf import load_full_model, read_hf_dir
-    from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.models import build_model
-
+def load_chat_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, str, tuple[str, ...]]:
+    """(model in float32 on `device`, tokenizer, chat template setting, tools listed in training) for `path`:
+    built by the one model-building path at the single-process layout."""
     p = Path(path)
-    if (p / "config.json").is_file():
-        cfg, state = read_hf_dir(p)
-        _refuse_reward_model(cfg.num_labels, p)
-        model = build_model(cfg, dtype=torch.float32)
-        model.load_state_dict(state)
-        return model, load_tokenizer(str(p)), "auto", ()
-    step = resolve_checkpoint(p)
-    cfg, model = load_full_model(step)
-    _refuse_reward_model(cfg.num_labels, step)
-    template = "auto"
+    if not (p / "config.json").is_file():
+        p = resolve_checkpoint(p)
+    _kind, m, tok_dir, template = model_files(str(p))
+    if m.num_labels:
+        raise ValueError(f"{p} is a reward model (a score head, model.num_labels = {m.num_labels}): it scores "
+                         "conversations and cannot write one; chat with a policy (sft, dpo or grpo run) instead")
     tools: tuple[str, ...] = ()
-    run_config = step.parent.parent / "config.toml"
-    if run_config.is_file():
-        from scaletrain.config.load import load_config
-
-        pt = load_config(run_config).posttrain
-        template, tools = pt.chat_template, tuple(pt.tools)
-    if not (step / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{step} holds no tokenizer/ folder; chat needs the tokenizer the run trained with")
-    return model, load_tokenizer(str(step / "tokenizer")), template, tools
+    run_config = p.parent.parent / "config.toml"
+    if not (p / "config.json").is_file() and run_config.is_file():
+        tools = tuple(load_config(run_config).posttrain.tools)
+    single = ParallelDims.single()
+    runtime = Runtime(single, Precision(torch.float32, None, device.type, "chat: float32"), device, "torch")
+    model, _ = ModelBuilder(RunConfig(model=m), runtime).frozen("model", str(p))
+    return model, load_tokenizer(str(tok_dir)), template, tools
 
 
 def _print_message(m: dict, out) -> None:
@@ -107,16 +102,11 @@ def _print_message(m: dict, out) -> None:
         print(f"assistant> {m['content']}{note}", file=out, flush=True)
 
 
-def chat_command(args: argparse.Namespace) -> int:
-    from scaletrain.chat.renderer import ChatRenderer
-    from scaletrain.chat.tool_loop import respond
-    from scaletrain.generation.turn import ContextFull
-
+def command(args: argparse.Namespace) -> int:
     names = [] if args.tools.strip() == "none" else [n.strip() for n in args.tools.split(",") if n.strip()]
     executable: list[Tool] = bundled_tools(names)
-    model, tokenizer, template, trained_tools = load_chat_model(args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model, tokenizer, template, trained_tools = load_chat_model(args.model, device)
     listed = bundled_tools(trained_tools) if args.list_tools is None else (executable if args.list_tools else [])
     renderer = ChatRenderer(tokenizer, args.template or template, tools=listed)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(args.seed)

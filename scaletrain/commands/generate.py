@@ -29,8 +29,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scaletrain.checkpoint.locate import locate_model, model_files
+from scaletrain.config import ConfigError, RunConfig, load_config
+from scaletrain.data.tokenizer import Tokenizer, load_tokenizer
+from scaletrain.distributed import read_env
+from scaletrain.generation.rollout import sample_share
+from scaletrain.model_builder import ModelBuilder, check_companion
+from scaletrain.runtime import frozen_runtime
 
-def add_generate_args(p: argparse.ArgumentParser) -> None:
+
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory, its checkpoints/ folder, a step_* checkpoint or a Hugging Face "
                                  "model directory")
     p.add_argument("--prompts", required=True, help=".jsonl (`prompt` or `text` per row) or .txt (one per line)")
@@ -83,12 +91,7 @@ def eos_ids(tokenizer, kind: str, where: Path) -> set[int]:
     return ids
 
 
-def generate_command(args: argparse.Namespace) -> int:
-    from scaletrain.config import ConfigError, load_config
-    from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.distributed import read_env
-    from scaletrain.model_builder import check_frozen_model, locate_model, model_files
-
+def command(args: argparse.Namespace) -> int:
     try:
         texts = read_prompts(args.prompts)
         if args.max_new_tokens < 1 or args.temperature < 0 or args.batch_size < 1:
@@ -116,7 +119,7 @@ def generate_command(args: argparse.Namespace) -> int:
         if world % (p.tp * p.pp * p.cp):
             raise ConfigError(f"generation runs at tp·pp·cp = {p.tp}·{p.pp}·{p.cp} on world size {world}: launch a "
                               f"multiple of {p.tp * p.pp * p.cp} processes (the rest are data-parallel replicas)")
-        check_frozen_model(cfg, "model", args.model, role="model", tokenizer_vocab=tokenizer.vocab_size)
+        check_companion(cfg, "model", args.model, role="model", tokenizer_vocab=tokenizer.vocab_size)
         stop_ids = eos_ids(tokenizer, kind, locate_model("model", args.model)[1])
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
@@ -132,14 +135,12 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(cfg, args, texts: list[str], prompts: list[list[int]], tokenizer, stop_ids: set[int]) -> list[dict] | None:
+def _generate(cfg: RunConfig, args: argparse.Namespace, texts: list[str], prompts: list[list[int]],
+              tokenizer: Tokenizer, stop_ids: set[int]) -> list[dict] | None:
     """The output rows (None on ranks other than 0); collective over the world."""
-    from scaletrain.generation.rollout import sample_share
-    from scaletrain.model_builder import build_frozen_model, frozen_runtime
-
-    with frozen_runtime(cfg) as (dims, precision, device, backend):
-        model, line = build_frozen_model(cfg, "model", args.model, dims=dims, precision=precision, device=device,
-                                         backend=backend)
+    with frozen_runtime(cfg) as rt:
+        dims, precision, device = rt.dims, rt.precision, rt.device
+        model, line = ModelBuilder(cfg, rt).frozen("model", args.model)
         if dims.is_main:
             print(f"scaletrain generate: {line}; layout tp{dims.tp}·pp{dims.pp}·cp{dims.cp}·dp{dims.dp}; precision "
                   f"{precision.name}; {len(prompts)} prompts, " + (f"sampled at temperature {args.temperature} "
@@ -157,7 +158,7 @@ def _generate(cfg, args, texts: list[str], prompts: list[list[int]], tokenizer, 
             for i, (text, prompt, ids) in enumerate(zip(texts, prompts, completions))]
 
 
-def _finish(ids: list[int], tokenizer, stop_ids: set[int], stops: list[str]) -> dict[str, Any]:
+def _finish(ids: list[int], tokenizer: Tokenizer, stop_ids: set[int], stops: list[str]) -> dict[str, Any]:
     """completion text (before the first stop string; eos not spelled out), ids, finish_reason, stop."""
     if ids and ids[-1] in stop_ids:
         return {"completion": tokenizer.decode(ids[:-1]), "completion_ids": ids, "finish_reason": "eos", "stop": None}

@@ -19,10 +19,26 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from scaletrain.build import build_trainer
+from scaletrain.checkpoint.locate import locate_model
+from scaletrain.config import ConfigError, RunConfig, load_config, resolve_model, validate
+from scaletrain.config.schema import ModelConfig
+from scaletrain.data.tokenizer import load_tokenizer
+from scaletrain.distributed import init_distributed, read_env, shutdown_distributed
+from scaletrain.prepare import prepare
+from scaletrain.profile.activations import saved_activation_bytes
+from scaletrain.profile.phases import recording
 from scaletrain.profile.planner import Plan, format_plan, plan
+from scaletrain.runtime import device_type
+from scaletrain.stages.registry import get_stage
+from scaletrain.stages.stage import Stage
+from scaletrain.trainer.loop import Trainer
+from scaletrain.trainer.step import prepare_batches
 
 
-def add_profile_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run file (TOML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--plan", action="store_true", help="analytic plan only: run nothing")
@@ -39,23 +55,20 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolved_config(config: str, overrides: list[str], world_size: int, *, placeholder_vocab: bool = False,
-                    require_data: bool = False):
+                    require_data: bool = False) -> RunConfig:
     """Load, resolve derived sizes (the vocabulary from data.tokenizer when it is on this machine) and
     validate. placeholder_vocab: where the tokenizer is absent, check the layout with a stand-in
     vocabulary (a launcher on a login node) instead of refusing. Without require_data an empty
     data.prefixes is accepted (planning a shape)."""
-    from scaletrain.config import ConfigError, load_config, resolve_model, validate
-
     cfg = load_config(config, overrides)
+    stage = get_stage(cfg.posttrain.objective)
     vocab = None
-    teacher, _ = _teacher(cfg)
-    if cfg.model.vocab_size == 0 and teacher is not None:  # a distillation student takes its teacher's (train.prepare)
+    teacher = next(iter(companions(cfg, stage)[0]["teacher"]), None)
+    if cfg.model.vocab_size == 0 and teacher is not None:  # a distillation student takes its teacher's (prepare.py)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=teacher.vocab_size))
     if cfg.model.vocab_size == 0:
         tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
         if tok is not None and tok.exists():
-            from scaletrain.data.tokenizer import load_tokenizer
-
             vocab = load_tokenizer(str(tok)).vocab_size
         elif placeholder_vocab:
             vocab = cfg.model.vocab_multiple * cfg.parallel.tp  # only the layout is checked
@@ -65,24 +78,49 @@ def resolved_config(config: str, overrides: list[str], world_size: int, *, place
     model = resolve_model(cfg.model, tokenizer_vocab=vocab, tp=cfg.parallel.tp, seq_length=cfg.train.seq_length)
     cfg = dataclasses.replace(cfg, model=model)
     if cfg.data.prefixes or require_data:
-        validate(cfg, world_size)
+        validate(cfg, world_size, stage)
     else:  # planning a shape without data: every rule but the data one
-        validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefixes=("planned",))), world_size)
+        validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefixes=("planned",))), world_size, stage)
     return cfg
 
 
-def profile_command(args: argparse.Namespace) -> int:
-    from scaletrain.config import ConfigError
+def companions(cfg: RunConfig, stage: Stage) -> tuple[dict, list[str]]:
+    """plan()'s companion models of the run's stage — the teacher, the reference policy, reward models
+    (frozen) and a critic (trained) — its rollout group, and notes for companions not on this machine."""
+    teacher: list[ModelConfig] = []
+    frozen = [cfg.model] if stage.reference_policy(cfg) else []
+    trainable: list[ModelConfig] = []
+    notes = []
+    for c in stage.companions(cfg):
+        if not c.path:
+            continue
+        try:
+            m = locate_model(c.key, c.path)[2]
+        except ConfigError:
+            notes.append(f"{c.key} = {c.path} is not on this machine: its memory is not counted")
+            continue
+        if c.role == "teacher":
+            teacher.append(m)
+        else:  # a reward model (frozen) or a critic (trained): a score head
+            (trainable if c.role == "critic" else frozen).append(dataclasses.replace(m, num_labels=1))
+    return {"teacher": teacher, "frozen": tuple(frozen), "trainable": tuple(trainable),
+            "rollout_group": stage.rollout_group(cfg)}, notes
 
+
+def plan_run(cfg: RunConfig, world_size: int, **kw) -> tuple[Plan, list[str]]:
+    """The plan of a resolved config with its stage's companions and rollouts, and notes on what it leaves out."""
+    found, notes = companions(cfg, get_stage(cfg.posttrain.objective))
+    teachers = found.pop("teacher")
+    return plan(cfg, world_size, teacher=teachers[0] if teachers else None, **found, **kw), notes
+
+
+def command(args: argparse.Namespace) -> int:
     try:
         if args.plan:
-            from scaletrain.config import load_config
-
             layout = load_config(args.config, args.overrides).parallel
             world = args.gpus or layout.tp * layout.pp * layout.cp
             cfg = resolved_config(args.config, args.overrides, world)
-            companions, notes = _companions(cfg)
-            result = plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb, **companions)
+            result, notes = plan_run(cfg, world, gpu_memory_gb=args.gpu_memory_gb)
             result.notes += notes
             print(format_plan(result))
             _write_outputs(args, result, None)
@@ -93,69 +131,15 @@ def profile_command(args: argparse.Namespace) -> int:
         return 2
 
 
-def _teacher(cfg):
-    """A distillation run's teacher config, and a note where it cannot be read on this machine."""
-    if cfg.posttrain.objective != "distill" or not cfg.posttrain.teacher:
-        return None, None
-    from scaletrain.config import ConfigError
-    from scaletrain.model_builder import locate_model
-
-    try:
-        return locate_model("posttrain.teacher", cfg.posttrain.teacher)[2], None
-    except ConfigError:
-        return None, f"posttrain.teacher = {cfg.posttrain.teacher} is not on this machine: its memory is not counted"
-
-
-def _companions(cfg) -> tuple[dict, list[str]]:
-    """plan()'s companion models of a post-training config — the teacher (distill), the reference policy
-    (kl_beta > 0), the reward model and PPO's critic — and notes for those not on this machine."""
-    from scaletrain.config import ConfigError
-    from scaletrain.model_builder import locate_model
-
-    pt, notes = cfg.posttrain, []
-    teacher, note = _teacher(cfg)  # (locates the teacher once)
-    out: dict = {"teacher": teacher, "frozen": (), "trainable": ()}
-    if note:
-        notes.append(note)
-    if pt.objective not in ("grpo", "ppo"):
-        return out, notes
-    frozen = [cfg.model] if pt.kl_beta else []
-    for key, path, into in (("posttrain.reward_model", pt.reward_model if "reward_model" in pt.rewards else "", frozen),
-                            ("posttrain.critic", (pt.critic or pt.reward_model) if pt.objective == "ppo" else "", None)):
-        if not path:
-            continue
-        try:
-            m = dataclasses.replace(locate_model(key, path)[2], num_labels=1)
-        except ConfigError:
-            notes.append(f"{key} = {path} is not on this machine: its memory is not counted")
-            continue
-        if into is None:
-            out["trainable"] = (m,)
-        else:
-            into.append(m)
-    out["frozen"] = tuple(frozen)
-    return out, notes
-
-
 def _measure(args: argparse.Namespace) -> int:
-    import torch
-
-    from scaletrain.build import build_trainer, device_type, prepare
-    from scaletrain.distributed import read_env
-    from scaletrain.profile.phases import recording
-
     env = read_env()
     scratch = tempfile.mkdtemp(prefix="scaletrain-profile-")  # per rank; only rank 0 writes metrics there
     sets = [*args.overrides, f"train.steps={args.steps + args.phase_steps}", f"train.run_dir={scratch}",
             "checkpoint.interval=0", "checkpoint.save_at_end=false", "train.eval_interval=0",
             "train.exit_interval=0", "logging.tensorboard=false", "logging.wandb=false",
             f"logging.interval={max(args.steps, 1)}", "optim.warmup_steps=1"]
-    from scaletrain.config import load_config
-
     cfg = load_config(args.config, sets)
     cfg, dp, tok = prepare(cfg, env.world_size)
-    from scaletrain.distributed import init_distributed
-
     owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
     try:
         trainer = build_trainer(cfg, (cfg, dp, tok))
@@ -181,8 +165,6 @@ def _measure(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # each rank's scratch run directory: nothing in it is kept
         if owns:
-            from scaletrain.distributed import shutdown_distributed
-
             shutdown_distributed()
     if env.rank != 0:
         return 0
@@ -201,22 +183,18 @@ def _measure(args: argparse.Namespace) -> int:
         "phases_s_per_step": {k: v / args.phase_steps for k, v in sorted(clock.seconds.items())},
         "losses": [m["loss"] for m in metrics[:args.steps]],  # every throughput step's (variants compare)
     }
-    predicted = plan(cfg, env.world_size, gpu_memory_gb=args.gpu_memory_gb, **_companions(cfg)[0],
-                     compute_dtype=trainer.precision.name if trainer.precision.autocast_dtype else
-                     str(trainer.precision.param_dtype).removeprefix("torch."))
+    predicted, _ = plan_run(cfg, env.world_size, gpu_memory_gb=args.gpu_memory_gb,
+                            compute_dtype=trainer.precision.name if trainer.precision.autocast_dtype else
+                            str(trainer.precision.param_dtype).removeprefix("torch."))
     print(format_measured(measured, predicted))
     _write_outputs(args, predicted, measured)
     return 0
 
 
-def _activation_bytes(trainer) -> int | None:
+def _activation_bytes(trainer: Trainer) -> int | None:
     """Bytes one microbatch's forward saves for backward on this rank (no pipeline: the whole model)."""
-    from scaletrain.profile.activations import saved_activation_bytes
-
     if getattr(trainer.model, "pipeline_chunks", None) is not None or trainer.dims.cp > 1:
         return None  # a stage's (a cp rank's) forward needs its peers; the plan's figure stands alone there
-    from scaletrain.trainer.step import prepare_batches
-
     batch = prepare_batches(trainer.objective, next(trainer.train_batches)[:1], trainer.device, trainer.dims)[0]
     def forward_and_loss():
         output, loss_fn = trainer.objective.forward_step(batch, trainer.model)

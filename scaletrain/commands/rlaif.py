@@ -21,12 +21,32 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.chat.renderer import BadConversation, ChatRenderer
+from scaletrain.chat.rows import prompt_messages
+from scaletrain.checkpoint.locate import model_files
+from scaletrain.config import ConfigError, load_config
 from scaletrain.data.preprocess import BUILTIN_CORPUS
+from scaletrain.data.tokenizer import load_tokenizer
+from scaletrain.distributed import read_env
+from scaletrain.generation.likelihood import continuation_logprobs
+from scaletrain.generation.rollout import completion_text, sample_share, stop_ids_for
+from scaletrain.model_builder import ModelBuilder, check_companion
+from scaletrain.runtime import frozen_runtime
+from scaletrain.stages.preference.rlaif import (
+    JUDGE_TEMPLATE,
+    FeedbackReport,
+    conversation_text,
+    judge_rows,
+    pick_principles,
+    preferences,
+    read_principles,
+)
+from scaletrain.stages.rl.prompts import read_prompt_rows
 
 PRINCIPLES = BUILTIN_CORPUS.parent / "principles.txt"
 
 
-def add_rlaif_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", required=True, help="the model whose responses are compared (run, checkpoint or HF dir)")
     p.add_argument("--judge", default=None, help="the model that labels them (default: the policy itself)")
     p.add_argument("--prompts", required=True, nargs="+", help="jsonl/parquet rows with `messages` or `prompt`")
@@ -48,15 +68,7 @@ def add_rlaif_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
 
-def rlaif_command(args: argparse.Namespace) -> int:
-    from scaletrain.chat.renderer import BadConversation, ChatRenderer
-    from scaletrain.config import ConfigError, load_config
-    from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.distributed import read_env
-    from scaletrain.model_builder import check_frozen_model, model_files
-    from scaletrain.stages.preference.rlaif import JUDGE_TEMPLATE, read_principles
-    from scaletrain.stages.rl.prompts import prompt_messages, read_prompt_rows
-
+def command(args: argparse.Namespace) -> int:
     try:
         if args.max_new_tokens < 1 or args.temperature <= 0:
             raise ValueError("--max-new-tokens must be ≥ 1 and --temperature > 0 (two greedy responses are one)")
@@ -86,7 +98,7 @@ def rlaif_command(args: argparse.Namespace) -> int:
                               "responses are sampled and judged whole, the cp ranks taking shares of them)")
         p_tok, j_tok = load_tokenizer(str(p_tok_dir)), load_tokenizer(str(j_tok_dir))
         for path, m, tok in ((args.policy, pm, p_tok), (judge_path, jm, j_tok)):
-            check_frozen_model(dataclasses.replace(cfg, model=m), "model", path, role="model",
+            check_companion(dataclasses.replace(cfg, model=m), "model", path, role="model",
                                tokenizer_vocab=tok.vocab_size)
         renderer = ChatRenderer(p_tok, template)
         prompts, kept = [], []
@@ -108,27 +120,16 @@ def rlaif_command(args: argparse.Namespace) -> int:
 
 
 def _label(cfg, args, principles, messages, prompts, too_long, renderer, p_tok, j_tok, judge_path) -> int:
-    from scaletrain.generation.likelihood import continuation_logprobs
-    from scaletrain.generation.rollout import completion_text, sample_share, stop_ids_for
-    from scaletrain.model_builder import build_frozen_model, frozen_runtime
-    from scaletrain.stages.preference.rlaif import (
-        FeedbackReport,
-        conversation_text,
-        judge_rows,
-        pick_principles,
-        preferences,
-    )
-
     report = FeedbackReport(prompts=len(prompts) + too_long)
     if too_long:
         report.dropped["prompt leaves no room for --max-new-tokens"] = too_long
-    with frozen_runtime(cfg) as (dims, precision, device, backend):
-        policy, line = build_frozen_model(cfg, "policy", args.policy, dims=dims,
-                                          precision=precision, device=device, backend=backend)
+    with frozen_runtime(cfg) as rt:
+        dims, precision, device = rt.dims, rt.precision, rt.device
+        models = ModelBuilder(cfg, rt)
+        policy, line = models.frozen("policy", args.policy)
         judge = policy
         if args.judge and Path(args.judge).resolve() != Path(args.policy).resolve():
-            judge, jline = build_frozen_model(cfg, "judge", args.judge, dims=dims, precision=precision, device=device,
-                                              backend=backend)
+            judge, jline = models.frozen("judge", args.judge)
         if dims.is_main:
             print(f"scaletrain rlaif: policy {line}" + (f"; judge {jline}" if judge is not policy else "; judge = policy")
                   + f"; layout tp{dims.tp}·pp{dims.pp}·dp{dims.dp}", flush=True)

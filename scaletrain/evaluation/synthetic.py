@@ -9,6 +9,8 @@ from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.chat.tool_loop import respond
 from scaletrain.chat.tools import Tool
 from scaletrain.data.synth import Problem, check_answer
+from scaletrain.generation.rollout import sample_completions, sampling_generator, stop_ids_for
+from scaletrain.generation.turn import ONE_PROCESS
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.stages.preference.losses import sequence_logprobs
 from scaletrain.trainer.precision import Precision
@@ -22,8 +24,6 @@ def exact_match(model: torch.nn.Module, renderer: ChatRenderer, problems: list[P
     prompt_format 'chat': the renderer's generation prompt after the user turn; 'text': the
     pretraining format ('Question: …\\nAnswer:'). Answers run to eos or max_new_tokens, decoded
     `micro_batch` problems at a time on the KV-cache engine (generation/rollout.py)."""
-    from scaletrain.generation.rollout import sample_completions
-
     tok = renderer.tokenizer
     if prompt_format == "chat":
         prompts = [renderer.prompt_ids([{"role": "user", "content": p.question}]) for p in problems]
@@ -33,7 +33,7 @@ def exact_match(model: torch.nn.Module, renderer: ChatRenderer, problems: list[P
         return 0.0
     param = next(model.parameters())
     completions, _ = sample_completions(
-        model, None, prompts, None, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
+        model, ONE_PROCESS, prompts, None, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
         stop_ids={tok.eos_id}, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id,
         vocab_limit=tok.vocab_size, micro_batch=micro_batch,
         precision=Precision(param.dtype, None, param.device.type, "eval"), device=param.device)
@@ -101,8 +101,6 @@ def sampled_accuracy(model: torch.nn.Module, renderer: ChatRenderer, problems: l
                      micro_batch: int = 64) -> float:
     """Share of (problem, sample) pairs whose answer is right, batched with the rollout sampler (KV
     cache): `samples` completions per problem at `temperature` (0: one greedy completion each)."""
-    from scaletrain.generation.rollout import sample_completions, sampling_generator, stop_ids_for
-
     tok = renderer.tokenizer
     param = next(model.parameters())
     prompts = [renderer.prompt_ids([{"role": "user", "content": p.question}]) for p in problems]
@@ -110,7 +108,7 @@ def sampled_accuracy(model: torch.nn.Module, renderer: ChatRenderer, problems: l
     generators = [sampling_generator(seed, i) for i in range(len(prompts))] if temperature > 0 else None
     marker = renderer.end_of_turn()
     completions, _ = sample_completions(
-        model, None, prompts, generators, group_size=group, max_new_tokens=max_new_tokens, temperature=temperature,
+        model, ONE_PROCESS, prompts, generators, group_size=group, max_new_tokens=max_new_tokens, temperature=temperature,
         stop_ids=stop_ids_for(tok, marker), stop_text=marker, decode=tok.decode,
         pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id, vocab_limit=tok.vocab_size,
         micro_batch=micro_batch, precision=Precision(param.dtype, None, param.device.type, "eval"),

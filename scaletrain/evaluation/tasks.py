@@ -68,7 +68,7 @@ def parse_task(spec: str, limit: int | None = None) -> Task:
     if kind == "perplexity" and file.suffix == ".txt":
         rows: list[dict] = [{"text": file.read_text()}]
     else:
-        from scaletrain.stages.sft.data import read_rows
+        from scaletrain.chat.rows import read_rows
 
         rows = read_rows([str(file)], None)
     rows = rows[:limit] if limit else rows

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.blockwise_attention import document_mask
 from scaletrain.parallel.context_parallel import cp_unbound
@@ -44,7 +45,7 @@ def _microbatch(rows: Sequence[tuple[list[int], int]], index: list[int], pad_id:
 
 
 @torch.no_grad()
-def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], *, micro_batch: int,
+def continuation_logprobs(model: torch.nn.Module, dims: ParallelDims, rows: Sequence[tuple[list[int], int]], *, micro_batch: int,
                           precision, device: torch.device, pad_id: int,
                           width_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """([n] float64 Σ log p of each row's continuation, [n] int64 its token count), on every rank.
@@ -55,7 +56,7 @@ def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[lis
     for ids, start in rows:
         if not 1 <= start < len(ids):
             raise ValueError(f"a row of {len(ids)} tokens cannot score from position {start}")
-    tp = dims.tp_comm if dims is not None else None
+    tp = dims.tp_comm
 
     def read(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logp = -cross_entropy_per_token(output, batch["labels"], tp)
@@ -68,7 +69,7 @@ def continuation_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[lis
 
 
 @torch.no_grad()
-def continuation_token_logprobs(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], *,
+def continuation_token_logprobs(model: torch.nn.Module, dims: ParallelDims, rows: Sequence[tuple[list[int], int]], *,
                                 micro_batch: int, precision, device: torch.device, pad_id: int,
                                 width_multiple: int = 1) -> list[torch.Tensor]:
     """Per row, [len(ids) − start] float64: log p of each continuation token (what `continuation_logprobs`
@@ -76,7 +77,7 @@ def continuation_token_logprobs(model: torch.nn.Module, dims, rows: Sequence[tup
     for ids, start in rows:
         if not 1 <= start < len(ids):
             raise ValueError(f"a row of {len(ids)} tokens cannot score from position {start}")
-    tp = dims.tp_comm if dims is not None else None
+    tp = dims.tp_comm
     width = max(len(ids) - 1 for ids, _ in rows)
 
     def read(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -90,7 +91,7 @@ def continuation_token_logprobs(model: torch.nn.Module, dims, rows: Sequence[tup
 
 
 @torch.no_grad()
-def scores_at(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], *, micro_batch: int, precision,
+def scores_at(model: torch.nn.Module, dims: ParallelDims, rows: Sequence[tuple[list[int], int]], *, micro_batch: int, precision,
               device: torch.device, pad_id: int, width_multiple: int = 1) -> torch.Tensor:
     """[n] float64: a score-head model's output (reward models: model.num_labels = 1) at position `at` of
     each (ids, at) row, on every rank; collective like `continuation_logprobs`."""
@@ -108,22 +109,22 @@ def scores_at(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]
                          pad_id=pad_id, width_multiple=width_multiple, extra={"at": [at for _, at in rows]})[:, 0]
 
 
-def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], int]], read, fields: int, *,
+def _replica_pass(model: torch.nn.Module, dims: ParallelDims, rows: Sequence[tuple[list[int], int]], read, fields: int, *,
                   micro_batch: int, precision, device: torch.device, pad_id: int, width_multiple: int,
                   extra: dict[str, list[int]] | None = None) -> torch.Tensor:
     """`read(output, batch)` → [rows of the microbatch, fields] per microbatch through the layout's
     forward-only schedule, each dp replica (and each cp rank of one: rows run whole) on its contiguous
     share; the [n, fields] float64 result on every rank."""
-    workers, me = (dims.dp * dims.cp, dims.dp_rank * dims.cp + dims.cp_rank) if dims is not None else (1, 0)
+    workers, me = dims.dp * dims.cp, dims.dp_rank * dims.cp + dims.cp_rank
     per_rank = -(-len(rows) // workers)
     mine = list(range(me * per_rank, min((me + 1) * per_rank, len(rows))))
     values: dict[int, torch.Tensor] = {}
     if mine:  # (a replica with no rows skips its passes; its ranks agree on that)
-        unit = micro_batch * (dims.pp if dims is not None and dims.vpp > 1 else 1)
+        unit = micro_batch * (dims.pp if dims.vpp > 1 else 1)
         padded = mine + [mine[-1]] * (-len(mine) % unit)  # whole (interleaved: whole groups of) microbatches
         chunks = [padded[s:s + micro_batch] for s in range(0, len(padded), micro_batch)]
         widths = [max(len(rows[i][0]) - 1 for i in chunk) for chunk in chunks]
-        if dims is not None and dims.pp > 1:  # stages exchange activations of one agreed shape per pass
+        if dims.pp > 1:  # stages exchange activations of one agreed shape per pass
             widths = [max(widths)] * len(widths)
         mbs = []
         for chunk, w in zip(chunks, widths):
@@ -151,11 +152,10 @@ def _replica_pass(model: torch.nn.Module, dims, rows: Sequence[tuple[list[int], 
     sums = torch.zeros(len(rows), fields, dtype=torch.float64)
     for i, v in values.items():
         sums[i] = v
-    if dims is not None:
-        if dims.pp > 1:  # the values exist on the last stage
-            sums = dims.comm("pp").broadcast(sums.to(device), src_group_rank=dims.pp - 1).cpu()
-        if workers > 1:
-            keep = torch.zeros(len(rows), 1, dtype=torch.float64)
-            keep[mine] = 1.0
-            sums = dims.comm("dp_cp").all_reduce((sums * keep).to(device)).cpu()
+    if dims.pp > 1:  # the values exist on the last stage
+        sums = dims.comm("pp").broadcast(sums.to(device), src_group_rank=dims.pp - 1).cpu()
+    if workers > 1:
+        keep = torch.zeros(len(rows), 1, dtype=torch.float64)
+        keep[mine] = 1.0
+        sums = dims.comm("dp_cp").all_reduce((sums * keep).to(device)).cpu()
     return sums

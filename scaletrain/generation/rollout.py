@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import torch
 
 from scaletrain.data.packing import block_causal_mask, model_inputs
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.kv_cache import KVCache
 from scaletrain.parallel.context_parallel import cp_unbound, gather_sequence, shard_microbatch
@@ -54,7 +55,7 @@ def sampling_generator(seed: int, draw: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + draw) % (2**63 - 1))
 
 
-def _left_padded(rows: Sequence[list[int]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+def left_padded(rows: Sequence[list[int]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     width = -(-max(len(r) for r in rows) // multiple) * multiple
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -67,7 +68,7 @@ def _left_padded(rows: Sequence[list[int]], pad_id: int, multiple: int = 1) -> d
     return {"tokens": tokens, "position_ids": position_ids, "document_ids": document_ids}
 
 
-def _microbatches(batch: dict[str, torch.Tensor], micro_batch: int, device: torch.device) -> list[dict]:
+def row_microbatches(batch: dict[str, torch.Tensor], micro_batch: int, device: torch.device) -> list[dict]:
     n = batch["tokens"].shape[0]
     out = []
     for start in range(0, n, micro_batch):
@@ -77,27 +78,27 @@ def _microbatches(batch: dict[str, torch.Tensor], micro_batch: int, device: torc
     return out
 
 
-def _is_last_stage(dims) -> bool:
-    return dims is None or dims.pp_rank == dims.pp - 1
+def _is_last_stage(dims: ParallelDims) -> bool:
+    return dims.pp_rank == dims.pp - 1
 
 
-def pass_unit(dims, micro_batch: int) -> int:
+def pass_unit(dims: ParallelDims, micro_batch: int) -> int:
     """Rows a pass needs a multiple of: whole microbatches, and under interleaving whole pipeline groups."""
-    return micro_batch * (dims.pp if dims is not None and dims.vpp > 1 else 1)
+    return micro_batch * (dims.pp if dims.vpp > 1 else 1)
 
 
 T = TypeVar("T")
 
 
-def split_over_cp(items: Sequence[T], dims, fn: Callable[[list[T]], list[Any]], *, per_item: int = 1,
+def split_over_cp(items: Sequence[T], dims: ParallelDims, fn: Callable[[list[T]], list[Any]], *, per_item: int = 1,
                   unit: int = 1, pad: Callable[[T], T] = lambda x: x) -> list[Any]:
     """fn over `items` (the same on every cp rank of a replica) with the work split over cp: cp rank c
     runs fn on its contiguous share — padded by copies (`pad`) of its last item until its per_item·share
     results are a multiple of `unit`, those results dropped — with the models' cp unbound by the caller;
     every cp rank gets all results, in item order. fn returns per_item results per item. Collective
     over cp (and whatever fn is collective over: the share's tp and pp ranks run it together)."""
-    cp = dims.comm("cp") if dims is not None and dims.cp > 1 else None
-    if cp is None:
+    cp = dims.comm("cp")
+    if cp.size == 1:
         return fn(list(items))
     per_rank = -(-len(items) // cp.size)
     mine = list(items[cp.rank * per_rank:(cp.rank + 1) * per_rank])
@@ -105,7 +106,7 @@ def split_over_cp(items: Sequence[T], dims, fn: Callable[[list[T]], list[Any]], 
     if mine:  # (a cp rank without items skips the passes: its tp and pp ranks agree on that)
         padded = mine + [pad(mine[-1]) for _ in range(_padding(len(mine), per_item, unit))]
         out = fn(padded)[: len(mine) * per_item]
-    return [r for part in cp.all_gather_object(out) for r in part]  # type: ignore[union-attr]
+    return [r for part in cp.all_gather_object(out) for r in part]  # type: ignore[union-attr,attr-defined]
 
 
 def _padding(n: int, per_item: int, unit: int) -> int:
@@ -125,7 +126,7 @@ def _copy_generator(gen: torch.Generator | None) -> torch.Generator | None:
 
 
 @torch.no_grad()
-def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
+def sample_completions(model: torch.nn.Module, dims: ParallelDims, prompts: Sequence[list[int]],
                        generators: Sequence[torch.Generator] | None,
                        *, group_size: int, max_new_tokens: int, temperature: float,
                        stop_ids: set[int], stop_text: str | Sequence[str] | None = None, decode=None, pad_id: int,
@@ -152,7 +153,7 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
                                       stop_text=stop_text, decode=decode, pad_id=pad_id, vocab_limit=vocab_limit,
                                       micro_batch=micro_batch, precision=precision, device=device, width_multiple=1,
                                       kv_cache=kv_cache)
-    if dims is None or dims.cp == 1:
+    if dims.cp == 1:
         return _sample_replica(model, dims, prompts, generators, group_size=group_size, max_new_tokens=max_new_tokens,
                                temperature=temperature, stop_ids=stop_ids, stop_text=stop_text, decode=decode,
                                pad_id=pad_id, vocab_limit=vocab_limit, micro_batch=micro_batch, precision=precision,
@@ -176,15 +177,15 @@ def sample_completions(model: torch.nn.Module, dims, prompts: Sequence[list[int]
 
 
 @torch.no_grad()
-def _sample_replica(model: torch.nn.Module, dims, prompts: Sequence[list[int]],
+def _sample_replica(model: torch.nn.Module, dims: ParallelDims, prompts: Sequence[list[int]],
                     generators: Sequence[torch.Generator] | None,
                     *, group_size: int, max_new_tokens: int, temperature: float,
                     stop_ids: set[int], stop_text: str | Sequence[str] | None, decode, pad_id: int, vocab_limit: int,
                     micro_batch: int, precision, device: torch.device,
                     width_multiple: int, kv_cache: bool | None) -> tuple[list[list[int]], list[bool]]:
     """`sample_completions` on this replica's tp and pp ranks, with no cp split."""
-    tp = dims.tp_comm if dims is not None else None
-    pp = dims.comm("pp") if dims is not None and dims.pp > 1 else None
+    tp = dims.tp_comm
+    pp = dims.comm("pp") if dims.pp > 1 else None
     rows = [list(p) for p in prompts for _ in range(group_size)]
     new: list[list[int]] = [[] for _ in rows]
     stopped = [False] * len(rows)
@@ -245,12 +246,12 @@ def completion_text(completion: list[int], decode, stop_ids: set[int], stop_text
     return text.split(stop_text, 1)[0] if stop_text else text
 
 
-def sample_share(model: torch.nn.Module, dims, prompts: Sequence[list[int]], *, seed: int | None, group_size: int,
+def sample_share(model: torch.nn.Module, dims: ParallelDims, prompts: Sequence[list[int]], *, seed: int | None, group_size: int,
                  micro_batch: int, **sampling) -> tuple[list[list[int]], list[bool]]:
     """`sample_completions` over all of `prompts` with the work split over dp: each replica samples its
     contiguous share (padded to whole microbatches, interleaved: whole pipeline groups), then every rank
     gathers everyone's. seed: one sampling generator per prompt index (None: greedy). Collective over the world."""
-    dp, dp_rank = (dims.dp, dims.dp_rank) if dims is not None else (1, 0)
+    dp, dp_rank = dims.dp, dims.dp_rank
     per_rank = -(-len(prompts) // dp)
     mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
     out: list[tuple[list[int], bool]] = []
@@ -262,8 +263,8 @@ def sample_share(model: torch.nn.Module, dims, prompts: Sequence[list[int]], *, 
             None if seed is None else [sampling_generator(seed, i) for i in padded], group_size=group_size,
             micro_batch=micro_batch, **sampling)
         out = list(zip(completions, stopped))[: len(mine) * group_size]
-    if dims is not None and dp > 1:
-        out = [t for part in dims.comm("dp").all_gather_object(out) for t in part]  # type: ignore[union-attr]
+    if dp > 1:
+        out = [t for part in dims.comm("dp").all_gather_object(out) for t in part]  # type: ignore[union-attr,attr-defined]
     return [c for c, _ in out], [s for _, s in out]
 
 
@@ -274,12 +275,12 @@ def can_use_kv_cache(model: torch.nn.Module, width_multiple: int = 1) -> bool:
     return width_multiple == 1 and getattr(model, "backend", None) == "torch"
 
 
-def _gathered_last(output: torch.Tensor, tp) -> torch.Tensor:
+def gathered_last_logits(output: torch.Tensor, tp) -> torch.Tensor:
     final = output[:, -1].double()  # [b, vocab/tp] at the last position
     return (tp.all_gather(final, dim=-1) if tp is not None else final).cpu()
 
 
-def _recomputed_logits(model: torch.nn.Module, dims, rows: list[list[int]], pad_id: int, micro_batch: int,
+def _recomputed_logits(model: torch.nn.Module, dims: ParallelDims, rows: list[list[int]], pad_id: int, micro_batch: int,
                        device: torch.device, tp, width_multiple: int) -> dict[int, torch.Tensor]:
     """Next-token logits of every row (full vocabulary), recomputing each row's whole prefix through
     the layout's forward-only schedule; filled on the last pipeline stage only."""
@@ -290,14 +291,14 @@ def _recomputed_logits(model: torch.nn.Module, dims, rows: list[list[int]], pad_
                         attention_mask=block_causal_mask(batch["document_ids"]))
 
         def record(output: torch.Tensor):
-            for r, values in zip(batch["row"].tolist(), _gathered_last(output, tp)):
+            for r, values in zip(batch["row"].tolist(), gathered_last_logits(output, tp)):
                 last[r] = values
             return output.new_zeros(()), {}
 
         return logits, record
 
-    batch = _left_padded(rows, pad_id, width_multiple)
-    forward_pass(forward_step, _microbatches(batch, micro_batch, device), model, dims)
+    batch = left_padded(rows, pad_id, width_multiple)
+    forward_pass(forward_step, row_microbatches(batch, micro_batch, device), model, dims)
     return last
 
 
@@ -310,16 +311,16 @@ class _CachedLogits:
     whole groups of microbatches: there an emptied microbatch keeps one finished row (its outputs
     are ignored). Logits are filled on the last pipeline stage, for the rows fed."""
 
-    def __init__(self, model: torch.nn.Module, dims, rows: list[list[int]], pad_id: int, micro_batch: int,
+    def __init__(self, model: torch.nn.Module, dims: ParallelDims, rows: list[list[int]], pad_id: int, micro_batch: int,
                  device: torch.device, tp, max_new_tokens: int) -> None:
         self.model, self.dims, self.micro_batch, self.device, self.tp = model, dims, micro_batch, device, tp
-        self.batch = _left_padded(rows, pad_id)
+        self.batch = left_padded(rows, pad_id)
         self.lengths = torch.tensor([len(r) for r in rows])
         capacity = self.batch["tokens"].shape[1] + max_new_tokens - 1  # the last sampled token is never fed
         self.caches = [KVCache(capacity) for _ in range(0, len(rows), micro_batch)]
         # The rows each cache holds, in its row order (all of a microbatch's at first).
         self.rows = [list(range(start, min(start + micro_batch, len(rows)))) for start in range(0, len(rows), micro_batch)]
-        self.keep_microbatches = dims is not None and dims.vpp > 1  # interleaving: a fixed microbatch count
+        self.keep_microbatches = dims.vpp > 1  # interleaving: a fixed microbatch count
 
     def _drop_finished(self, stopped: list[bool]) -> None:
         for cache, rows in zip(self.caches, self.rows):
@@ -347,7 +348,7 @@ class _CachedLogits:
                          kv_cache=self.caches[int(batch["cache"])])
 
             def record(output: torch.Tensor):
-                for r, values in zip(batch["row"].tolist(), _gathered_last(output, self.tp)):
+                for r, values in zip(batch["row"].tolist(), gathered_last_logits(output, self.tp)):
                     last[r] = values
                 return output.new_zeros(()), {}
 
@@ -383,12 +384,12 @@ def training_rows(prompt: list[int], completion: list[int], seq_length: int, pad
 
 
 @torch.no_grad()
-def token_logprobs(model: torch.nn.Module, dims, microbatches: list[dict], *, temperature: float, precision,
+def token_logprobs(model: torch.nn.Module, dims: ParallelDims, microbatches: list[dict], *, temperature: float, precision,
                    fused_cross_entropy: bool = False) -> list[torch.Tensor]:
     """Per-token log-probs of each microbatch's labels, [M, s] each (fp32 or wider), under `model` (a frozen
     reference) at sampling temperature. Exact on the last pipeline stage (where the loss needs
     them); zeros elsewhere. Collective over tp and pp."""
-    tp = dims.tp_comm if dims is not None else None
+    tp = dims.tp_comm
     out: dict[int, torch.Tensor] = {}
 
     def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
@@ -404,13 +405,13 @@ def token_logprobs(model: torch.nn.Module, dims, microbatches: list[dict], *, te
     return per_token_pass(model, dims, microbatches, forward_step, out, precision=precision)
 
 
-def per_token_pass(model: torch.nn.Module, dims, microbatches: list[dict], forward_step, out: dict[int, torch.Tensor],
+def per_token_pass(model: torch.nn.Module, dims: ParallelDims, microbatches: list[dict], forward_step, out: dict[int, torch.Tensor],
                    *, precision) -> list[torch.Tensor]:
     """A forward-only pass whose `forward_step` records per-token values [M, s(/cp)] of microbatch i in
     out[i] on the last pipeline stage: run in eval mode, under cp on each rank's share of the rows
     (the microbatches, replicated over cp, are split here) and gathered back to whole rows [M, s] on
     every cp rank. Zeros on the other stages. Collective over tp, cp and pp."""
-    cp = dims.comm("cp") if dims is not None and dims.cp > 1 else None
+    cp = dims.comm("cp") if dims.cp > 1 else None
     tagged = [{**mb, "mb": torch.tensor(i)} for i, mb in enumerate(microbatches)]
     if cp is not None:
         tagged = [shard_microbatch(mb, cp) for mb in tagged]

@@ -5,7 +5,8 @@ generation/rollout.py's `sample_completions`: a KV cache per microbatch on the t
 token runs one position), in whatever layout the model is parallelised in (tp, pp; cp and dp callers
 split their prompts as `sample_share` does). These are thin adapters to it: `generate_turn` (one
 assistant turn, text in and out, stopping at eos or the end-of-turn marker) and `greedy_generate`
-(token ids in, token ids out). Given `dims` they are collective over the model's tp and pp ranks,
+(token ids in, token ids out). In a parallel layout (`dims`; default: one process) they are collective over the
+model's tp and pp ranks,
 which all return the same result.
 
 The old decoder that recomputed every prefix lives on only as the test reference
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.rollout import completion_text, sample_completions, stop_ids_for
 from scaletrain.trainer.precision import Precision
+
+ONE_PROCESS = ParallelDims.single()
 
 
 class ContextFull(ValueError):
@@ -42,7 +46,8 @@ def _room(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> in
 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
-                    eos_id: int | None = None, *, dims=None, precision: Precision | None = None) -> torch.Tensor:
+                    eos_id: int | None = None, *, dims: ParallelDims = ONE_PROCESS,
+                    precision: Precision | None = None) -> torch.Tensor:
     """input_ids [b, s] → [b, s + n]: argmax continuation over the model's whole vocabulary, rows that
     hit eos filled with eos, n the longest completion (≤ max_new_tokens). All rows in one batch."""
     rows = input_ids.tolist()
@@ -61,7 +66,8 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
 @torch.no_grad()
 def generate_turn(model: torch.nn.Module, prompt_ids: list[int], tokenizer, *, max_new_tokens: int,
                   stop_text: str | None = None, temperature: float = 0.0,
-                  generator: torch.Generator | None = None, dims=None, precision: Precision | None = None) -> str:
+                  generator: torch.Generator | None = None, dims: ParallelDims = ONE_PROCESS,
+                  precision: Precision | None = None) -> str:
     """One assistant turn: decode from `prompt_ids` until eos, the end-of-turn marker `stop_text`
     (returned text excludes it) or `max_new_tokens`. temperature 0 is greedy; otherwise softmax
     sampling drawing from `generator` (a fresh one seeded from torch's global RNG when None). Tokens

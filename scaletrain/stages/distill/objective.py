@@ -31,11 +31,13 @@ from scaletrain.data.packing import model_inputs
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.kl import kl_per_token, teacher_top_k
+from scaletrain.trainer.contracts import Objective
+from scaletrain.trainer.step import forward_pass
 
 METRICS = ("kd", "ce")  # means per loss token: the (unscaled) KL at temperature τ, the hard-label cross-entropy
 
 
-class DistillObjective:
+class DistillObjective(Objective):
     name = "distill"
     metrics = METRICS
 
@@ -54,7 +56,7 @@ class DistillObjective:
         """Whether the teacher is split into pipeline stages: then its outputs for the step are computed up
         front (`annotate`); otherwise each microbatch's teacher forward runs just before the student's
         (`forward_step`), so only one microbatch's teacher logits ever exist."""
-        return self.dims is not None and self.dims.pp > 1
+        return self.dims.pp > 1
 
     def _record(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> None:
         if self.top_k:
@@ -67,8 +69,6 @@ class DistillObjective:
     def annotate(self, microbatches: list[dict[str, torch.Tensor]]) -> None:
         """Pipelined teacher: its outputs for this step's microbatches, stored in them on the last pipeline
         stage. Collective over tp and pp (each dp replica runs its own microbatches)."""
-        from scaletrain.trainer.step import forward_pass
-
         if not self.pipelined:
             return
 

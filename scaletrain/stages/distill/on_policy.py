@@ -21,12 +21,14 @@ import time
 import torch
 
 from scaletrain.data.loader import collate
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.rollout import sample_completions, sampling_generator, stop_ids_for, training_rows
 from scaletrain.stages.rl.prompts import PromptDataset, PromptOrder
+from scaletrain.trainer.contracts import BatchSource
 
 
-class OnPolicyBatches:
-    def __init__(self, prompts: PromptDataset, *, model: torch.nn.Module, dims, global_batch: int, micro_batch: int,
+class OnPolicyBatches(BatchSource):
+    def __init__(self, prompts: PromptDataset, *, model: torch.nn.Module, dims: ParallelDims, global_batch: int, micro_batch: int,
                  seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
                  max_new_tokens: int, temperature: float, precision, device: torch.device,
                  width_multiple: int = 1, rollout_micro_batch: int = 0) -> None:
@@ -46,13 +48,15 @@ class OnPolicyBatches:
     def __iter__(self) -> OnPolicyBatches:
         return self
 
+    def metrics(self) -> dict[str, float]:
+        return self.last_metrics
+
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         step = self.consumed_samples // self.global_batch
         self.consumed_samples += self.global_batch
         d = self.dims
-        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
-        per_rank = self.global_batch // dp
-        draws = [step * self.global_batch + dp_rank * per_rank + j for j in range(per_rank)]
+        per_rank = self.global_batch // d.dp
+        draws = [step * self.global_batch + d.dp_rank * per_rank + j for j in range(per_rank)]
         prompts = [self.prompts.prompts[self.order[k]] for k in draws]
         t0 = time.perf_counter()
         completions, stopped = sample_completions(
@@ -64,7 +68,7 @@ class OnPolicyBatches:
         items = [training_rows(p, c, self.seq_length, self.pad_id) for p, c in zip(prompts, completions)]
         sums = torch.tensor([float(sum(len(c) for c in completions)), float(sum(not s for s in stopped)),
                              float(len(completions))], dtype=torch.float64)
-        if d is not None and d.dp > 1:
+        if d.dp > 1:
             sums = d.comm("dp").all_reduce(sums.to(self.device)).cpu()
         self.last_metrics = {"completion_tokens": float(sums[0] / sums[2]), "truncated": float(sums[1] / sums[2]),
                              "rollout_s": time.perf_counter() - t0}

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from scaletrain.chat.renderer import BadConversation, ChatRenderer
+from scaletrain.chat.rows import pair_messages, read_rows
 from scaletrain.data.tokenizer import Tokenizer
-from scaletrain.stages.sft.data import read_rows
 
 SIDES = ("chosen", "rejected")
 
@@ -29,12 +29,6 @@ class DPOReport:
     def line(self) -> str:
         dropped = ", ".join(f"{n} {r}" for r, n in self.dropped.most_common()) or "none"
         return f"preference data: {self.rows} pairs, {self.used} used, dropped: {dropped}"
-
-
-def _messages(prompt, response) -> list[dict]:
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    resp = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-    return msgs + resp
 
 
 def read_pairs(files: tuple[str, ...] | list[str]) -> list[dict]:
@@ -58,7 +52,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                     raise BadConversation("identical responses")
                 item: dict[str, torch.Tensor] = {}
                 for side in SIDES:
-                    ids, target = renderer.render(_messages(pair["prompt"], pair[side]))
+                    ids, target = renderer.render(pair_messages(pair["prompt"], pair[side]))
                     ids, target = (ids + [tokenizer.eos_id], target + [target[-1]]) if always_eos else \
                         renderer.close(ids, target)  # + eos, never twice (chat.py)
                     if len(ids) > seq_length + 1:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scaletrain.data.packing import model_inputs
 from scaletrain.distributed.comm import Comm
 from scaletrain.parallel.context_parallel import sum_over_cp
+from scaletrain.trainer.contracts import Objective
 
 METRICS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
 
@@ -50,7 +51,7 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 
                     "rewards_accuracy": (c > r).to(c.dtype)}
 
 
-class RewardObjective:
+class RewardObjective(Objective):
     name = "reward"
     metrics = METRICS
 

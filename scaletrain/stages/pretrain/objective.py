@@ -10,9 +10,10 @@ import torch
 
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
+from scaletrain.trainer.contracts import Objective
 
 
-class LanguageModelingObjective:
+class LanguageModelingObjective(Objective):
     """Sum of per-token cross-entropy over loss-masked tokens; normalised by the global token count."""
 
     name = "pretrain"

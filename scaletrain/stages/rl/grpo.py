@@ -29,6 +29,7 @@ from scaletrain.data.packing import model_inputs
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.parallel.context_parallel import sum_over_cp
+from scaletrain.trainer.contracts import Objective
 
 ADVANTAGE_EPS = 1e-4
 
@@ -53,7 +54,7 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, fa
     return -factor * over / buffer
 
 
-class GRPOObjective:
+class GRPOObjective(Objective):
     name = "grpo"
 
     def __init__(self, tp: Comm | None, *, kl_beta: float = 0.0, temperature: float = 1.0,
@@ -66,7 +67,7 @@ class GRPOObjective:
         self.cp = cp if cp is not None and cp.size > 1 else None  # each rank holds part of every row
         self.clip_low, self.clip_high = clip_eps, clip_eps_high or clip_eps
         # means per loss item, like the loss; clipping needs the batch's old log-probs (grpo_iterations > 1)
-        self.metrics = ("kl",) * bool(kl_beta) + ("clip_fraction",) * clipped
+        self.metrics: tuple[str, ...] = ("kl",) * bool(kl_beta) + ("clip_fraction",) * clipped
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.loss_norm == "token":

@@ -21,6 +21,7 @@ import torch
 
 from scaletrain.data.packing import model_inputs
 from scaletrain.generation.rollout import per_token_pass
+from scaletrain.trainer.contracts import Objective
 
 METRICS = ("value_loss", "value_clip_fraction")
 
@@ -89,7 +90,7 @@ def token_values(critic: torch.nn.Module, dims, microbatches: list[dict], *, pre
     return per_token_pass(critic, dims, microbatches, forward_step, out, precision=precision)
 
 
-class ValueObjective:
+class ValueObjective(Objective):
     """The critic's loss per completion token: ½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), summed and
     normalised by the global number of completion tokens (the shared normaliser)."""
 

@@ -10,12 +10,18 @@ reason and dropped, never truncated (a truncated question has another answer).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from scaletrain.chat.renderer import BadConversation, ChatRenderer, normalise_messages
-from scaletrain.stages.sft.data import read_rows
+from scaletrain.chat.renderer import BadConversation, ChatRenderer
+from scaletrain.chat.rows import prompt_messages, read_rows
+from scaletrain.chat.tools import bundled_tools
+from scaletrain.config.load import ConfigError
+from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.stages.rl.rewards import required_fields
 
 
 @dataclass
@@ -27,24 +33,6 @@ class PromptReport:
     def line(self) -> str:
         dropped = ", ".join(f"{n} {r}" for r, n in self.dropped.most_common()) or "none"
         return f"prompts: {self.rows} rows, {self.used} used, dropped: {dropped}"
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    """The conversation to continue: `messages` without trailing assistant turns, or `prompt`."""
-    if row.get("messages") is not None:
-        messages = normalise_messages(row["messages"])
-        while messages and messages[-1].get("role") == "assistant":
-            messages.pop()
-    elif row.get("prompt") is not None:
-        p = row["prompt"]
-        messages = [{"role": "user", "content": p}] if isinstance(p, str) else normalise_messages(p)
-    else:
-        raise BadConversation("neither `messages` nor `prompt`")
-    if not messages:
-        raise BadConversation("no prompt turns")
-    if messages[-1].get("role") not in ("user", "tool"):
-        raise BadConversation(f"the prompt ends with a {messages[-1].get('role')} turn, not user or tool")
-    return messages
 
 
 class PromptDataset:
@@ -92,3 +80,26 @@ class PromptOrder:
 def read_prompt_rows(files: tuple[str, ...] | list[str]) -> list[dict]:
     """Every column of every row (the rewards may read any of them)."""
     return read_rows(files, None)
+
+
+def render_prompts(s: Any, tokenizer: Tokenizer, seq_length: int, log: Callable[[str], None],
+                   rewards: tuple[str, ...]) -> tuple[PromptDataset | None, PromptDataset | None]:
+    """Prompt datasets (train, valid or None) of settings `s` (train_data, valid_data, chat_template, tools,
+    max_new_tokens): rendered generation prompts with their rows, checked for the fields `rewards` read
+    before any parameter exists."""
+    renderer = ChatRenderer(tokenizer, s.chat_template, "assistant", bundled_tools(s.tools))
+    out: list[PromptDataset | None] = []
+    for files in (s.train_data, s.valid_data):
+        if not files:
+            out.append(None)
+            continue
+        ds = PromptDataset(read_prompt_rows(files), renderer, seq_length=seq_length, max_new_tokens=s.max_new_tokens)
+        for name in rewards:
+            for key in required_fields(name):
+                missing = sum(1 for row in ds.rows if row.get(key) is None)
+                if missing:
+                    raise ConfigError(f"posttrain.rewards: '{name}' reads the `{key}` field, which {missing} of "
+                                      f"{len(ds.rows)} prompt rows of {', '.join(files)} lack.")
+        log(("validation " if out else "") + ds.report.line())
+        out.append(ds)
+    return out[0], out[1]

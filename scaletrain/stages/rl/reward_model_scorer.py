@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.data.packing import block_causal_mask
-from scaletrain.generation.rollout import _left_padded, _microbatches, pass_unit, split_over_cp
+from scaletrain.generation.rollout import left_padded, pass_unit, row_microbatches, split_over_cp
 from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.parallel.parallelize import eager
 from scaletrain.trainer.step import forward_pass
@@ -66,9 +66,9 @@ class RewardModelScorer:
 
             return out, record
 
-        batch = _left_padded(padded, self.pad_id, self.width_multiple)
+        batch = left_padded(padded, self.pad_id, self.width_multiple)
         with eager(), self.precision.autocast():  # rows of any width: compiled blocks would recompile
-            forward_pass(forward_step, _microbatches(batch, self.micro_batch, self.device), self.model, d)
-        if d is not None and d.pp > 1:
+            forward_pass(forward_step, row_microbatches(batch, self.micro_batch, self.device), self.model, d)
+        if d.pp > 1:
             scores = d.comm("pp").broadcast(scores.to(self.device), src_group_rank=d.pp - 1).cpu()
         return scores[:len(rows)].tolist()

@@ -25,9 +25,9 @@ import sys
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from scaletrain.evaluation.answers import answer_format, math_answer
 from scaletrain.stages.rl.sandbox.runner import SANDBOX_MODES, SandboxSettings, run_programs, sandbox_problem
 
 if TYPE_CHECKING:
@@ -35,54 +35,7 @@ if TYPE_CHECKING:
 
 RewardFn = Callable[[str, dict], float]
 
-_NUMBER = r"-?\$?\s*[\d,]*\.?\d+(?:\s*/\s*\d+)?"
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_SAYS = re.compile(r"[Tt]he (?:final )?answer is:?\s*(" + _NUMBER + ")")
-_HASHES = re.compile(r"####\s*(" + _NUMBER + ")")
 _CODE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
-
-
-def _number(text: str) -> Fraction | None:
-    text = text.strip().rstrip(".").replace(",", "").replace("$", "").replace(" ", "")
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return Fraction(Fraction(num), Fraction(den))
-        return Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The completion's stated answer (see the module docstring for the order), or None."""
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return boxed[-1]
-    says = _SAYS.search(text)
-    if says:
-        return says.group(1)
-    hashes = _HASHES.findall(text)
-    return hashes[-1] if hashes else None
-
-
-def math_answer(completion: str, row: dict) -> float:
-    if row.get("answer") is None:
-        raise KeyError("math_answer needs an `answer` field in every data row")
-    stated = extract_answer(completion)
-    if stated is None:
-        return 0.0
-    got, want = _number(stated), _number(str(row["answer"]))
-    if got is None or want is None:  # not numbers: compare the text exactly
-        return float(stated.strip() == str(row["answer"]).strip())
-    return float(got == want)
-
-
-def answer_format(completion: str, row: dict) -> float:
-    """1.0 when the completion states a numeric answer in one of math_answer's forms, right or wrong —
-    a format reward (as in DeepSeek-R1's), which keeps a learned reward from being gamed with text
-    that states nothing; it reads no data field."""
-    stated = extract_answer(completion)
-    return float(stated is not None and _number(stated) is not None)
 
 
 def extract_code(text: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.data.loader import collate
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.rollout import (
     completion_text,
     pass_unit,
@@ -38,6 +39,7 @@ from scaletrain.stages.rl.prompts import PromptDataset, PromptOrder
 from scaletrain.stages.rl.reward_model_scorer import RewardModelScorer
 from scaletrain.stages.rl.rewards import RewardFn, report_errors, reward_label, score_rewards
 from scaletrain.stages.rl.rollout_buffer import RolloutBuffer
+from scaletrain.trainer.contracts import BatchSource, Validator
 
 ROLLOUT_LOG = "rollouts.jsonl"
 # Sampling-generator keys of dynamic sampling's extra rounds: round r, position k → r·ROUND_KEY + k,
@@ -45,8 +47,9 @@ ROLLOUT_LOG = "rollouts.jsonl"
 ROUND_KEY = 10**12
 
 
-class RolloutBatches:
-    def __init__(self, prompts: PromptDataset, *, model: torch.nn.Module, reference: torch.nn.Module | None, dims,
+class RolloutBatches(BatchSource):
+    def __init__(self, prompts: PromptDataset, *, model: torch.nn.Module, reference: torch.nn.Module | None,
+                 dims: ParallelDims,
                  rewards: dict[str, RewardFn | RewardModelScorer], reward_weights: tuple[float, ...], group_size: int,
                  max_new_tokens: int, temperature: float, scale_rewards: bool, global_batch: int, micro_batch: int,
                  seq_length: int, seed: int, consumed_samples: int, tokenizer, stop_text: str | None,
@@ -67,13 +70,13 @@ class RolloutBatches:
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         self.precision, self.device, self.fused = precision, device, fused_cross_entropy
         self.width_multiple = width_multiple  # rollout rows' width: tp under sequence parallelism
-        self.log_path = run_dir / ROLLOUT_LOG if run_dir is not None and (dims is None or dims.is_main) else None
+        self.log_path = run_dir / ROLLOUT_LOG if run_dir is not None and dims.is_main else None
         self.iterations = iterations  # updates per rollout batch (posttrain.grpo_iterations)
         self.missing_stop_penalty = missing_stop_penalty
         self.overlong_buffer, self.overlong_factor = overlong_buffer, overlong_penalty
         self.mask_truncated = mask_truncated  # DAPO's overlong filtering: no loss on cut-off completions
         self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
-        self.buffer = RolloutBuffer(run_dir, dims.rank if dims is not None else 0, iterations) \
+        self.buffer = RolloutBuffer(run_dir, dims.rank, iterations) \
             if iterations > 1 and run_dir is not None else None
         self._current: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
         self.last_metrics: dict[str, float] = {}
@@ -86,6 +89,9 @@ class RolloutBatches:
 
     def __iter__(self) -> RolloutBatches:
         return self
+
+    def metrics(self) -> dict[str, float]:
+        return self.last_metrics
 
     def _sequence_advantages(self, total: torch.Tensor) -> torch.Tensor:
         """[completions] advantages from the total rewards: GRPO's group-relative ones."""
@@ -120,8 +126,6 @@ class RolloutBatches:
     def _replica_broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """This replica's lead rank's values (tp and cp rank 0 of the last stage) on all of its ranks."""
         d = self.dims
-        if d is None:
-            return t
         t = d.tp_comm.broadcast(t.to(self.device), src_group_rank=0)
         if d.cp > 1:
             t = d.comm("cp").broadcast(t, src_group_rank=0)
@@ -136,7 +140,7 @@ class RolloutBatches:
         (stages/rl/reward_model_scorer.py) by every rank of the replica together."""
         d = self.dims
         scores = torch.zeros(len(texts), len(self.rewards) + 1, dtype=torch.float64)  # + a column of error flags
-        if d is None or (d.tp_rank == 0 and d.cp_rank == 0 and d.pp_rank == d.pp - 1):
+        if d.tp_rank == 0 and d.cp_rank == 0 and d.pp_rank == d.pp - 1:
             for j, (name, fn) in enumerate(self.rewards.items()):
                 if not isinstance(fn, RewardModelScorer):
                     values, causes = score_rewards(fn, texts, rows)
@@ -170,9 +174,8 @@ class RolloutBatches:
     def _shares(self) -> tuple[int, int, int]:
         """(this dp rank, groups per step, groups per dp rank): each dp rank samples a contiguous share."""
         d = self.dims
-        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
         per_step = self.global_batch // self.group_size
-        return dp_rank, per_step, per_step // dp
+        return d.dp_rank, per_step, per_step // d.dp
 
     def _sample_round(self, generation: int, rnd: int) -> Groups:
         """Sample and score this dp rank's share of sampling round `rnd` of rollout batch `generation`.
@@ -205,7 +208,7 @@ class RolloutBatches:
         (stages/rl/dynamic_sampling.py). The same choice on every rank of every replica."""
         d, g = self.dims, self.group_size
         dp_rank, per_step, per_rank = self._shares()
-        dp_comm = d.comm("dp") if d is not None else None
+        dp_comm = d.comm("dp")
         pool: Groups | None = None
         for rnd in range(self.max_sampling_rounds):
             new = gather_groups(self._sample_round(generation, rnd), dp_comm, self.max_new_tokens, self.device)
@@ -262,9 +265,8 @@ class RolloutBatches:
         """Held-out rewards: one greedy completion per prompt of `prompts` (the policy's mode, so
         validations compare across steps), prompts split over dp ranks; means over all prompts."""
         d = self.dims
-        dp, dp_rank = (d.dp, d.dp_rank) if d is not None else (1, 0)
-        per_rank = -(-len(prompts) // dp)
-        mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
+        per_rank = -(-len(prompts) // d.dp)
+        mine = list(range(d.dp_rank * per_rank, min((d.dp_rank + 1) * per_rank, len(prompts))))
         # Every pass needs whole microbatches (and, interleaved, whole pipeline groups): pad with
         # repeats of the last prompt, not scored.
         completions: list[list[int]] = []
@@ -286,7 +288,7 @@ class RolloutBatches:
         sums = torch.cat([total.sum().reshape(1), scores.sum(dim=0),
                           torch.tensor([float(sum(len(c) for c in completions[:n])), float(errors), float(n)],
                                        dtype=torch.float64)])
-        if d is not None and d.dp > 1:
+        if d.dp > 1:
             sums = d.comm("dp").all_reduce(sums.to(self.device)).cpu()
         names = ["reward", *(f"reward_{reward_label(k)}" for k in self.rewards), "completion_tokens"]
         means = {k: float(v) / max(float(sums[-1]), 1.0) for k, v in zip(names, sums[:-2].tolist())}
@@ -303,7 +305,7 @@ class RolloutBatches:
             torch.tensor([float(sum(len(c) for c in completions)), float(sum(not s for s in stopped)),
                           float(missing.sum()), float(self._reward_errors), float(len(completions))],
                          dtype=torch.float64)])
-        if self.dims is not None and self.dims.dp > 1:
+        if self.dims.dp > 1:
             sums = self.dims.comm("dp").all_reduce(sums.to(self.device)).cpu()
         n = float(sums[-1])
         names = ["reward", *(f"reward_{reward_label(k)}" for k in self.rewards), "reward_std", "zero_std_groups",
@@ -318,3 +320,14 @@ class RolloutBatches:
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"step": step, "prompt": self.tokenizer.decode(prompt), "completions": texts,
                                 "rewards": rewards}) + "\n")
+
+
+class HeldOutRewards(Validator):
+    """GRPO/PPO validation: the held-out rewards of greedy completions of posttrain.valid_data's prompts
+    (`RolloutBatches.evaluate`); there is no validation loss."""
+
+    def __init__(self, batches: RolloutBatches, prompts: PromptDataset) -> None:
+        self.batches, self.prompts = batches, prompts
+
+    def __call__(self) -> tuple[float | None, dict[str, float]]:
+        return None, self.batches.evaluate(self.prompts)

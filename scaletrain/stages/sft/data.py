@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from scaletrain.chat.renderer import BadConversation, ChatRenderer
+from scaletrain.chat.rows import read_rows
 from scaletrain.data.packing import Document, pack
 from scaletrain.data.tokenizer import Tokenizer
 
@@ -30,25 +30,6 @@ class SFTReport:
         dropped = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"
         return (f"sft data: {self.rows} conversations, {self.used} used ({self.truncated} truncated), "
                 f"dropped: {dropped}; {self.target_tokens} target tokens")
-
-
-def read_rows(files: tuple[str, ...] | list[str], columns: tuple[str, ...] | None) -> list[dict]:
-    """The `columns` (None: all) of every row of local jsonl/json/parquet files, in file order (HF datasets)."""
-    from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # the run's own log reports what was read
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"posttrain data file(s) not found: {', '.join(missing)}")
-    kind = "parquet" if all(str(f).endswith(".parquet") for f in files) else "json"
-    ds = load_dataset(kind, data_files=list(files), split="train")
-    need = set(columns or ()) - set(ds.column_names)
-    if need:
-        raise ValueError(f"{files[0]}: rows need {', '.join(sorted(need))} (columns: {', '.join(ds.column_names)})")
-    if columns is None:
-        return list(ds)
-    return [{c: row[c] for c in columns} for row in ds.select_columns(list(columns))]
 
 
 def read_conversations(files: tuple[str, ...] | list[str]) -> list:

@@ -12,9 +12,10 @@ import torch
 from scaletrain.distributed.comm import Comm
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.blockwise_attention import document_mask
+from scaletrain.trainer.contracts import Objective
 
 
-class SFTObjective:
+class SFTObjective(Objective):
     name = "sft"
 
     def __init__(self, tp: Comm | None = None, fused_cross_entropy: bool = False) -> None:
