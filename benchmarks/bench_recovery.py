@@ -19,6 +19,7 @@ import torch
 from scaletrain.checkpoint import save_checkpoint
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
+from scaletrain.distributed import ParallelDims
 from scaletrain.export import export_to_hf
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
@@ -55,7 +56,7 @@ def main() -> None:
         root = Path(tmp)
         step = iter(range(1, 1000))
         state = {"consumed_samples": 0, "model_config": cfg.__dict__}
-        save = _median(lambda: save_checkpoint(root / "ckpt", next(step), model, opt, state, keep_last=1),
+        save = _median(lambda: save_checkpoint(root / "ckpt", next(step), model, opt, state, keep_last=1, dims=ParallelDims.single()),
                        args.repeats)
         ckpt = root / "ckpt"
         counter = iter(range(1000))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fo
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
-from scaletrain.generation.rollout import sample_completions, sampling_generator
+from scaletrain.generation.sampler import sample_completions, sampling_generator
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.trainer.precision import Precision
@@ -106,15 +106,15 @@ def _setup(args, dims=None, parallel=None):
 def _first_decoder():
     """The KV-cache decoder as first written: every token concatenates the cache (a copy of all of it)
     and finished rows keep being fed to the last step."""
-    import scaletrain.generation.rollout as rollout
+    import scaletrain.generation.decoding as decoding
 
-    cache, drop = rollout.KVCache, rollout._CachedLogits._drop_finished
-    rollout.KVCache = lambda capacity=None: cache()  # type: ignore[misc,assignment]
-    rollout._CachedLogits._drop_finished = lambda self, stopped: None  # type: ignore[method-assign]
+    cache, drop = decoding.KVCache, decoding.CachedLogits.drop_finished
+    decoding.KVCache = lambda capacity=None: cache()  # type: ignore[misc,assignment]
+    decoding.CachedLogits.drop_finished = lambda self, stopped: None  # type: ignore[method-assign]
     try:
         yield
     finally:
-        rollout.KVCache, rollout._CachedLogits._drop_finished = cache, drop  # type: ignore[misc,method-assign]
+        decoding.KVCache, decoding.CachedLogits.drop_finished = cache, drop  # type: ignore[misc,method-assign]
 
 
 def _compare_engine(args) -> int:

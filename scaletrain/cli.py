@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         add_data_commands(parser.add_subparsers(dest="command", required=True))
     else:
         parser = build_parser()
-        from scaletrain.checkpoint.io import CheckpointError  # (torch: loaded by build_parser already)
+        from scaletrain.checkpoint.files import CheckpointError  # (torch: loaded by build_parser already)
 
         handled = (*handled, CheckpointError)
     args = parser.parse_args(argv)

@@ -16,9 +16,9 @@ from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.chat.templates import find_templates, write_single_template
 from scaletrain.chat.tools import bundled_tools
 from scaletrain.checkpoint.atomic_dir import replaces_directory
-from scaletrain.checkpoint.hf import DTYPES, copy_tokenizer, load_full_model, write_hf_dir
+from scaletrain.checkpoint.files import CheckpointError, copy_tokenizer, read_trainer_state
+from scaletrain.checkpoint.hf import DTYPES, load_full_model, write_hf_dir
 from scaletrain.checkpoint.hf_config import TokenIds, source_configs
-from scaletrain.checkpoint.io import CheckpointError, read_trainer_state
 from scaletrain.config.load import load_config
 from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.models.llama.hf import to_hf_state_dict
@@ -64,9 +64,6 @@ def write_chat_template(ckpt: Path, out: Path):
     `write_single_template`), so transformers' apply_chat_template renders prompts as the model was trained.
     Returns the run's ChatRenderer (`origin` says where the template came from); None for a checkpoint that is
     not a chat run's, whose tokenizer files are kept as they are."""
-    from scaletrain.chat.renderer import ChatRenderer
-    from scaletrain.data.tokenizer import load_tokenizer
-
     run_config = ckpt.parent.parent / "config.toml"
     if not run_config.is_file():
         return None

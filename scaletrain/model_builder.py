@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 
 from scaletrain.checkpoint import load_checkpoint
+from scaletrain.checkpoint.files import stored_param_dtype
 from scaletrain.checkpoint.hf import load_hf_weights
-from scaletrain.checkpoint.io import stored_param_dtype
 from scaletrain.checkpoint.locate import locate_model
 from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import ModelConfig, RunConfig

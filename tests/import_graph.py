@@ -119,6 +119,13 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
+def parse_module(name: str, source: str, *, is_package: bool = False) -> Module:
+    """The imports of one module's source (a module that need not exist on disk)."""
+    module = Module(name, Path(name), is_package)
+    _Visitor(module).visit(ast.parse(source))
+    return module
+
+
 def read_modules(roots: tuple[tuple[str, str | None], ...] = (("scaletrain", "scaletrain"), ("tests", None))
                  ) -> dict[str, Module]:
     """Every .py file under the roots, parsed: {module name: Module}."""

@@ -1,7 +1,7 @@
 """The reference decoder: greedy / sampled decoding that recomputes every prefix (no KV cache).
 
 This is what `generation/turn.py` did before every generation path went through the one KV-cache
-engine (generation/rollout.py): simple and exact, O(length²) per completion. It stays here only as the
+engine (generation/sampler.py): simple and exact, O(length²) per completion. It stays here only as the
 reference the engine is tested against (tests/test_decoding_engine.py) and benchmarked against
 (benchmarks/bench_generate.py). One process, one model, no layout.
 """

@@ -24,7 +24,7 @@ from scaletrain.nn.flex_attention import flex_masked_attention
 from scaletrain.parallel.context_parallel import context_parallel_mask, gathered_order, local_indices
 
 # flex_attention eagerly on CPU (the reference run here) warns that it is not the fused kernel: expected.
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
 
 DOCS = torch.tensor([[0] * 13 + [1] * 9 + [2] * 11 + [-1] * 7,
                      [3] * 40])  # three documents and padding; one document filling the row

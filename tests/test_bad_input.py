@@ -24,6 +24,8 @@ from scaletrain.cli import main
 
 from conftest import REPO, TINY, tiny_overrides
 
+pytestmark = pytest.mark.e2e
+
 
 @dataclass
 class Env:

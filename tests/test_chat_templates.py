@@ -16,6 +16,8 @@ from scaletrain.data.tokenizer import load_tokenizer
 
 from chat_fixtures import DEFAULT, QWEN, SYSTEM, TOOL_USE, build_chatml_tokenizer, to_old_layout
 
+pytestmark = pytest.mark.unit
+
 transformers = pytest.importorskip("transformers")
 
 USER = [{"role": "user", "content": "Ada has 6 bags of 7 coins. How many coins?"}]

@@ -12,6 +12,8 @@ from scaletrain.prepare import check_config
 
 from conftest import TINY
 
+pytestmark = pytest.mark.unit
+
 
 def _write(tmp_path, name, text):
     p = tmp_path / name

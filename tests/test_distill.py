@@ -16,6 +16,8 @@ from conftest import TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
 from parity import assert_same_steps, run_single_and_parallel
 
+pytestmark = pytest.mark.e2e
+
 V, LIMIT = 12, 10  # two padding rows beyond the tokenizer's vocabulary
 
 

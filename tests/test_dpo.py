@@ -12,6 +12,8 @@ from scaletrain.cli import main
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):

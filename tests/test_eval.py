@@ -13,8 +13,9 @@ import torch
 from scaletrain.cli import main
 
 from conftest import TINY, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, lay
     args = ["eval", str(model_run), *[x for t in tasks for x in ("--task", t)], "--output", str(tmp_path / "par.json"),
             "--batch-size", "3", *common, "--samples", str(tmp_path / "par.jsonl"),
             *[x for s in layout for x in ("--set", s)]]
-    assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
+    assert run_ranks(world, cli_rank, args, timeout=240) == [0] * world
     par = json.loads((tmp_path / "par.json").read_text())
     # every per-question / per-document row (log-likelihoods to 1e-10) and generated completion, word for
     # word: perplexity 30 documents, choice 12 questions, answer and refusal 12 prompts each
@@ -323,7 +324,7 @@ def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model
     assert single["chosen_score"] == pytest.approx(float(chosen.mean()), rel=1e-9)
     args = ["eval", str(rm), "--task", f"preference:{pairs_file}", "--seq-length", "128", "--set",
             "precision.dtype=float64", "--output", str(tmp_path / "rm2.json"), "--batch-size", "3"]
-    assert run_ranks(2, _cli_rank, args, timeout=240) == [0, 0]
+    assert run_ranks(2, cli_rank, args, timeout=240) == [0, 0]
     par = json.loads((tmp_path / "rm2.json").read_text())["tasks"]["preference:dpo_test.jsonl"]
     for k, v in single.items():
         if k != "seconds":

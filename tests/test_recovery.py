@@ -21,6 +21,8 @@ from scaletrain.trainer.stop import EXIT_INTERRUPTED, EXIT_REQUEUE
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
 
+pytestmark = pytest.mark.e2e
+
 
 def _args(run_dir, tokenizer_dir, prefix, **extra) -> list[str]:
     args = ["train", "--config", TINY]

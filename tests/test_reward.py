@@ -18,6 +18,8 @@ from scaletrain.stages.preference.reward_model import bradley_terry, last_token_
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
@@ -94,16 +96,16 @@ def test_export_scores_like_transformers_sequence_classification(tmp_path, token
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(run / "hf64", torch_dtype=torch.float64).eval()
     assert type(hf).__name__ == "LlamaForSequenceClassification"
 
-    from test_hf_convert import _patch_hf_float64
-
     from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.tokenizer import load_tokenizer
 
+    from hf_helpers import patch_hf_float64
+
     _, ours = load_full_model(latest_checkpoint(run / "checkpoints"), torch.float64)
     hf.config._attn_implementation = "eager"
-    _patch_hf_float64(monkeypatch, hf, ours)  # transformers' float32 islands (RMSNorm, RoPE, softmax) in float64
+    patch_hf_float64(monkeypatch, hf, ours)  # transformers' float32 islands (RMSNorm, RoPE, softmax) in float64
     renderer = ChatRenderer(load_tokenizer(str(run / "hf")), "chatml")
     for row in [json.loads(line) for line in pairs.read_text().splitlines()[:3]]:
         ids, _ = renderer.render([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["chosen"]}])

@@ -14,8 +14,9 @@ from scaletrain.cli import main
 from scaletrain.stages.preference.rlaif import JUDGE_TEMPLATE, judge_rows, preferences
 
 from conftest import TINY, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.e2e
 
 
 def test_preferences_average_both_orders():
@@ -105,7 +106,7 @@ def test_every_layout_labels_like_one_process(tmp_path, policy_run, prompts, lay
     common = ["--set", "precision.dtype=float64"]
     assert main(_rlaif(policy_run, prompts, tmp_path / "single.jsonl", *common)) == 0
     args = _rlaif(policy_run, prompts, tmp_path / "par.jsonl", *common, *[x for s in layout for x in ("--set", s)])
-    assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
+    assert run_ranks(world, cli_rank, args, timeout=240) == [0] * world
     single = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
     par = [json.loads(line) for line in (tmp_path / "par.jsonl").read_text().splitlines()]
     assert len(single) == len(par) > 0

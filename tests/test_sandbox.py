@@ -31,6 +31,8 @@ from scaletrain.stages.rl.sandbox.runner import SandboxSettings, run_programs
 
 from conftest import TINY, read_metrics, tiny_overrides
 
+pytestmark = pytest.mark.e2e
+
 FAST = SandboxSettings(timeout_s=4.0, memory_mb=256, processes=16, disk_mb=16, workers=2)
 WRONG = "def add(a, b):\n    return a - b\n"
 RIGHT = "def add(a, b):\n    return a + b\n"

@@ -16,6 +16,8 @@ from scaletrain.stages.sft.data import SFTDataset
 from conftest import TINY, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
 
+pytestmark = pytest.mark.e2e
+
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and two?"},
         {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And three?"},
         {"role": "assistant", "tool_calls": [{"name": "calculator", "arguments": {"expr": "2+3"}}]},

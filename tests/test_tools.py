@@ -27,6 +27,8 @@ from scaletrain.stages.sft.data import SFTDataset, read_conversations
 
 from conftest import TINY, tiny_overrides
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.parametrize("expr,value", [("37*8", "296"), ("(2+3)**2", "25"), ("7/2", "3.5"), ("-4 + 1", "-3"),
                                         ("10 // 3", "3"), ("10 % 4", "2"), ("1/3", "0.3333333333"), ("6/3", "2")])

@@ -18,6 +18,8 @@ from scaletrain.trainer.optimizer import param_groups
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 
 def test_cosine_with_warmup_hand_values():
     cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
@@ -117,9 +119,9 @@ def test_vocab_parallel_cross_entropy_at_tp1_matches_torch():
     assert torch.allclose(g_ours, g_ref, rtol=1e-12, atol=1e-15)
     # The vocab-parallel function itself (what tp > 1 runs) at one rank gives the same numbers.
     from scaletrain.distributed.comm import Comm
-    from scaletrain.nn.loss import _VocabParallelCrossEntropy
+    from scaletrain.nn.loss import VocabParallelCrossEntropy
 
-    vp = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), labels.flatten(), Comm.single("tp")).view(2, 5)
+    vp = VocabParallelCrossEntropy.apply(logits.flatten(0, 1), labels.flatten(), Comm.single("tp")).view(2, 5)
     (g_vp,) = torch.autograd.grad((vp * w).sum(), logits)
     assert torch.allclose(vp, ref, rtol=1e-13, atol=0) and torch.allclose(g_vp, g_ref, rtol=1e-12, atol=1e-15)
 

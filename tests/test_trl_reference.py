@@ -22,6 +22,8 @@ from scaletrain.stages.preference.data import PreferenceDataset, read_pairs
 from scaletrain.stages.preference.dpo import DPOObjective
 from scaletrain.stages.preference.reference import RecordLogProbs
 
+pytestmark = pytest.mark.parity
+
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 

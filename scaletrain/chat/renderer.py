@@ -23,13 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scaletrain.chat.templates import (
+    BadConversation,
     choose_template,
     compile_template,
     find_templates,
     select,
     template_variables,
 )
-from scaletrain.chat.tools import Tool, ToolCallError, normalise_call
+from scaletrain.chat.tools import Tool, ToolCallError, bundled_tools, normalise_call
 from scaletrain.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -62,10 +63,6 @@ LLAMA3 = (
 BUNDLED = {"chatml": CHATML, "llama3": LLAMA3}
 
 
-class BadConversation(ValueError):
-    """A row that cannot become a training example; the message is the reason counted in reports."""
-
-
 def tokenizer_chat_template(tokenizer: Tokenizer, tools: bool = False) -> str | None:
     """The tokenizer's own template as transformers would choose it (None: it has none)."""
     found = find_templates(Path(tokenizer.path).parent)
@@ -74,8 +71,6 @@ def tokenizer_chat_template(tokenizer: Tokenizer, tools: bool = False) -> str | 
 
 def chat_template_origin(posttrain, tokenizer: Tokenizer) -> str:
     """Which template a run with this [posttrain] section renders with, and where it came from (for the log)."""
-    from scaletrain.chat.tools import bundled_tools
-
     return ChatRenderer(tokenizer, posttrain.chat_template, tools=bundled_tools(posttrain.tools)).origin
 
 

@@ -21,10 +21,15 @@ accepted, undefined variables rendering as nothing, and the tokenizer's special 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import jinja2
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 JINJA_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
@@ -33,6 +38,10 @@ PROCESSOR_CONFIG = "processor_config.json"
 LEGACY_PROCESSOR_FILE = "chat_template.json"
 # Every file or folder that can carry a template (an export writes exactly one of them).
 TEMPLATE_FILES = (JINJA_FILE, TEMPLATE_DIR, LEGACY_PROCESSOR_FILE)
+
+
+class BadConversation(ValueError):
+    """A row that cannot become a training example; the message is the reason counted in reports."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,6 @@ def write_single_template(folder: str | Path, source: str) -> None:
     """Make `source` the only chat template of a tokenizer directory: every other place a template can be
     (module docstring) is cleared, and it is written to tokenizer_config.json's `chat_template`, which
     every transformers release with chat templates reads (5.x too, when no chat_template.jinja exists)."""
-    import shutil
-
     d = Path(folder)
     for name in TEMPLATE_FILES:
         if (d / name).is_dir():
@@ -166,10 +173,6 @@ def template_variables(folder: str | Path | None) -> dict[str, str]:
 
 def compile_template(source: str):
     """A Jinja template in the environment transformers renders chat templates in (module docstring)."""
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class Generation(Extension):
         """`{% generation %}…{% endgeneration %}` (TRL's assistant masks): rendered as its body."""
 
@@ -184,8 +187,6 @@ def compile_template(source: str):
             return caller()
 
     def raise_exception(message):
-        from scaletrain.chat.renderer import BadConversation
-
         raise BadConversation(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):

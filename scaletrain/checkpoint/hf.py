@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from scaletrain.checkpoint.files import CheckpointError, read_trainer_state
 from scaletrain.checkpoint.hf_checks import check_hf_weights, read_hf_config
 from scaletrain.checkpoint.hf_config import (
     TokenIds,
@@ -23,35 +24,15 @@ from scaletrain.checkpoint.hf_config import (
     export_generation_config,
     read_source,
 )
-from scaletrain.checkpoint.io import (
-    CheckpointError,
-    load_checkpoint,
-    read_trainer_state,
-    write_checkpoint_dir,
-)
+from scaletrain.checkpoint.load import load_checkpoint
+from scaletrain.checkpoint.save import write_checkpoint_dir
 from scaletrain.config.schema import ModelConfig
+from scaletrain.distributed.dims import ParallelDims
+from scaletrain.models import build_model
 from scaletrain.models.llama.hf import from_hf_state_dict
+from scaletrain.nn.init import init_parameters, logical, spec_of
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json", "chat_template.json")
-TOKENIZER_DIRS = ("additional_chat_templates",)  # named chat templates (transformers ≥ 4.5x)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> bool:
-    """Copy the tokenizer files of `src` (a folder or a tokenizer file inside one) into `dst`."""
-    folder = Path(src)
-    folder = folder if folder.is_dir() else folder.parent
-    found = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-    if not found:
-        return False
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in found:
-        shutil.copy2(f, dst / f.name)
-    for d in TOKENIZER_DIRS:
-        if (folder / d).is_dir():
-            shutil.copytree(folder / d, dst / d, dirs_exist_ok=True)
-    return True
 
 
 def checkpoint_model_config(path: str | Path) -> ModelConfig:
@@ -63,19 +44,15 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
 
 def load_full_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, torch.nn.Module]:
     """One full model on CPU from a checkpoint saved at any layout."""
-    from scaletrain.models import build_model
-
     cfg = checkpoint_model_config(path)
     model = build_model(cfg, dtype=dtype)
-    load_checkpoint(path, model, None)
+    load_checkpoint(path, model, None, dims=ParallelDims.single())
     return cfg, model
 
 
 def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, dtype: str,
                  ids: TokenIds, max_shard_bytes: int = 5 * 2**30,
                  source: tuple[dict | None, dict | None] = (None, None)) -> None:
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -104,8 +81,6 @@ def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], 
 
 def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(model config, our full state dict) of a local HF model directory (safetensors only)."""
-    from safetensors.torch import load_file
-
     d = Path(hf_dir)
     cfg = read_hf_config(d)
     files = sorted(d.glob("*.safetensors"))
@@ -121,9 +96,6 @@ def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 def import_from_hf(hf_dir: str | Path, out_checkpoint: str | Path, dtype: str = "float32") -> Path:
     """`scaletrain convert from-hf`: HF directory → model-only scaletrain checkpoint (any layout loads it)."""
-    from scaletrain.models import build_model
-    from scaletrain.nn.init import init_parameters
-
     cfg, sd = read_hf_dir(hf_dir)
     model = build_model(cfg, dtype=DTYPES[dtype])
     init_parameters(model, 0)  # every tensor is overwritten just below; strict load checks that
@@ -143,8 +115,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, tp_rank: int = 0
     A reward model (num_labels > 0) may start from a causal LM: its body is copied and the `score`
     head keeps its fresh initialisation (the LM head is not used). Returns the parameters left at
     their initialisation."""
-    from scaletrain.nn.init import logical, spec_of
-
     _cfg, sd = read_hf_dir(hf_dir)
     fresh = []
     for name, p in model.named_parameters():

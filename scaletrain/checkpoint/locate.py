@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scaletrain.checkpoint.files import STATE_FILE
 from scaletrain.checkpoint.hf import checkpoint_model_config
 from scaletrain.checkpoint.hf_checks import HFModelError, read_hf_config
-from scaletrain.checkpoint.io import STATE_FILE, latest_checkpoint
+from scaletrain.checkpoint.select import latest_checkpoint
 from scaletrain.config.load import ConfigError, load_config
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.llama.hf import UnsupportedModelError

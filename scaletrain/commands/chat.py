@@ -22,8 +22,9 @@ import torch
 from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.chat.tool_loop import respond
 from scaletrain.chat.tools import BUNDLED_TOOLS, Tool, bundled_tools
-from scaletrain.checkpoint.io import STATE_FILE, latest_checkpoint
+from scaletrain.checkpoint.files import STATE_FILE
 from scaletrain.checkpoint.locate import model_files
+from scaletrain.checkpoint.select import latest_checkpoint
 from scaletrain.config.load import load_config
 from scaletrain.config.schema import RunConfig
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer

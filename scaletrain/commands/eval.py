@@ -7,7 +7,7 @@
 MODEL is a run directory, its checkpoints/ folder, a step_* checkpoint or a Hugging Face directory. The
 model is built frozen in the layout the `--set parallel.*` keys give (the world size must be a multiple of
 tp·pp; the rest is dp, each replica scoring a share of the rows) and every score comes from the
-forward-only schedule (generation/likelihood.py) or the rollout sampler (generation/rollout.py). The chat
+forward-only schedule (generation/likelihood.py) or the rollout sampler (generation/sampler.py). The chat
 template of `answer` tasks is the run's (its config.toml) or the HF tokenizer's. Rank 0 prints one line
 per task and writes --output (JSON: the metrics, the model, the layout).
 """

@@ -9,7 +9,7 @@ Hugging Face directory), built frozen in the layout of the `--set parallel.*` ke
 Prompts: a .jsonl file (a `prompt` or `text` string per row) or a .txt file (one prompt per line), each
 tokenised as it is (`--add-bos` puts the tokenizer's bos first). Continuations are greedy (default) or
 sampled at --temperature with one generator per prompt seeded from --seed and the prompt's index, so
-they depend neither on the layout nor on the batch. Decoding is the rollout engine's (generation/rollout.py:
+they depend neither on the layout nor on the batch. Decoding is the rollout engine's (generation/sampler.py:
 a KV cache per microbatch on the torch backend), the prompts split over dp replicas in batches of
 --batch-size. Only the tokenizer's tokens are candidates (padding rows of the embedding never are).
 
@@ -33,7 +33,7 @@ from scaletrain.checkpoint.locate import locate_model, model_files
 from scaletrain.config import ConfigError, RunConfig, load_config
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer
 from scaletrain.distributed import read_env
-from scaletrain.generation.rollout import sample_share
+from scaletrain.generation.sampler import sample_share
 from scaletrain.model_builder import ModelBuilder, check_companion
 from scaletrain.runtime import frozen_runtime
 

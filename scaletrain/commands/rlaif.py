@@ -29,7 +29,7 @@ from scaletrain.data.preprocess import BUILTIN_CORPUS
 from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.distributed import read_env
 from scaletrain.generation.likelihood import continuation_logprobs
-from scaletrain.generation.rollout import completion_text, sample_share, stop_ids_for
+from scaletrain.generation.sampler import completion_text, sample_share, stop_ids_for
 from scaletrain.model_builder import ModelBuilder, check_companion
 from scaletrain.runtime import frozen_runtime
 from scaletrain.stages.preference.rlaif import (

@@ -3,7 +3,7 @@
 
 Log-likelihood kinds (perplexity, choice, preference) score through the forward-only schedule
 (generation/likelihood.py); generation kinds (answer, refusal) decode greedily on the rollout sampler
-(generation/rollout.py), prompts split over dp replicas. Collective over the world: every rank runs every task.
+(generation/sampler.py), prompts split over dp replicas. Collective over the world: every rank runs every task.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scaletrain.evaluation import tasks as T
 from scaletrain.evaluation.answers import math_answer
 from scaletrain.evaluation.tasks import Task
 from scaletrain.generation.likelihood import continuation_logprobs, continuation_token_logprobs, scores_at
-from scaletrain.generation.rollout import completion_text, sample_share, stop_ids_for
+from scaletrain.generation.sampler import completion_text, sample_share, stop_ids_for
 from scaletrain.trainer.precision import Precision
 
 

@@ -9,7 +9,7 @@ from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.chat.tool_loop import respond
 from scaletrain.chat.tools import Tool
 from scaletrain.data.synth import Problem, check_answer
-from scaletrain.generation.rollout import sample_completions, sampling_generator, stop_ids_for
+from scaletrain.generation.sampler import sample_completions, sampling_generator, stop_ids_for
 from scaletrain.generation.turn import ONE_PROCESS
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.stages.preference.losses import sequence_logprobs
@@ -23,7 +23,7 @@ def exact_match(model: torch.nn.Module, renderer: ChatRenderer, problems: list[P
 
     prompt_format 'chat': the renderer's generation prompt after the user turn; 'text': the
     pretraining format ('Question: …\\nAnswer:'). Answers run to eos or max_new_tokens, decoded
-    `micro_batch` problems at a time on the KV-cache engine (generation/rollout.py)."""
+    `micro_batch` problems at a time on the KV-cache engine (generation/sampler.py)."""
     tok = renderer.tokenizer
     if prompt_format == "chat":
         prompts = [renderer.prompt_ids([{"role": "user", "content": p.question}]) for p in problems]

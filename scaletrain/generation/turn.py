@@ -1,7 +1,7 @@
 """Generation for one caller at a time — a chat turn, greedy answers — on the one decoding engine.
 
 Every generation path (chat, the tool loop, evaluation answers, rollouts) decodes through
-generation/rollout.py's `sample_completions`: a KV cache per microbatch on the torch backend (each new
+generation/sampler.py's `sample_completions`: a KV cache per microbatch on the torch backend (each new
 token runs one position), in whatever layout the model is parallelised in (tp, pp; cp and dp callers
 split their prompts as `sample_share` does). These are thin adapters to it: `generate_turn` (one
 assistant turn, text in and out, stopping at eos or the end-of-turn marker) and `greedy_generate`
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.generation.rollout import completion_text, sample_completions, stop_ids_for
+from scaletrain.generation.sampler import completion_text, sample_completions, stop_ids_for
 from scaletrain.trainer.precision import Precision
 
 ONE_PROCESS = ParallelDims.single()

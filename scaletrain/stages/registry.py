@@ -21,7 +21,7 @@ _STAGES: dict[str, Stage] = {}
 
 def register(stage: Stage, *, replace: bool = False) -> Stage:
     """Add `stage` under `stage.name` (its posttrain.objective value and, with a help text, its command)."""
-    if not getattr(stage, "name", ""):
+    if not stage.name:
         raise ValueError(f"{type(stage).__name__} has no name")
     if stage.name in _STAGES and not replace:
         raise ValueError(f"a stage named {stage.name!r} is registered already ({type(_STAGES[stage.name]).__name__})")

@@ -85,7 +85,7 @@ class StageParts:
 class Stage(ABC):
     """One training stage. Subclasses set `name` (posttrain.objective and, with `help`, the CLI command)."""
 
-    name: ClassVar[str]
+    name: ClassVar[str] = ""
     help: ClassVar[str] = ""  # the `scaletrain <name>` command's help; "" = no command of its own
     fields: ClassVar[tuple[str, ...]] = ()  # the posttrain.* settings the stage reads
     score_head: ClassVar[bool] = False  # trains a score-head model (model.num_labels = 1), not a language model

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from scaletrain.checkpoint import load_checkpoint, save_checkpoint
-from scaletrain.checkpoint.io import PendingSave, step_dir_name
+from scaletrain.checkpoint.files import step_dir_name
+from scaletrain.checkpoint.save import PendingSave
 from scaletrain.checkpoint.select import newest_good, step_of
 from scaletrain.config.schema import RunConfig
 from scaletrain.distributed.comm import CollectiveError, Comm

@@ -10,7 +10,7 @@ reward, no advantage: the per-token KL is the signal.
 Step k draws prompts k·B … k·B+B−1 (B = global batch) of the seeded per-epoch prompt order, dp rank
 r taking the r-th contiguous B/dp of them, each with its own sampling generator, so the same run
 samples the same completions at every layout and on resumption. Sampling runs on the training
-layout (generation/rollout.py), at posttrain.temperature, up to posttrain.max_new_tokens, stopping at
+layout (generation/sampler.py), at posttrain.temperature, up to posttrain.max_new_tokens, stopping at
 eos or the chat template's end-of-turn marker.
 """
 
@@ -22,7 +22,8 @@ import torch
 
 from scaletrain.data.loader import collate
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.generation.rollout import sample_completions, sampling_generator, stop_ids_for, training_rows
+from scaletrain.generation.batching import training_rows
+from scaletrain.generation.sampler import sample_completions, sampling_generator, stop_ids_for
 from scaletrain.stages.rl.prompts import PromptDataset, PromptOrder
 from scaletrain.trainer.contracts import BatchSource
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.distributed.comm import Comm
+from scaletrain.parallel.context_parallel import sum_over_cp
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 LENGTH_NORMALISED = ("ipo", "simpo")  # these take mean per-token log-probs
@@ -60,8 +61,6 @@ def sequence_logprobs(per_token_loss: torch.Tensor, response_mask: torch.Tensor,
     cp: under context parallelism the tokens are this rank's share of each row; the sums (and the
     token counts of the length-normalised form) are summed over cp, so every cp rank returns the
     whole sequence's value (differentiably)."""
-    from scaletrain.parallel.context_parallel import sum_over_cp
-
     mask = response_mask.to(per_token_loss.dtype)
     total = sum_over_cp(-(per_token_loss * mask).sum(-1), cp)
     if not length_normalised:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -42,8 +43,6 @@ class FeedbackReport:
 
 def read_principles(path: str) -> list[str]:
     """One principle per non-empty line (lines starting with # are comments)."""
-    from pathlib import Path
-
     lines = [line.strip() for line in Path(path).read_text().splitlines()]
     principles = [line for line in lines if line and not line.startswith("#")]
     if not principles:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from scaletrain.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, save_checkpoint
-from scaletrain.checkpoint.io import step_dir_name
+from scaletrain.checkpoint.files import step_dir_name
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.stages.rl.ppo import ValueObjective, token_values
 from scaletrain.trainer.contracts import Batch, Phase

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.data.packing import model_inputs
-from scaletrain.generation.rollout import per_token_pass
+from scaletrain.generation.scoring import per_token_pass
 from scaletrain.trainer.contracts import Objective
 
 METRICS = ("value_loss", "value_clip_fraction")

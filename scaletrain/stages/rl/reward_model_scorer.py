@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.data.packing import block_causal_mask
-from scaletrain.generation.rollout import left_padded, pass_unit, row_microbatches, split_over_cp
+from scaletrain.generation.batching import left_padded, pass_unit, row_microbatches, split_over_cp
 from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.parallel.parallelize import eager
 from scaletrain.trainer.step import forward_pass

@@ -11,7 +11,7 @@ computed once per replica (its first tp and cp rank on the last stage: a timed-o
 not score differently on two ranks) and broadcast to the replica's other ranks; a reward model
 scores on all of the replica's ranks together, in the policy's layout (RLHF). Under context
 parallelism the replica's cp ranks sample shares of its prompts and then hold the same rollouts
-(generation/rollout.py); the training step splits the rows.
+(generation/sampler.py); the training step splits the rows.
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ import torch
 
 from scaletrain.data.loader import collate
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.generation.rollout import (
+from scaletrain.generation.batching import pass_unit, training_rows
+from scaletrain.generation.sampler import (
     completion_text,
-    pass_unit,
     sample_completions,
     sampling_generator,
     stop_ids_for,
-    token_logprobs,
-    training_rows,
 )
+from scaletrain.generation.scoring import token_logprobs
 from scaletrain.stages.rl.dynamic_sampling import Groups, choose_groups, gather_groups, informative_groups
 from scaletrain.stages.rl.grpo import group_advantages, overlong_penalty
 from scaletrain.stages.rl.prompts import PromptDataset, PromptOrder
