@@ -151,3 +151,45 @@ def test_no_getattr_hooks_on_the_trainer_contracts():
     found = [f"{p.relative_to(REPO)}:{n}" for p in (REPO / "scaletrain").rglob("*.py")
              for n, line in enumerate(p.read_text().splitlines(), 1) if hook.search(line)]
     assert found == []
+
+
+class _Section:
+    """A posttrain section that holds only the fields a stage declared: reading another one fails."""
+
+    def __init__(self, values: dict) -> None:
+        self.__dict__.update(values)
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft", "dpo", "reward", "grpo", "ppo", "distill"])
+def test_stages_read_only_the_settings_they_declare(name):
+    """What a stage reads of `posttrain` it declares in `Stage.fields` (its section once the config is split
+    per stage, issue 24 §3): every config-level method of the stage runs here on a posttrain section holding
+    only those fields (plus `objective`), and every declared field exists."""
+    import dataclasses
+
+    from scaletrain.config.schema import PostTrainConfig, RunConfig
+    from scaletrain.stages.registry import get_stage
+
+    stage = get_stage(name)
+    known = {f.name for f in dataclasses.fields(PostTrainConfig)}
+    assert set(stage.fields) <= known, set(stage.fields) - known
+    full = PostTrainConfig(objective=name, train_data=("rows.jsonl",), rewards=("math_answer",), critic="c",
+                           teacher="t", sandbox="none")
+    cfg = RunConfig(posttrain=_Section({f: getattr(full, f) for f in (*stage.fields, "objective")}))  # type: ignore[arg-type]
+    stage.validate(cfg)
+    stage.reads_documents(cfg)
+    stage.rollout_group(cfg)
+    stage.reference_policy(cfg)
+    stage.companions(cfg)
+    if name != "distill":  # (distill's derive reads its teacher from disk; its settings access is the same)
+        stage.derive(cfg)
+
+
+def test_every_posttrain_setting_belongs_to_a_stage():
+    import dataclasses
+
+    from scaletrain.config.schema import PostTrainConfig
+    from scaletrain.stages.registry import stages
+
+    declared = {f for s in stages() for f in s.fields}
+    assert {f.name for f in dataclasses.fields(PostTrainConfig)} - declared == {"objective"}

@@ -14,9 +14,10 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
 from scaletrain.data.packing import Document, block_causal_mask, pack
 from scaletrain.data.synth import check_answer, problems
+from scaletrain.generation.scoring import sequence_logprobs
 from scaletrain.models import build_model
 from scaletrain.nn import cross_entropy_per_token, init_parameters
-from scaletrain.stages.preference.losses import preference_loss, sequence_logprobs
+from scaletrain.stages.preference.losses import preference_loss
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,9 @@ from scaletrain.chat.tool_loop import respond
 from scaletrain.chat.tools import Tool
 from scaletrain.data.synth import Problem, check_answer
 from scaletrain.generation.sampler import sample_completions, sampling_generator, stop_ids_for
+from scaletrain.generation.scoring import sequence_logprobs
 from scaletrain.generation.turn import ONE_PROCESS
 from scaletrain.nn import cross_entropy_per_token
-from scaletrain.stages.preference.losses import sequence_logprobs
 from scaletrain.trainer.precision import Precision
 
 

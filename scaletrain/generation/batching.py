@@ -49,6 +49,14 @@ def pass_unit(dims: ParallelDims, micro_batch: int) -> int:
     return micro_batch * (dims.pp if dims.vpp > 1 else 1)
 
 
+def contiguous_share(n: int, parts: int, index: int) -> range:
+    """Part `index` of `parts` contiguous shares of n items, each ⌈n/parts⌉ long (the last ones shorter or
+    empty): how rollouts, evaluation rows and sampled prompts are split over dp replicas and cp ranks, so a
+    share never depends on anything but (n, parts, index)."""
+    size = -(-n // parts)
+    return range(min(index * size, n), min((index + 1) * size, n))
+
+
 def split_over_cp(items: Sequence[T], dims: ParallelDims, fn: Callable[[list[T]], list[Any]], *, per_item: int = 1,
                   unit: int = 1, pad: Callable[[T], T] = lambda x: x) -> list[Any]:
     """fn over `items` (the same on every cp rank of a replica) with the work split over cp: cp rank c
@@ -59,8 +67,8 @@ def split_over_cp(items: Sequence[T], dims: ParallelDims, fn: Callable[[list[T]]
     cp = dims.comm("cp")
     if cp.size == 1:
         return fn(list(items))
-    per_rank = -(-len(items) // cp.size)
-    mine = list(items[cp.rank * per_rank:(cp.rank + 1) * per_rank])
+    share = contiguous_share(len(items), cp.size, cp.rank)
+    mine = list(items[share.start:share.stop])
     out: list[Any] = []
     if mine:  # (a cp rank without items skips the passes: its tp and pp ranks agree on that)
         padded = mine + [pad(mine[-1]) for _ in range(_padding(len(mine), per_item, unit))]

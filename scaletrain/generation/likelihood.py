@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.distributed.dims import ParallelDims
+from scaletrain.generation.batching import contiguous_share
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.blockwise_attention import document_mask
 from scaletrain.parallel.context_parallel import cp_unbound
@@ -116,8 +117,7 @@ def _replica_pass(model: torch.nn.Module, dims: ParallelDims, rows: Sequence[tup
     forward-only schedule, each dp replica (and each cp rank of one: rows run whole) on its contiguous
     share; the [n, fields] float64 result on every rank."""
     workers, me = dims.dp * dims.cp, dims.dp_rank * dims.cp + dims.cp_rank
-    per_rank = -(-len(rows) // workers)
-    mine = list(range(me * per_rank, min((me + 1) * per_rank, len(rows))))
+    mine = list(contiguous_share(len(rows), workers, me))
     values: dict[int, torch.Tensor] = {}
     if mine:  # (a replica with no rows skips its passes; its ranks agree on that)
         unit = micro_batch * (dims.pp if dims.vpp > 1 else 1)

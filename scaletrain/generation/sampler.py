@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.generation.batching import is_last_stage, pass_unit, split_over_cp
+from scaletrain.generation.batching import contiguous_share, is_last_stage, pass_unit, split_over_cp
 from scaletrain.generation.decoding import CachedLogits, can_use_kv_cache, recomputed_logits
 from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.parallel.parallelize import eager, sp_bound, sp_unbound
@@ -188,8 +188,7 @@ def sample_share(model: torch.nn.Module, dims: ParallelDims, prompts: Sequence[l
     contiguous share (padded to whole microbatches, interleaved: whole pipeline groups), then every rank
     gathers everyone's. seed: one sampling generator per prompt index (None: greedy). Collective over the world."""
     dp, dp_rank = dims.dp, dims.dp_rank
-    per_rank = -(-len(prompts) // dp)
-    mine = list(range(dp_rank * per_rank, min((dp_rank + 1) * per_rank, len(prompts))))
+    mine = list(contiguous_share(len(prompts), dp, dp_rank))
     out: list[tuple[list[int], bool]] = []
     if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
         unit = pass_unit(dims, micro_batch)

@@ -1,15 +1,17 @@
 """Per-token values of finished rows on the training layout (a frozen reference's log-probs, the sampling
 policy's, a critic's values): a forward-only pass through the layout's schedule, recorded on the last
-pipeline stage, split over cp and gathered back to whole rows."""
+pipeline stage, split over cp and gathered back to whole rows; and a response's sequence log-probability
+from its per-token losses (DPO, preference evaluation)."""
 
 from __future__ import annotations
 
 import torch
 
 from scaletrain.data.packing import model_inputs
+from scaletrain.distributed.comm import Comm
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.nn import cross_entropy_per_token
-from scaletrain.parallel.context_parallel import gather_sequence, shard_microbatch
+from scaletrain.parallel.context_parallel import gather_sequence, shard_microbatch, sum_over_cp
 from scaletrain.trainer.step import forward_pass
 
 
@@ -59,3 +61,21 @@ def per_token_pass(model: torch.nn.Module, dims: ParallelDims, microbatches: lis
         else:  # not the last stage: nothing computed (its ranks never read these)
             result.append(torch.zeros(mb["tokens"].shape, dtype=torch.float64, device=mb["tokens"].device))
     return result
+
+
+def sequence_logprobs(per_token_loss: torch.Tensor, response_mask: torch.Tensor, length_normalised: bool,
+                      cp: Comm | None = None) -> torch.Tensor:
+    """Sequence log-probability [b] from per-token cross-entropy [b, s] (= −log p of each label, as the
+    vocab-parallel loss computes it without gathering the vocabulary) over the response tokens.
+
+    cp: under context parallelism the tokens are this rank's share of each row; the sums (and the
+    token counts of the length-normalised form) are summed over cp, so every cp rank returns the
+    whole sequence's value (differentiably)."""
+    mask = response_mask.to(per_token_loss.dtype)
+    total = sum_over_cp(-(per_token_loss * mask).sum(-1), cp)
+    if not length_normalised:
+        return total
+    count = mask.sum(-1)
+    if cp is not None and cp.size > 1:
+        count = cp.all_reduce(count.detach().clone())
+    return total / count.clamp(min=1)

@@ -29,9 +29,11 @@ import torch
 
 from scaletrain.data.packing import model_inputs
 from scaletrain.distributed.comm import Comm
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.nn import cross_entropy_per_token
 from scaletrain.nn.kl import kl_per_token, teacher_top_k
 from scaletrain.trainer.contracts import Objective
+from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import forward_pass
 
 METRICS = ("kd", "ce")  # means per loss token: the (unscaled) KL at temperature τ, the hard-label cross-entropy
@@ -41,7 +43,7 @@ class DistillObjective(Objective):
     name = "distill"
     metrics = METRICS
 
-    def __init__(self, tp: Comm | None, teacher: torch.nn.Module, dims, precision, *, kind: str = "forward_kl",
+    def __init__(self, tp: Comm | None, teacher: torch.nn.Module, dims: ParallelDims, precision: Precision, *, kind: str = "forward_kl",
                  temperature: float = 1.0, alpha: float = 1.0, top_k: int = 0, vocab_limit: int | None = None,
                  fused_cross_entropy: bool = False) -> None:
         self.tp, self.teacher, self.dims, self.precision = tp, teacher, dims, precision

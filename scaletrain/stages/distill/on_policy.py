@@ -22,7 +22,7 @@ import torch
 
 from scaletrain.data.loader import collate
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.generation.batching import training_rows
+from scaletrain.generation.batching import contiguous_share, training_rows
 from scaletrain.generation.sampler import sample_completions, sampling_generator, stop_ids_for
 from scaletrain.stages.rl.prompts import PromptDataset, PromptOrder
 from scaletrain.trainer.contracts import BatchSource
@@ -56,8 +56,7 @@ class OnPolicyBatches(BatchSource):
         step = self.consumed_samples // self.global_batch
         self.consumed_samples += self.global_batch
         d = self.dims
-        per_rank = self.global_batch // d.dp
-        draws = [step * self.global_batch + d.dp_rank * per_rank + j for j in range(per_rank)]
+        draws = [step * self.global_batch + j for j in contiguous_share(self.global_batch, d.dp, d.dp_rank)]
         prompts = [self.prompts.prompts[self.order[k]] for k in draws]
         t0 = time.perf_counter()
         completions, stopped = sample_completions(

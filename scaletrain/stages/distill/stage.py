@@ -35,19 +35,20 @@ class DistillStage(Stage):
               "distill_on_policy")
 
     def reads_documents(self, cfg: RunConfig) -> bool:
-        return not cfg.posttrain.train_data
+        return not self.settings(cfg).train_data
 
     def rollout_group(self, cfg: RunConfig) -> int:
-        return 1 if cfg.posttrain.distill_on_policy else 0
+        return 1 if self.settings(cfg).distill_on_policy else 0
 
     def companions(self, cfg: RunConfig) -> list[Companion]:
-        return [Companion(TEACHER, cfg.posttrain.teacher, "teacher")]
+        return [Companion(TEACHER, self.settings(cfg).teacher, "teacher")]
 
     def derive(self, cfg: RunConfig) -> RunConfig:
-        if not cfg.posttrain.teacher or cfg.model.vocab_size:
+        teacher = self.settings(cfg).teacher
+        if not teacher or cfg.model.vocab_size:
             return cfg
         # 0 = derive: the teacher's (padded) size, so that both logit tensors shard over tp alike.
-        vocab = locate_model(TEACHER, cfg.posttrain.teacher)[2].vocab_size
+        vocab = locate_model(TEACHER, teacher)[2].vocab_size
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
     def validate(self, cfg: RunConfig) -> list[str]:

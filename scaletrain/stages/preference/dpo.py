@@ -15,8 +15,9 @@ import torch
 
 from scaletrain.data.packing import model_inputs
 from scaletrain.distributed.comm import Comm
+from scaletrain.generation.scoring import sequence_logprobs
 from scaletrain.nn import cross_entropy_per_token
-from scaletrain.stages.preference.losses import LENGTH_NORMALISED, preference_loss, sequence_logprobs
+from scaletrain.stages.preference.losses import LENGTH_NORMALISED, preference_loss
 from scaletrain.trainer.contracts import Batch, LossFn, Objective
 
 METRICS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")

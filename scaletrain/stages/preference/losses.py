@@ -17,9 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scaletrain.distributed.comm import Comm
-from scaletrain.parallel.context_parallel import sum_over_cp
-
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 LENGTH_NORMALISED = ("ipo", "simpo")  # these take mean per-token log-probs
 
@@ -51,21 +48,3 @@ def preference_loss(loss_type: str, policy_chosen: torch.Tensor, policy_rejected
                "rewards_margin": chosen_reward - rejected_reward,
                "rewards_accuracy": (chosen_reward > rejected_reward).to(chosen_reward.dtype)}
     return losses, metrics
-
-
-def sequence_logprobs(per_token_loss: torch.Tensor, response_mask: torch.Tensor, length_normalised: bool,
-                      cp: Comm | None = None) -> torch.Tensor:
-    """Sequence log-probability [b] from per-token cross-entropy [b, s] (= −log p of each label, as the
-    vocab-parallel loss computes it without gathering the vocabulary) over the response tokens.
-
-    cp: under context parallelism the tokens are this rank's share of each row; the sums (and the
-    token counts of the length-normalised form) are summed over cp, so every cp rank returns the
-    whole sequence's value (differentiably)."""
-    mask = response_mask.to(per_token_loss.dtype)
-    total = sum_over_cp(-(per_token_loss * mask).sum(-1), cp)
-    if not length_normalised:
-        return total
-    count = mask.sum(-1)
-    if cp is not None and cp.size > 1:
-        count = cp.all_reduce(count.detach().clone())
-    return total / count.clamp(min=1)

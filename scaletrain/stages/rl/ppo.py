@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.data.packing import model_inputs
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.scoring import per_token_pass
 from scaletrain.trainer.contracts import Objective
 
@@ -73,7 +74,7 @@ def whiten(adv: torch.Tensor, mask: torch.Tensor, dp_comm=None, eps: float = 1e-
 
 
 @torch.no_grad()
-def token_values(critic: torch.nn.Module, dims, microbatches: list[dict], *, precision) -> list[torch.Tensor]:
+def token_values(critic: torch.nn.Module, dims: ParallelDims, microbatches: list[dict], *, precision) -> list[torch.Tensor]:
     """The critic's value [b, s] at every position of each microbatch (on the device), exact on the last
     pipeline stage (whole rows on every cp rank), zeros elsewhere. Collective over tp, cp and pp."""
     out: dict[int, torch.Tensor] = {}

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from scaletrain.data.packing import block_causal_mask
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.batching import left_padded, pass_unit, row_microbatches, split_over_cp
 from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.parallel.parallelize import eager
@@ -33,7 +34,7 @@ class RewardModelScorer:
     """Callable (prompts, completions) → scores [n] float64, on every rank of the replica (a
     collective: scored by the replica's ranks together, not by its lead rank alone)."""
 
-    def __init__(self, model: torch.nn.Module, dims, *, pad_id: int, eos_id: int | None, micro_batch: int,
+    def __init__(self, model: torch.nn.Module, dims: ParallelDims, *, pad_id: int, eos_id: int | None, micro_batch: int,
                  precision, device: torch.device, width_multiple: int = 1) -> None:
         self.model, self.dims, self.pad_id, self.eos_id = model, dims, pad_id, eos_id
         self.micro_batch, self.precision, self.device, self.width_multiple = micro_batch, precision, device, width_multiple

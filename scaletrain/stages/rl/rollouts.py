@@ -24,7 +24,7 @@ import torch
 
 from scaletrain.data.loader import collate
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.generation.batching import pass_unit, training_rows
+from scaletrain.generation.batching import contiguous_share, pass_unit, training_rows
 from scaletrain.generation.sampler import (
     completion_text,
     sample_completions,
@@ -170,11 +170,10 @@ class RolloutBatches(BatchSource):
             self.buffer.save(step, mbs, self.last_metrics)
         return mbs
 
-    def _shares(self) -> tuple[int, int, int]:
-        """(this dp rank, groups per step, groups per dp rank): each dp rank samples a contiguous share."""
-        d = self.dims
+    def _shares(self) -> tuple[int, range]:
+        """(groups per step, this dp rank's contiguous share of them): each dp rank samples its share."""
         per_step = self.global_batch // self.group_size
-        return d.dp_rank, per_step, per_step // d.dp
+        return per_step, contiguous_share(per_step, self.dims.dp, self.dims.dp_rank)
 
     def _sample_round(self, generation: int, rnd: int) -> Groups:
         """Sample and score this dp rank's share of sampling round `rnd` of rollout batch `generation`.
@@ -182,11 +181,11 @@ class RolloutBatches(BatchSource):
         rounds take their own seeded orders at the same positions, so every round is a function of
         (seed, step) alone and a resumed run samples what the uninterrupted one did."""
         d, g = self.dims, self.group_size
-        dp_rank, per_step, per_rank = self._shares()
+        per_step, mine = self._shares()
         if rnd not in self._round_orders:
             self._round_orders[rnd] = PromptOrder(len(self.prompts), self.seed + 104_729 * rnd)
         order = self._round_orders[rnd]
-        draws = [generation * per_step + dp_rank * per_rank + j for j in range(per_rank)]
+        draws = [generation * per_step + j for j in mine]
         index = [order[k] for k in draws]
         prompts = [self.prompts.prompts[i] for i in index]
         completions, stopped = sample_completions(
@@ -206,7 +205,7 @@ class RolloutBatches(BatchSource):
         posttrain.max_sampling_rounds ran out), then this dp rank's share of the chosen groups
         (stages/rl/dynamic_sampling.py). The same choice on every rank of every replica."""
         d, g = self.dims, self.group_size
-        dp_rank, per_step, per_rank = self._shares()
+        per_step, mine = self._shares()
         dp_comm = d.comm("dp")
         pool: Groups | None = None
         for rnd in range(self.max_sampling_rounds):
@@ -218,7 +217,7 @@ class RolloutBatches(BatchSource):
         assert pool is not None
         chosen, filled = choose_groups(informative, per_step)
         sampled = len(pool.index)
-        return pool.take(chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank], g), {
+        return pool.take(chosen[mine.start:mine.stop], g), {
             "sampling_rounds": float(rnd + 1), "filtered_groups": 1.0 - float(informative.sum()) / sampled,
             "filled_groups": filled / per_step}
 
@@ -264,8 +263,7 @@ class RolloutBatches(BatchSource):
         """Held-out rewards: one greedy completion per prompt of `prompts` (the policy's mode, so
         validations compare across steps), prompts split over dp ranks; means over all prompts."""
         d = self.dims
-        per_rank = -(-len(prompts) // d.dp)
-        mine = list(range(d.dp_rank * per_rank, min((d.dp_rank + 1) * per_rank, len(prompts))))
+        mine = list(contiguous_share(len(prompts), d.dp, d.dp_rank))
         # Every pass needs whole microbatches (and, interleaved, whole pipeline groups): pad with
         # repeats of the last prompt, not scored.
         completions: list[list[int]] = []

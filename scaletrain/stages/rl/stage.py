@@ -105,13 +105,13 @@ class RolloutStage(Stage):
         return rollout_errors(cfg, self.settings(cfg), ppo=self.ppo)
 
     def rollout_group(self, cfg: RunConfig) -> int:
-        return cfg.posttrain.group_size
+        return int(self.settings(cfg).group_size)
 
     def reference_policy(self, cfg: RunConfig) -> bool:
-        return bool(cfg.posttrain.kl_beta)
+        return bool(self.settings(cfg).kl_beta)
 
     def companions(self, cfg: RunConfig) -> list[Companion]:
-        pt = cfg.posttrain
+        pt = self.settings(cfg)
         return [Companion("posttrain.reward_model", pt.reward_model, "reward")] if MODEL_REWARD in pt.rewards else []
 
     def render(self, parts: RunParts) -> tuple[Any, Any]:
@@ -174,7 +174,7 @@ class PPOStage(RolloutStage):
     ppo = True
 
     def companions(self, cfg: RunConfig) -> list[Companion]:
-        pt = cfg.posttrain
+        pt = self.settings(cfg)
         return [*super().companions(cfg), Companion("posttrain.critic", pt.critic or pt.reward_model, "critic")]
 
     def objective(self, parts: RunParts, s: Any) -> GRPOObjective:
