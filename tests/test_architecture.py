@@ -200,3 +200,15 @@ def test_every_posttrain_setting_belongs_to_a_stage():
 
     declared = {f for s in stages() for f in s.fields}
     assert {f.name for f in dataclasses.fields(PostTrainConfig)} - declared == {"objective"}
+
+
+def test_the_data_commands_run_without_torch(tmp_path):
+    """What the CLI's late import is for: `scaletrain data …` parses and runs its tools without loading torch."""
+    import subprocess
+
+    code = ("import sys; from scaletrain.cli import main; main(['data', 'synth', '--output', sys.argv[1], "
+            "'--train', '3', '--test', '1']); assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "synth")], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "synth" / "sft_train.jsonl").is_file()
