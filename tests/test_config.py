@@ -83,6 +83,14 @@ def _resolved(overrides=(), vocab=2048):
     return dataclasses.replace(cfg, model=model)
 
 
+def test_stage_independent_posttrain_rules_hold_for_every_stage():
+    """Rules on the shared posttrain settings are checked whatever the stage (here: pretraining)."""
+    with pytest.raises(ConfigError, match="posttrain.tools: unknown tool.s. search; bundled: calculator"):
+        check_config(_resolved(['posttrain.tools=["search"]']), world_size=1)
+    with pytest.raises(ConfigError, match="posttrain.objective = 'kto' is not one of pretrain, sft, dpo"):
+        check_config(_resolved(["posttrain.objective=kto"]), world_size=1)
+
+
 def test_derived_sizes():
     cfg = _resolved(["model.ffn_hidden_size=0", "model.hidden_size=4096", "model.num_heads=32",
                      "model.num_kv_heads=0"], vocab=32001)

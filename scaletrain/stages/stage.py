@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from scaletrain.chat.tools import BUNDLED_TOOLS
 from scaletrain.config.schema import RunConfig
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.distributed.dims import ParallelDims
@@ -135,7 +136,8 @@ class Stage(ABC):
 
 
 def base_errors(stage: Stage, cfg: RunConfig) -> list[str]:
-    """The rules every stage shares, then the stage's own (`Stage.validate`)."""
+    """The rules every stage shares (training rows, score head or logits, known tools), then the stage's own
+    (`Stage.validate`)."""
     errors: list[str] = []
     if stage.data_rows and not cfg.posttrain.train_data:
         errors.append(f"posttrain.objective = '{stage.name}' needs posttrain.train_data (jsonl files with "
@@ -148,5 +150,8 @@ def base_errors(stage: Stage, cfg: RunConfig) -> list[str]:
         errors.append(f"model.num_labels = {m.num_labels} gives the model a score head and no token logits, which "
                       f"posttrain.objective = '{stage.name}' needs; set model.num_labels = 0 (or train a reward model "
                       "with posttrain.objective = 'reward').")
+    unknown_tools = [t for t in cfg.posttrain.tools if t not in BUNDLED_TOOLS]
+    if unknown_tools:
+        errors.append(f"posttrain.tools: unknown tool(s) {', '.join(unknown_tools)}; bundled: {', '.join(BUNDLED_TOOLS)}.")
     return errors + stage.validate(cfg)
 
