@@ -34,7 +34,7 @@ from scaletrain.data.tokenizer import train_sentencepiece  # noqa: E402
 
 
 def _run(config: str, overrides: list[str], run_dir: Path) -> list[dict]:
-    from scaletrain.train import build_trainer
+    from scaletrain.build import build_trainer
 
     trainer = build_trainer(load_config(config, overrides + [f"train.run_dir={run_dir}"]))
     try:

@@ -38,7 +38,7 @@ from scaletrain.parallel.context_parallel import shard_microbatch  # noqa: E402
 from scaletrain.parallel.parallelize import parallelize  # noqa: E402
 from scaletrain.profile.activations import saved_activation_bytes  # noqa: E402
 from scaletrain.profile.planner import plan  # noqa: E402
-from scaletrain.trainer.objective import LanguageModelingObjective  # noqa: E402
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective  # noqa: E402
 from scaletrain.trainer.optimizer import build_optimizer  # noqa: E402
 from scaletrain.trainer.precision import Precision  # noqa: E402
 from scaletrain.trainer.step import train_step  # noqa: E402

@@ -28,15 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from scaletrain.checkpoint.io import load_checkpoint, save_checkpoint  # noqa: E402
+from scaletrain.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from scaletrain.config.validate import resolve_model  # noqa: E402
 from scaletrain.distributed import ParallelDims  # noqa: E402
 from scaletrain.models import build_model  # noqa: E402
 from scaletrain.nn import init_parameters  # noqa: E402
 from scaletrain.parallel.parallelize import parallelize  # noqa: E402
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective  # noqa: E402
 from scaletrain.trainer.memory import memory_report  # noqa: E402
-from scaletrain.trainer.objective import LanguageModelingObjective  # noqa: E402
 from scaletrain.trainer.optimizer import build_optimizer  # noqa: E402
 from scaletrain.trainer.precision import Precision  # noqa: E402
 from scaletrain.trainer.step import train_step  # noqa: E402
@@ -79,10 +79,10 @@ def _checkpoint_throughput(cfg: ModelConfig, work: Path) -> dict:
     nbytes += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
     rows = {}
     t0 = time.perf_counter()
-    path = save_checkpoint(work / "ckpt", 1, model, opt, {"consumed_samples": 0})
+    path = save_checkpoint(work / "ckpt", 1, model, opt, {"consumed_samples": 0}, dims=ParallelDims.single())
     rows["scaletrain save"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    load_checkpoint(path, model, opt)
+    load_checkpoint(path, model, opt, dims=ParallelDims.single())
     rows["scaletrain load"] = time.perf_counter() - t0
     state = {"model": model.state_dict(), "optim": opt.state_dict()}
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Generation callers on the one KV-cache engine against the decoder they used before (recomputing every
 prefix, kept as tests/reference_generate.py): a chat / tool-loop turn (`generate_turn`, one sequence) and
-greedy answers to a set of questions (`posttrain.evaluate.exact_match`: one prompt at a time before,
+greedy answers to a set of questions (`evaluation.synthetic.exact_match`: one prompt at a time before,
 batched now). Same model, same prompts, greedy — and the same tokens (checked). Runs interleaved over
 rounds (the machine may be shared); medians.
 
@@ -30,9 +30,9 @@ from scaletrain.config.schema import ModelConfig  # noqa: E402
 from scaletrain.config.validate import resolve_model  # noqa: E402
 from scaletrain.data.preprocess import BUILTIN_CORPUS  # noqa: E402
 from scaletrain.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from scaletrain.generation.turn import generate_turn  # noqa: E402
 from scaletrain.models import build_model  # noqa: E402
 from scaletrain.nn import init_parameters  # noqa: E402
-from scaletrain.posttrain.generate import generate_turn  # noqa: E402
 
 
 def _timed(fn):
@@ -62,9 +62,9 @@ def main() -> int:
                         tokenizer_vocab=None, tp=1, seq_length=512)
     model = build_model(cfg)
     init_parameters(model, 0)
-    import scaletrain.posttrain.evaluate as evaluate
+    import scaletrain.evaluation.synthetic as evaluate
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.data.synth import problems
-    from scaletrain.posttrain.chat import ChatRenderer
 
     renderer = ChatRenderer(tok, "chatml")
     prompt = tok.encode(" ".join(texts[0].split()))[: args.turn_prompt]

@@ -31,6 +31,7 @@ from scaletrain.checkpoint.checksums import verify_checkpoint, write_manifest  #
 from scaletrain.config.schema import ModelConfig  # noqa: E402
 from scaletrain.config.validate import resolve_model  # noqa: E402
 from scaletrain.data.indexed import check_indexed_dataset, max_token_id  # noqa: E402
+from scaletrain.distributed import ParallelDims  # noqa: E402
 
 
 def _timed(fn, repeat: int = 3) -> float:
@@ -94,12 +95,12 @@ def _model(hidden: int, layers: int, vocab: int):
 def checkpoint(name: str, hidden: int, layers: int, vocab: int, folder: Path) -> dict:
     model, opt = _model(hidden, layers, vocab)
     root = folder / name
-    t_save = _timed(lambda: save_checkpoint(root, 1, model, opt, {"consumed_samples": 0}), repeat=2)
+    t_save = _timed(lambda: save_checkpoint(root, 1, model, opt, {"consumed_samples": 0}, dims=ParallelDims.single()), repeat=2)
     path = root / "step_0000001"
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     t_hash = _timed(lambda: write_manifest(path))
     t_verify = _timed(lambda: verify_checkpoint(path))
-    t_load = _timed(lambda: load_checkpoint(path, model, opt))
+    t_load = _timed(lambda: load_checkpoint(path, model, opt, dims=ParallelDims.single()))
     return {"checkpoint": name, "MB": round(size / 1e6, 1), "save_s": round(t_save, 3),
             "hash_at_save_s": round(t_hash, 4), "load_s": round(t_load, 3), "verify_at_load_s": round(t_verify, 4),
             "verify_GB_per_s": round(size / 1e9 / t_verify, 2)}

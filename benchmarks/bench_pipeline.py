@@ -35,7 +35,7 @@ from scaletrain.models import build_model  # noqa: E402
 from scaletrain.nn import init_parameters  # noqa: E402
 from scaletrain.parallel.parallelize import parallelize  # noqa: E402
 from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining  # noqa: E402
-from scaletrain.trainer.objective import LanguageModelingObjective  # noqa: E402
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective  # noqa: E402
 
 from dist_harness import run_ranks  # noqa: E402
 

@@ -54,7 +54,7 @@ def bench_preprocess(work: Path, tokenizer: Path) -> list[tuple[int, float, int]
 
 def _run_batches(config: str, overrides: list[str], steps: int, run_dir: Path) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The (tokens, labels) microbatches of the run's first `steps` steps, from its own data loader."""
-    from scaletrain.train import build_trainer
+    from scaletrain.build import build_trainer
 
     cfg = load_config(config, overrides + [f"train.steps={steps}", f"train.run_dir={run_dir}"])
     trainer = build_trainer(cfg)
@@ -109,7 +109,7 @@ def _framework_loop(config: str, overrides: list[str], steps: int, run_dir: Path
     """`scaletrain train`'s Trainer, one loop body (`Trainer._step`, what `run()` repeats) per next()."""
     import json
 
-    from scaletrain.train import build_trainer
+    from scaletrain.build import build_trainer
 
     cfg = load_config(config, overrides + [f"train.steps={steps}", f"train.run_dir={run_dir}"])
     trainer = build_trainer(cfg)

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from scaletrain.checkpoint import save_checkpoint
-from scaletrain.checkpoint.hf import export_to_hf
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
+from scaletrain.distributed import ParallelDims
+from scaletrain.distributed.comm import Comm
+from scaletrain.export import export_to_hf
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.trainer.divergence import weights_finite
@@ -50,12 +52,12 @@ def main() -> None:
     model(torch.randint(0, args.vocab, (1, 16))).float().sum().backward()
     opt.step()
     params = sum(p.numel() for p in model.parameters())
-    check = _median(lambda: weights_finite(model, None, torch.device("cpu")), args.repeats)
+    check = _median(lambda: weights_finite(model, Comm.single("world"), torch.device("cpu")), args.repeats)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         root = Path(tmp)
         step = iter(range(1, 1000))
         state = {"consumed_samples": 0, "model_config": cfg.__dict__}
-        save = _median(lambda: save_checkpoint(root / "ckpt", next(step), model, opt, state, keep_last=1),
+        save = _median(lambda: save_checkpoint(root / "ckpt", next(step), model, opt, state, keep_last=1, dims=ParallelDims.single()),
                        args.repeats)
         ckpt = root / "ckpt"
         counter = iter(range(1000))

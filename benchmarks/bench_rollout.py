@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fo
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
+from scaletrain.distributed import ParallelDims
+from scaletrain.generation.sampler import sample_completions, sampling_generator
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
-from scaletrain.posttrain.rollout import sample_completions, sampling_generator
 from scaletrain.trainer.precision import Precision
 
 
@@ -68,7 +69,7 @@ def main() -> int:
     for cached in (True, False):
         gens = [sampling_generator(0, i) for i in range(args.prompts)]
         t0 = time.perf_counter()
-        out, _ = sample_completions(model, None, prompts, gens, kv_cache=cached, **kw)
+        out, _ = sample_completions(model, ParallelDims.single(), prompts, gens, kv_cache=cached, **kw)
         dt = time.perf_counter() - t0
         results[cached] = (out, sum(len(c) for c in out) / dt, dt)
     same = results[True][0] == results[False][0]
@@ -106,27 +107,27 @@ def _setup(args, dims=None, parallel=None):
 def _first_decoder():
     """The KV-cache decoder as first written: every token concatenates the cache (a copy of all of it)
     and finished rows keep being fed to the last step."""
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.decoding as decoding
 
-    cache, drop = rollout.KVCache, rollout._CachedLogits._drop_finished
-    rollout.KVCache = lambda capacity=None: cache()  # type: ignore[misc,assignment]
-    rollout._CachedLogits._drop_finished = lambda self, stopped: None  # type: ignore[method-assign]
+    cache, drop = decoding.KVCache, decoding.CachedLogits.drop_finished
+    decoding.KVCache = lambda capacity=None: cache()  # type: ignore[misc,assignment]
+    decoding.CachedLogits.drop_finished = lambda self, stopped: None  # type: ignore[method-assign]
     try:
         yield
     finally:
-        rollout.KVCache, rollout._CachedLogits._drop_finished = cache, drop  # type: ignore[misc,method-assign]
+        decoding.KVCache, decoding.CachedLogits.drop_finished = cache, drop  # type: ignore[misc,method-assign]
 
 
 def _compare_engine(args) -> int:
     torch.set_num_threads(args.threads)
     model, prompts, kw = _setup(args)
-    sample_completions(model, None, prompts[:1], [sampling_generator(0, 0)], kv_cache=True, **kw)  # warm-up
+    sample_completions(model, ParallelDims.single(), prompts[:1], [sampling_generator(0, 0)], kv_cache=True, **kw)  # warm-up
     results = {}
     for name in ("in place, finished rows dropped", "concatenated, finished rows fed"):
         gens = [sampling_generator(0, i) for i in range(args.prompts)]
         with _first_decoder() if name.startswith("concat") else nullcontext():
             t0 = time.perf_counter()
-            out, _ = sample_completions(model, None, prompts, gens, kv_cache=True, **kw)
+            out, _ = sample_completions(model, ParallelDims.single(), prompts, gens, kv_cache=True, **kw)
             dt = time.perf_counter() - t0
         results[name] = (out, sum(len(c) for c in out) / dt, dt)
     (new, old) = results.values()

@@ -1,4 +1,4 @@
-"""Throughput of the python_tests reward: the bubblewrap sandbox (posttrain/sandbox.py) against the
+"""Throughput of the python_tests reward: the bubblewrap sandbox (stages/rl/sandbox/runner.py) against the
 implementation it replaced (a `python -I` child of the trainer with rlimits, copied below as the
 baseline), on the same programs in the same run, interleaved rounds, medians.
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from scaletrain.posttrain.sandbox import SandboxSettings, describe, run_programs
+from scaletrain.stages.rl.sandbox.runner import SandboxSettings, describe, run_programs
 
 
 def old_run_python_tests(code: str, tests: str, timeout_s: float = 5.0, memory_bytes: int = 1 << 30) -> bool:

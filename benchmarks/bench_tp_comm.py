@@ -37,7 +37,7 @@ from scaletrain.distributed import ParallelDims  # noqa: E402
 from scaletrain.models import build_model  # noqa: E402
 from scaletrain.nn import init_parameters  # noqa: E402
 from scaletrain.parallel.parallelize import parallelize  # noqa: E402
-from scaletrain.trainer.objective import LanguageModelingObjective  # noqa: E402
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective  # noqa: E402
 from scaletrain.trainer.optimizer import build_optimizer  # noqa: E402
 from scaletrain.trainer.precision import Precision  # noqa: E402
 from scaletrain.trainer.step import train_step  # noqa: E402

@@ -127,7 +127,7 @@ def fp8_paths() -> list[tuple[str, dict[str, tuple[str, ...]], str | None]]:
 def fit(shape: Shape, seq: int, variant_sets: tuple[str, ...], memory_gb: float) -> tuple[list[str], str]:
     """--set items for the largest micro-batch (then full recomputation) whose planned peak fits HEADROOM of
     the device's memory, and a note; ([], why) when nothing fits."""
-    from scaletrain.profile.command import resolved_config
+    from scaletrain.commands.profile import resolved_config
     from scaletrain.profile.planner import plan
 
     budget = HEADROOM * memory_gb

@@ -74,12 +74,12 @@ def task_parser(work: str) -> argparse.ArgumentParser:
 
 def print_accuracies(work: Path, tok: Path, args: argparse.Namespace, stages: list[tuple[str, str]]) -> None:
     """Held-out exact match (greedy) and sampled accuracy (T = 1, 8 per problem) of each (name, run dir)."""
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.synth import problems
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.evaluate import sampled_accuracy
+    from scaletrain.evaluation.synthetic import sampled_accuracy
 
     renderer = ChatRenderer(load_tokenizer(str(tok)), "chatml")
     held_out = problems(args.eval, seed=0, split="test", max_number=args.max_number, ops=tuple(args.ops.split(",")))

@@ -47,13 +47,13 @@ def main() -> int:
         "--set", f"optim.min_lr={args.dpo_lr / 10}", "--set", f"posttrain.beta={args.dpo_beta}",
         "--set", f"posttrain.nll_weight={args.dpo_nll}", "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=8")
 
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.synth import problems
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.dpo_data import PreferenceDataset, read_pairs
-    from scaletrain.posttrain.evaluate import exact_match, pair_logprobs, preference_accuracy
+    from scaletrain.evaluation.synthetic import exact_match, pair_logprobs, preference_accuracy
+    from scaletrain.stages.preference.data import PreferenceDataset, read_pairs
 
     tokenizer = load_tokenizer(str(tok))
     renderer = ChatRenderer(tokenizer, "chatml")

@@ -49,11 +49,11 @@ def main() -> int:
         "--set", "train.seq_length=256")
     run("convert", "to-hf", str(w / "sft" / "checkpoints"), str(w / "sft_hf"))
 
+    from scaletrain.chat.renderer import ChatRenderer
+    from scaletrain.chat.tools import bundled_tools
+    from scaletrain.commands.chat import load_chat_model
     from scaletrain.data.synth import tool_problems
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.chat_command import load_chat_model
-    from scaletrain.posttrain.evaluate import exact_match, tool_use
-    from scaletrain.posttrain.tools import bundled_tools
+    from scaletrain.evaluation.synthetic import exact_match, tool_use
 
     held_out = tool_problems(args.eval, seed=0, split="test", max_number=99, ops=tuple(args.ops.split(",")))
     calculator = bundled_tools(["calculator"])

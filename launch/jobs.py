@@ -53,7 +53,7 @@ def check_config(config: str, overrides: list[str], world_size: int) -> None:
     Sizes the tokenizer would derive (vocab_size = 0) are checked with a stand-in when the tokenizer
     is not on this machine; the job checks them again at start-up.
     """
-    from scaletrain.profile.command import resolved_config
+    from scaletrain.commands.profile import resolved_config
 
     resolved_config(config, overrides, world_size, placeholder_vocab=True, require_data=True)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scaletrain.cli import main
 from scaletrain.data.preprocess import BUILTIN_CORPUS, preprocess
 from scaletrain.data.tokenizer import train_sentencepiece
 
@@ -57,3 +58,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.toml")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    """The synthetic task's SFT rows (64), as GRPO prompts (`answer` for math_answer)."""
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--output", str(out), "--train", "64", "--test", "5"]) == 0
+    return out / "sft_train.jsonl"
+
+
+def grpo_args(run_dir, tokenizer_dir, prefix, prompts, **extra) -> list[str]:
+    """`scaletrain grpo` on the synthetic prompts: 3 float64 steps of 2 groups of 4 (test_grpo, test_dapo)."""
+    args = ["grpo", "--config", TINY]
+    for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
+            "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
+            "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64",
+            "posttrain.group_size": 4, "posttrain.max_new_tokens": 6, "posttrain.rewards": '["grpo_rewards:digits"]',
+            "posttrain.kl_beta": 0.1, "optim.warmup_steps": 1, **extra}):
+        args += ["--set", s]
+    return args

@@ -133,3 +133,23 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
         report = "\n".join(f"----- rank {r} -----\n{errors[r]}" for r in sorted(errors))
         raise RankFailure(f"{len(errors)} of {world} ranks failed:\n{report}")
     return [pickle.loads(results[r]) for r in range(world)]
+
+
+def cli_rank(rank: int, world: int, args: list[str]) -> int:
+    """One rank of `scaletrain ARGS…` in this (forked) process: the launcher's variables, then the real CLI."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from scaletrain.cli import main  # (after the rank's environment is set)
+
+    return main(args)
+
+
+def compiled_cli_rank(rank: int, world: int, args: list[str]) -> tuple[int, int, dict[str, int]]:
+    """`cli_rank` under torch.compile: the exit code, how many graphs dynamo compiled here and the graph
+    breaks it took (reason → count)."""
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    # Compile in this process: a forked rank must not use the compile-worker pool its parent started.
+    torch._inductor.config.compile_threads = 1
+    counters.clear()  # a forked rank starts with its parent's counts (earlier tests' graphs)
+    return cli_rank(rank, world, args), counters["stats"]["unique_graphs"], dict(counters["graph_break"])

@@ -19,3 +19,18 @@ def run_rotary_in_float64(hf_model, ours) -> None:
         return (emb.cos() * rot.attention_scaling).to(x.dtype), (emb.sin() * rot.attention_scaling).to(x.dtype)
 
     rot.forward = rotary
+
+
+def patch_hf_float64(monkeypatch, hf, ours):
+    """transformers computes RMSNorm, softmax and RoPE angles in float32 even in a float64 model; run
+    those few ops in float64 (on the same formulas) so the comparison resolves 1e-10."""
+    import torch.nn.functional as F
+
+    real_softmax = F.softmax
+    monkeypatch.setattr(F, "softmax", lambda x, dim=None, dtype=None, **kw: real_softmax(
+        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw))
+    for m in hf.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = (lambda mod: lambda x: mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                                                           + mod.variance_epsilon)))(m)
+    run_rotary_in_float64(hf, ours)

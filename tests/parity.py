@@ -6,7 +6,7 @@ import torch
 
 from scaletrain.config.schema import OptimConfig
 from scaletrain.nn import spec_of
-from scaletrain.trainer.objective import LanguageModelingObjective
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import build_optimizer
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import train_step
@@ -81,12 +81,11 @@ def run_single_and_parallel(args_for, world: int) -> tuple[list[dict], list[dict
     from scaletrain.cli import main
 
     from conftest import read_metrics
-    from dist_harness import run_ranks
-    from test_tp_train import _cli_rank
+    from dist_harness import cli_rank, run_ranks
 
     single, parallel = args_for(False), args_for(True)
     assert main(single[1]) == 0
-    assert run_ranks(world, _cli_rank, parallel[1], timeout=240) == [0] * world
+    assert run_ranks(world, cli_rank, parallel[1], timeout=240) == [0] * world
     return read_metrics(single[0]), read_metrics(parallel[0])
 
 

@@ -1,7 +1,7 @@
 """The reference decoder: greedy / sampled decoding that recomputes every prefix (no KV cache).
 
-This is what `posttrain/generate.py` did before every generation path went through the one KV-cache
-engine (posttrain/rollout.py): simple and exact, O(length²) per completion. It stays here only as the
+This is what `generation/turn.py` did before every generation path went through the one KV-cache
+engine (generation/sampler.py): simple and exact, O(length²) per completion. It stays here only as the
 reference the engine is tested against (tests/test_decoding_engine.py) and benchmarked against
 (benchmarks/bench_generate.py). One process, one model, no layout.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from scaletrain.posttrain.generate import ContextFull
+from scaletrain.generation.turn import ContextFull
 
 
 @torch.no_grad()

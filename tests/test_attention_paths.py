@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import scaletrain.nn.attention as attention_module
+from scaletrain.data.packing import block_causal_mask
 from scaletrain.nn.attention import CoreAttention, attention_path
 from scaletrain.nn.blockwise_attention import (
     blockwise_attention,
@@ -21,10 +22,9 @@ from scaletrain.nn.blockwise_attention import (
 )
 from scaletrain.nn.flex_attention import flex_masked_attention
 from scaletrain.parallel.context_parallel import context_parallel_mask, gathered_order, local_indices
-from scaletrain.posttrain.packing import block_causal_mask
 
 # flex_attention eagerly on CPU (the reference run here) warns that it is not the fused kernel: expected.
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
 
 DOCS = torch.tensor([[0] * 13 + [1] * 9 + [2] * 11 + [-1] * 7,
                      [3] * 40])  # three documents and padding; one document filling the row

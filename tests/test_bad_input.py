@@ -24,6 +24,8 @@ from scaletrain.cli import main
 
 from conftest import REPO, TINY, tiny_overrides
 
+pytestmark = pytest.mark.e2e
+
 
 @dataclass
 class Env:
@@ -215,8 +217,8 @@ def test_the_installed_entry_point_prints_no_traceback(env, argv, fragment):
 
 
 def test_the_memory_check_compares_the_planner_with_the_device_and_can_be_turned_off(monkeypatch):
+    from scaletrain.commands.profile import resolved_config
     from scaletrain.profile import memory_check
-    from scaletrain.profile.command import resolved_config
 
     cfg = resolved_config(TINY, ["model.vocab_size=512", "train.seq_length=65536", "model.max_position_embeddings=0"], 1)
     need = memory_check.plan(cfg, 1).peak_stage.total_bytes  # CUDA: the planner's bf16 activations

@@ -10,11 +10,13 @@ from collections.abc import Mapping
 
 import pytest
 
+from scaletrain.chat.renderer import BadConversation, ChatRenderer
+from scaletrain.chat.tools import CALCULATOR, bundled_tools
 from scaletrain.data.tokenizer import load_tokenizer
-from scaletrain.posttrain.chat import BadConversation, ChatRenderer
-from scaletrain.posttrain.tools import CALCULATOR, bundled_tools
 
 from chat_fixtures import DEFAULT, QWEN, SYSTEM, TOOL_USE, build_chatml_tokenizer, to_old_layout
+
+pytestmark = pytest.mark.unit
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,7 +66,7 @@ def test_renders_are_token_identical_to_apply_chat_template(layouts, layout):
 
 
 def test_templates_are_found_in_transformers_order_of_precedence(layouts, tmp_path):
-    from scaletrain.posttrain.chat_templates import find_templates
+    from scaletrain.chat.templates import find_templates
 
     def both(folder):
         hf = transformers.AutoTokenizer.from_pretrained(str(folder)).chat_template
@@ -118,8 +120,8 @@ def test_no_second_eos_after_an_eos_end_of_turn_marker(layouts, tokenizer_dir):
     """ChatML with eos = <|im_end|> (SmolLM2, Qwen): a training conversation ends '<|im_end|>\\n', not
     '<|im_end|>\\n<|im_end|>'; where the marker is not eos, eos follows; a template that writes eos_token
     after a turn is not given another."""
-    from scaletrain.posttrain.dpo_data import PreferenceDataset
-    from scaletrain.posttrain.sft_data import SFTDataset
+    from scaletrain.stages.preference.data import PreferenceDataset
+    from scaletrain.stages.sft.data import SFTDataset
 
     tok = load_tokenizer(layouts["jinja"])
     renderer = ChatRenderer(tok)
@@ -155,7 +157,7 @@ def test_no_second_eos_after_an_eos_end_of_turn_marker(layouts, tokenizer_dir):
 def test_the_export_carries_exactly_the_template_the_run_trained_with(tmp_path, layouts, dataset_prefix, layout,
                                                                       tools, capsys):
     from scaletrain.cli import main
-    from scaletrain.posttrain.sft_data import read_conversations
+    from scaletrain.stages.sft.data import read_conversations
 
     from conftest import TINY, tiny_overrides
 

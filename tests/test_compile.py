@@ -15,6 +15,8 @@ from scaletrain.cli import main
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps
 
+pytestmark = pytest.mark.parity
+
 
 def _tiny_model():
     from scaletrain.config.schema import ModelConfig
@@ -79,26 +81,12 @@ def test_recomputation_checkpoints_the_compiled_block():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-14)
 
 
-def _compiled_cli_rank(rank: int, world: int, args: list[str]) -> tuple[int, int, dict[str, int]]:
-    """Run the CLI on this rank; return its exit code, how many graphs dynamo compiled here and the
-    graph breaks it took (reason → count)."""
-    import torch._inductor.config
-    from torch._dynamo.utils import counters
-
-    from test_tp_train import _cli_rank
-
-    # Compile in this process: a forked rank must not use the compile-worker pool its parent started.
-    torch._inductor.config.compile_threads = 1
-    counters.clear()  # a forked rank starts with its parent's counts (earlier tests' graphs)
-    return _cli_rank(rank, world, args), counters["stats"]["unique_graphs"], dict(counters["graph_break"])
-
-
 @pytest.mark.parametrize("split", [{"parallel.tp": 2, "parallel.sequence_parallel": True}, {"parallel.cp": 2}],
                          ids=["tp2sp", "cp2"])
 def test_compiled_parallel_recompute_matches_eager_single_process(tmp_path, tokenizer_dir, dataset_prefix, split):
     """tp2+SP (all-gather / reduce-scatter inside every block, forward and backward) and cp2 (the
     k/v all-gather): compiled with full recomputation, equal to one eager process."""
-    from dist_harness import run_ranks
+    from dist_harness import compiled_cli_rank, run_ranks
 
     layout = {"parallel.compile": True, "parallel.recompute": "full", **split}
 
@@ -112,7 +100,7 @@ def test_compiled_parallel_recompute_matches_eager_single_process(tmp_path, toke
 
     (single, a_args), (parallel, b_args) = args_for(False), args_for(True)
     assert main(a_args) == 0
-    ranks = run_ranks(2, _compiled_cli_rank, b_args, timeout=240)
+    ranks = run_ranks(2, compiled_cli_rank, b_args, timeout=240)
     assert [rc for rc, _, _ in ranks] == [0, 0]
     # One graph per rank for every block, tp/SP collectives included (functional collectives): no
     # graph breaks, and not a silent fallback to eager.
@@ -155,7 +143,7 @@ def test_compiled_grpo_matches_eager(tmp_path, tokenizer_dir, dataset_prefix):
 def test_compile_on_the_te_backend_is_refused_before_anything_is_built(tmp_path, tokenizer_dir, dataset_prefix,
                                                                      capsys, monkeypatch):
     # No CUDA here, so te itself would be refused first: pretend it was selected to reach the compile check.
-    monkeypatch.setattr("scaletrain.train.select_backend", lambda backend, kernels: ("te", None))
+    monkeypatch.setattr("scaletrain.prepare.select_backend", lambda backend, kernels: ("te", None))
     args = ["train", "--config", TINY]
     for item in tiny_overrides(tmp_path / "run", tokenizer_dir, dataset_prefix, **{"parallel.compile": True}):
         args += ["--set", item]

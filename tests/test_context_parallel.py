@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from scaletrain.cli import main
+from scaletrain.data.packing import block_causal_mask
 from scaletrain.parallel.context_parallel import attention_mask, gathered_order, local_indices
-from scaletrain.posttrain.packing import block_causal_mask
 
 from conftest import TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
+from dist_harness import cli_rank, run_ranks
 from parity import assert_same_steps, run_single_and_parallel
-from test_tp_train import _cli_rank
+
+pytestmark = pytest.mark.parity
 
 F64 = {"precision.dtype": "float64", "train.steps": 4}
 
@@ -87,8 +88,8 @@ def _rollout_fields_rank(rank: int, world: int) -> dict:
     values of this rank's share gathered back; a split sampling job gathered in item order."""
     from scaletrain.config.schema import ParallelConfig
     from scaletrain.distributed import ParallelDims
+    from scaletrain.generation.batching import split_over_cp
     from scaletrain.parallel.context_parallel import gather_sequence, shard_microbatch
-    from scaletrain.posttrain.rollout import split_over_cp
 
     dims = ParallelDims.from_config(ParallelConfig(cp=world), world, rank)
     cp = dims.comm("cp")
@@ -169,7 +170,7 @@ def test_cp2_run_resumes_at_cp1(tmp_path, tokenizer_dir, dataset_prefix):
     assert main(args) == 0
     run, args = _pretrain(tmp_path / "run", tokenizer_dir, dataset_prefix,
                           {"train.steps": 6, "parallel.cp": 2, "train.exit_interval": 3})
-    assert run_ranks(2, _cli_rank, args, timeout=240) == [0, 0]
+    assert run_ranks(2, cli_rank, args, timeout=240) == [0, 0]
     assert len(read_metrics(run)) == 3
     assert main(_pretrain(run, tokenizer_dir, dataset_prefix, {"train.steps": 6})[1]) == 0
     assert_same_steps(read_metrics(straight), read_metrics(run), 1e-10)
@@ -201,7 +202,7 @@ def _saved_bytes_rank(rank: int, world: int, cp: int) -> int:
     from scaletrain.parallel.context_parallel import shard_microbatch
     from scaletrain.parallel.parallelize import parallelize
     from scaletrain.profile.activations import saved_activation_bytes
-    from scaletrain.trainer.objective import LanguageModelingObjective
+    from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 
     cfg, _ = _memory_config(cp)
     dims = ParallelDims.from_config(dataclasses.replace(ParallelConfig(), cp=cp), world, rank)

@@ -10,8 +10,11 @@ import pytest
 
 from scaletrain.cli import main
 from scaletrain.data.decontaminate import Decontaminator
-from scaletrain.data.dedup import ExactDedup, NearDedup, jaccard
+from scaletrain.data.dedup import ExactDedup, jaccard
+from scaletrain.data.near_dedup import NearDedup
 from scaletrain.data.quality import quality_problem
+
+pytestmark = pytest.mark.e2e
 
 PROSE = ("The river ran past the old mill, and the miller's daughter watched it from the bridge each morning. "
          "She had learned to read the water: when it rose brown and fast, rain had fallen in the hills, and "

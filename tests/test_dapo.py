@@ -8,14 +8,15 @@ import json
 
 import pytest
 import torch
-from test_grpo import _args, prompts  # noqa: F401  (the module-scoped synthetic prompts fixture)
 
 from scaletrain.cli import main
-from scaletrain.posttrain.dynamic_sampling import choose_groups, informative_groups
-from scaletrain.posttrain.grpo import overlong_penalty
+from scaletrain.stages.rl.dynamic_sampling import choose_groups, informative_groups
+from scaletrain.stages.rl.grpo import overlong_penalty
 
-from conftest import TINY, read_metrics, tiny_overrides
+from conftest import TINY, grpo_args, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
+
+pytestmark = pytest.mark.e2e
 
 # 4 groups of 4 per step; about half the prompts have odd answers, whose groups are all 0.
 DYNAMIC = {"posttrain.rewards": '["grpo_rewards:varied_or_flat"]', "train.global_batch_size": 16,
@@ -37,11 +38,11 @@ def test_informative_groups_are_chosen_first_then_fillers_in_order():
     assert choose_groups(informative, 4) == ([1, 4, 0, 2], 2)
 
 
-def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_dir, dataset_prefix, prompts):  # noqa: F811
+def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     plain, dynamic = tmp_path / "plain", tmp_path / "dynamic"
-    assert main(_args(plain, tokenizer_dir, dataset_prefix, prompts,
+    assert main(grpo_args(plain, tokenizer_dir, dataset_prefix, prompts,
                       **{**DYNAMIC, "posttrain.dynamic_sampling": False, "train.steps": 4})) == 0
-    assert main(_args(dynamic, tokenizer_dir, dataset_prefix, prompts, **{**DYNAMIC, "train.steps": 4})) == 0
+    assert main(grpo_args(dynamic, tokenizer_dir, dataset_prefix, prompts, **{**DYNAMIC, "train.steps": 4})) == 0
     without, with_ = read_metrics(plain), read_metrics(dynamic)
     assert sum(m["zero_std_groups"] for m in without) > 0  # the flat prompts do reach the batch
     for m in with_:
@@ -50,7 +51,7 @@ def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_
     assert max(m["sampling_rounds"] for m in with_) >= 2 and max(m["filtered_groups"] for m in with_) > 0
     # One round that finds every group flat, with no rounds left: the batch is filled and says so.
     flat = tmp_path / "flat"
-    assert main(_args(flat, tokenizer_dir, dataset_prefix, prompts, **{
+    assert main(grpo_args(flat, tokenizer_dir, dataset_prefix, prompts, **{
         **DYNAMIC, "posttrain.max_sampling_rounds": 1,
         "train.steps": 4})) == 0
     filled = read_metrics(flat)
@@ -63,14 +64,14 @@ def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_
 @pytest.mark.parametrize("layout,world", [({}, 2), ({"parallel.cp": 2, "posttrain.grpo_iterations": 2}, 2),
                                           ({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4)],
                          ids=["dp2", "cp2", "tp2pp2sp"])
-def test_dynamic_sampling_matches_the_single_process(tmp_path, tokenizer_dir, dataset_prefix, prompts,  # noqa: F811
+def test_dynamic_sampling_matches_the_single_process(tmp_path, tokenizer_dir, dataset_prefix, prompts,
                                                     layout, world):
     """The choice is global: dp2 keeps the groups the single process keeps (with the overlong punishment
     and filtering on as well, which change rewards and loss masks); within a replica (cp, tp, pp, and
     two updates per batch) every rank holds the same pool."""
     extra = {**DYNAMIC, "posttrain.overlong_buffer": 3, "posttrain.mask_truncated": True}
     a, b = run_single_and_parallel(
-        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **extra,
+        lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **extra,
                                                 **{k: v for k, v in layout.items() if par or k.startswith("posttrain")})),
         world)
     assert_same_steps(a, b, 1e-10)
@@ -83,12 +84,12 @@ def test_dynamic_sampling_matches_the_single_process(tmp_path, tokenizer_dir, da
     assert max(x["sampling_rounds"] for x in a) >= 2
 
 
-def test_overlong_punishment_and_filtering_through_the_cli(tmp_path, tokenizer_dir, dataset_prefix, prompts):  # noqa: F811
+def test_overlong_punishment_and_filtering_through_the_cli(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     """buffer = max_new_tokens (6): every token costs factor/6, so the mean reward is the digit reward
     minus factor·completion_tokens/6; filtering leaves loss only on completions that ended (a cut one
     is exactly 6 tokens long)."""
     run = tmp_path / "run"
-    assert main(_args(run, tokenizer_dir, dataset_prefix, prompts, **{
+    assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
         "train.steps": 2, "posttrain.kl_beta": 0.0, "posttrain.overlong_buffer": 6, "posttrain.overlong_penalty": 0.5,
         "posttrain.mask_truncated": True, "posttrain.max_new_tokens": 6})) == 0
     n = 8  # completions per step
@@ -97,12 +98,12 @@ def test_overlong_punishment_and_filtering_through_the_cli(tmp_path, tokenizer_d
         assert m["loss_tokens"] == round(n * m["completion_tokens"] - 6 * n * m["truncated"])
 
 
-def test_dynamic_sampling_resumes_exactly(tmp_path, tokenizer_dir, dataset_prefix, prompts):  # noqa: F811
+def test_dynamic_sampling_resumes_exactly(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     extra = {**DYNAMIC, "train.steps": 4}
-    assert main(_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 2})) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    assert main(grpo_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 2})) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
     keys = ("loss", "grad_norm", "reward", "sampling_rounds", "filtered_groups")
     assert [[m[k] for k in keys] for m in read_metrics(stopped)] == [[m[k] for k in keys] for m in read_metrics(straight)]
 
@@ -112,19 +113,20 @@ def test_dynamic_sampling_resumes_exactly(tmp_path, tokenizer_dir, dataset_prefi
     ({"posttrain.overlong_buffer": 7}, "posttrain.overlong_buffer = 7"),
     ({"posttrain.overlong_penalty": -1.0}, "posttrain.overlong_penalty = -1.0"),
 ])
-def test_bad_dapo_settings_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys,  # noqa: F811
+def test_bad_dapo_settings_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys,
                                                extra, message):
-    assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
+    assert main(grpo_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-def test_ppo_refuses_grpo_only_settings(tmp_path, tokenizer_dir, dataset_prefix, prompts):  # noqa: F811
-    from scaletrain.config import ConfigError, load_config, validate
+def test_ppo_refuses_grpo_only_settings(tmp_path, tokenizer_dir, dataset_prefix, prompts):
+    from scaletrain.config import ConfigError, load_config
+    from scaletrain.prepare import check_config
 
     cfg = load_config(TINY, tiny_overrides(tmp_path, tokenizer_dir, dataset_prefix, **{
         "posttrain.objective": "ppo", "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 1,
         "train.global_batch_size": 8, "train.micro_batch_size": 1, "train.seq_length": 96,
         "posttrain.max_new_tokens": 6, "posttrain.critic": "somewhere", "posttrain.dynamic_sampling": True}))
     with pytest.raises(ConfigError, match="dynamic_sampling and posttrain.mask_truncated are GRPO's"):
-        validate(cfg, 1)
+        check_config(cfg, 1)

@@ -16,6 +16,8 @@ from scaletrain.data.tokenizer import load_tokenizer
 
 from conftest import corpus_texts
 
+pytestmark = pytest.mark.unit
+
 
 def _megatron_indexed(prefix):
     with warnings.catch_warnings():

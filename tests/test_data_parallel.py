@@ -13,8 +13,10 @@ from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
 
 from dist_harness import run_ranks
+from layout_models import pipeline_batches
 from parity import assert_matches, randomise_qkv_bias, train_and_record
-from test_pipeline_parallel import _batches
+
+pytestmark = pytest.mark.parity
 
 
 def _cfg(tied: bool) -> ModelConfig:
@@ -31,7 +33,7 @@ def _train(rank: int, world: int, cfg: ModelConfig, pcfg: ParallelConfig, n_micr
     init_parameters(model, seed=5, tp_rank=dims.tp_rank, tp_size=pcfg.tp)
     randomise_qkv_bias(model, pcfg.tp, dims.tp_rank)
     per_rank = n_micro_total // dims.dp
-    mine = [step[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank] for step in _batches(n_micro_total)]
+    mine = [step[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank] for step in pipeline_batches(n_micro_total)]
     return train_and_record(model, dims, mine, torch.float64)  # each dp rank trains on its slice
 
 
@@ -64,7 +66,7 @@ def _train_zero(rank: int, world: int, cfg: ModelConfig, pcfg: ParallelConfig, n
     init_parameters(model, seed=5, tp_rank=dims.tp_rank, tp_size=pcfg.tp)
     randomise_qkv_bias(model, pcfg.tp, dims.tp_rank)
     per_rank = n_micro_total // dims.dp
-    mine = [step[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank] for step in _batches(n_micro_total)]
+    mine = [step[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank] for step in pipeline_batches(n_micro_total)]
     opt_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, distributed=True)
     return train_and_record(model, dims, mine, torch.float64,
                             optimizer=build_optimizer(model, opt_cfg, torch.device("cpu"), dims))

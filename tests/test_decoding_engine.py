@@ -1,6 +1,6 @@
 """One decoding engine: every generation caller — `generate_turn` (chat, the tool loop), `greedy_generate`,
 `exact_match`, `scaletrain chat` and `scaletrain eval`'s answers — decodes through the KV-cache sampler
-(posttrain/rollout.py) and gets, greedily, the very tokens of the old decoder that recomputed every prefix
+(generation/sampler.py) and gets, greedily, the very tokens of the old decoder that recomputed every prefix
 (tests/reference_generate.py), in one process and at tp2·pp2 with sequence parallelism. Float64 models, so
 a near-tie cannot flip an argmax between the two computations."""
 
@@ -12,8 +12,10 @@ import pytest
 import reference_generate as reference
 import torch
 
+from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.data.tokenizer import load_tokenizer
-from scaletrain.posttrain.chat import ChatRenderer
+
+pytestmark = pytest.mark.parity
 
 VOCAB = 512  # the session tokenizer's
 
@@ -35,21 +37,21 @@ def _model(init_std: float = 0.3, max_positions: int = 4096, seed: int = 3):
 @pytest.fixture
 def kv_caches(monkeypatch) -> list:
     """Every KVCache the engine builds during the test."""
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.decoding as decoding
 
     made: list = []
 
-    class Recorded(rollout.KVCache):
+    class Recorded(decoding.KVCache):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(rollout, "KVCache", Recorded)
+    monkeypatch.setattr(decoding, "KVCache", Recorded)
     return made
 
 
 def test_greedy_generate_decodes_what_recomputation_does(kv_caches):
-    from scaletrain.posttrain.generate import greedy_generate
+    from scaletrain.generation.turn import greedy_generate
 
     model = _model()
     ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -63,7 +65,7 @@ def test_greedy_generate_decodes_what_recomputation_does(kv_caches):
 
 
 def test_generate_turn_decodes_what_recomputation_does(tokenizer_dir, kv_caches):
-    from scaletrain.posttrain.generate import ContextFull, generate_turn
+    from scaletrain.generation.turn import ContextFull, generate_turn
 
     tok = load_tokenizer(str(tokenizer_dir))
     renderer = ChatRenderer(tok, "chatml")
@@ -92,7 +94,7 @@ def test_generate_turn_decodes_what_recomputation_does(tokenizer_dir, kv_caches)
 
 
 def test_sampled_turns_follow_their_generator(tokenizer_dir):
-    from scaletrain.posttrain.generate import generate_turn
+    from scaletrain.generation.turn import generate_turn
 
     tok = load_tokenizer(str(tokenizer_dir))
     model = _model()
@@ -104,10 +106,10 @@ def test_sampled_turns_follow_their_generator(tokenizer_dir):
 
 
 def test_tool_loop_and_exact_match_decode_what_recomputation_does(tokenizer_dir, monkeypatch, kv_caches):
-    import scaletrain.posttrain.evaluate as evaluate
-    import scaletrain.posttrain.tool_loop as tool_loop
+    import scaletrain.chat.tool_loop as tool_loop
+    import scaletrain.evaluation.synthetic as evaluate
+    from scaletrain.chat.tools import bundled_tools
     from scaletrain.data.synth import problems, tool_problems
-    from scaletrain.posttrain.tools import bundled_tools
 
     tok = load_tokenizer(str(tokenizer_dir))
     renderer = ChatRenderer(tok, "chatml", tools=bundled_tools(["calculator"]))
@@ -142,7 +144,8 @@ def test_tool_loop_and_exact_match_decode_what_recomputation_does(tokenizer_dir,
 @pytest.fixture
 def hf_model_dir(tmp_path, tokenizer_dir):
     """A random float64 model as a Hugging Face directory with the session tokenizer."""
-    from scaletrain.checkpoint.hf import copy_tokenizer, write_hf_dir
+    from scaletrain.checkpoint.files import copy_tokenizer
+    from scaletrain.checkpoint.hf import write_hf_dir
     from scaletrain.checkpoint.hf_config import TokenIds
     from scaletrain.models.llama.hf import to_hf_state_dict
 
@@ -156,7 +159,7 @@ def hf_model_dir(tmp_path, tokenizer_dir):
 
 
 def test_chat_command_decodes_what_recomputation_does(hf_model_dir, monkeypatch, capsys, kv_caches):
-    import scaletrain.posttrain.tool_loop as tool_loop
+    import scaletrain.chat.tool_loop as tool_loop
     from scaletrain.cli import main
 
     out, _, _ = hf_model_dir
@@ -173,11 +176,10 @@ def test_chat_command_decodes_what_recomputation_does(hf_model_dir, monkeypatch,
 def test_eval_answers_decode_what_recomputation_does_in_every_layout(tmp_path, hf_model_dir):
     """`scaletrain eval`'s answer task in one process and at tp2·pp2+SP (4 ranks): every completion is the
     reference decoder's turn for that prompt."""
+    from scaletrain.chat.rows import prompt_messages
     from scaletrain.cli import main
-    from scaletrain.posttrain.grpo_data import prompt_messages
 
-    from dist_harness import run_ranks
-    from test_tp_train import _cli_rank
+    from dist_harness import cli_rank, run_ranks
 
     out, model, tok = hf_model_dir
     rows = [{"prompt": q, "answer": i} for i, q in enumerate(
@@ -193,7 +195,7 @@ def test_eval_answers_decode_what_recomputation_does_in_every_layout(tmp_path, h
     assert main([*common, "--samples", str(tmp_path / "single.jsonl")]) == 0
     par = [*common, "--samples", str(tmp_path / "par.jsonl"), "--set", "parallel.tp=2", "--set", "parallel.pp=2",
            "--set", "parallel.sequence_parallel=true"]
-    assert run_ranks(4, _cli_rank, par, timeout=240) == [0] * 4
+    assert run_ranks(4, cli_rank, par, timeout=240) == [0] * 4
     for name in ("single", "par"):
         got = [json.loads(line)["completion"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
         assert got == want, name

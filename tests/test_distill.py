@@ -16,6 +16,8 @@ from conftest import TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
 from parity import assert_same_steps, run_single_and_parallel
 
+pytestmark = pytest.mark.e2e
+
 V, LIMIT = 12, 10  # two padding rows beyond the tokenizer's vocabulary
 
 
@@ -200,17 +202,18 @@ def test_bad_distillation_configs_fail_up_front(tmp_path, tokenizer_dir, dataset
         teacher=teacher_run, **{"posttrain.distill_on_policy": True})
     assert not (tmp_path / "bad" / "checkpoints").exists()
     # Layout checks against the teacher's own shapes (a process per rank would be needed to reach them via the CLI).
+    from scaletrain.checkpoint.locate import locate_model
     from scaletrain.config.load import ConfigError
     from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig
-    from scaletrain.posttrain.frozen import check_frozen_model, locate_model
+    from scaletrain.model_builder import check_companion
 
     teacher_vocab = locate_model("posttrain.teacher", str(teacher_run))[2].vocab_size
     cfg = RunConfig(parallel=ParallelConfig(tp=3, pp=3), model=ModelConfig(vocab_size=teacher_vocab))
     with pytest.raises(ConfigError, match=r"4 heads / 2 kv heads do not divide over parallel.tp = 3; its 4 layers do "
                                           r"not divide over parallel.pp·vpp = 3"):
-        check_frozen_model(cfg, "posttrain.teacher", str(teacher_run), role="teacher", tokenizer_vocab=500)
+        check_companion(cfg, "posttrain.teacher", str(teacher_run), role="teacher", tokenizer_vocab=500)
     with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
-        check_frozen_model(RunConfig(model=ModelConfig(vocab_size=teacher_vocab)), "posttrain.teacher",
+        check_companion(RunConfig(model=ModelConfig(vocab_size=teacher_vocab)), "posttrain.teacher",
                            str(teacher_run), role="teacher", tokenizer_vocab=teacher_vocab + 1)
 
 

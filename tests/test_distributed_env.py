@@ -13,6 +13,8 @@ from scaletrain.distributed import read_env as _read_env
 
 from dist_harness import RankFailure, run_ranks
 
+pytestmark = pytest.mark.parity
+
 
 def read_env(env):
     return astuple(_read_env(env))

@@ -11,10 +11,13 @@ import torch
 
 from scaletrain.cli import main
 from scaletrain.config import ConfigError, load_config, resolve_model, validate
+from scaletrain.distributed.comm import Comm
 from scaletrain.trainer.divergence import EXIT_DIVERGED
 
 from conftest import TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
+
+pytestmark = pytest.mark.e2e
 
 
 def _args(run_dir, tokenizer_dir, prefix, **extra) -> list[str]:
@@ -211,11 +214,11 @@ def test_weights_finite_is_exact_for_huge_and_non_finite_weights():
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     cpu = torch.device("cpu")
-    assert weights_finite(model, None, cpu)
+    assert weights_finite(model, Comm.single("world"), cpu)
     with torch.no_grad():
         model[0].weight.fill_(3e38)  # finite, but any sum of it overflows: the exact check decides
-    assert weights_finite(model, None, cpu)
+    assert weights_finite(model, Comm.single("world"), cpu)
     for bad in (float("nan"), float("inf"), float("-inf")):
         with torch.no_grad():
             model[1].bias[1] = bad
-        assert not weights_finite(model, None, cpu)
+        assert not weights_finite(model, Comm.single("world"), cpu)

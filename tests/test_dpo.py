@@ -12,6 +12,8 @@ from scaletrain.cli import main
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
@@ -85,14 +87,14 @@ def test_every_loss_type_trains(tmp_path, tokenizer_dir, dataset_prefix, pairs, 
 def test_nll_weight_adds_the_chosen_mean_token_nll(tokenizer_dir):
     import torch
 
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.config.schema import ModelConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.models import build_model
     from scaletrain.nn import cross_entropy_per_token, init_parameters
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.dpo import DPOObjective
-    from scaletrain.posttrain.dpo_data import PreferenceDataset
+    from scaletrain.stages.preference.data import PreferenceDataset
+    from scaletrain.stages.preference.dpo import DPOObjective
 
     tok = load_tokenizer(str(tokenizer_dir))
     ds = PreferenceDataset([{"prompt": "1+1?", "chosen": "2", "rejected": "3"},

@@ -13,8 +13,9 @@ import torch
 from scaletrain.cli import main
 
 from conftest import TINY, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def test_every_layout_scores_like_one_process(tmp_path, model_run, task_dir, lay
     args = ["eval", str(model_run), *[x for t in tasks for x in ("--task", t)], "--output", str(tmp_path / "par.json"),
             "--batch-size", "3", *common, "--samples", str(tmp_path / "par.jsonl"),
             *[x for s in layout for x in ("--set", s)]]
-    assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
+    assert run_ranks(world, cli_rank, args, timeout=240) == [0] * world
     par = json.loads((tmp_path / "par.json").read_text())
     # every per-question / per-document row (log-likelihoods to 1e-10) and generated completion, word for
     # word: perplexity 30 documents, choice 12 questions, answer and refusal 12 prompts each
@@ -279,14 +280,15 @@ def test_refusal_task_after_a_refusal_fine_tune(tmp_path, tokenizer_dir, dataset
 
 def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model_run, task_dir, tokenizer_dir,
                                                                  dataset_prefix):
-    """LM: pair accuracy and margin as posttrain/evaluate.py computes them from DPO's own rows; a reward model
+    """LM: pair accuracy and margin as evaluation/synthetic.py computes them from DPO's own rows; a reward model
     (score head): its scores at the last rendered token, recomputed on the full model, at dp2 too."""
+    from scaletrain.chat.renderer import ChatRenderer
+    from scaletrain.chat.rows import pair_messages
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.dpo_data import PreferenceDataset, _messages, read_pairs
-    from scaletrain.posttrain.evaluate import pair_logprobs
+    from scaletrain.evaluation.synthetic import pair_logprobs
+    from scaletrain.stages.preference.data import PreferenceDataset, read_pairs
 
     pairs_file = task_dir / "dpo_test.jsonl"
     res = _eval(model_run, [f"preference:{pairs_file}"], tmp_path / "p.json", "--seq-length", "128")
@@ -314,7 +316,7 @@ def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model
     scores = []
     for row in read_pairs([str(pairs_file)]):
         for side in ("chosen", "rejected"):
-            ids, _ = renderer.render(_messages(row["prompt"], row[side]))
+            ids, _ = renderer.render(pair_messages(row["prompt"], row[side]))
             with torch.no_grad():
                 scores.append(float(model(torch.tensor([ids]))[0, -1, 0]))
     chosen, rejected = (torch.tensor(scores[k::2], dtype=torch.float64) for k in (0, 1))
@@ -322,7 +324,7 @@ def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model
     assert single["chosen_score"] == pytest.approx(float(chosen.mean()), rel=1e-9)
     args = ["eval", str(rm), "--task", f"preference:{pairs_file}", "--seq-length", "128", "--set",
             "precision.dtype=float64", "--output", str(tmp_path / "rm2.json"), "--batch-size", "3"]
-    assert run_ranks(2, _cli_rank, args, timeout=240) == [0, 0]
+    assert run_ranks(2, cli_rank, args, timeout=240) == [0, 0]
     par = json.loads((tmp_path / "rm2.json").read_text())["tasks"]["preference:dpo_test.jsonl"]
     for k, v in single.items():
         if k != "seconds":
@@ -386,9 +388,9 @@ def test_eval_tasks_under_context_parallelism_match_the_single_process(tmp_path,
 
 def test_chat_choice_asks_in_the_template(tmp_path, model_run, task_dir, tokenizer_dir):
     """--chat: the question is the user's turn and each choice the assistant's reply; shots are earlier turns."""
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.evaluation.tasks import add_shots, choice_rows, parse_task
-    from scaletrain.posttrain.chat import ChatRenderer
 
     tok = load_tokenizer(str(tokenizer_dir))
     renderer = ChatRenderer(tok, "chatml")

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.config.validate import resolve_model
 from scaletrain.distributed import ParallelDims
+from scaletrain.generation.sampler import sample_completions, sampling_generator
+from scaletrain.generation.scoring import token_logprobs
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
-from scaletrain.posttrain.rollout import sample_completions, sampling_generator, token_logprobs
-from scaletrain.trainer.objective import LanguageModelingObjective
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import build_optimizer
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import evaluate, train_step
 
 from dist_harness import run_ranks
+
+pytestmark = pytest.mark.parity
 
 PRECISION = Precision(torch.float64, None, "cpu", "test")
 
@@ -44,7 +48,7 @@ def _model(pp: int, world: int, rank: int):
         yield
 
     model.fp8_context = recording  # where enable_fp8 puts TE's autocast factory
-    return model, dims if pp > 1 else None, entered
+    return model, dims, entered
 
 
 def _passes(rank: int, world: int, pp: int) -> dict[str, int]:

@@ -13,8 +13,9 @@ import torch
 from scaletrain.cli import main
 from scaletrain.data.tokenizer import load_tokenizer
 
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.e2e
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +74,7 @@ def test_every_layout_generates_what_one_process_does(tmp_path, tiny_hf):
         single = _generate(tiny_hf, prompts, tmp_path / "single.jsonl", *common)
         args = ["generate", str(tiny_hf), "--prompts", str(prompts), "--output", str(tmp_path / "par.jsonl"), *common,
                 "--set", "parallel.tp=2", "--set", "parallel.pp=2", "--set", "parallel.sequence_parallel=true"]
-        assert run_ranks(4, _cli_rank, args, timeout=240) == [0] * 4
+        assert run_ranks(4, cli_rank, args, timeout=240) == [0] * 4
         par = [json.loads(line) for line in (tmp_path / "par.jsonl").read_text().splitlines()]
         assert par == single and [r["index"] for r in par] == list(range(len(PROMPTS)))
     greedy = _generate(tiny_hf, prompts, tmp_path / "greedy.jsonl", "--max-new-tokens", "16", "--set",

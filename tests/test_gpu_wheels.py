@@ -14,6 +14,8 @@ from packaging.requirements import Requirement
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 spec = importlib.util.spec_from_file_location("gpu_wheels", REPO / "benchmarks" / "gpu" / "wheels.py")
 wheels = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = wheels  # dataclasses look their module up

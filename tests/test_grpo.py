@@ -11,34 +11,19 @@ import pytest
 import torch
 
 from scaletrain.cli import main
+from scaletrain.distributed import ParallelDims
 
-from conftest import TINY, read_metrics, tiny_overrides
+from conftest import TINY, grpo_args, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
 from rollout_probe import record_kv_caches
 
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--output", str(out), "--train", "64", "--test", "5"]) == 0
-    return out / "sft_train.jsonl"
-
-
-def _args(run_dir, tokenizer_dir, prefix, prompts, **extra):
-    args = ["grpo", "--config", TINY]
-    for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
-            "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64",
-            "posttrain.group_size": 4, "posttrain.max_new_tokens": 6, "posttrain.rewards": '["grpo_rewards:digits"]',
-            "posttrain.kl_beta": 0.1, "optim.warmup_steps": 1, **extra}):
-        args += ["--set", s]
-    return args
+pytestmark = pytest.mark.e2e
 
 
 # ---------------------------------------------------------------------------------------- maths
 
 def test_group_advantages_by_hand():
-    from scaletrain.posttrain.grpo import group_advantages
+    from scaletrain.stages.rl.grpo import group_advantages
 
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 3.0])
     a = group_advantages(r, 4)
@@ -66,8 +51,8 @@ def _tiny_model(init_std: float = 0.02, num_layers: int = 2):
 
 @pytest.mark.parametrize("norm", ["token", "sequence"])
 def test_loss_value_and_gradient_by_hand(norm):
-    from scaletrain.posttrain.grpo import GRPOObjective
-    from scaletrain.posttrain.rollout import training_rows
+    from scaletrain.generation.batching import training_rows
+    from scaletrain.stages.rl.grpo import GRPOObjective
 
     model = _tiny_model()
     rows = [training_rows([1, 2, 3], [4, 5, 6, 7], 12, 0), training_rows([8, 9], [10, 11], 12, 0)]
@@ -109,8 +94,8 @@ def test_loss_value_and_gradient_by_hand(norm):
 def test_clipped_surrogate_by_hand():
     """grpo_iterations > 1: −min(ρA, clip(ρ, 1−ε, 1+ε_high)A) against the sampling-time log-probs; tokens
     on the clipped branch contribute no gradient."""
-    from scaletrain.posttrain.grpo import GRPOObjective
-    from scaletrain.posttrain.rollout import training_rows
+    from scaletrain.generation.batching import training_rows
+    from scaletrain.stages.rl.grpo import GRPOObjective
 
     model = _tiny_model()
     rows = [training_rows([1, 2, 3], [4, 5, 6, 7], 12, 0), training_rows([8, 9], [10, 11], 12, 0)]
@@ -146,7 +131,7 @@ def test_clipped_surrogate_by_hand():
 
 
 def test_training_rows_mask_the_completion():
-    from scaletrain.posttrain.rollout import training_rows
+    from scaletrain.generation.batching import training_rows
 
     r = training_rows([5, 6, 7], [8, 9], 8, 0)
     assert r["tokens"].tolist() == [5, 6, 7, 8, 0, 0, 0, 0]
@@ -159,15 +144,15 @@ def test_training_rows_mask_the_completion():
 
 
 def test_left_padding_does_not_change_what_a_prompt_samples():
-    from scaletrain.posttrain.rollout import sample_completions, sampling_generator
+    from scaletrain.generation.sampler import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     model = _tiny_model()
     kw = dict(group_size=3, max_new_tokens=5, temperature=1.0, stop_ids={63}, pad_id=0, vocab_limit=60,
               micro_batch=3, precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
     short, long = [4, 5], [7, 8, 9, 10, 11, 12]
-    alone, _ = sample_completions(model, None, [short], [sampling_generator(1, 0)], **kw)
-    both, stopped = sample_completions(model, None, [long, short], [sampling_generator(1, 5), sampling_generator(1, 0)],
+    alone, _ = sample_completions(model, ParallelDims.single(), [short], [sampling_generator(1, 0)], **kw)
+    both, stopped = sample_completions(model, ParallelDims.single(), [long, short], [sampling_generator(1, 5), sampling_generator(1, 0)],
                                        **kw)
     assert both[3:] == alone  # the short prompt, left-padded beside a longer one, samples the same tokens
     assert all(len(c) == 5 for c in alone) and all(t < 60 for c in both for t in c)  # vocab limit respected
@@ -177,7 +162,8 @@ def test_left_padding_does_not_change_what_a_prompt_samples():
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_kv_cache_decodes_what_recomputation_does(temperature):
-    from scaletrain.posttrain.rollout import can_use_kv_cache, sample_completions, sampling_generator
+    from scaletrain.generation.decoding import can_use_kv_cache
+    from scaletrain.generation.sampler import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     model = _tiny_model(init_std=0.5)  # sharp attention: a wrong position or mask changes the tokens
@@ -190,16 +176,16 @@ def test_kv_cache_decodes_what_recomputation_does(temperature):
     def gens():
         return [sampling_generator(2, i) for i in range(3)] if temperature else None
 
-    cached = sample_completions(model, None, prompts, gens(), **kw)
-    recomputed = sample_completions(model, None, prompts, gens(), kv_cache=False, **kw)
-    padded = sample_completions(model, None, prompts, gens(), width_multiple=2, **kw)  # wider rows: no cache
+    cached = sample_completions(model, ParallelDims.single(), prompts, gens(), **kw)
+    recomputed = sample_completions(model, ParallelDims.single(), prompts, gens(), kv_cache=False, **kw)
+    padded = sample_completions(model, ParallelDims.single(), prompts, gens(), width_multiple=2, **kw)  # wider rows: no cache
     assert cached == recomputed == padded
     lengths = {len(c) for c in cached[0]}
     assert len(lengths) > 1  # rows finished at different steps: the cache kept finished rows aligned
 
 
 def _decoding_rank(rank: int, world: int, layout: dict, num_layers: int) -> tuple:
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.sampler as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims
@@ -237,12 +223,12 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
     again afterwards. The tokens equal the layout's own recomputation and the single process's.
     Finished rows leave the caches (the last token ran for the longest completions only; under
     interleaving, whose schedule needs whole groups of microbatches, one row per emptied microbatch)."""
-    from scaletrain.posttrain.rollout import sample_completions, sampling_generator
+    from scaletrain.generation.sampler import sample_completions, sampling_generator
     from scaletrain.trainer.precision import Precision
 
     from dist_harness import run_ranks
 
-    single = sample_completions(_tiny_model(0.5, num_layers), None, [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]],
+    single = sample_completions(_tiny_model(0.5, num_layers), ParallelDims.single(), [[4, 5], [7, 8, 9, 10, 11, 12], [20, 21, 22]],
                                 [sampling_generator(2, i) for i in range(3)], group_size=4, max_new_tokens=8,
                                 temperature=1.0, stop_ids=set(range(1, 16)), pad_id=0, vocab_limit=60, micro_batch=4,
                                 precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
@@ -262,7 +248,7 @@ def test_parallel_layouts_decode_with_the_kv_cache(layout, world, num_layers):
 # ---------------------------------------------------------------------------------------- rewards
 
 def test_math_answer_reward():
-    from scaletrain.posttrain.rewards import math_answer
+    from scaletrain.stages.rl.rewards import math_answer
 
     assert math_answer("The answer is 12.", {"answer": 12}) == 1.0
     assert math_answer("The answer is 13.", {"answer": 12}) == 0.0
@@ -272,15 +258,15 @@ def test_math_answer_reward():
     assert math_answer("twelve", {"answer": 12}) == 0.0
     with pytest.raises(KeyError, match="answer"):
         math_answer("The answer is 1", {})
-    from scaletrain.posttrain.rewards import answer_format
+    from scaletrain.stages.rl.rewards import answer_format
 
     assert [answer_format(t, {}) for t in ("The answer is 12.", "The answer is 40 or so", "T1|im_end|>", "\\boxed{x}")] \
         == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_python_tests_reward_runs_code_apart_and_bounded():
-    from scaletrain.posttrain.rewards import python_tests, run_python_tests
-    from scaletrain.posttrain.sandbox import SandboxSettings, sandbox_problem
+    from scaletrain.stages.rl.rewards import python_tests, run_python_tests
+    from scaletrain.stages.rl.sandbox.runner import SandboxSettings, sandbox_problem
 
     if sandbox_problem(SandboxSettings()) and not os.environ.get("SCALETRAIN_REQUIRE_SANDBOX"):
         pytest.skip("no bubblewrap sandbox here (tests/test_sandbox.py has the attacks)")
@@ -294,7 +280,7 @@ def test_python_tests_reward_runs_code_apart_and_bounded():
 
 
 def test_custom_rewards_resolve_or_fail_clearly():
-    from scaletrain.posttrain.rewards import resolve_reward, reward_problem
+    from scaletrain.stages.rl.rewards import resolve_reward, reward_problem
 
     assert resolve_reward("grpo_rewards:digits")("a1b2", {}) == 0.5
     assert "bundled ones are math_answer, python_tests" in reward_problem("answer")
@@ -318,7 +304,7 @@ def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir,
     # 5 held-out prompts: uneven over dp2, padded to whole microbatches — the padding must not count.
     valid = {"posttrain.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
     a, b = run_single_and_parallel(
-        lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **valid,
+        lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **valid,
                                                 **{k: v for k, v in layout.items() if par or k.startswith("posttrain")})),
         world)
     iterations = layout.get("posttrain.grpo_iterations", 1)
@@ -343,16 +329,16 @@ def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir,
 
 def test_resume_is_exact_and_keeps_the_starting_reference(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert main(_args(straight, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4, "train.exit_interval": 2})) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
+    assert main(grpo_args(straight, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4, "train.exit_interval": 2})) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 4})) == 0
     assert "reference policy: loaded from" in capsys.readouterr().out
     keys = ("loss", "grad_norm", "kl", "reward")
     assert [[m[k] for k in keys] for m in read_metrics(stopped)] == [[m[k] for k in keys] for m in read_metrics(straight)]
     import shutil
 
     shutil.rmtree(stopped / "reference")
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 6})) == 2
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **{"train.steps": 6})) == 2
     assert "needs the reference policy saved at its first start" in capsys.readouterr().err
 
 
@@ -361,9 +347,9 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     from run_dir/rollout_buffer and the run equals the uninterrupted one."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     extra = {"train.steps": 4, "posttrain.grpo_iterations": 2}
-    assert main(_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 3})) == 0
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    assert main(grpo_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 3})) == 0
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
     keys = ("loss", "grad_norm", "kl", "reward", "clip_fraction")
     assert [[m[k] for k in keys] for m in read_metrics(stopped)] == [[m[k] for k in keys] for m in read_metrics(straight)]
     # Pruned to what the latest checkpoint (step 4: the next batch starts fresh) can need.
@@ -375,7 +361,7 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     for f in (stopped / "rollout_buffer").iterdir():
         f.unlink()
     capsys.readouterr()
-    assert main(_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
+    assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
     assert "rollout_buffer" in capsys.readouterr().err
 
 
@@ -393,21 +379,22 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     ({"posttrain.rollout_micro_batch": 3}, "posttrain.rollout_micro_batch = 3 must divide"),
 ])
 def test_bad_grpo_configs_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys, extra, message):
-    assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
+    assert main(grpo_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_groups_must_stay_on_one_dp_rank(tmp_path, tokenizer_dir, dataset_prefix, prompts):
-    from scaletrain.config import ConfigError, load_config, validate
+    from scaletrain.config import ConfigError, load_config
+    from scaletrain.prepare import check_config
 
     cfg = load_config(TINY, tiny_overrides(tmp_path, tokenizer_dir, dataset_prefix, **{
         "posttrain.objective": "grpo", "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 4,
         "train.global_batch_size": 8, "train.micro_batch_size": 1, "train.seq_length": 96,
         "posttrain.max_new_tokens": 6}))
-    assert validate(cfg, 2) == 2
+    assert check_config(cfg, 2) == 2
     with pytest.raises(ConfigError, match="each dp rank samples whole groups"):
-        validate(cfg, 4)
+        check_config(cfg, 4)
 
 
 @pytest.mark.slow
@@ -415,7 +402,7 @@ def test_grpo_raises_its_reward(tmp_path, tokenizer_dir, dataset_prefix, prompts
     """From a random policy, 40 GRPO steps on the graded digit reward: the mean reward of the last
     steps is far above the first steps' (float32, the plain-CPU setting a user runs)."""
     run = tmp_path / "r"
-    assert main(_args(run, tokenizer_dir, dataset_prefix, prompts, **{
+    assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
         "precision.dtype": "float32", "train.steps": 40, "optim.lr": 1e-2, "train.global_batch_size": 32,
         "train.micro_batch_size": 16, "posttrain.group_size": 8, "posttrain.kl_beta": 0.0, "optim.weight_decay": 0.0,
         "model.num_layers": 2})) == 0
@@ -428,21 +415,21 @@ def test_rollout_micro_batch_changes_speed_not_results(tmp_path, tokenizer_dir, 
     """Sampling 8 rows per forward instead of the training microbatch's 2: one KV cache (one pass per
     token) per step instead of 4, the same completions and the same steps (float64; a row's logits do
     not depend on its neighbours')."""
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.decoding as decoding
 
     caches: list = []
 
-    class Counted(rollout.KVCache):
+    class Counted(decoding.KVCache):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             caches.append(self)
 
-    monkeypatch.setattr(rollout, "KVCache", Counted)
+    monkeypatch.setattr(decoding, "KVCache", Counted)
     runs, passes = {}, {}
     for rm in (0, 8):
         runs[rm] = tmp_path / str(rm)
         caches.clear()
-        assert main(_args(runs[rm], tokenizer_dir, dataset_prefix, prompts, **{"posttrain.rollout_micro_batch": rm})) == 0
+        assert main(grpo_args(runs[rm], tokenizer_dir, dataset_prefix, prompts, **{"posttrain.rollout_micro_batch": rm})) == 0
         passes[rm] = len(caches)
     assert passes == {0: 3 * 4, 8: 3 * 1}  # 3 steps × microbatches of 8 completions
     a, b = read_metrics(runs[0]), read_metrics(runs[8])
@@ -453,7 +440,7 @@ def test_rollout_micro_batch_changes_speed_not_results(tmp_path, tokenizer_dir, 
 def test_missing_stop_penalty_is_subtracted_per_completion(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     """Completions that do not end with the end-of-turn marker (here: cut at 6 tokens) lose the penalty."""
     run = tmp_path / "run"
-    assert main(_args(run, tokenizer_dir, dataset_prefix, prompts, **{
+    assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
         "train.steps": 2, "posttrain.kl_beta": 0.0, "posttrain.missing_stop_penalty": 2.5})) == 0
     for r in read_metrics(run):
         assert r["missing_stop"] >= r["truncated"] > 0  # a cut completion never ended its turn

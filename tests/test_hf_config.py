@@ -10,10 +10,13 @@ import shutil
 import pytest
 import torch
 
-from scaletrain.checkpoint.hf import export_to_hf, import_from_hf
-from scaletrain.posttrain.chat import LLAMA3
+from scaletrain.chat.renderer import LLAMA3
+from scaletrain.checkpoint.hf import import_from_hf
+from scaletrain.export import export_to_hf
 
 from chat_fixtures import build_bpe_tokenizer, build_chatml_tokenizer
+
+pytestmark = pytest.mark.unit
 
 transformers = pytest.importorskip("transformers")
 

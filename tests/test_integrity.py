@@ -19,12 +19,14 @@ from scaletrain.config.validate import resolve_model
 from scaletrain.data.gpt import build_gpt_datasets, check_data
 from scaletrain.data.indexed import DatasetError, check_indexed_dataset
 from scaletrain.data.preprocess import preprocess
+from scaletrain.distributed import ParallelDims
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 
 from conftest import TINY, corpus_texts, read_metrics, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.e2e
 
 
 def _copy_dataset(prefix, dst) -> str:
@@ -147,23 +149,23 @@ def _flip_byte_in_data(shard) -> None:
 
 def test_a_flipped_byte_in_a_shard_is_a_load_error_naming_the_file(tmp_path):
     m, opt = _model(1)
-    path = save_checkpoint(tmp_path, 1, m, opt, {"consumed_samples": 4, "rng": {}})
+    path = save_checkpoint(tmp_path, 1, m, opt, {"consumed_samples": 4, "rng": {}}, dims=ParallelDims.single())
     manifest = json.loads((path / MANIFEST).read_text())
     shards = sorted(path.glob("*.safetensors"))
     assert sorted(manifest["files"]) == [s.name for s in shards] and manifest["algorithm"] == "sha256"
-    load_checkpoint(path, *_model(2))  # intact: loads
+    load_checkpoint(path, *_model(2), dims=ParallelDims.single())  # intact: loads
     _flip_byte_in_data(shards[0])
     with pytest.raises(CheckpointError, match=f"(?s)checkpoint .* is corrupt.*{shards[0].name} cannot be read as it "
                                               "was saved.*sha256 differs.*earlier step_"):
-        load_checkpoint(path, *_model(2))
+        load_checkpoint(path, *_model(2), dims=ParallelDims.single())
 
 
 def test_checkpoints_without_checksums_still_load_with_a_notice(tmp_path, capsys):
     m, opt = _model(1)
-    path = save_checkpoint(tmp_path, 1, m, opt, {"consumed_samples": 4, "rng": {}})
+    path = save_checkpoint(tmp_path, 1, m, opt, {"consumed_samples": 4, "rng": {}}, dims=ParallelDims.single())
     (path / MANIFEST).unlink()  # as written by scaletrain before checksums
     m2, opt2 = _model(2)
-    assert load_checkpoint(latest_checkpoint(tmp_path), m2, opt2)["consumed_samples"] == 4
+    assert load_checkpoint(latest_checkpoint(tmp_path), m2, opt2, dims=ParallelDims.single())["consumed_samples"] == 4
     assert "has no checksums.json" in capsys.readouterr().err
     for a, b in zip(m.parameters(), m2.parameters()):
         assert torch.equal(a, b)
@@ -178,11 +180,11 @@ def test_tp2_shards_are_checksummed_by_their_ranks_and_verified_on_every_rank(tm
             out += ["--set", item]
         return out
 
-    assert run_ranks(2, _cli_rank, args(**{"train.exit_interval": 2}), timeout=240) == [0, 0]
+    assert run_ranks(2, cli_rank, args(**{"train.exit_interval": 2}), timeout=240) == [0, 0]
     path = latest_checkpoint(tmp_path / "run" / "checkpoints")
     files = json.loads((path / MANIFEST).read_text())["files"]
     assert sorted(files) == sorted(p.name for p in path.glob("*.safetensors")) and len(files) == 2
     assert not list(path.glob(f".{MANIFEST}.rank_*"))  # the per-rank parts were merged
     _flip_byte_in_data(path / sorted(files)[1])  # rank 1's shard
-    assert run_ranks(2, _cli_rank, args(), timeout=240) == [2, 2]
+    assert run_ranks(2, cli_rank, args(), timeout=240) == [2, 2]
     assert len(read_metrics(tmp_path / "run")) == 2  # nothing trained from the damaged checkpoint

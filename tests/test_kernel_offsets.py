@@ -18,7 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="runs kernels in Triton's interpreter (CPU)")
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="runs kernels in Triton's interpreter (CPU)")]
 
 N_COLS = 1 << 16
 FIRST = (1 << 31) // N_COLS + 1  # first row whose offset row · N_COLS is past 2³¹
@@ -91,7 +92,7 @@ def rows_at(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def test_cross_entropy_offsets_past_2_31():
-    from scaletrain_kernels.cross_entropy import BLOCK, _grad, _stats
+    from scaletrain_kernels.cross_entropy import BLOCK, ce_grad_kernel, ce_stats_kernel
 
     g = torch.Generator().manual_seed(0)
     x = reserved((FIRST + 2) * N_COLS, torch.float16)
@@ -101,7 +102,7 @@ def test_cross_entropy_offsets_past_2_31():
     labels[FIRST:] = torch.tensor([5, N_COLS - 1])
     m, s, lab = (torch.zeros(FIRST + 2) for _ in range(3))
     with programs_from(FIRST):
-        _stats[(2,)](x, labels, m, s, lab, N_COLS, BLOCK=BLOCK)
+        ce_stats_kernel[(2,)](x, labels, m, s, lab, N_COLS, BLOCK=BLOCK)
     ref = rows.float()
     torch.testing.assert_close(m[FIRST:], ref.amax(-1))
     torch.testing.assert_close(s[FIRST:], (ref - ref.amax(-1, keepdim=True)).exp().sum(-1))
@@ -111,13 +112,13 @@ def test_cross_entropy_offsets_past_2_31():
     grad = torch.zeros(FIRST + 2)
     grad[FIRST:] = torch.tensor([1.0, -2.0])
     with programs_from(FIRST):
-        _grad[(2,)](x, labels, m, s, grad, dx, N_COLS, BLOCK=BLOCK)
+        ce_grad_kernel[(2,)](x, labels, m, s, grad, dx, N_COLS, BLOCK=BLOCK)
     expected = (ref.softmax(-1) - torch.nn.functional.one_hot(torch.tensor([5, N_COLS - 1]), N_COLS)) * grad[FIRST:, None]
     torch.testing.assert_close(rows_at(dx, N_COLS).float(), expected, rtol=1e-3, atol=1e-6)
 
 
 def test_rmsnorm_offsets_past_2_31():
-    from scaletrain_kernels.rmsnorm import _bwd, _fwd, rmsnorm_ref
+    from scaletrain_kernels.rmsnorm import rmsnorm_bwd_kernel, rmsnorm_fwd_kernel, rmsnorm_ref
 
     g = torch.Generator().manual_seed(1)
     rows = torch.randn(2, N_COLS, generator=g).half()
@@ -126,7 +127,7 @@ def test_rmsnorm_offsets_past_2_31():
     rows_at(x, N_COLS).copy_(rows)
     rstd = torch.zeros(FIRST + 2)
     with programs_from(FIRST):
-        _fwd[(2,)](x, w, y, rstd, N_COLS, 1e-5, BLOCK=N_COLS)
+        rmsnorm_fwd_kernel[(2,)](x, w, y, rstd, N_COLS, 1e-5, BLOCK=N_COLS)
     torch.testing.assert_close(rows_at(y, N_COLS), rmsnorm_ref(rows, w, 1e-5), rtol=2e-3, atol=2e-3)
 
     dy = reserved((FIRST + 2) * N_COLS, torch.float16)
@@ -134,7 +135,7 @@ def test_rmsnorm_offsets_past_2_31():
     rows_at(dy, N_COLS).copy_(dy_rows)
     partial = reserved((FIRST + 1) * N_COLS, torch.float32)  # program p writes its partial to row p
     with programs_from(FIRST):  # one row per program: program FIRST handles row FIRST
-        _bwd[(1,)](dy, x, w, rstd, dx, partial, FIRST + 2, N_COLS, 1, BLOCK=N_COLS)
+        rmsnorm_bwd_kernel[(1,)](dy, x, w, rstd, dx, partial, FIRST + 2, N_COLS, 1, BLOCK=N_COLS)
     xr = rows[:1].float().requires_grad_()
     wr = w.clone().requires_grad_()
     rmsnorm_ref(xr, wr, 1e-5).backward(dy_rows[:1].float())
@@ -143,7 +144,7 @@ def test_rmsnorm_offsets_past_2_31():
 
 
 def test_swiglu_offsets_past_2_31():
-    from scaletrain_kernels.swiglu import BLOCK, _bwd, _fwd, swiglu_ref
+    from scaletrain_kernels.swiglu import BLOCK, swiglu_bwd_kernel, swiglu_fwd_kernel, swiglu_ref
 
     first = (1 << 31) // BLOCK + 1  # program ids past 2³¹ / BLOCK
     n = (first + 2) * BLOCK
@@ -153,17 +154,17 @@ def test_swiglu_offsets_past_2_31():
     gate[first * BLOCK:].copy_(gv)
     up[first * BLOCK:].copy_(uv)
     with programs_from(first):
-        _fwd[(2,)](gate, up, y, n, BLOCK=BLOCK)
+        swiglu_fwd_kernel[(2,)](gate, up, y, n, BLOCK=BLOCK)
     torch.testing.assert_close(y[first * BLOCK:], swiglu_ref(gv.float(), uv.float()).half(), rtol=2e-3, atol=2e-3)
     dy, dg, du = (reserved(n, torch.float16) for _ in range(3))
     dy[first * BLOCK:].fill_(1.0)
     with programs_from(first):
-        _bwd[(2,)](dy, gate, up, dg, du, n, BLOCK=BLOCK)
+        swiglu_bwd_kernel[(2,)](dy, gate, up, dg, du, n, BLOCK=BLOCK)
     torch.testing.assert_close(du[first * BLOCK:], torch.nn.functional.silu(gv.float()).half(), rtol=2e-3, atol=2e-3)
 
 
 def test_rope_offsets_past_2_31():
-    from scaletrain_kernels.rope import _rotate, rope_ref
+    from scaletrain_kernels.rope import rope_kernel, rope_ref
 
     d, heads = 128, 1
     first = (1 << 31) // d + 1  # (token, head) rows past 2³¹ / head_dim
@@ -177,7 +178,7 @@ def test_rope_offsets_past_2_31():
     positions = torch.empty(first + 2, dtype=torch.int32)  # untouched but for the two rows read
     positions[first:] = torch.tensor([3, 7], dtype=torch.int32)
     with programs_from(first):
-        _rotate[(2,)](x, cos, sin, positions, y, heads, 1.0, HALF=d // 2)
+        rope_kernel[(2,)](x, cos, sin, positions, y, heads, 1.0, HALF=d // 2)
     expected = rope_ref(xv.float(), cos, sin, torch.tensor([[3, 7]]))
     torch.testing.assert_close(y[first * d:].view(1, 2, heads, d).float(), expected, rtol=2e-3, atol=2e-3)
 

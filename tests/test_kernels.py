@@ -21,6 +21,8 @@ from scaletrain_kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 from conftest import TINY, read_metrics, tiny_overrides  # noqa: E402
 from dist_harness import run_ranks  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def launcher(module: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

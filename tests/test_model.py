@@ -15,6 +15,8 @@ from scaletrain.nn import init_parameters, spec_of
 
 from hf_helpers import run_rotary_in_float64
 
+pytestmark = pytest.mark.unit
+
 transformers = pytest.importorskip("transformers")
 
 

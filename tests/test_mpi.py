@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TINY, read_metrics, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_mpirun_trains_the_tiny_config_at_tp2(tmp_path, tokenizer_dir, dataset_prefix):

@@ -20,6 +20,8 @@ from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining, 
 
 from dist_harness import RankFailure, run_ranks
 
+pytestmark = pytest.mark.parity
+
 
 def _world(rank: int, world: int) -> Comm:
     return Comm(None, world, rank, "pp")
@@ -214,19 +216,19 @@ def test_plan_properties(pp, vpp, m):
 
 
 def _train_pp(rank, world, *args):
-    from test_pipeline_parallel import _train
+    from layout_models import pipeline_train
 
-    return _train(rank, world, *args)
+    return pipeline_train(rank, world, *args)
 
 
 @pytest.mark.parametrize("tp,pp,vpp,sp,n_micro,tied", [(1, 4, 1, False, 5, True), (1, 2, 2, False, 4, True)])
 def test_torch_transport_keeps_parity(tp, pp, vpp, sp, n_micro, tied):
     """The same schedules through torch.distributed's batch_isend_irecv (gloo), as CPU runs use."""
+    from layout_models import pipeline_config, pipeline_train
     from parity import assert_matches
-    from test_pipeline_parallel import _cfg, _train
 
-    cfg = _cfg(tied)
-    ref = _train(0, 1, cfg, 1, 1, 1, False, n_micro)
+    cfg = pipeline_config(tied)
+    ref = pipeline_train(0, 1, cfg, 1, 1, 1, False, n_micro)
     ranks = run_ranks(tp * pp, _train_pp, cfg, tp, pp, vpp, sp, n_micro, timeout=120, p2p="gloo")
     assert_matches(ranks, ref, tp, 1e-10)
 

@@ -8,53 +8,24 @@ import re
 import pytest
 import torch
 
-from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
-from scaletrain.config.validate import resolve_model
+from scaletrain.config.schema import OptimConfig, ParallelConfig
 from scaletrain.distributed import ParallelDims
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.parallel.parallelize import parallelize
 from scaletrain.parallel.pipeline.schedules import BWD, FWD, schedule_order
 from scaletrain.parallel.pipeline.split import layer_layout
-from scaletrain.trainer.objective import LanguageModelingObjective
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import build_optimizer
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.step import train_step
 
 from dist_harness import RankFailure, run_ranks
-from parity import assert_matches, randomise_qkv_bias, train_and_record
+from layout_models import pipeline_batches, pipeline_config, pipeline_train
+from parity import assert_matches
 
-STEPS = 5
+pytestmark = pytest.mark.parity
 
-
-def _cfg(tied: bool) -> ModelConfig:
-    return resolve_model(ModelConfig(vocab_size=128, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
-                                     ffn_hidden_size=64, tie_embeddings=tied, qkv_bias=True),
-                         tokenizer_vocab=None, tp=1, seq_length=8)
-
-
-def _batches(n_micro: int) -> list[list[dict[str, torch.Tensor]]]:
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(STEPS):
-        mbs = []
-        for _ in range(n_micro):
-            t = torch.randint(0, 128, (2, 9), generator=g)
-            mbs.append({"tokens": t[:, :-1], "labels": t[:, 1:],
-                        "loss_mask": (torch.rand(2, 8, generator=g) > 0.25).long()})
-        out.append(mbs)
-    return out
-
-
-def _train(rank: int, world: int, cfg: ModelConfig, tp: int, pp: int, vpp: int, sp: bool, n_micro: int) -> dict:
-    pcfg = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp)
-    dims = ParallelDims.from_config(pcfg, world, rank)
-    with torch.device("meta"):
-        model = build_model(cfg, tp_size=tp, dtype=torch.float64)
-    parallelize(model, dims, pcfg, torch.device("cpu"))
-    init_parameters(model, seed=5, tp_rank=dims.tp_rank, tp_size=tp)
-    randomise_qkv_bias(model, tp, dims.tp_rank)
-    return train_and_record(model, dims, _batches(n_micro), torch.float64)
 
 
 CASES = [  # (tp, pp, vpp, sp, microbatches, tied)
@@ -71,9 +42,9 @@ CASES = [  # (tp, pp, vpp, sp, microbatches, tied)
 
 @pytest.mark.parametrize("tp,pp,vpp,sp,n_micro,tied", CASES)
 def test_pp_matches_single_process_float64(tp, pp, vpp, sp, n_micro, tied):
-    cfg = _cfg(tied)
-    ref = _train(0, 1, cfg, 1, 1, 1, False, n_micro)
-    ranks = run_ranks(tp * pp, _train, cfg, tp, pp, vpp, sp, n_micro, timeout=120)
+    cfg = pipeline_config(tied)
+    ref = pipeline_train(0, 1, cfg, 1, 1, 1, False, n_micro)
+    ranks = run_ranks(tp * pp, pipeline_train, cfg, tp, pp, vpp, sp, n_micro, timeout=120)
     assert_matches(ranks, ref, tp, 1e-10)
 
 
@@ -102,7 +73,7 @@ def test_layer_layout_and_schedule_tables():
 def _dies_mid_schedule(rank: int, world: int) -> None:
     pcfg = ParallelConfig(pp=2)
     dims = ParallelDims.from_config(pcfg, world, rank)
-    cfg = _cfg(False)
+    cfg = pipeline_config(False)
     with torch.device("meta"):
         model = build_model(cfg, dtype=torch.float64)
     parallelize(model, dims, pcfg)
@@ -110,7 +81,7 @@ def _dies_mid_schedule(rank: int, world: int) -> None:
     optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
     if rank == 1:
         os._exit(7)  # the last stage dies before it answers
-    train_step(model, optimizer, LanguageModelingObjective(), _batches(4)[0], lr=1e-3, clip_grad=1.0,
+    train_step(model, optimizer, LanguageModelingObjective(), pipeline_batches(4)[0], lr=1e-3, clip_grad=1.0,
                precision=Precision(torch.float64, None, "cpu", "t"), device=torch.device("cpu"), dims=dims)
 
 

@@ -12,11 +12,14 @@ import torch
 from scaletrain.cli import main
 from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
+from scaletrain.data.packing import Document, block_causal_mask, pack
 from scaletrain.data.synth import check_answer, problems
+from scaletrain.generation.scoring import sequence_logprobs
 from scaletrain.models import build_model
 from scaletrain.nn import cross_entropy_per_token, init_parameters
-from scaletrain.posttrain.packing import Document, block_causal_mask, pack
-from scaletrain.posttrain.preference_losses import preference_loss, sequence_logprobs
+from scaletrain.stages.preference.losses import preference_loss
+
+pytestmark = pytest.mark.unit
 
 PC, PR, RC, RR = (torch.tensor(v, dtype=torch.float64) for v in ([-10.0, -4.0], [-12.0, -3.0], [-11.0, -5.0],
                                                                   [-11.5, -2.5]))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.parity
 
 
 def _args(run_dir, tokenizer_dir, prefix, **extra) -> list[str]:
@@ -26,10 +27,10 @@ def test_pipeline_trains_checkpoints_and_resumes(tmp_path, tokenizer_dir, datase
     world = layout["parallel.pp"] * layout.get("parallel.tp", 1)
     straight, stopped, single = tmp_path / "straight", tmp_path / "stopped", tmp_path / "single"
     steps = {"train.steps": 6, "train.eval_interval": 3}
-    assert run_ranks(world, _cli_rank, _args(straight, tokenizer_dir, dataset_prefix, **layout, **steps),
+    assert run_ranks(world, cli_rank, _args(straight, tokenizer_dir, dataset_prefix, **layout, **steps),
                      timeout=240) == [0] * world
     for expected in (4, 6):
-        assert run_ranks(world, _cli_rank, _args(stopped, tokenizer_dir, dataset_prefix, **layout, **steps,
+        assert run_ranks(world, cli_rank, _args(stopped, tokenizer_dir, dataset_prefix, **layout, **steps,
                                                  **{"train.exit_interval": 4}), timeout=240) == [0] * world
         assert len(read_metrics(stopped)) == expected
     assert [r["loss"] for r in read_metrics(stopped)] == [r["loss"] for r in read_metrics(straight)]

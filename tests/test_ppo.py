@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from scaletrain.cli import main
-from scaletrain.posttrain.ppo import ValueObjective, gae, token_rewards, whiten
+from scaletrain.stages.rl.ppo import ValueObjective, gae, token_rewards, whiten
 
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import run_single_and_parallel
+
+pytestmark = pytest.mark.e2e
 
 # ------------------------------------------------------------------------------------------ maths
 

@@ -20,6 +20,8 @@ from scaletrain.data.tokenizer import load_tokenizer
 
 from conftest import REPO, corpus_texts
 
+pytestmark = pytest.mark.e2e
+
 
 def _previous_pipeline(inputs: list[str], tokenizer: str, prefix: str, *, append_eod: bool = True,
                        add_bos: bool = False) -> None:

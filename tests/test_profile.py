@@ -8,13 +8,14 @@ import json
 import pytest
 
 from scaletrain.cli import main
-from scaletrain.profile.command import resolved_config
+from scaletrain.commands.profile import resolved_config
 from scaletrain.profile.planner import peak_in_flight, plan
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
+from dist_harness import cli_rank, run_ranks
 from rollout_probe import record_kv_caches
-from test_tp_train import _cli_rank
+
+pytestmark = pytest.mark.e2e
 
 GiB = 2**30
 
@@ -108,7 +109,7 @@ def test_measured_mode_runs_on_every_rank(tmp_path, tokenizer_dir, dataset_prefi
             "--json", str(tmp_path / "m.json")]
     for s in tiny_overrides(tmp_path / "unused", tokenizer_dir, dataset_prefix, **{"parallel.tp": 2}):
         args += ["--set", s]
-    assert run_ranks(2, _cli_rank, args, timeout=240) == [0, 0]
+    assert run_ranks(2, cli_rank, args, timeout=240) == [0, 0]
     assert json.loads((tmp_path / "m.json").read_text())["measured"]["world_size"] == 2
 
 
@@ -120,7 +121,7 @@ def test_planned_static_memory_matches_ranks_of_real_runs(tmp_path, tokenizer_di
     args = ["train", "--config", TINY]
     for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **extra):
         args += ["--set", s]
-    assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
+    assert run_ranks(world, cli_rank, args, timeout=240) == [0] * world
     first = read_metrics(run)[0]  # rank 0: pipeline stage 0, dp rank 0
     cfg = resolved_config(TINY, args[4::2], world)
     stage = plan(cfg, world).stages[0]
@@ -175,7 +176,8 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
 
     import torch
 
-    import scaletrain.posttrain.rollout as rollout
+    import scaletrain.generation.decoding as decoding
+    import scaletrain.generation.sampler as rollout
     from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims
@@ -197,19 +199,19 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
     init_parameters(model, 0, tp_rank=dims.tp_rank, tp_size=dims.tp)
     caches = record_kv_caches()  # (a forked rank: the patches die with it)
     logits_bytes = [0]
-    read_last = rollout._gathered_last
+    read_last = decoding.gathered_last_logits
 
     def measured(output, tp):  # the logits each sampling pass produced, on the last stage
         logits_bytes[0] = max(logits_bytes[0], output.numel() * output.element_size())
         return read_last(output, tp)
-    rollout._gathered_last = measured
+    decoding.gathered_last_logits = measured
     prompts = [list(range(3 + i, 3 + i + seq - new + 1)) for i in range(2)]  # 2 prompts × 4 = the global batch
     rollout.sample_completions(model, dims, prompts, [rollout.sampling_generator(0, i) for i in range(2)],
                                group_size=4, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
                                vocab_limit=96, micro_batch=2, precision=Precision(torch.float64, None, "cpu", "t"),
                                device=torch.device("cpu"), width_multiple=dims.tp if dims.tp > 1 else 1)
     held = sum(k.nbytes + v.nbytes for c in caches for k, v in c._kv.values())
-    stage = plan(cfg, world).stages[dims.pp_rank]
+    stage = plan(cfg, world, rollout_group=4).stages[dims.pp_rank]  # a GRPO stage: groups of 4
     return held, stage.rollout_kv_bytes, logits_bytes[0], stage.rollout_logits_bytes
 
 

@@ -21,6 +21,8 @@ from scaletrain.trainer.stop import EXIT_INTERRUPTED, EXIT_REQUEUE
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
 
+pytestmark = pytest.mark.e2e
+
 
 def _args(run_dir, tokenizer_dir, prefix, **extra) -> list[str]:
     args = ["train", "--config", TINY]
@@ -160,11 +162,11 @@ def test_a_failed_or_refused_export_leaves_the_directory_as_it_was(tmp_path, mon
     monkeypatch.setattr(atomic_dir, "exchange", lambda x, y: False)  # the two-rename path, as without renameat2
     assert main(["convert", "to-hf", str(a), str(out)]) == 0
     before = _snapshot(out)
-    import scaletrain.checkpoint.hf as hf
+    import scaletrain.export as export
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(hf, "write_hf_dir", full_disk)
+    monkeypatch.setattr(export, "write_hf_dir", full_disk)
     with pytest.raises(OSError, match="No space left"):
         main(["convert", "to-hf", str(b), str(out)])
     assert _snapshot(out) == before

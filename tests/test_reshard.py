@@ -9,8 +9,9 @@ import pytest
 from scaletrain.cli import main
 
 from conftest import TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.parity
 
 LAYOUT = {"model.num_heads": 8, "model.num_kv_heads": 4, "model.num_layers": 4, "model.ffn_hidden_size": 64,
           "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 6,
@@ -31,7 +32,7 @@ def saved_at_tp2_pp2_dp2(request, tmp_path_factory, tokenizer_dir, dataset_prefi
     assert main(_args(tmp / "reference", tokenizer_dir, dataset_prefix)) == 0  # one process, uninterrupted
     saved = tmp / "saved"
     layout = {"parallel.tp": 2, "parallel.pp": 2, "train.exit_interval": 3, "optim.distributed": request.param}
-    assert run_ranks(8, _cli_rank, _args(saved, tokenizer_dir, dataset_prefix, **layout), timeout=240) == [0] * 8
+    assert run_ranks(8, cli_rank, _args(saved, tokenizer_dir, dataset_prefix, **layout), timeout=240) == [0] * 8
     assert len(read_metrics(saved)) == 3
     return tmp, [r["loss"] for r in read_metrics(tmp / "reference")], request.param
 
@@ -43,7 +44,7 @@ def test_resume_at_another_layout_continues_exactly(saved_at_tp2_pp2_dp2, tokeni
     run = tmp / f"resumed-tp{tp}-pp{pp}-zero{zero}"
     shutil.copytree(tmp / "saved", run)
     if tp:
-        code = run_ranks(8, _cli_rank, _args(run, tokenizer_dir, dataset_prefix, **{
+        code = run_ranks(8, cli_rank, _args(run, tokenizer_dir, dataset_prefix, **{
             "parallel.tp": tp, "parallel.pp": pp, "optim.distributed": zero}), timeout=240)
         assert code == [0] * 8
     else:

@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from scaletrain.cli import main
-from scaletrain.posttrain.reward import bradley_terry, last_token_index
+from scaletrain.distributed import ParallelDims
+from scaletrain.stages.preference.reward_model import bradley_terry, last_token_index
 
 from conftest import TINY, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,9 @@ def test_bradley_terry_by_hand():
 
 
 def test_score_is_read_at_the_last_rendered_token(tokenizer_dir):
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.dpo_data import PreferenceDataset
+    from scaletrain.stages.preference.data import PreferenceDataset
 
     tok = load_tokenizer(str(tokenizer_dir))
     renderer = ChatRenderer(tok, "chatml")
@@ -93,16 +96,16 @@ def test_export_scores_like_transformers_sequence_classification(tmp_path, token
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(run / "hf64", torch_dtype=torch.float64).eval()
     assert type(hf).__name__ == "LlamaForSequenceClassification"
 
-    from test_hf_convert import _patch_hf_float64
-
+    from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.checkpoint import latest_checkpoint
     from scaletrain.checkpoint.hf import load_full_model
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
+
+    from hf_helpers import patch_hf_float64
 
     _, ours = load_full_model(latest_checkpoint(run / "checkpoints"), torch.float64)
     hf.config._attn_implementation = "eager"
-    _patch_hf_float64(monkeypatch, hf, ours)  # transformers' float32 islands (RMSNorm, RoPE, softmax) in float64
+    patch_hf_float64(monkeypatch, hf, ours)  # transformers' float32 islands (RMSNorm, RoPE, softmax) in float64
     renderer = ChatRenderer(load_tokenizer(str(run / "hf")), "chatml")
     for row in [json.loads(line) for line in pairs.read_text().splitlines()[:3]]:
         ids, _ = renderer.render([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["chosen"]}])
@@ -162,14 +165,14 @@ def test_scorer_reads_each_row_alone_despite_left_padding():
     from scaletrain.config.validate import resolve_model
     from scaletrain.models import build_model
     from scaletrain.nn import init_parameters
-    from scaletrain.posttrain.reward_scorer import RewardModelScorer
+    from scaletrain.stages.rl.reward_model_scorer import RewardModelScorer
     from scaletrain.trainer.precision import Precision
 
     m = resolve_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
                                   vocab_size=64, num_labels=1), tokenizer_vocab=None, tp=1, seq_length=32)
     model = build_model(m, tp_size=1, dtype=torch.float64)
     init_parameters(model, 5, tp_rank=0, tp_size=1)
-    scorer = RewardModelScorer(model, None, pad_id=0, eos_id=2, micro_batch=2,
+    scorer = RewardModelScorer(model, ParallelDims.single(), pad_id=0, eos_id=2, micro_batch=2,
                                precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
     prompts, completions = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[20, 21, 2], [22], [23, 24]]
     got = scorer(prompts, completions)

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from scaletrain.cli import main
-from scaletrain.posttrain.rlaif import JUDGE_TEMPLATE, judge_rows, preferences
+from scaletrain.stages.preference.rlaif import JUDGE_TEMPLATE, judge_rows, preferences
 
 from conftest import TINY, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.e2e
 
 
 def test_preferences_average_both_orders():
@@ -69,7 +70,7 @@ def test_labels_match_transformers_and_feed_dpo(tmp_path, policy_run, prompts, t
     import transformers
 
     from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.rlaif import conversation_text
+    from scaletrain.stages.preference.rlaif import conversation_text
 
     out = tmp_path / "pairs.jsonl"
     assert main(_rlaif(policy_run, prompts, out, "--judge", str(policy_run / "hf"))) == 0
@@ -105,7 +106,7 @@ def test_every_layout_labels_like_one_process(tmp_path, policy_run, prompts, lay
     common = ["--set", "precision.dtype=float64"]
     assert main(_rlaif(policy_run, prompts, tmp_path / "single.jsonl", *common)) == 0
     args = _rlaif(policy_run, prompts, tmp_path / "par.jsonl", *common, *[x for s in layout for x in ("--set", s)])
-    assert run_ranks(world, _cli_rank, args, timeout=240) == [0] * world
+    assert run_ranks(world, cli_rank, args, timeout=240) == [0] * world
     single = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
     par = [json.loads(line) for line in (tmp_path / "par.jsonl").read_text().splitlines()]
     assert len(single) == len(par) > 0

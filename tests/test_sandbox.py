@@ -1,4 +1,4 @@
-"""The python_tests sandbox (posttrain/sandbox.py, sandbox_harness.py), issue 21 §1: one test per attack
+"""The python_tests sandbox (stages/rl/sandbox/runner.py, harness.py), issue 21 §1: one test per attack
 class that beat the old `python -I` child process, each asserting reward 0 and no effect outside the
 sandbox; honest solutions in the usual test styles still score 1; a program that cannot be judged is an
 error (counted, logged), never 1.0. Needs bubblewrap: skipped without it unless SCALETRAIN_REQUIRE_SANDBOX
@@ -24,11 +24,14 @@ import pytest
 
 import scaletrain
 from scaletrain.cli import main
-from scaletrain.posttrain import sandbox, sandbox_runtime
-from scaletrain.posttrain.rewards import PythonTests, score_rewards
-from scaletrain.posttrain.sandbox import SandboxSettings, run_programs
+from scaletrain.stages.rl.rewards import PythonTests, score_rewards
+from scaletrain.stages.rl.sandbox import runner as sandbox
+from scaletrain.stages.rl.sandbox import runtime as sandbox_runtime
+from scaletrain.stages.rl.sandbox.runner import SandboxSettings, run_programs
 
 from conftest import TINY, read_metrics, tiny_overrides
+
+pytestmark = pytest.mark.e2e
 
 FAST = SandboxSettings(timeout_s=4.0, memory_mb=256, processes=16, disk_mb=16, workers=2)
 WRONG = "def add(a, b):\n    return a - b\n"
@@ -244,7 +247,7 @@ def test_a_trainer_that_dies_takes_its_sandboxes_with_it(outside):
     marker = f"scaletrain-orphan-{uuid.uuid4().hex}"
     code = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    os.execv(sys.executable, [sys.executable, '-c', "
             f"'import time; time.sleep(60)', {marker!r}])\nimport time\ntime.sleep(60)\n")
-    trainer = subprocess.Popen([sys.executable, "-c", "from scaletrain.posttrain.sandbox import SandboxSettings, "
+    trainer = subprocess.Popen([sys.executable, "-c", "from scaletrain.stages.rl.sandbox.runner import SandboxSettings, "
                                 f"run_programs\nrun_programs([({code!r}, 'assert 1')], SandboxSettings(timeout_s=60))"])
     try:
         deadline = time.monotonic() + 20
@@ -313,7 +316,7 @@ def test_a_non_root_trainer_gets_the_same_verdicts_with_rlimits_only():
     readable = os.path.exists(python) and sandbox_runtime.others_can_read(str(repo / "scaletrain" / "__init__.py"))
     if os.geteuid() != 0 or not readable:
         pytest.skip("needs root (to become uid 65534), /usr/bin/python3 and a checkout other users can read")
-    script = ("import os\nfrom scaletrain.posttrain.sandbox import SandboxSettings, describe, run_programs\n"
+    script = ("import os\nfrom scaletrain.stages.rl.sandbox.runner import SandboxSettings, describe, run_programs\n"
               "s = SandboxSettings(timeout_s=4.0, memory_mb=256, processes=16)\n"
               f"print(os.getuid(), describe(s))\nprint([v.passed for v in run_programs({[(RIGHT, TESTS), (FORGERIES['exit 0 from an atexit hook'], TESTS), (FORKS, 'assert 8 <= forks() < 16')]!r}, s)])\n")
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", script],

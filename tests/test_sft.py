@@ -8,13 +8,15 @@ import json
 import pytest
 import torch
 
+from scaletrain.chat.renderer import BadConversation, ChatRenderer
 from scaletrain.cli import main
 from scaletrain.data.tokenizer import load_tokenizer
-from scaletrain.posttrain.chat import BadConversation, ChatRenderer
-from scaletrain.posttrain.sft_data import SFTDataset
+from scaletrain.stages.sft.data import SFTDataset
 
 from conftest import TINY, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
+
+pytestmark = pytest.mark.e2e
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and two?"},
         {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And three?"},

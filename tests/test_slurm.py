@@ -22,7 +22,7 @@ import pytest
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SETUP = REPO / "tests" / "slurm" / "setup.sh"
 SLURM_DIR = Path(os.environ.get("SCALETRAIN_SLURM_DIR", "/tmp/scaletrain-slurm"))

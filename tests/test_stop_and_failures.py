@@ -23,6 +23,8 @@ from scaletrain.trainer.stop import EXIT_REQUEUE, StopRequest
 from conftest import TINY, read_metrics, tiny_overrides
 from dist_harness import run_ranks
 
+pytestmark = pytest.mark.e2e
+
 
 def test_stop_request_flags_the_signal_and_restores_the_handler():
     before = signal.getsignal(signal.SIGUSR2)

@@ -11,12 +11,15 @@ import torch
 from scaletrain.cli import main
 from scaletrain.config.load import load_config
 from scaletrain.config.validate import resolve_model, validate
+from scaletrain.distributed import ParallelDims
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters, mark, spec_of
 from scaletrain.nn.backend import roles, select_backend, te_importable
 from scaletrain.nn.init import store_fused_flat
 
 from conftest import TINY, tiny_overrides
+
+pytestmark = pytest.mark.parity
 
 HAS_TE = torch.cuda.is_available() and te_importable()[0]
 needs_te = pytest.mark.skipif(not HAS_TE, reason="needs CUDA and an importable transformer_engine")
@@ -74,7 +77,8 @@ def _flat_storage(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_checkpoints_ignore_how_a_backend_stores_a_fused_weight(tmp_path):
-    from scaletrain.checkpoint.io import load_checkpoint, write_checkpoint_dir
+    from scaletrain.checkpoint.load import load_checkpoint
+    from scaletrain.checkpoint.save import write_checkpoint_dir
     from scaletrain.config.schema import OptimConfig
     from scaletrain.parallel.distributed_optimizer import materialize_optimizer_state
     from scaletrain.trainer.optimizer import build_optimizer
@@ -97,7 +101,7 @@ def test_checkpoints_ignore_how_a_backend_stores_a_fused_weight(tmp_path):
     other = build_model(cfg)
     init_parameters(other, 8)
     opt2 = build_optimizer(other, OptimConfig(lr=1e-3), torch.device("cpu"))
-    load_checkpoint(tmp_path / "c", other, opt2)
+    load_checkpoint(tmp_path / "c", other, opt2, dims=ParallelDims.single())
     for (n, a), (_, b) in zip(plain.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), n
     name_of = {id(p): n for n, p in flat.named_parameters()}
@@ -109,7 +113,7 @@ def test_checkpoints_ignore_how_a_backend_stores_a_fused_weight(tmp_path):
     write_checkpoint_dir(tmp_path / "d", other, opt2, {"step": 1, "consumed_samples": 0})
     flat2 = _flat_storage(build_model(cfg))
     opt3 = build_optimizer(flat2, OptimConfig(lr=1e-3), torch.device("cpu"))
-    load_checkpoint(tmp_path / "d", flat2, opt3)
+    load_checkpoint(tmp_path / "d", flat2, opt3, dims=ParallelDims.single())
     assert all(torch.equal(a, b) for a, b in zip(flat.parameters(), flat2.parameters()))
     assert all(st["exp_avg"].shape == p.shape for p, st in opt3.state.items())
 
@@ -147,14 +151,15 @@ def test_te_forward_matches_torch_with_the_same_weights(packed):
 
 @needs_te
 def test_te_checkpoint_loads_into_the_torch_backend(tmp_path):
-    from scaletrain.checkpoint.io import load_checkpoint, write_checkpoint_dir
+    from scaletrain.checkpoint.load import load_checkpoint
+    from scaletrain.checkpoint.save import write_checkpoint_dir
 
     cfg = _model_cfg()
     te_model = build_model(cfg, backend="te").cuda()
     init_parameters(te_model, 5)
     write_checkpoint_dir(tmp_path / "c", te_model, None, {"step": 0, "consumed_samples": 0})
     ref = build_model(cfg)
-    load_checkpoint(tmp_path / "c", ref, None)
+    load_checkpoint(tmp_path / "c", ref, None, dims=ParallelDims.single())
     for (n, a), (_, b) in zip(te_model.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a.cpu(), b), n
 

@@ -5,49 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaletrain.config.schema import ModelConfig, ParallelConfig
-from scaletrain.config.validate import resolve_model
-from scaletrain.distributed import ParallelDims
-from scaletrain.models import build_model
-from scaletrain.nn import init_parameters
-from scaletrain.parallel.parallelize import parallelize
-
 from dist_harness import RankFailure, run_ranks
-from parity import assemble, assert_matches, randomise_qkv_bias, rel, train_and_record
+from layout_models import tp_config, tp_train
+from parity import assemble, assert_matches, rel
 
-STEPS = 5
+pytestmark = pytest.mark.parity
 
-
-def _model_cfg(tied: bool, kv: int) -> ModelConfig:
-    return resolve_model(ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=kv,
-                                     ffn_hidden_size=96, tie_embeddings=tied, qkv_bias=True),
-                         tokenizer_vocab=None, tp=1, seq_length=16)
-
-
-def _batches(dtype_seed: int = 0) -> list[list[dict[str, torch.Tensor]]]:
-    g = torch.Generator().manual_seed(dtype_seed)
-    steps = []
-    for _ in range(STEPS):
-        mbs = []
-        for _ in range(2):
-            tokens = torch.randint(0, 128, (2, 17), generator=g)
-            mask = (torch.rand(2, 16, generator=g) > 0.2).long()
-            mbs.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
-        steps.append(mbs)
-    return steps
-
-
-def _train(rank: int, world: int, cfg: ModelConfig, sp: bool, dtype: torch.dtype) -> dict:
-    """Runs on every rank (or once, in-process, as the reference). Returns local tensors."""
-    dims = ParallelDims.from_config(ParallelConfig(tp=world, sequence_parallel=sp), world, rank)
-    model = build_model(cfg, tp_size=world, dtype=dtype)
-    parallelize(model, dims, ParallelConfig(tp=world, sequence_parallel=sp))
-    init_parameters(model, seed=11, tp_rank=dims.tp_rank, tp_size=world)
-    randomise_qkv_bias(model, world, dims.tp_rank)
-    batches = _batches()
-    with torch.no_grad():
-        logits = model(batches[0][0]["tokens"]).clone()
-    return {"logits": logits, **train_and_record(model, dims, batches, dtype)}
 
 
 CASES = [  # (tp, sequence_parallel, kv_heads, tied)
@@ -61,9 +24,9 @@ CASES = [  # (tp, sequence_parallel, kv_heads, tied)
 
 @pytest.mark.parametrize("tp,sp,kv,tied", CASES)
 def test_tp_matches_single_process_float64(tp, sp, kv, tied):
-    cfg = _model_cfg(tied, kv)
-    ref = _train(0, 1, cfg, False, torch.float64)
-    ranks = run_ranks(tp, _train, cfg, sp, torch.float64)
+    cfg = tp_config(tied, kv)
+    ref = tp_train(0, 1, cfg, False, torch.float64)
+    ranks = run_ranks(tp, tp_train, cfg, sp, torch.float64)
     tol = 1e-10
     logits = torch.cat([r["logits"] for r in ranks], dim=-1)
     assert rel(logits, ref["logits"]) < tol
@@ -71,9 +34,9 @@ def test_tp_matches_single_process_float64(tp, sp, kv, tied):
 
 
 def test_tp_matches_single_process_float32():
-    cfg = _model_cfg(False, 4)
-    ref = _train(0, 1, cfg, False, torch.float32)
-    ranks = run_ranks(2, _train, cfg, True, torch.float32)
+    cfg = tp_config(False, 4)
+    ref = tp_train(0, 1, cfg, False, torch.float32)
+    ranks = run_ranks(2, tp_train, cfg, True, torch.float32)
     assert rel(torch.cat([r["logits"] for r in ranks], dim=-1), ref["logits"]) < 1e-5
     for a, b in zip(ranks[0]["losses"], ref["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b)
@@ -108,7 +71,7 @@ def test_tp_traffic_equals_megatron_minimum(sp):
     spec = importlib.util.spec_from_file_location("bench_tp_comm", REPO / "benchmarks" / "bench_tp_comm.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cfg = _model_cfg(False, 4)
+    cfg = tp_config(False, 4)
     ranks = run_ranks(2, bench._one_step, cfg, sp, 2, 16, 2)
     want = bench.theory(cfg, sp, 2, 16, 2)
     got = ranks[0]["bytes"]

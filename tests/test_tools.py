@@ -9,13 +9,9 @@ import json
 import pytest
 import torch
 
-from scaletrain.cli import main
-from scaletrain.data.synth import check_answer, tool_problems
-from scaletrain.data.tokenizer import load_tokenizer
-from scaletrain.posttrain.chat import BadConversation, ChatRenderer
-from scaletrain.posttrain.sft_data import SFTDataset, read_conversations
-from scaletrain.posttrain.tool_loop import respond
-from scaletrain.posttrain.tools import (
+from scaletrain.chat.renderer import BadConversation, ChatRenderer
+from scaletrain.chat.tool_loop import respond
+from scaletrain.chat.tools import (
     CALCULATOR,
     ToolCallError,
     bundled_tools,
@@ -24,8 +20,14 @@ from scaletrain.posttrain.tools import (
     normalise_call,
     parse_tool_calls,
 )
+from scaletrain.cli import main
+from scaletrain.data.synth import check_answer, tool_problems
+from scaletrain.data.tokenizer import load_tokenizer
+from scaletrain.stages.sft.data import SFTDataset, read_conversations
 
 from conftest import TINY, tiny_overrides
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("expr,value", [("37*8", "296"), ("(2+3)**2", "25"), ("7/2", "3.5"), ("-4 + 1", "-3"),

@@ -18,6 +18,8 @@ from scaletrain.distributed import comm as comm_mod
 from dist_harness import run_ranks
 from parity import assert_matches, rel
 
+pytestmark = pytest.mark.parity
+
 
 def _old_api() -> SimpleNamespace:
     """torch.distributed as torch 2.11 exposes it: no *_single collectives."""
@@ -92,20 +94,20 @@ def test_fallback_collectives_equal_the_native_path_and_a_reference_over_gloo():
 
 
 def _tp_train_with_fallback(rank: int, world: int, *args):
-    from test_tensor_parallel import _train
+    from layout_models import tp_train
 
     comm_mod.all_gather_flat, comm_mod.reduce_scatter_flat = comm_mod.flat_collectives(_old_api())
     assert comm_mod.all_gather_flat is dist.all_gather_into_tensor
-    return _train(rank, world, *args)
+    return tp_train(rank, world, *args)
 
 
 def test_tp2_sequence_parallel_training_on_the_fallback_matches_single_process_float64():
     """The model-level proof: 5 AdamW steps at tp2+SP (all-gathers and reduce-scatters in every block) with
     the torch-2.11 collectives equal the single process within 1e-10, on whatever torch runs the test."""
-    from test_tensor_parallel import _model_cfg, _train
+    from layout_models import tp_config, tp_train
 
-    cfg = _model_cfg(True, 2)
-    ref = _train(0, 1, cfg, False, torch.float64)
+    cfg = tp_config(True, 2)
+    ref = tp_train(0, 1, cfg, False, torch.float64)
     ranks = run_ranks(2, _tp_train_with_fallback, cfg, True, torch.float64)
     assert rel(torch.cat([r["logits"] for r in ranks], dim=-1), ref["logits"]) < 1e-10
     assert_matches(ranks, ref, 2, 1e-10)
@@ -127,8 +129,8 @@ def test_compiled_collectives_trace_without_graph_breaks_float32(tmp_path, token
     from scaletrain.cli import main
 
     from conftest import TINY, read_metrics, tiny_overrides
+    from dist_harness import compiled_cli_rank
     from parity import assert_same_steps
-    from test_compile import _compiled_cli_rank
 
     def args_for(par: bool) -> tuple:
         run = tmp_path / str(par)
@@ -141,7 +143,7 @@ def test_compiled_collectives_trace_without_graph_breaks_float32(tmp_path, token
 
     (single, a_args), (parallel, b_args) = args_for(False), args_for(True)
     assert main(a_args) == 0
-    ranks = run_ranks(2, _compiled_cli_rank, b_args, timeout=240)
+    ranks = run_ranks(2, compiled_cli_rank, b_args, timeout=240)
     assert [rc for rc, _, _ in ranks] == [0, 0]
     assert all(graphs == 1 and breaks == {} for _, graphs, breaks in ranks), ranks
     assert_same_steps(read_metrics(single), read_metrics(parallel), 1e-5)

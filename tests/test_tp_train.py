@@ -10,14 +10,9 @@ import sys
 import pytest
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
+from dist_harness import cli_rank, run_ranks
 
-
-def _cli_rank(rank: int, world: int, args: list[str]) -> int:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from scaletrain.cli import main
-
-    return main(args)
+pytestmark = pytest.mark.parity
 
 
 def _args(run_dir, tokenizer_dir, prefix, **extra) -> list[str]:
@@ -30,9 +25,9 @@ def _args(run_dir, tokenizer_dir, prefix, **extra) -> list[str]:
 
 def test_tp2_sp_trains_checkpoints_and_resumes_exactly(tmp_path, tokenizer_dir, dataset_prefix):
     straight, stopped, single = tmp_path / "straight", tmp_path / "stopped", tmp_path / "single"
-    assert run_ranks(2, _cli_rank, _args(straight, tokenizer_dir, dataset_prefix), timeout=120) == [0, 0]
+    assert run_ranks(2, cli_rank, _args(straight, tokenizer_dir, dataset_prefix), timeout=120) == [0, 0]
     for expected in (5, 10, 12):  # the stopped run also writes its checkpoints asynchronously
-        assert run_ranks(2, _cli_rank, _args(stopped, tokenizer_dir, dataset_prefix, **{
+        assert run_ranks(2, cli_rank, _args(stopped, tokenizer_dir, dataset_prefix, **{
             "train.exit_interval": 5, "checkpoint.async_save": True, "checkpoint.interval": 2}),
                          timeout=120) == [0, 0]
         assert len(read_metrics(stopped)) == expected
@@ -52,11 +47,11 @@ def test_tp2_sp_trains_checkpoints_and_resumes_exactly(tmp_path, tokenizer_dir, 
 
 def test_checkpoint_files_hold_global_shapes(tmp_path, tokenizer_dir, dataset_prefix):
     run = tmp_path / "run"
-    assert run_ranks(2, _cli_rank, _args(run, tokenizer_dir, dataset_prefix, **{"train.steps": 2}),
+    assert run_ranks(2, cli_rank, _args(run, tokenizer_dir, dataset_prefix, **{"train.steps": 2}),
                      timeout=120) == [0, 0]
-    from scaletrain.checkpoint.io import _stored_tensors
+    from scaletrain.checkpoint.files import stored_tensors
 
-    shapes = _stored_tensors(run / "checkpoints" / "step_0000002")
+    shapes = stored_tensors(run / "checkpoints" / "step_0000002")
     assert shapes["model.embed.weight"][0] == (512, 32)  # full vocabulary, saved by two ranks
     assert shapes["model.layers.0.mlp.gate_up.weight"][0] == (2, 64, 32)
     assert shapes["optim.state.layers.0.attn.proj.weight.exp_avg"][0] == (32, 32)

@@ -14,6 +14,8 @@ from scaletrain.cli import main
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
 
+pytestmark = pytest.mark.e2e
+
 
 def _train(run_dir, tokenizer_dir, prefix, **extra) -> int:
     args = ["train", "--config", TINY]

@@ -11,12 +11,14 @@ from scaletrain.config import load_config, resolve_model
 from scaletrain.config.schema import ModelConfig, OptimConfig
 from scaletrain.models import build_model
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
+from scaletrain.stages.pretrain.objective import LanguageModelingObjective
 from scaletrain.trainer.flops import device_peak_tflops, flops_per_token, parameter_counts
 from scaletrain.trainer.lr_schedule import lr_at
-from scaletrain.trainer.objective import LanguageModelingObjective
 from scaletrain.trainer.optimizer import param_groups
 
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 
 def test_cosine_with_warmup_hand_values():
@@ -117,9 +119,9 @@ def test_vocab_parallel_cross_entropy_at_tp1_matches_torch():
     assert torch.allclose(g_ours, g_ref, rtol=1e-12, atol=1e-15)
     # The vocab-parallel function itself (what tp > 1 runs) at one rank gives the same numbers.
     from scaletrain.distributed.comm import Comm
-    from scaletrain.nn.loss import _VocabParallelCrossEntropy
+    from scaletrain.nn.loss import VocabParallelCrossEntropy
 
-    vp = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), labels.flatten(), Comm.single("tp")).view(2, 5)
+    vp = VocabParallelCrossEntropy.apply(logits.flatten(0, 1), labels.flatten(), Comm.single("tp")).view(2, 5)
     (g_vp,) = torch.autograd.grad((vp * w).sum(), logits)
     assert torch.allclose(vp, ref, rtol=1e-13, atol=0) and torch.allclose(g_vp, g_ref, rtol=1e-12, atol=1e-15)
 

@@ -13,13 +13,16 @@ import shutil
 import pytest
 import torch
 
+from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.checkpoint.hf import read_hf_dir
 from scaletrain.data.loader import collate
 from scaletrain.data.tokenizer import load_tokenizer
 from scaletrain.models import build_model
-from scaletrain.posttrain.chat import ChatRenderer
-from scaletrain.posttrain.dpo import DPOObjective
-from scaletrain.posttrain.dpo_data import PreferenceDataset, read_pairs
+from scaletrain.stages.preference.data import PreferenceDataset, read_pairs
+from scaletrain.stages.preference.dpo import DPOObjective
+from scaletrain.stages.preference.reference import RecordLogProbs
+
+pytestmark = pytest.mark.parity
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
@@ -62,14 +65,14 @@ def test_dpo_losses_equal_trl_on_the_same_rows(tmp_path, tokenizer_dir, loss_typ
     batch = collate([pairs[i] for i in range(len(pairs))])
     beta = 0.1
 
-    # Ours: the reference pass records the reference log-probs through the objective itself.
+    # Ours: the reference phase's recorder takes the reference log-probs with DPO's own arithmetic.
     objective = DPOObjective(None, loss_type, beta)
     model_in = objective.prepare(batch)
-    objective.recording = {}
+    recorder = RecordLogProbs(objective)
     with torch.no_grad():
-        logits, loss_fn = objective.forward_step(model_in, _ours(ref_dir))
+        logits, loss_fn = recorder.forward_step(model_in, _ours(ref_dir))
         loss_fn(logits)
-    objective.reference, objective.recording = objective.recording, None
+    objective.reference.update(recorder.table)
     with torch.no_grad():
         logits, loss_fn = objective.forward_step(model_in, _ours(policy_dir))
         loss_sum, metrics = loss_fn(logits)

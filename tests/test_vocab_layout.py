@@ -19,8 +19,9 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import resolve_model
 
 from conftest import REPO, TINY, read_metrics, tiny_overrides
-from dist_harness import run_ranks
-from test_tp_train import _cli_rank
+from dist_harness import cli_rank, run_ranks
+
+pytestmark = pytest.mark.parity
 
 
 def test_the_derived_size_is_the_same_at_every_tp_and_a_tp_that_does_not_divide_it_is_refused():
@@ -96,7 +97,7 @@ def test_a_derived_vocab_run_killed_at_tp2_sp_dp2_resumes_at_pp2_dp2_and_tp1_exa
     pp2 = tmp_path / "resumed-pp2-dp2"
     shutil.copytree(killed, pp2)
     args = ["train", "--config", TINY, *_sets(pp2, tokenizer_dir, dataset_prefix, **{"parallel.pp": 2})]
-    assert run_ranks(4, _cli_rank, args, timeout=300) == [0] * 4
+    assert run_ranks(4, cli_rank, args, timeout=300) == [0] * 4
     tp1 = tmp_path / "resumed-tp1"
     shutil.copytree(killed, tp1)
     assert main(["train", "--config", TINY, *_sets(tp1, tokenizer_dir, dataset_prefix)]) == 0

@@ -19,7 +19,7 @@ BLOCK = 1024
 
 
 @triton.jit
-def _stats(x_ptr, label_ptr, max_ptr, sum_ptr, lab_ptr, n_cols, BLOCK: tl.constexpr):
+def ce_stats_kernel(x_ptr, label_ptr, max_ptr, sum_ptr, lab_ptr, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row · n_cols passes 2³¹ at large batch × vocabulary
     base = row * n_cols
     label = tl.load(label_ptr + row)  # local index, or −1 when another rank holds it
@@ -42,7 +42,7 @@ def _stats(x_ptr, label_ptr, max_ptr, sum_ptr, lab_ptr, n_cols, BLOCK: tl.conste
 
 
 @triton.jit
-def _grad(x_ptr, label_ptr, max_ptr, sum_ptr, g_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr):
+def ce_grad_kernel(x_ptr, label_ptr, max_ptr, sum_ptr, g_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row · n_cols passes 2³¹ at large batch × vocabulary
     base = row * n_cols
     label = tl.load(label_ptr + row)
@@ -63,7 +63,7 @@ def ce_stats(logits: torch.Tensor, local_labels: torch.Tensor) -> tuple[torch.Te
     x = logits.contiguous()
     n = x.shape[0]
     out = [torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(3)]
-    _stats[(n,)](x, local_labels.to(torch.int64).contiguous(), *out, x.shape[1], BLOCK=BLOCK)
+    ce_stats_kernel[(n,)](x, local_labels.to(torch.int64).contiguous(), *out, x.shape[1], BLOCK=BLOCK)
     return out[0], out[1], out[2]
 
 
@@ -79,7 +79,7 @@ def ce_grad(logits: torch.Tensor, local_labels: torch.Tensor, global_max: torch.
     """(softmax − one-hot) · grad per row, from the logits and the tp-global max and sum."""
     x = logits.contiguous()
     dx = torch.empty_like(x)
-    _grad[(x.shape[0],)](x, local_labels.to(torch.int64).contiguous(), global_max.contiguous(),
+    ce_grad_kernel[(x.shape[0],)](x, local_labels.to(torch.int64).contiguous(), global_max.contiguous(),
                          global_sum.contiguous(), grad.to(torch.float32).contiguous(), dx, x.shape[1], BLOCK=BLOCK)
     return dx
 

@@ -51,7 +51,7 @@ def launch_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, 
 
 
 @triton.jit
-def _fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+def rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -63,7 +63,7 @@ def _fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr):
+def rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row_stride = n_cols.to(tl.int64)  # int64 whatever type the loop variable gets
     cols = tl.arange(0, BLOCK)
@@ -95,7 +95,7 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
     y = torch.empty_like(x2)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     block, num_warps, _ = launch_config(*x2.shape, x.device)
-    _fwd[(x2.shape[0],)](x2, weight.contiguous(), y, rstd, x2.shape[1], eps, BLOCK=block, num_warps=num_warps)
+    rmsnorm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, rstd, x2.shape[1], eps, BLOCK=block, num_warps=num_warps)
     return y.view_as(x), rstd
 
 
@@ -112,7 +112,7 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
     n_rows, n_cols = x2.shape
     block, num_warps, programs = launch_config(n_rows, n_cols, x.device)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    _bwd[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, partial, n_rows, n_cols, triton.cdiv(n_rows, programs),
+    rmsnorm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, partial, n_rows, n_cols, triton.cdiv(n_rows, programs),
                       BLOCK=block, num_warps=num_warps)
     return dx.view_as(x), partial.sum(0).to(weight.dtype)
 

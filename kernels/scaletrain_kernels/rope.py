@@ -20,7 +20,7 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
 
 
 @triton.jit
-def _rotate(x_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, heads, sign, HALF: tl.constexpr):
+def rope_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, heads, sign, HALF: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # (token, head); int64: rows × head_dim may pass 2³¹
     token = row // heads
     pos = tl.load(pos_ptr + token).to(tl.int64)
@@ -44,7 +44,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch
     xc = x.contiguous()
     y = torch.empty_like(xc)
     pos = positions.reshape(-1).to(torch.int32).contiguous()
-    _rotate[(b * s * heads,)](xc, cos.contiguous(), sin.contiguous(), pos, y, heads, sign, HALF=d // 2)
+    rope_kernel[(b * s * heads,)](xc, cos.contiguous(), sin.contiguous(), pos, y, heads, sign, HALF=d // 2)
     return y
 
 

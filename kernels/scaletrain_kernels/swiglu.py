@@ -17,7 +17,7 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _fwd(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+def swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may pass 2³¹ elements
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -27,7 +27,7 @@ def _fwd(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+def swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may pass 2³¹ elements
     mask = offs < n
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -44,7 +44,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = gate.contiguous(), up.contiguous()
     y = torch.empty_like(g)
     n = g.numel()
-    _fwd[(triton.cdiv(n, BLOCK),)](g, u, y, n, BLOCK=BLOCK)
+    swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, y, n, BLOCK=BLOCK)
     return y
 
 
@@ -58,7 +58,7 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     dy, g, u = dy.contiguous(), gate.contiguous(), up.contiguous()
     dg, du = torch.empty_like(g), torch.empty_like(u)
     n = g.numel()
-    _bwd[(triton.cdiv(n, BLOCK),)](dy, g, u, dg, du, n, BLOCK=BLOCK)
+    swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, g, u, dg, du, n, BLOCK=BLOCK)
     return dg, du
 
 

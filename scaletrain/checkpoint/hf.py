@@ -11,50 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from scaletrain.checkpoint.atomic_dir import replaces_directory
+from scaletrain.checkpoint.files import CheckpointError, read_trainer_state
 from scaletrain.checkpoint.hf_checks import check_hf_weights, read_hf_config
 from scaletrain.checkpoint.hf_config import (
     TokenIds,
     export_config,
     export_generation_config,
     read_source,
-    source_configs,
 )
-from scaletrain.checkpoint.io import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    read_trainer_state,
-    write_checkpoint_dir,
-)
+from scaletrain.checkpoint.load import load_checkpoint
+from scaletrain.checkpoint.save import write_checkpoint_dir
 from scaletrain.config.schema import ModelConfig
-from scaletrain.models.llama.hf import from_hf_state_dict, to_hf_state_dict
+from scaletrain.distributed.dims import ParallelDims
+from scaletrain.models import build_model
+from scaletrain.models.llama.hf import from_hf_state_dict
+from scaletrain.nn.init import init_parameters, logical, spec_of
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json", "chat_template.json")
-TOKENIZER_DIRS = ("additional_chat_templates",)  # named chat templates (transformers ≥ 4.5x)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> bool:
-    """Copy the tokenizer files of `src` (a folder or a tokenizer file inside one) into `dst`."""
-    folder = Path(src)
-    folder = folder if folder.is_dir() else folder.parent
-    found = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-    if not found:
-        return False
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in found:
-        shutil.copy2(f, dst / f.name)
-    for d in TOKENIZER_DIRS:
-        if (folder / d).is_dir():
-            shutil.copytree(folder / d, dst / d, dirs_exist_ok=True)
-    return True
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def checkpoint_model_config(path: str | Path) -> ModelConfig:
@@ -66,36 +44,17 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
 
 def load_full_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, torch.nn.Module]:
     """One full model on CPU from a checkpoint saved at any layout."""
-    from scaletrain.models import build_model
-
     cfg = checkpoint_model_config(path)
     model = build_model(cfg, dtype=dtype)
-    load_checkpoint(path, model, None)
+    load_checkpoint(path, model, None, dims=ParallelDims.single())
     return cfg, model
-
-
-def _stored_dtype(path: Path) -> torch.dtype:
-    from safetensors import safe_open
-
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give a step_* directory or a run's "
-                                "checkpoints/ folder.")
-    f = next(path.glob("*.safetensors"), None)
-    if f is None:
-        read_trainer_state(path)  # names a directory that is no checkpoint
-        raise CheckpointError(f"{path} holds no .safetensors files; the checkpoint is incomplete or corrupt.")
-    with safe_open(str(f), framework="pt") as fh:
-        key = next(k for k in fh.keys() if k.startswith("model."))
-        return torch.float64 if fh.get_slice(key).get_dtype() == "F64" else torch.float32
 
 
 def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, dtype: str,
                  ids: TokenIds, max_shard_bytes: int = 5 * 2**30,
                  source: tuple[dict | None, dict | None] = (None, None)) -> None:
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in tensors.items():
@@ -120,76 +79,8 @@ def write_hf_dir(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], 
     (out / "generation_config.json").write_text(json.dumps(export_generation_config(ids, source[1]), indent=2))
 
 
-@replaces_directory("out_dir", marker="config.json")  # an earlier export is replaced as a whole, atomically
-def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
-                 max_shard_bytes: int = 5 * 2**30) -> Path:
-    """`scaletrain convert to-hf`: checkpoint (any layout) → HF directory loadable by transformers."""
-    from scaletrain.data.tokenizer import load_tokenizer
-
-    ckpt, out = Path(checkpoint), Path(out_dir)
-    if not (ckpt / "trainer_state.json").is_file() and ckpt.is_dir():
-        # A run's checkpoints/ folder: its latest, or — `latest` missing — the newest complete one (warned).
-        ckpt = latest_checkpoint(ckpt, warn=True) or ckpt
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
-    cfg, model = load_full_model(ckpt, _stored_dtype(ckpt))
-    tensors = to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, cfg)
-    ids = TokenIds()
-    if copy_tokenizer(ckpt / "tokenizer", out):
-        ids = token_ids(load_tokenizer(out), write_chat_template(ckpt, out))
-    write_hf_dir(out, cfg, tensors, dtype=dtype, ids=ids, max_shard_bytes=max_shard_bytes,
-                 source=source_configs(ckpt, read_trainer_state(ckpt)))
-    return out
-
-
-def token_ids(tok, renderer) -> TokenIds:
-    """The tokenizer's special ids, and the end-of-turn marker of the chat template the export carries (the
-    run's `renderer`, else the tokenizer's own) where it is one token other than eos: generation stops there too."""
-    import jinja2
-
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.chat_templates import find_templates
-
-    end = None
-    if renderer is not None or find_templates(Path(tok.path).parent) is not None:
-        try:
-            marker = (renderer or ChatRenderer(tok, "auto")).end_of_turn()
-        except (ValueError, TypeError, jinja2.TemplateError):  # a template that cannot render the probe
-            marker = None
-        marker_ids = tok.encode(marker) if marker else []
-        end = marker_ids[0] if len(marker_ids) == 1 and marker_ids[0] != tok.eos_id else None
-    return TokenIds(tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id, end)
-
-
-def write_chat_template(ckpt: Path, out: Path):
-    """A fine-tuned run's chat template — the one it trained with, chosen from the run's config.toml next to
-    checkpoints/ exactly as the run chose it — as the export's only template (posttrain/chat_templates.py
-    `write_single_template`), so transformers' apply_chat_template renders prompts as the model was trained.
-    Returns the run's ChatRenderer (`origin` says where the template came from); None for a checkpoint that is
-    not a chat run's, whose tokenizer files are kept as they are."""
-    from scaletrain.config.load import load_config
-    from scaletrain.config.validate import uses_pretraining_data
-    from scaletrain.data.tokenizer import load_tokenizer
-    from scaletrain.posttrain.chat import ChatRenderer
-    from scaletrain.posttrain.chat_templates import write_single_template
-    from scaletrain.posttrain.tools import bundled_tools
-
-    run_config = ckpt.parent.parent / "config.toml"
-    if not run_config.is_file():
-        return None
-    run = load_config(run_config)
-    if uses_pretraining_data(run):  # trained on documents: no chat format to record
-        return None
-    pt = run.posttrain
-    renderer = ChatRenderer(load_tokenizer(out), pt.chat_template, tools=bundled_tools(pt.tools))
-    write_single_template(out, renderer.source)
-    return renderer
-
-
 def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(model config, our full state dict) of a local HF model directory (safetensors only)."""
-    from safetensors.torch import load_file
-
     d = Path(hf_dir)
     cfg = read_hf_config(d)
     files = sorted(d.glob("*.safetensors"))
@@ -205,13 +96,10 @@ def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 def import_from_hf(hf_dir: str | Path, out_checkpoint: str | Path, dtype: str = "float32") -> Path:
     """`scaletrain convert from-hf`: HF directory → model-only scaletrain checkpoint (any layout loads it)."""
-    from scaletrain.models import build_model
-    from scaletrain.nn.init import init_parameters
-
     cfg, sd = read_hf_dir(hf_dir)
-    model = build_model(cfg, dtype=_DTYPES[dtype])
+    model = build_model(cfg, dtype=DTYPES[dtype])
     init_parameters(model, 0)  # every tensor is overwritten just below; strict load checks that
-    model.load_state_dict({k: v.to(_DTYPES[dtype]) for k, v in sd.items()}, strict=True)
+    model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in sd.items()}, strict=True)
     out = Path(out_checkpoint)
     source, generation = read_source(Path(hf_dir))  # what the export gives back (checkpoint/hf_config.py)
     state = {"step": 0, "consumed_samples": 0, "model_config": dataclasses.asdict(cfg), "source": str(hf_dir),
@@ -227,8 +115,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, tp_rank: int = 0
     A reward model (num_labels > 0) may start from a causal LM: its body is copied and the `score`
     head keeps its fresh initialisation (the LM head is not used). Returns the parameters left at
     their initialisation."""
-    from scaletrain.nn.init import logical, spec_of
-
     _cfg, sd = read_hf_dir(hf_dir)
     fresh = []
     for name, p in model.named_parameters():

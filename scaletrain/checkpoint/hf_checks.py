@@ -14,8 +14,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.models import build_model
+from scaletrain.models.llama.hf import config_from_hf, to_hf_state_dict
 
 
 class HFModelError(ValueError):
@@ -24,8 +27,6 @@ class HFModelError(ValueError):
 
 def read_hf_config(hf_dir: str | Path) -> ModelConfig:
     """The ModelConfig of `hf_dir`/config.json; raises HFModelError (or UnsupportedModelError)."""
-    from scaletrain.models.llama.hf import config_from_hf
-
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{Path(hf_dir)} has no config.json: not a Hugging Face model directory.")
@@ -47,8 +48,6 @@ def read_hf_config(hf_dir: str | Path) -> ModelConfig:
 
 def _stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
     """HF tensor name → (shape, file), from the safetensors headers; unreadable files are named."""
-    from safetensors import safe_open
-
     out: dict[str, tuple[tuple[int, ...], Path]] = {}
     for f in files:
         try:
@@ -63,9 +62,6 @@ def _stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The shape of every HF tensor a model of `cfg` has, through the family's key map on meta tensors."""
-    from scaletrain.models import build_model
-    from scaletrain.models.llama.hf import to_hf_state_dict
-
     try:
         with torch.device("meta"):
             model = build_model(cfg)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scaletrain.config.load import load_config
 from scaletrain.config.schema import ModelConfig
+from scaletrain.models.llama.hf import config_to_hf
 
 # Never carried from the source: set by the export itself (or meaningless in another directory).
 _OWN = {"architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
@@ -56,8 +58,6 @@ def _merge_id(ours: int | None, source: Any) -> Any:
 
 
 def export_config(cfg: ModelConfig, ids: TokenIds, dtype: str, source: dict[str, Any] | None) -> dict[str, Any]:
-    from scaletrain.models.llama.hf import config_to_hf
-
     out = config_to_hf(cfg, bos_id=ids.bos, eos_id=ids.eos, dtype=dtype, pad_id=ids.pad, unk_id=ids.unk)
     if not source:
         return out
@@ -95,8 +95,6 @@ def source_configs(ckpt: Path, state: dict[str, Any]) -> tuple[dict[str, Any] | 
     run_config = ckpt.parent.parent / "config.toml"
     if not run_config.is_file():
         return None, None
-    from scaletrain.config.load import load_config
-
     hf_dir = load_config(run_config).checkpoint.init_from_hf
     return read_source(Path(hf_dir)) if hf_dir else (None, None)
 

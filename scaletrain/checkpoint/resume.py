@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from scaletrain.checkpoint.io import CheckpointError, latest_checkpoint, read_trainer_state
+from scaletrain.checkpoint.files import CheckpointError, read_trainer_state
+from scaletrain.checkpoint.select import latest_checkpoint
 from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import RunConfig
 

@@ -2,7 +2,7 @@
 good one for pruning and rollback.
 
 A checkpoint is *complete* when its trainer_state.json exists: it is written last, and the directory
-is renamed into place only after it (checkpoint/io.py). It is *good* unless its trainer_state says
+is renamed into place only after it (checkpoint/save.py). It is *good* unless its trainer_state says
 `"good": false`: written after the last step whose loss and gradient norm were finite, or holding
 non-finite weights (trainer/divergence.py). Checkpoints without the key (older ones, imports) count
 as good.
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from scaletrain.checkpoint.io import LATEST, STATE_FILE, CheckpointError
+from scaletrain.checkpoint.files import LATEST, STATE_FILE, CheckpointError
 
 
 def step_of(path: Path) -> int | None:
@@ -87,3 +87,19 @@ def warn_if_not_good(path: Path) -> None:
     _warn(f"resuming from {path}, which is not good (written after the last finite step); "
           + (f"the newest good checkpoint is {good}: resume from it with --set checkpoint.load={good}"
              if good is not None else "no good checkpoint is left"))
+
+
+def latest_checkpoint(root: str | Path, *, warn: bool = False) -> Path | None:
+    """The checkpoint `latest` names under `root`, or None if there is none yet. Where `latest` is missing
+    or not a file, the newest complete checkpoint (checkpoint/select.py). `warn`: say so on stderr, and
+    when the checkpoint is not good."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return without_pointer(Path(root), warn)
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; point `latest` at "
+                              "a complete step_* directory or remove it to resume from the newest complete one.")
+    if warn:
+        warn_if_not_good(path)
+    return path

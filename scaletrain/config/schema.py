@@ -298,7 +298,7 @@ class PostTrainConfig:
     """grpo: one weight per reward function (empty: all 1)."""
     sandbox: str = "bwrap"
     """python_tests: how completions' code is isolated — 'bwrap' (bubblewrap: own user/pid/net/mount namespaces,
-    read-only standard library, one small tmpfs, limits; posttrain/sandbox.py) or 'none' (UNSANDBOXED: trusted
+    read-only standard library, one small tmpfs, limits; stages/rl/sandbox/runner.py) or 'none' (UNSANDBOXED: trusted
     code only; warned at start)."""
     sandbox_timeout_s: float = 5.0
     """python_tests: wall-clock seconds per program (its code and the tests); then every process it started is killed."""

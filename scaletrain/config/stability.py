@@ -53,7 +53,4 @@ def stability_errors(cfg: RunConfig) -> list[str]:
         errors.append(f"train.loss_spike_window = {t.loss_spike_window} must be at least 1 (steps in the running mean).")
     if t.loss_spike_action not in SPIKE_ACTIONS:
         errors.append(f"train.loss_spike_action = {t.loss_spike_action!r} is not one of {', '.join(SPIKE_ACTIONS)}.")
-    if t.loss_spike_factor and pt.objective in ("grpo", "ppo"):
-        errors.append(f"train.loss_spike_factor: the {pt.objective} loss changes sign, so a multiple of its running mean "
-                      "flags nothing meaningful; set train.loss_spike_factor = 0 (non-finite steps are still caught).")
     return errors

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Protocol
 
 from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import ModelConfig, RunConfig
 from scaletrain.config.stability import stability_errors
-from scaletrain.posttrain.tools import BUNDLED_TOOLS
 
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -23,7 +22,6 @@ BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
 RECOMPUTE = ("none", "full")
-OBJECTIVES = ("pretrain", "sft", "dpo", "grpo", "ppo", "reward", "distill")
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -69,7 +67,8 @@ def resolve_model(model: ModelConfig, *, tokenizer_vocab: int | None, tp: int, s
     return dataclasses.replace(model, **changes)
 
 
-def _choice(errors: list[str], key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(errors: list[str], key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Adds "key = value is not one of …" to `errors` unless `value` is one of `choices`."""
     if value not in choices:
         errors.append(f"{key} = {value!r} is not one of {', '.join(choices)}.")
 
@@ -87,50 +86,42 @@ def parse_split(split: str) -> list[float]:
     return [p / sum(parts) for p in parts]
 
 
-def validate(cfg: RunConfig, world_size: int) -> int:
+class StageRules(Protocol):
+    """What validation asks of the run's training stage (scaletrain/stages/stage.py `Stage`)."""
+
+    def config_errors(self, cfg: RunConfig) -> list[str]: ...
+
+    def rollout_group(self, cfg: RunConfig) -> int: ...
+
+
+def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -> int:
     """Check every cross-field rule for a resolved config at `world_size`; return dp.
 
+    The rules of the run's stage come from `stage` (scaletrain.prepare.check_config looks it up by
+    posttrain.objective); without one only the stage-independent rules are checked.
     Raises ConfigError listing all problems, each with the change that fixes it.
     """
     m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data
     errors: list[str] = []
     errors += stability_errors(cfg)  # non-finite numbers, learning rates, clip values, divergence guard
-    _choice(errors, "model.family", m.family, FAMILIES)
-    _choice(errors, "precision.dtype", cfg.precision.dtype, DTYPES)
-    _choice(errors, "optim.schedule", o.schedule, SCHEDULES)
-    _choice(errors, "optim.wsd_decay_shape", o.wsd_decay_shape, WSD_SHAPES)
-    _choice(errors, "model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
-    _choice(errors, "parallel.backend", p.backend, BACKENDS)
-    _choice(errors, "train.device", t.device, DEVICES)
-    _choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
+    check_choice(errors, "model.family", m.family, FAMILIES)
+    check_choice(errors, "precision.dtype", cfg.precision.dtype, DTYPES)
+    check_choice(errors, "optim.schedule", o.schedule, SCHEDULES)
+    check_choice(errors, "optim.wsd_decay_shape", o.wsd_decay_shape, WSD_SHAPES)
+    check_choice(errors, "model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    check_choice(errors, "parallel.backend", p.backend, BACKENDS)
+    check_choice(errors, "train.device", t.device, DEVICES)
+    check_choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
     pt = cfg.posttrain
-    _choice(errors, "posttrain.objective", pt.objective, OBJECTIVES)
-    _choice(errors, "posttrain.loss_on", pt.loss_on, ("assistant", "all"))
-    _choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
-    _choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
-    if pt.objective not in ("pretrain", "distill") and not pt.train_data:
-        rows = {"sft": "`messages`", "dpo": "prompt, chosen, rejected", "reward": "prompt, chosen, rejected",
-                "grpo": "`messages` or `prompt`, and `answer`", "ppo": "`messages` or `prompt`"}
-        errors.append(f"posttrain.objective = '{pt.objective}' needs posttrain.train_data (jsonl files with "
-                      f"{rows[pt.objective] if pt.objective in rows else 'rows'}).")
-    if pt.objective in ("grpo", "ppo"):
-        _grpo_errors(errors, cfg)
-    if pt.objective == "distill":
-        _distill_errors(errors, cfg)
-    if pt.objective == "reward" and m.num_labels not in (0, 1):
-        errors.append(f"model.num_labels = {m.num_labels}: a reward model scores one number per conversation; set "
-                      "model.num_labels = 1 (or leave it 0).")
-    elif pt.objective != "reward" and m.num_labels:
-        errors.append(f"model.num_labels = {m.num_labels} gives the model a score head and no token logits, which "
-                      f"posttrain.objective = '{pt.objective}' needs; set model.num_labels = 0 (or train a reward model "
-                      "with posttrain.objective = 'reward').")
+    check_choice(errors, "posttrain.loss_on", pt.loss_on, ("assistant", "all"))
+    check_choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
+    check_choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
+    if stage is not None:
+        errors += stage.config_errors(cfg)
     if pt.reward_center < 0:
         errors.append(f"posttrain.reward_center = {pt.reward_center} must be 0 (off) or positive.")
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_at_end:
         errors.append("checkpoint.export_hf needs checkpoint.save_at_end = true (the export reads the final checkpoint).")
-    unknown_tools = [t for t in pt.tools if t not in BUNDLED_TOOLS]
-    if unknown_tools:
-        errors.append(f"posttrain.tools: unknown tool(s) {', '.join(unknown_tools)}; bundled: {', '.join(BUNDLED_TOOLS)}.")
     if pt.nll_weight < 0:
         errors.append(f"posttrain.nll_weight = {pt.nll_weight} must be 0 (off) or positive.")
     if pt.beta <= 0:
@@ -203,8 +194,8 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"train.seq_length = {t.seq_length} is not divisible by parallel.tp = {p.tp} "
                       "(sequence parallelism splits the sequence over tp).")
     pr = cfg.precision
-    _choice(errors, "precision.fp8_recipe", pr.fp8_recipe, ("current", "delayed", "blockwise"))
-    _choice(errors, "precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
+    check_choice(errors, "precision.fp8_recipe", pr.fp8_recipe, ("current", "delayed", "blockwise"))
+    check_choice(errors, "precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
     if pr.fp8:
         if pr.dtype not in ("auto", "bfloat16"):
             errors.append(f"precision.fp8 = true runs under bf16 autocast; precision.dtype = '{pr.dtype}' cannot "
@@ -232,11 +223,6 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"optim.decay_fraction = {o.decay_fraction} must be within [0, 1].")
     if o.min_lr > o.lr:
         errors.append(f"optim.min_lr = {o.min_lr} exceeds optim.lr = {o.lr}.")
-    if not d.prefixes and uses_pretraining_data(cfg):
-        errors.append("data.prefixes is empty: point it at a dataset written by `scaletrain data preprocess` "
-                      "(the prefix, without .bin/.idx)"
-                      + (", or give posttrain.train_data (chat rows) to distill on." if cfg.posttrain.objective == "distill"
-                         else "."))
     if d.weights and len(d.weights) != len(d.prefixes):
         errors.append(f"data.weights has {len(d.weights)} entries for {len(d.prefixes)} data.prefixes; give one per prefix.")
     if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
@@ -258,11 +244,10 @@ def validate(cfg: RunConfig, world_size: int) -> int:
         errors.append(f"interleaved 1F1B (parallel.vpp = {p.vpp}) needs the microbatches per step "
                       f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of parallel.pp = {p.pp}; "
                       "change train.global_batch_size or train.micro_batch_size.")
-    elif cfg.posttrain.objective in ("grpo", "ppo") and cfg.posttrain.group_size >= 2 \
-            and (t.global_batch_size // dp) % cfg.posttrain.group_size:
+    elif stage is not None and stage.rollout_group(cfg) >= 2 and (t.global_batch_size // dp) % stage.rollout_group(cfg):
         errors.append(f"grpo: each dp rank samples whole groups, so train.global_batch_size / dp = "
                       f"{t.global_batch_size}/{dp} must be a multiple of posttrain.group_size = "
-                      f"{cfg.posttrain.group_size}.")
+                      f"{stage.rollout_group(cfg)}.")
     elif cfg.posttrain.rollout_micro_batch:
         rm, per_replica = cfg.posttrain.rollout_micro_batch, t.global_batch_size // dp
         if rm < 0 or per_replica % rm or (p.vpp > 1 and (per_replica // rm) % p.pp):
@@ -277,39 +262,6 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     return dp
 
 
-def uses_pretraining_data(cfg: RunConfig) -> bool:
-    """Whether the run reads data.prefixes (pretraining documents) rather than posttrain.train_data."""
-    return cfg.posttrain.objective == "pretrain" or (cfg.posttrain.objective == "distill" and not cfg.posttrain.train_data)
-
-
-def _distill_errors(errors: list[str], cfg: RunConfig) -> None:
-    pt = cfg.posttrain
-    _choice(errors, "posttrain.distill_loss", pt.distill_loss, ("forward_kl", "reverse_kl"))
-    if not pt.teacher:
-        errors.append("posttrain.objective = 'distill' needs posttrain.teacher (an HF model directory or a scaletrain "
-                      "checkpoint / run directory of a model with the student's tokenizer).")
-    if pt.distill_temperature <= 0:
-        errors.append(f"posttrain.distill_temperature = {pt.distill_temperature} must be positive.")
-    if not 0.0 <= pt.distill_alpha <= 1.0:
-        errors.append(f"posttrain.distill_alpha = {pt.distill_alpha} must be within [0, 1] (the KL term's weight; "
-                      "1 − α weighs the data's cross-entropy).")
-    if pt.distill_top_k < 0:
-        errors.append(f"posttrain.distill_top_k = {pt.distill_top_k} must be 0 (the whole distribution) or positive.")
-    if pt.distill_on_policy:
-        if not pt.train_data:
-            errors.append("posttrain.distill_on_policy = true samples completions of prompts: set posttrain.train_data "
-                          "(rows with `messages` or `prompt`).")
-        if not 1 <= pt.max_new_tokens < cfg.train.seq_length:
-            errors.append(f"posttrain.max_new_tokens = {pt.max_new_tokens} must be in [1, train.seq_length = "
-                          f"{cfg.train.seq_length}) (the prompt needs room too).")
-        if pt.temperature < 0:
-            errors.append(f"posttrain.temperature = {pt.temperature} must be 0 (greedy) or positive.")
-    if pt.distill_top_k > 0 and pt.distill_loss != "forward_kl":
-        errors.append(f"posttrain.distill_top_k = {pt.distill_top_k} with distill_loss = '{pt.distill_loss}': reverse "
-                      "KL needs the teacher's probability of every token the student may put mass on; use "
-                      "distill_top_k = 0 or distill_loss = 'forward_kl'.")
-
-
 def _context_parallel_errors(errors: list[str], cfg: RunConfig) -> None:
     """cp splits each sequence into 2·cp chunks (two per rank, load-balanced under the causal mask);
     with sequence parallelism each rank's share is split again over tp."""
@@ -321,67 +273,3 @@ def _context_parallel_errors(errors: list[str], cfg: RunConfig) -> None:
         errors.append(f"train.seq_length / parallel.cp = {t.seq_length // p.cp} tokens per cp rank are not divisible "
                       f"by parallel.tp = {p.tp} (sequence parallelism splits them over tp).")
 
-
-def _grpo_errors(errors: list[str], cfg: RunConfig) -> None:
-    """GRPO's cross-field rules: groups fill the batch and stay on one dp rank, rollouts fit the rows."""
-    from scaletrain.posttrain.rewards import reward_problem, sandbox_problems
-
-    pt, t = cfg.posttrain, cfg.train
-    _choice(errors, "posttrain.grpo_loss_norm", pt.grpo_loss_norm, ("token", "sequence"))
-    if pt.objective == "ppo" and pt.group_size < 1:
-        errors.append(f"posttrain.group_size = {pt.group_size}: PPO samples at least 1 completion per prompt.")
-    elif pt.objective == "grpo" and pt.group_size < 2:
-        errors.append(f"posttrain.group_size = {pt.group_size}: GRPO compares completions of one prompt, so it "
-                      "needs at least 2 (typically 8-16).")
-    elif t.global_batch_size % pt.group_size:
-        errors.append(f"train.global_batch_size = {t.global_batch_size} (completions per step) must be a multiple "
-                      f"of posttrain.group_size = {pt.group_size}.")
-    if pt.max_new_tokens < 1 or pt.max_new_tokens >= t.seq_length:
-        errors.append(f"posttrain.max_new_tokens = {pt.max_new_tokens} must be in [1, train.seq_length = "
-                      f"{t.seq_length}): prompt and completion share one row.")
-    if pt.temperature <= 0:
-        errors.append(f"posttrain.temperature = {pt.temperature} must be positive: a group of greedy completions "
-                      "is one completion repeated, with no reward differences to learn from.")
-    if pt.grpo_iterations < 1:
-        errors.append(f"posttrain.grpo_iterations = {pt.grpo_iterations} must be at least 1 (updates per rollout batch).")
-    if not 0 < pt.clip_eps < 1 or not 0 <= pt.clip_eps_high < 10:
-        errors.append(f"posttrain.clip_eps = {pt.clip_eps} must be in (0, 1) and posttrain.clip_eps_high = "
-                      f"{pt.clip_eps_high} in [0, 10) (0: the same as clip_eps).")
-    if pt.kl_beta < 0:
-        errors.append(f"posttrain.kl_beta = {pt.kl_beta} must be 0 (no KL penalty) or positive.")
-    if not pt.rewards:
-        errors.append("posttrain.rewards is empty: GRPO needs at least one reward function (e.g. [\"math_answer\"]).")
-    if pt.reward_weights and len(pt.reward_weights) != len(pt.rewards):
-        errors.append(f"posttrain.reward_weights has {len(pt.reward_weights)} entries for {len(pt.rewards)} "
-                      "posttrain.rewards: give one weight per reward (or none).")
-    for name in pt.rewards:
-        problem = reward_problem(name)
-        if problem:
-            errors.append(f"posttrain.rewards: {problem}")
-    errors.extend(sandbox_problems(pt, check_live="python_tests" in pt.rewards))
-    if pt.objective == "ppo":
-        if not (pt.critic or pt.reward_model):
-            errors.append("posttrain.objective = 'ppo' needs a critic to start from: posttrain.critic (a reward model, "
-                          "or a causal LM's HF export) or posttrain.reward_model.")
-        if not 0 <= pt.gae_gamma <= 1 or not 0 <= pt.gae_lambda <= 1:
-            errors.append(f"posttrain.gae_gamma = {pt.gae_gamma} and gae_lambda = {pt.gae_lambda} must be within [0, 1].")
-        if pt.value_clip < 0 or pt.critic_lr < 0:
-            errors.append(f"posttrain.value_clip = {pt.value_clip} and critic_lr = {pt.critic_lr} must be ≥ 0.")
-    if pt.missing_stop_penalty < 0:
-        errors.append(f"posttrain.missing_stop_penalty = {pt.missing_stop_penalty} must be 0 (off) or positive "
-                      "(it is subtracted).")
-    if pt.max_sampling_rounds < 1:
-        errors.append(f"posttrain.max_sampling_rounds = {pt.max_sampling_rounds} must be at least 1 (sampling rounds "
-                      "per rollout batch under posttrain.dynamic_sampling).")
-    if pt.objective == "ppo" and (pt.dynamic_sampling or pt.mask_truncated):
-        errors.append("posttrain.dynamic_sampling and posttrain.mask_truncated are GRPO's (DAPO): PPO has no groups to "
-                      "filter and its critic learns from every token; turn them off or use posttrain.objective = 'grpo'.")
-    if not 0 <= pt.overlong_buffer <= pt.max_new_tokens or pt.overlong_penalty < 0:
-        errors.append(f"posttrain.overlong_buffer = {pt.overlong_buffer} must be in [0, posttrain.max_new_tokens = "
-                      f"{pt.max_new_tokens}] and posttrain.overlong_penalty = {pt.overlong_penalty} ≥ 0 (it is subtracted).")
-    if "reward_model" in pt.rewards and not pt.reward_model:
-        errors.append("posttrain.rewards lists 'reward_model' but posttrain.reward_model is empty: point it at a trained "
-                      "reward model (an HF directory, or a checkpoint written by `scaletrain reward`).")
-    elif pt.reward_model and "reward_model" not in pt.rewards:
-        errors.append(f"posttrain.reward_model = {pt.reward_model} is set but posttrain.rewards does not list "
-                      "'reward_model'; add it (with a weight in posttrain.reward_weights) or clear posttrain.reward_model.")

@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import TextIO
 
 from scaletrain.data.decontaminate import Decontaminator
-from scaletrain.data.dedup import ExactDedup, NearDedup
+from scaletrain.data.dedup import ExactDedup
 from scaletrain.data.inputs import checked_rows
+from scaletrain.data.near_dedup import NearDedup
+from scaletrain.data.preprocess import input_format
 from scaletrain.data.quality import QualityConfig, quality_problem
+from scaletrain.data.rows import iter_rows
 
 DEDUP_MODES = ("exact", "near")
 EXAMPLES_PER_REASON = 3
@@ -73,9 +76,6 @@ def _removed_on_error(tmp: Path) -> Iterator[TextIO]:
 
 
 def _read_rows(paths: list[str]):
-    from scaletrain.data.preprocess import input_format
-    from scaletrain.data.rows import iter_rows
-
     return iter_rows(list(paths), input_format(paths, "curate"))
 
 

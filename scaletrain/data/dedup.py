@@ -18,9 +18,7 @@ import hashlib
 import re
 import unicodedata
 
-from scaletrain.data.near_dedup import NearDedup
-
-__all__ = ["ExactDedup", "NearDedup", "jaccard", "normalise", "shingles"]
+__all__ = ["ExactDedup", "jaccard", "normalise", "shingles"]
 
 _SPACE = re.compile(r"\s+")
 _TOKEN = re.compile(r"\w+")

@@ -54,7 +54,10 @@ class StepBatches:
     """Yields, per optimizer step, this dp rank's list of microbatches (dicts of [M, S] tensors).
 
     `consumed_samples` is the global count of samples already used; it is what a checkpoint stores.
+    A `BatchSource` (trainer/contracts.py) with no metrics of its own.
     """
+
+    console_keys: tuple[str, ...] = ()
 
     def __init__(self, dataset, *, global_batch: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
                  consumed_samples: int = 0, num_steps: int | None = None, num_workers: int = 0) -> None:
@@ -70,6 +73,9 @@ class StepBatches:
 
     def __iter__(self) -> StepBatches:
         return self
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         batches = [next(self._it) for _ in range(self.microbatches_per_step)]

@@ -27,6 +27,8 @@ from collections.abc import Hashable
 
 import numpy as np
 
+from scaletrain.data.dedup import shingles
+
 _BLOCK = 4096  # signatures per storage block
 
 def _tail(k: int, p: float, m: int) -> float:
@@ -130,8 +132,6 @@ class NearDedup:
 
     def signature(self, text: str) -> np.ndarray:
         """The MinHash values [num_perm] (uint32) of `text`'s shingle set."""
-        from scaletrain.data.dedup import shingles
-
         m = self._minhash(num_perm=self.num_perm, seed=self.seed, permutations=self._permutations, scheme=self._scheme)
         m.update_batch(list(shingles(text, self.shingle)))
         return np.asarray(m.hashvalues, dtype=np.uint32)

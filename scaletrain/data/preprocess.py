@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from scaletrain.data.indexed_builder import IndexedBuilder
 from scaletrain.data.inputs import checked_rows
+from scaletrain.data.rows import iter_rows, text_batches
 from scaletrain.data.tokenizer import load_tokenizer
 
 BUILTIN_CORPUS = Path(__file__).parent / "assets" / "kjv.jsonl.gz"
@@ -84,10 +86,7 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str, *, text_ke
 
     workers: tokenizer threads (None: every core). HF `tokenizers` sizes its thread pool once per process,
     from RAYON_NUM_THREADS at its first batch: set here, so it holds for the first call in a process."""
-    from tqdm import tqdm
-
-    from scaletrain.data.indexed_builder import IndexedBuilder
-    from scaletrain.data.rows import iter_rows, text_batches
+    from tqdm import tqdm  # a progress bar (optional feel, slow import)
 
     fmt = input_format(inputs, "preprocess")
     threads = workers or os.cpu_count() or 1

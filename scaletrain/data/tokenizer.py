@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -40,8 +41,6 @@ class Tokenizer:
     def encode_with_specials(self, text: str, specials: Iterable[str]) -> list[int]:
         """Ids of `text` in which each of `specials` (tokens of the vocabulary) stands for its own id, as
         transformers encodes a rendered chat: the text between them is encoded piece by piece."""
-        import re
-
         tokens = sorted({t for t in specials if t}, key=len, reverse=True)
         if not tokens:
             return self.encode(text)

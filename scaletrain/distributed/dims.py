@@ -64,6 +64,11 @@ class ParallelDims:
         return self.comm("tp")
 
     @classmethod
+    def single(cls) -> ParallelDims:
+        """The layout of one process: every axis of size 1, no process group (every collective a no-op)."""
+        return cls.from_config(ParallelConfig(), 1, 0)
+
+    @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, rank: int) -> ParallelDims:
         """Layout for `world_size` processes; dp is inferred (validated beforehand).
 

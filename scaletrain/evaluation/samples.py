@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from scaletrain.evaluation.tasks import gold_of
+
 
 def public(row: dict) -> dict:
     """A task row without the fields evaluation adds (shots, prompts): what the file held."""
@@ -26,8 +28,6 @@ def public(row: dict) -> dict:
 
 def choice_samples(task, rows: Sequence[tuple[list[int], int]], logps: torch.Tensor, tokenizer) -> list[dict]:
     """rows, logps: `choice_rows` and their scores, every choice of every question in order."""
-    from scaletrain.evaluation.tasks import gold_of
-
     out, k = [], 0
     for q, row in enumerate(task.rows):
         n = len(row["choices"])

@@ -30,9 +30,16 @@
 from __future__ import annotations
 
 import math
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from scaletrain.chat.renderer import normalise_messages
+from scaletrain.chat.rows import read_rows
 
 KINDS = ("perplexity", "choice", "answer", "refusal", "preference")
 # What marks a completion as a refusal, case-insensitive (override: `scaletrain eval --refusal-patterns FILE`).
@@ -68,8 +75,6 @@ def parse_task(spec: str, limit: int | None = None) -> Task:
     if kind == "perplexity" and file.suffix == ".txt":
         rows: list[dict] = [{"text": file.read_text()}]
     else:
-        from scaletrain.posttrain.sft_data import read_rows
-
         rows = read_rows([str(file)], None)
     rows = rows[:limit] if limit else rows
     if not rows:
@@ -122,16 +127,12 @@ def add_shots(task: Task, shots: int, seed: int = 0) -> None:
     row's context is preceded by k solved examples (context + right choice, blank-line separated); an
     answer row's conversation by k solved exchanges (a row's prompt turns and its reference assistant turn,
     so only rows with one serve as shots)."""
-    import random
-
     if shots <= 0 or task.kind == "perplexity":
         return
     if task.kind == "choice":
         solved = [f"{context_of(r)}{r['choices'][gold_of(r)]}" for r in task.rows]
         pool = list(range(len(task.rows)))
     else:
-        from scaletrain.posttrain.chat import normalise_messages
-
         solved_turns = []
         for r in task.rows:
             m = normalise_messages(r["messages"]) if r.get("messages") is not None else []
@@ -169,8 +170,6 @@ def perplexity_rows(task: Task, tokenizer, seq_length: int) -> tuple[list[tuple[
 def document_logprobs(documents: list[list[int]], seq_length: int, token_logps) -> tuple[Any, Any]:
     """([documents] float64 Σ log p of each document's scored tokens, [documents] int64 their count) from the
     per-token log-probs of `perplexity_rows`' windows (window k scores stream positions k·seq_length + 1 …)."""
-    import torch
-
     owner = torch.repeat_interleave(torch.arange(len(documents)), torch.tensor([len(d) for d in documents]))
     sums = torch.zeros(len(documents), dtype=torch.float64)
     counts = torch.zeros(len(documents), dtype=torch.long)
@@ -236,8 +235,6 @@ def choice_metrics(task: Task, logps) -> dict[str, Any]:
 def refusal_metrics(task: Task, completions: list[str], patterns_file: str | None = None) -> dict[str, Any]:
     """Red-teaming scores of greedy completions: how often harmful requests are refused (attack success =
     the rest) and how often harmless ones are (over-refusal, as XSTest measures it)."""
-    import re
-
     patterns = REFUSAL_PATTERNS if patterns_file is None else tuple(
         line.strip() for line in Path(patterns_file).read_text().splitlines() if line.strip())
     refuses = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)

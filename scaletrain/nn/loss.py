@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scaletrain.distributed.comm import Comm
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
+class VocabParallelCrossEntropy(torch.autograd.Function):
     """loss = log Σ_v exp(z_v) − z_label with z sharded over tp along v.
 
     Two collectives: an all-reduce(max) for stability, then one all-reduce of the stacked
@@ -89,4 +89,4 @@ def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor, tp: Comm
     compute = torch.promote_types(logits.dtype, torch.float32)
     flat = logits.reshape(-1, logits.shape[-1]).to(compute)
     comm = tp if tp is not None else Comm.single("tp")
-    return _VocabParallelCrossEntropy.apply(flat, labels.reshape(-1), comm).view(labels.shape)
+    return VocabParallelCrossEntropy.apply(flat, labels.reshape(-1), comm).view(labels.shape)

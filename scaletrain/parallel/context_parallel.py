@@ -22,7 +22,7 @@ come out exact.
 
 Rollouts (GRPO, PPO, on-policy distillation) decode token by token, where a sequence split buys
 nothing: sampling and reward-model scoring run with cp unbound (`cp_unbound`), every cp rank a
-whole-sequence sampler of its share of the replica's prompts (posttrain/rollout.py), and the
+whole-sequence sampler of its share of the replica's prompts (generation/sampler.py), and the
 finished rows — replicated over cp again — are scored per token (reference, sampling-time log-probs,
 the critic's values) in the cp layout and gathered back to whole rows (`gather_sequence`).
 """

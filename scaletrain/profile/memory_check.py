@@ -55,7 +55,8 @@ def available_memory(device_type: str, local_rank: int = 0) -> tuple[int, str] |
     return (min(have, cgroup) if cgroup is not None else have), "the RAM available now"
 
 
-def memory_problem(cfg: RunConfig, world_size: int, device_type: str, local_rank: int = 0) -> str | None:
+def memory_problem(cfg: RunConfig, world_size: int, device_type: str, local_rank: int = 0, *,
+                   rollout_group: int = 0) -> str | None:
     """Why `cfg` cannot fit (the estimate, the memory and what to change), or None."""
     if not cfg.train.memory_check:
         return None
@@ -65,7 +66,7 @@ def memory_problem(cfg: RunConfig, world_size: int, device_type: str, local_rank
     have, what = available
     # CPU autocast is off under 'auto': matmul inputs are saved in float32, not the planner's CUDA bf16.
     compute = "float32" if device_type == "cpu" and cfg.precision.dtype == "auto" else None
-    stage = plan(cfg, world_size, compute_dtype=compute).peak_stage
+    stage = plan(cfg, world_size, compute_dtype=compute, rollout_group=rollout_group).peak_stage
     need = stage.total_bytes
     if need <= MARGIN * have:
         return None

@@ -173,15 +173,15 @@ def activation_bytes_per_layer(m: ModelConfig, layout: Layout, tokens: int, para
     return tokens * (norms + attn + mlp) + gathered
 
 
-def rollout_rows(cfg: RunConfig, layout: Layout) -> int:
+def rollout_rows(cfg: RunConfig, layout: Layout, group: int) -> int:
     """Rows one rank decodes per rollout batch: the replica's completions (global batch / dp), each cp
-    rank a contiguous share padded to whole passes; 0 for objectives without rollouts."""
+    rank a contiguous share padded to whole passes; 0 for stages without rollouts (`group` 0: the stage's
+    completions per prompt, `Stage.rollout_group`)."""
     pt, t = cfg.posttrain, cfg.train
-    if pt.objective not in ("grpo", "ppo") and not (pt.objective == "distill" and pt.distill_on_policy):
+    if not group:
         return 0
     rows = t.global_batch_size // layout.dp
     if layout.cp > 1:
-        group = pt.group_size if pt.objective in ("grpo", "ppo") else 1
         prompts = -(-(rows // group) // layout.cp)
         unit = (pt.rollout_micro_batch or t.micro_batch_size) * (layout.pp if layout.vpp > 1 else 1)
         while (prompts * group) % unit:  # whole passes: padded with copies of the last prompt
@@ -190,10 +190,11 @@ def rollout_rows(cfg: RunConfig, layout: Layout) -> int:
     return rows
 
 
-def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, compute_bytes: int) -> tuple[int, int]:
+def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, compute_bytes: int,
+                  group: int) -> tuple[int, int]:
     """(KV-cache bytes, logits bytes) of this stage's rank during a rollout (see the module docstring)."""
     m, t = cfg.model, cfg.train
-    rows = rollout_rows(cfg, layout)
+    rows = rollout_rows(cfg, layout, group)
     if not rows:
         return 0, 0
     micro = cfg.posttrain.rollout_micro_batch or t.micro_batch_size  # rows per sampling forward
@@ -219,14 +220,15 @@ def peak_in_flight(pp: int, vpp: int, pp_rank: int, microbatches: int) -> int:
 
 def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
          compute_dtype: str | None = None, teacher: ModelConfig | None = None,
-         frozen: tuple[ModelConfig, ...] = (), trainable: tuple[ModelConfig, ...] = ()) -> Plan:
+         frozen: tuple[ModelConfig, ...] = (), trainable: tuple[ModelConfig, ...] = (), rollout_group: int = 0) -> Plan:
     """The plan of a resolved run config (model sizes derived) on `world_size` ranks.
 
     Companion models, each in the run's layout and parameter dtype: `teacher` (distillation: its weights,
     and on the last stage its outputs for all the step's microbatches — dense logits over this rank's
     vocabulary slice in the compute dtype, or top-k int64 ids + fp32 log-probs), `frozen` (weights only:
     a reference policy, a reward model) and `trainable` (weights, gradients and AdamW's two moments:
-    PPO's critic). Their forward-only activations are transient and not counted."""
+    PPO's critic). Their forward-only activations are transient and not counted. rollout_group: completions
+    sampled per prompt each step (the run's `Stage.rollout_group`; 0: no rollouts)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp * p.cp)
     layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
@@ -273,7 +275,7 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
         chunk_share = act_mb / p.vpp if p.pp > 1 else act_mb
         activations = int(chunk_share * in_flight) + transient
-        kv, logits = rollout_bytes(cfg, layout, r, layers, compute_bytes)
+        kv, logits = rollout_bytes(cfg, layout, r, layers, compute_bytes, rollout_group)
         stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations,
                                 companions, kv, logits))
 

@@ -33,7 +33,7 @@ class DivergenceError(RuntimeError):
     """The run diverged; the message names the step, what was seen and the checkpoint to go back to."""
 
 
-def weights_finite(model: torch.nn.Module, world: Comm | None, device: torch.device) -> bool:
+def weights_finite(model: torch.nn.Module, world: Comm, device: torch.device) -> bool:
     """Whether every parameter of the model, over all ranks, is finite. Collective over `world` (each
     rank checks its own shards and stages); one host sync."""
     params = [p.detach() for p in model.parameters()]
@@ -43,8 +43,7 @@ def weights_finite(model: torch.nn.Module, world: Comm | None, device: torch.dev
         # tensor; only a non-finite sum (or an overflow of huge finite weights) needs the exact check.
         if not torch.isfinite(torch.stack([p.sum().float() for p in params]).sum()):
             bad = (~torch.stack([torch.isfinite(p).all() for p in params]).all()).to(torch.int32).reshape(1)
-    if world is not None:
-        world.all_reduce(bad, op="max")
+    world.all_reduce(bad, op="max")  # (a no-op at size 1)
     return not bool(bad.item())
 
 

@@ -6,12 +6,13 @@ loop is the same for every stage.
 
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,18 +21,21 @@ import numpy as np
 import torch
 
 from scaletrain.checkpoint import load_checkpoint, save_checkpoint
-from scaletrain.checkpoint.io import PendingSave, step_dir_name
+from scaletrain.checkpoint.files import step_dir_name
+from scaletrain.checkpoint.save import PendingSave
 from scaletrain.checkpoint.select import newest_good, step_of
 from scaletrain.config.schema import RunConfig
 from scaletrain.distributed.comm import CollectiveError, Comm
+from scaletrain.distributed.dims import ParallelDims
 from scaletrain.distributed.heartbeat import Heartbeat
+from scaletrain.trainer.contracts import BatchSource, Objective, Phase, Validator
 from scaletrain.trainer.divergence import MAX_ROLLBACKS, DivergenceError, DivergenceGuard, weights_finite
 from scaletrain.trainer.flops import device_peak_tflops, flops_per_token
 from scaletrain.trainer.lr_schedule import lr_at
 from scaletrain.trainer.memory import format_report, memory_report
 from scaletrain.trainer.precision import Precision
 from scaletrain.trainer.sinks import MetricSinks
-from scaletrain.trainer.step import evaluate, train_step
+from scaletrain.trainer.step import train_step
 from scaletrain.trainer.stop import StopRequest, agree
 
 
@@ -53,8 +57,6 @@ def _np_state() -> list:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import ast
-
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     npst = state["numpy"]
     np.random.set_state((npst[0], np.array(npst[1:625], dtype=np.uint32), npst[625], npst[626], npst[627]))
@@ -80,20 +82,22 @@ class LoopState:
 class Trainer:
     """Runs steps [state.step, cfg.train.steps) with validation, checkpointing and exit interval."""
 
-    def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective,
-                 train_batches, valid_batches_fn, precision: Precision, device: torch.device,
-                 sinks: MetricSinks, run_dir: Path, state: LoopState, dims=None,
-                 validator: Callable[[], tuple[float | None, dict[str, float]]] | None = None) -> None:
+    def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 objective: Objective, train_batches: BatchSource, precision: Precision, device: torch.device,
+                 sinks: MetricSinks, run_dir: Path, state: LoopState, dims: ParallelDims,
+                 validator: Validator | None = None, phases: Sequence[Phase] = (),
+                 downstream: Callable[[], dict[str, Any]] | None = None, stop: StopRequest | None = None) -> None:
         self.cfg, self.model, self.optimizer, self.objective = cfg, model, optimizer, objective
-        self.train_batches, self.valid_batches_fn = train_batches, valid_batches_fn
+        self.train_batches = train_batches
         self.precision, self.device, self.sinks, self.run_dir = precision, device, sinks, run_dir
         self.state, self.dims = state, dims
-        self.validator = validator  # replaces the loss pass over valid batches (GRPO: held-out rewards)
-        self.downstream: Callable[[], dict[str, Any]] | None = None  # downstream tasks at validations
+        self.validator = validator  # what a validation computes (the loss over held-out batches; GRPO: rewards)
+        self.phases = tuple(phases)  # the stage's extra work at named points (trainer/contracts.py Phase)
+        self.downstream = downstream  # train.eval_tasks at validations (evaluation/during_training.py)
         self._pending: PendingSave | None = None  # an asynchronous checkpoint still being written
-        self.stop: StopRequest | None = None  # set by the entry point: signals that ask to save and stop
+        self.stop = stop  # signals that ask to save and stop (trainer/stop.py), installed by the entry point
         self.guard = DivergenceGuard(cfg.train)  # non-finite steps and loss spikes (trainer/divergence.py)
-        self.world_size = 1 if dims is None else dims.world_size
+        self.world_size = dims.world_size
         t = cfg.train
         self.tokens_per_step = t.global_batch_size * t.seq_length
         self.flops_per_token = flops_per_token(cfg.model, t.seq_length)
@@ -109,9 +113,8 @@ class Trainer:
                                  trainer_state, keep_last=self.cfg.checkpoint.keep_last,
                                  rank_state={"rng": rng_state()}, dims=self.dims,
                                  tokenizer=self.cfg.data.tokenizer or None, async_save=self.cfg.checkpoint.async_save)
-        save_state = getattr(self.train_batches, "save_state", None)
-        if save_state is not None:  # state the batch source trains itself (PPO's critic), at the same step
-            save_state(self.run_dir, self.state.step, health)
+        for p in self.phases:  # what a phase trains beside the policy (PPO's critic), at the same step
+            p.on_checkpoint(self.run_dir, self.state.step, health)
         if isinstance(result, Path):
             return result
         self._pending = result
@@ -124,15 +127,10 @@ class Trainer:
             self._pending = None
 
     def _validate(self) -> tuple[float | None, dict[str, float]] | None:
-        if self.validator is not None:
-            return self.validator()
-        if self.valid_batches_fn is None:
-            return None
-        return evaluate(self.model, self.objective, self.valid_batches_fn(), precision=self.precision,
-                        device=self.device, dims=self.dims)
+        return None if self.validator is None else self.validator()
 
-    def _world(self) -> Comm | None:
-        return None if self.dims is None else self.dims.comm("world")
+    def _world(self) -> Comm:
+        return self.dims.comm("world")
 
     def _agree(self, *flags: bool) -> list[bool]:
         """[stop signal, interrupt, *flags], each OR-ed over every rank: the step boundary's one collective."""
@@ -148,7 +146,7 @@ class Trainer:
         root = self.run_dir / "checkpoints"
         target = newest_good(root, before=step)
         world = self._world()
-        if world is not None and world.size > 1:  # every rank loads the one rank 0 chose
+        if world.size > 1:  # every rank loads the one rank 0 chose
             chosen = torch.tensor([-1 if target is None else step_of(target) or 0], dtype=torch.int64, device=self.device)
             world.broadcast(chosen)
             target = None if int(chosen.item()) < 0 else root / step_dir_name(int(chosen.item()))
@@ -167,7 +165,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.model.train()
         start_step = self.state.step
-        heartbeat = Heartbeat(self.dims.rank if self.dims else 0, self.world_size)
+        heartbeat = Heartbeat(self.dims.rank, self.world_size)
+        for p in self.phases:  # e.g. DPO's reference log-probs of the initial policy
+            p.before_training()
         if self.state.step < t.steps:
             requeue, interrupt = self._agree()  # a signal during start-up: no step since the last checkpoint
             if requeue or interrupt:
@@ -195,6 +195,9 @@ class Trainer:
         Returns 'stopped', 'interrupted' or 'exit' when the run ends here, None to go on."""
         cfg, t = self.cfg, self.cfg.train
         microbatches = next(self.train_batches)
+        phase_metrics: dict[str, float] = {}
+        for p in self.phases:  # before the policy's update (PPO: the critic's update on this batch)
+            phase_metrics.update(p.before_step(self.state.step, microbatches))
         t0 = time.perf_counter()
         lr = lr_at(self.state.step, cfg.optim, t.steps)
         result = train_step(self.model, self.optimizer, self.objective, microbatches, lr=lr,
@@ -211,7 +214,8 @@ class Trainer:
             "tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "step_time_s": dt, "loss_tokens": result.items, "consumed_samples": self.state.consumed_samples,
             "mem_gb": memory_gb(self.device), **result.metrics,
-            **getattr(self.train_batches, "last_metrics", {}),  # e.g. GRPO's rollout rewards
+            **self.train_batches.metrics(),  # e.g. GRPO's rollout rewards
+            **phase_metrics,
         }
         if result.skipped:
             metrics["skipped"] = True
@@ -221,7 +225,7 @@ class Trainer:
             metrics["val_loss"] = None if val is None else val[0]
             if val is not None:
                 metrics.update({f"val_{k}": v for k, v in val[1].items()})
-            if self.downstream is not None:  # train.eval_tasks (evaluation/during_training.py)
+            if self.downstream is not None:
                 metrics.update(self.downstream())
         if step == start_step + 1:  # after the first update every buffer exists
             report = memory_report(self.model, self.optimizer, self.device)

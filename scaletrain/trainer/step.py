@@ -18,6 +18,7 @@ from scaletrain.parallel.grads import finalize_grads, global_grad_norm, reduce_t
 from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
 from scaletrain.profile.phases import phase
+from scaletrain.trainer.contracts import Objective
 from scaletrain.trainer.precision import Precision
 
 
@@ -30,7 +31,7 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's, means over the batch's items
 
 
-def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, dims: ParallelDims | None, *,
+def run_schedule(objective: Objective, microbatches: list[dict], model: torch.nn.Module, dims: ParallelDims | None, *,
                  normaliser: float, forward_only: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """The schedule this layout needs; returns, on every rank, the global batch's normalised loss and
     the means over its items of the objective's metrics (`objective.metrics` names them)."""
@@ -51,7 +52,7 @@ def run_schedule(objective, microbatches: list[dict], model: torch.nn.Module, di
         buckets.finish()
     # Loss and metric sums travel as one vector. Only the last pipeline stage computed them (the
     # others hold zeros, so a pp sum shares them), and each dp (and cp) rank holds its share of the batch.
-    names = tuple(getattr(objective, "metrics", ()))
+    names = objective.metrics
     vec = torch.stack([torch.as_tensor(t).detach().reshape(()).to(device, torch.float64)
                        for t in [loss, *(sums.get(k, 0.0) for k in names)]])
     if dims is not None and chunks is not None:
@@ -74,28 +75,23 @@ def forward_pass(forward_step, microbatches: list[dict], model: torch.nn.Module,
         forward_backward_pipelining(forward_step, microbatches, chunks, dims, normaliser=1.0, forward_only=True)
 
 
-def prepare_batches(objective, microbatches: list[dict], device: torch.device,
+def prepare_batches(objective: Objective, microbatches: list[dict], device: torch.device,
                     dims: ParallelDims | None = None) -> list[dict]:
-    """Microbatches on the device, in the layout the objective's model input needs: an objective may
-    define `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens` [2M, s]); under
+    """Microbatches on the device, in the layout the objective's model input needs: the objective's
+    `prepare(batch)` (DPO stacks chosen and rejected rows into one `tokens` [2M, s]); under
     context parallelism each row is then cut to this cp rank's share (parallel/context_parallel.py);
     last, `annotate(microbatches)` (a collective pass that adds to them: a distillation teacher's
     outputs). Every schedule reads `tokens` for the activation shape."""
-    mbs = [_to_device(b, device) for b in microbatches]
-    prepare = getattr(objective, "prepare", None)
-    if prepare is not None:
-        mbs = [prepare(b) for b in mbs]
+    mbs = [objective.prepare(_to_device(b, device)) for b in microbatches]
     if dims is not None and dims.cp > 1:
         from scaletrain.parallel.context_parallel import shard_microbatch
 
         mbs = [shard_microbatch(b, dims.comm("cp")) for b in mbs]
-    annotate = getattr(objective, "annotate", None)
-    if annotate is not None:  # e.g. distillation: the teacher's outputs, stored in the microbatches
-        annotate(mbs)
+    objective.annotate(mbs)  # e.g. distillation: the teacher's outputs, stored in the microbatches
     return mbs
 
 
-def _global_count(objective, mbs: list[dict], dims: ParallelDims | None) -> int:
+def _global_count(objective: Objective, mbs: list[dict], dims: ParallelDims | None) -> int:
     """The normaliser: loss items of the whole global batch, summed over microbatches and dp (and cp) ranks."""
     count = torch.stack([objective.count(b) for b in mbs]).sum().reshape(1).to(torch.float64)
     if dims is not None and dims.dp * dims.cp > 1:
@@ -108,7 +104,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | DistributedOptimizer, objective,
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | DistributedOptimizer, objective: Objective,
                microbatches: list[dict],
                *, lr: float, clip_grad: float, precision: Precision, device: torch.device,
                dims: ParallelDims | None = None) -> StepResult:
@@ -150,7 +146,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, objective, batches, *, precision: Precision, device: torch.device,
+def evaluate(model: torch.nn.Module, objective: Objective, batches, *, precision: Precision, device: torch.device,
              dims: ParallelDims | None = None) -> tuple[float, dict[str, float]]:
     """Mean loss, and means of the objective's metrics, over all items of `batches` (an iterable of
     per-step microbatch lists)."""

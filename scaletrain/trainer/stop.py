@@ -31,10 +31,10 @@ EXIT_INTERRUPTED = 130
 SECOND_SIGINT_S = 1.0
 
 
-def agree(flags: Sequence[bool], world: Comm | None, device: torch.device) -> list[bool]:
-    """Each flag OR-ed over every rank of `world` (None: this process alone), so that all ranks take
+def agree(flags: Sequence[bool], world: Comm, device: torch.device) -> list[bool]:
+    """Each flag OR-ed over every rank of `world` (of size 1: this process alone), so that all ranks take
     the same decision. Collective over `world`: one max all-reduce; host sync."""
-    if world is None or not flags:
+    if world.size == 1 or not flags:
         return [bool(f) for f in flags]
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     world.all_reduce(t, op="max")

@@ -1,0 +1,1 @@
+"""Entry points, one module per command: parse arguments, hand a validated config on, report. `cli.py` only dispatches."""

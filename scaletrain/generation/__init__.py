@@ -1,0 +1,1 @@
+"""Generation on the training layout: the sampler with its KV-cache decoding engine, scoring passes, one-turn helpers."""

@@ -1,1 +1,0 @@
-"""Post-training: objectives (SFT, DPO, … in later issues) and generation."""

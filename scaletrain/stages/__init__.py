@@ -1,0 +1,1 @@
+"""Training stages — pretraining and every post-training objective — one subpackage each, registered in `registry.py`."""

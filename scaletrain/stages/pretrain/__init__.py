@@ -1,0 +1,1 @@
+"""Pretraining: next-token cross-entropy on tokenized documents (data.prefixes)."""

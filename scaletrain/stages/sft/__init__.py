@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on chat rows: rendered, masked, packed conversations; token cross-entropy on the targets."""
