@@ -50,7 +50,7 @@ def _one_step(rank: int, world: int, cfg: ModelConfig, sp: bool, b: int, s: int,
     dims = ParallelDims.from_config(pcfg, world, rank)
     model = parallelize(build_model(cfg, tp_size=world), dims, pcfg)
     init_parameters(model, 0, dims.tp_rank, world)
-    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"), dims)
     g = torch.Generator().manual_seed(0)
     mbs = []
     for _ in range(microbatches):

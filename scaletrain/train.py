@@ -418,11 +418,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple | None = None):
             model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend)
     else:
         model = build_model(cfg.model, tp_size=dims.tp, dtype=precision.param_dtype, backend=backend).to(device)
-    model = parallelize(model, dims, cfg.parallel, device, shard_optimizer=cfg.optim.distributed)
-    if cfg.precision.fp8:
-        from scaletrain.parallel.parallelize import enable_fp8
-
-        log(enable_fp8(model, dims, cfg.precision))
+    model = parallelize(model, dims, cfg.parallel, device, shard_optimizer=cfg.optim.distributed,
+                        precision=cfg.precision, log=log)
     init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
     if resume_from is None and cfg.checkpoint.init_from_hf:
         from scaletrain.checkpoint.hf import load_hf_weights
