@@ -90,6 +90,9 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     """Data parallelism: start each gradient bucket's all-reduce / reduce-scatter as soon as its last gradient of the
     step lands (during the last microbatch's backward on each pipeline stage), instead of after the schedule."""
+    bucket_mb: float = 25.0
+    """Data parallelism: gradient bucket size in MiB (of main-grad bytes); each bucket is reduced — and under ZeRO-1
+    gathered — as one collective (Megatron's --ddp-bucket-size)."""
     overlap_param_gather: bool = True
     """ZeRO-1: all-gather the updated parameters bucket by bucket under the next forward (posted at its start in
     forward order, each bucket waited for where its first layer runs) instead of right after the optimizer step."""

@@ -97,6 +97,8 @@ def _precision_errors(errors: list[str], cfg: RunConfig) -> None:
     if pr.fp8_emulate and not (pr.fp8 and pr.fp8_backend == "torchao"):
         errors.append("precision.fp8_emulate emulates torchao's FP8 matmuls; it needs precision.fp8 = true and "
                       "precision.fp8_backend = 'torchao'.")
+    if not p.bucket_mb > 0:
+        errors.append(f"parallel.bucket_mb = {p.bucket_mb} must be positive (MiB of gradients per dp bucket).")
     for name in p.recompute_modules:
         if name not in RECOMPUTE_MODULES:
             errors.append(f"parallel.recompute_modules: {name!r} is not one of {', '.join(RECOMPUTE_MODULES)}.")

@@ -117,6 +117,7 @@ class DistributedOptimizer:
         self.buckets.params_updated()
 
     # -- checkpoints ------------------------------------------------------------------------
+    @torch.no_grad()
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """{param name: {'step', 'exp_avg', 'exp_avg_sq'[, 'main_param']}} with full local shapes (collective
         over dp). `main_param`: the fp32 master weights, where the parameters are bf16."""
@@ -128,7 +129,7 @@ class DistributedOptimizer:
                 local = torch.zeros(hi - lo, dtype=bucket.buffer.dtype, device=bucket.buffer.device)
                 for s in self.segments:
                     if s.bucket == bi and s.main in self.inner.state:
-                        value = s.main if key == "main_param" else self.inner.state[s.main][key]
+                        value = s.main.detach() if key == "main_param" else self.inner.state[s.main][key]
                         local[s.shard_offset : s.shard_offset + s.length] = value
                 full = self.dp.all_gather(local) if bucket.shards > 1 else local
                 offset = 0

@@ -139,8 +139,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     if trainable and (dims.dp * dims.cp > 1 or low_precision):
         # Over dp × cp: cp ranks hold partial gradients too. ZeRO-1 reduce-scatters instead of all-reducing.
         # bf16 weights: their gradients accumulate into the buckets' fp32 main grads, also at dp = 1.
-        model.grad_buckets = GradBuckets(model, dims.comm("dp_cp"), shard=shard_optimizer,  # type: ignore[assignment]
-                                         overlap_grad_reduce=cfg.overlap_grad_reduce,
+        model.grad_buckets = GradBuckets(model, dims.comm("dp_cp"), int(cfg.bucket_mb * 2**20),  # type: ignore[assignment]
+                                         shard=shard_optimizer, overlap_grad_reduce=cfg.overlap_grad_reduce,
                                          overlap_param_gather=cfg.overlap_param_gather)
     return model
 
