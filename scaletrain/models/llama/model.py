@@ -174,11 +174,7 @@ class LlamaModel(nn.Module):
             x = inputs
         else:
             assert self.embed is not None, "token ids reached a pipeline stage without the embedding"
-            x = self.embed(inputs)
-            if torch.is_autocast_enabled(x.device.type):
-                # The residual stream (and with it norm outputs, SP collectives and pipeline messages) in the
-                # compute dtype, also where the weights are fp32 (precision.params = 'fp32').
-                x = x.to(torch.get_autocast_dtype(x.device.type))
+            x = self.embed(inputs)  # in the compute dtype: so is the residual stream (norm outputs, SP, pp)
         keys = list(self.layers.keys()) if layer_keys is None else layer_keys
         for key in keys:
             x = self.layers[key](x, self.rope, position_ids, attention_mask,
