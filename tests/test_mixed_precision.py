@@ -5,8 +5,6 @@ a checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -202,4 +200,28 @@ def test_plain_fp32_runs_keep_their_layout():
     assert getattr(model, "grad_buckets", None) is None
     opt = build_optimizer(model, OptimConfig(), CPU, ParallelDims.single())
     assert isinstance(opt, torch.optim.AdamW)
-    _ = dataclasses  # (imported for the module's helpers' symmetry)
+
+
+@pytest.mark.slow
+def test_bf16_zero_selective_run_through_the_cli_resumes_exactly(tmp_path, tokenizer_dir, dataset_prefix):
+    """The real entry point at dp2: bf16 weights, ZeRO-1, selective recomputation, overlapped reductions and
+    gathers — trains, checkpoints (fp32 master weights included) and resumes to the same losses."""
+    from conftest import TINY, read_metrics, tiny_overrides
+    from test_tp_train import _cli_rank
+
+    def args(run, **extra):
+        out = ["train", "--config", TINY]
+        for item in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
+                "precision.dtype": "bfloat16", "optim.distributed": True, "parallel.recompute": "selective",
+                "parallel.recompute_modules": '["core_attn","mlp_act","norm"]', "parallel.bucket_mb": 0.05, **extra}):
+            out += ["--set", item]
+        return out
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_ranks(2, _cli_rank, args(straight), timeout=180) == [0, 0]
+    for _ in range(2):
+        assert run_ranks(2, _cli_rank, args(stopped, **{"train.exit_interval": 6, "checkpoint.interval": 3}),
+                         timeout=180) == [0, 0]
+    a, b = read_metrics(straight), read_metrics(stopped)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and a[-1]["loss"] < a[0]["loss"]
+    assert a[0]["mem_params_bytes"] * 2 == a[0]["mem_grads_bytes"]  # bf16 weights, fp32 main grads

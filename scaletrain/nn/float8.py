@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -93,7 +94,8 @@ def apply_float8(model: torch.nn.Module, cfg: PrecisionConfig, device: torch.dev
     config = float8_config(cfg)
     matmul = Float8Matmul(config)
     keep = _size_filter(cfg)
-    n, total = cfg.fp8_bf16_layers, model.cfg.num_layers  # type: ignore[union-attr]
+    n = cfg.fp8_bf16_layers
+    total: int = model.cfg.num_layers  # type: ignore[union-attr,assignment]
     converted: list[str] = []
     skipped = 0
     for key, block in model.layers.items():  # type: ignore[union-attr,operator]
@@ -102,7 +104,8 @@ def apply_float8(model: torch.nn.Module, cfg: PrecisionConfig, device: torch.dev
         for name, module in block.named_modules():
             if not isinstance(module, TPBound) or not hasattr(module, "weight"):
                 continue
-            w = module.weight.flatten(0, 1) if getattr(module, "fused", 1) > 1 else module.weight
+            weight = cast(torch.Tensor, module.weight)
+            w = weight.flatten(0, 1) if getattr(module, "fused", 1) > 1 else weight
             if keep(w.shape[0], w.shape[1]):
                 module.fp8_matmul = matmul
                 converted.append(f"layers.{key}.{name}")

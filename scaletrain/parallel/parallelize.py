@@ -77,17 +77,18 @@ def apply_selective_recompute(model: torch.nn.Module, modules: tuple[str, ...]) 
     from scaletrain.nn.backend import roles
 
     role = roles(getattr(model, "backend", "torch"))
-    for block in getattr(model, "layers", {}).values():
+    blocks: list[torch.nn.Module] = list(getattr(model, "layers", {}).values())
+    for block in blocks:
         regions = [m for m in block.modules() if callable(getattr(m, "attend", None))]  # rotary + core attention
         for module in block.modules():
             if "core_attn" in modules and module in regions:
-                module.attend = _checkpointed(module.attend)
+                module.attend = _checkpointed(module.attend)  # type: ignore[assignment,arg-type]
             elif "core_attn" in modules and not regions and isinstance(module, role.attention):
                 module.forward = _checkpointed(module.forward)
             if "norm" in modules and isinstance(module, role.norm):
                 module.forward = _checkpointed(module.forward)
             if "mlp_act" in modules and callable(getattr(module, "activation", None)):
-                module.activation = _checkpointed(module.activation)
+                module.activation = _checkpointed(module.activation)  # type: ignore[assignment,arg-type]
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
@@ -168,7 +169,8 @@ def _enable_te_fp8(model: torch.nn.Module, dims: ParallelDims, precision_cfg: Pr
     stage = dims.comm("stage")
     group = stage.group if stage.size > 1 else None
     model.fp8_context = te_backend.fp8_context(precision_cfg, group)  # type: ignore[assignment,operator]
-    n, total = precision_cfg.fp8_bf16_layers, model.cfg.num_layers  # type: ignore[union-attr]
+    n = precision_cfg.fp8_bf16_layers
+    total: int = model.cfg.num_layers  # type: ignore[union-attr,assignment]
     kept = []
     for key, block in model.layers.items():  # type: ignore[union-attr,operator]
         if int(key) < n or int(key) >= total - n:

@@ -14,8 +14,6 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 
 def peak_allocated_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run fn(); return (its result, the peak bytes allocated during it beyond what was live before)."""
