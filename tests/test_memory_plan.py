@@ -226,3 +226,28 @@ def test_llama3_8b_at_seq_8192_fits_eight_h100s_at_tp1():
     assert not plan8("parallel.recompute=selective", 'parallel.recompute_modules=["core_attn","mlp_act","norm"]').fits
     assert main(["profile", "--config", str(REPO / "configs" / "llama3_8b.toml"), "--set", "train.seq_length=8192",
                  "--set", "optim.distributed=true", "--set", "parallel.recompute=full", "--gpus", "8", "--plan"]) == 0
+
+
+def _vocab_parallel_loss(rank: int, world: int, logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    dims = ParallelDims.from_config(ParallelConfig(tp=world), world, rank)
+    mine = logits.chunk(world, dim=-1)[rank].clone().requires_grad_()
+    loss = cross_entropy_per_token(mine, labels, dims.tp_comm)
+    (loss * torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)).sum().backward()
+    return loss.detach(), mine.grad
+
+
+def test_chunked_loss_over_a_vocabulary_split_matches_one_rank(monkeypatch):
+    """bf16 logits split over tp = 2 (each rank its half of the vocabulary, chunks of 8 tokens): the same loss
+    as the whole vocabulary on one rank (float32 log-sum-exps combined over ranks) and the same gradient slices
+    (to bf16 rounding)."""
+    import scaletrain.nn.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 8 * 4 * 64)  # 8 rows of 64 entries: several chunks
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 24, 128, generator=g)).to(torch.bfloat16)
+    labels = torch.randint(0, 128, (2, 24), generator=g)
+    ref_loss, ref_grad = _vocab_parallel_loss(0, 1, logits, labels)
+    ranks = run_ranks(2, _vocab_parallel_loss, logits, labels, timeout=60)
+    for rank, (loss, grad) in enumerate(ranks):
+        assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(grad.float(), ref_grad.chunk(2, dim=-1)[rank].float(), rtol=1e-2, atol=1e-3)

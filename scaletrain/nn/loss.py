@@ -84,10 +84,11 @@ def chunk_rows(vocab_local: int) -> int:
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """loss = logsumexp_v(z_v) − z_label over z sharded over tp along v, in float32 chunk by chunk.
 
-    Forward: per chunk of rows the local max, then (after one all-reduce of the maxima over tp) the local
-    sum of exponentials and the label's logit, stacked into one all-reduce. Saved: the logits (their own
-    dtype, no copy), the label positions and the float32 log-sum-exp. Backward: per chunk softmax − onehot,
-    written into a gradient of the logits' dtype.
+    Forward: per chunk of rows the local log-sum-exp (one fused pass over a float32 copy of the chunk) and the
+    label's logit; then over tp one all-reduce of the maxima of the local log-sum-exps and one of the
+    stacked (Σ exp(lse_r − max), label logit) — the global log-sum-exp. Saved: the logits (their own dtype,
+    no copy), the label positions and the float32 log-sum-exp. Backward: per chunk softmax − onehot,
+    computed in place on the chunk's float32 copy and written into a gradient of the logits' dtype.
     """
 
     @staticmethod
@@ -96,21 +97,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         start = comm.rank * vocab_local
         outside = (labels < start) | (labels >= start + vocab_local)
         local = torch.where(outside, 0, labels - start)
-        zmax = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        label_logit = torch.empty(n, dtype=torch.float32, device=logits.device)
         for lo in range(0, n, rows):
-            zmax[lo:lo + rows] = logits[lo:lo + rows].float().max(dim=-1).values
-        zmax = comm.all_reduce(zmax, op="max")
-        sums = torch.empty(2, n, dtype=torch.float32, device=logits.device)  # Σ exp(z − max), z_label − max
-        for lo in range(0, n, rows):
-            z = logits[lo:lo + rows].float() - zmax[lo:lo + rows].unsqueeze(-1)
-            sums[1, lo:lo + rows] = z.gather(-1, local[lo:lo + rows].unsqueeze(-1)).squeeze(-1)
-            sums[0, lo:lo + rows] = z.exp_().sum(dim=-1)
-        sums[1].masked_fill_(outside, 0.0)
-        sums = comm.all_reduce(sums)
-        lse = sums[0].log() + zmax
+            z = logits[lo:lo + rows].float()
+            lse[lo:lo + rows] = torch.logsumexp(z, dim=-1)
+            label_logit[lo:lo + rows] = z.gather(-1, local[lo:lo + rows].unsqueeze(-1)).squeeze(-1)
+        label_logit.masked_fill_(outside, 0.0)
+        if comm.size > 1:  # combine the ranks' log-sum-exps: max, then Σ exp(lse_r − max) beside the label logit
+            zmax = comm.all_reduce(lse.clone(), op="max")
+            sums = comm.all_reduce(torch.stack([(lse - zmax).exp_(), label_logit]))
+            lse, label_logit = sums[0].log_() + zmax, sums[1]
         ctx.save_for_backward(logits, local, outside, lse)
         ctx.rows = rows
-        return lse - (sums[1] + zmax)
+        return lse - label_logit
 
     @staticmethod
     def backward(ctx, grad):
@@ -119,9 +119,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         inside = (~outside).to(torch.float32).unsqueeze(-1)
         for lo in range(0, logits.shape[0], ctx.rows):
             hi = lo + ctx.rows
-            p = (logits[lo:hi].float() - lse[lo:hi].unsqueeze(-1)).exp_()
+            p = logits[lo:hi].float().sub_(lse[lo:hi].unsqueeze(-1)).exp_()
             p.scatter_add_(-1, local[lo:hi].unsqueeze(-1), -inside[lo:hi])
-            out[lo:hi] = p.mul_(grad[lo:hi].unsqueeze(-1).float())
+            torch.mul(p, grad[lo:hi].unsqueeze(-1), out=p)
+            out[lo:hi] = p
         return out, None, None, None
 
 
