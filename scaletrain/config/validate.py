@@ -87,6 +87,10 @@ def _precision_errors(errors: list[str], cfg: RunConfig) -> None:
     if pr.params == "fp32" and pr.dtype == "float64":
         errors.append("precision.params = 'fp32' with precision.dtype = 'float64': float64 runs keep float64 weights; "
                       "set precision.params = 'auto'.")
+    if pr.dtype == "bfloat16" and pr.params != "fp32" and cfg.optim.impl != "torch":
+        errors.append(f"optim.impl = '{cfg.optim.impl}' steps bf16 weights in place, but bf16 weights keep their fp32 "
+                      "master copies in scaletrain's optimizer (torch's fused AdamW on CUDA); set optim.impl = 'torch', "
+                      "or precision.params = 'fp32'.")
     _choice(errors, "precision.fp8_backend", pr.fp8_backend, FP8_BACKENDS)
     recipes = ("current", "tensorwise", "rowwise") if pr.fp8_backend == "torchao" else ("current", "delayed", "blockwise")
     _choice(errors, "precision.fp8_recipe", pr.fp8_recipe, recipes)
