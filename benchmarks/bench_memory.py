@@ -71,7 +71,7 @@ def part1(m: ModelConfig, micro: int, seq: int) -> None:
             init_parameters(model, 0)
             opt = build_optimizer(model, OptimConfig(), CPU, dims)
 
-            def step():
+            def step(model=model, opt=opt, precision=precision):
                 return train_step(model, opt, LanguageModelingObjective(), _batch(m, micro, seq, 0), lr=1e-3,
                                   clip_grad=1.0, precision=precision, device=CPU, dims=dims)
 
