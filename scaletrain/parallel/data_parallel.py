@@ -146,6 +146,11 @@ class GradBuckets:
         key = id(p)
         self._arrived[key] += 1
         if self._arrived[key] != self.expected:
+            if self._arrived[key] > self.expected and self._owner[key].work is not None:
+                raise RuntimeError(f"parameter {self._names[key]} received gradient {self._arrived[key]} of a step of "
+                                   f"{self.expected} microbatches after its bucket's reduction started: a forward_step "
+                                   "that runs backward more than once per microbatch needs parallel.overlap_grad_reduce "
+                                   "= false")
             return
         bucket = self._owner[key]
         bucket.ready += 1
