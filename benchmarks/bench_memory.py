@@ -131,7 +131,7 @@ def part3(steps: int) -> None:
 
 
 def part4() -> None:
-    from scaletrain.profile.command import resolved_config
+    from scaletrain.commands.profile import resolved_config
 
     print("\nLlama-3-8B, seq 8192, micro-batch 1, 8 × H100 80 GB (GiB per rank):\n")
     print("| layout | weights | grads | optimizer | activations | total | fits |\n|---|---|---|---|---|---|---|")

@@ -152,3 +152,26 @@ def test_the_fp8_amax_group_is_a_pipeline_stage_from_parallel_dims():
     assert run_ranks(8, _stage, timeout=60) == [(4, r % 4, [0, 1, 2, 3] if r < 4 else [4, 5, 6, 7]) for r in range(8)]
     single = ParallelDims.single().comm("stage")
     assert single.size == 1
+
+
+def test_torchao_fp8_through_the_cli_is_set_up_by_the_model_builder(tmp_path, tokenizer_dir, dataset_prefix, capsys):
+    """The real entry point: the policy built by the one model-building path (model_builder.py) gets torchao's
+    FP8 inside parallelize — logged once, emulated on CPU — trains, checkpoints and resumes to the same losses."""
+    from scaletrain.cli import main
+
+    from conftest import TINY, read_metrics, tiny_overrides
+
+    def run(run_dir, **extra) -> int:
+        sets = tiny_overrides(run_dir, tokenizer_dir, dataset_prefix, **{
+            "precision.dtype": "bfloat16", "precision.fp8": True, "precision.fp8_backend": "torchao",
+            "precision.fp8_emulate": True, "precision.fp8_skip_small": False, "parallel.backend": "torch",
+            "optim.lr": 3e-3, **extra})
+        return main(["train", "--config", TINY, *[a for s in sets for a in ("--set", s)]])
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight) == 0
+    assert capsys.readouterr().out.count("fp8: torchao float8 tensorwise recipe (emulated): 8 linears converted") == 1
+    assert run(stopped, **{"train.exit_interval": 6, "checkpoint.interval": 3}) == 0
+    assert run(stopped) == 0
+    a, b = read_metrics(straight), read_metrics(stopped)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and a[-1]["loss"] < a[0]["loss"]

@@ -211,7 +211,7 @@ def test_llama3_8b_at_seq_8192_fits_eight_h100s_at_tp1():
     80 GB H100s — bf16 weights, fp32 main grads, 1/8 of the fp32 master weights and moments, block inputs only,
     the chunked loss. Without recomputation (or with every selective module) it does not fit."""
     from scaletrain.cli import main
-    from scaletrain.profile.command import resolved_config
+    from scaletrain.commands.profile import resolved_config
 
     def plan8(*sets):
         cfg = resolved_config(str(REPO / "configs" / "llama3_8b.toml"),
