@@ -82,7 +82,20 @@ class ParallelConfig:
     kernels: tuple[str, ...] = ()
     """Fused Triton kernels to use: any of rmsnorm, rope, swiglu, cross_entropy, or ["all"] (CUDA; TRITON_INTERPRET=1 on CPU)."""
     recompute: str = "none"
-    """Activation recomputation: 'none', or 'full' (keep only each block's input; rerun the block in backward)."""
+    """Activation recomputation: 'none', 'selective' (rerun only parallel.recompute_modules in backward, Megatron's
+    selective granularity) or 'full' (keep only each block's input; rerun the block in backward)."""
+    recompute_modules: tuple[str, ...] = ("core_attn",)
+    """recompute = 'selective': what is rerun — 'core_attn' (the attention core: softmax(q kᵀ) v, and under cp its
+    key/value all-gather), 'mlp_act' (the MLP activation silu(gate)·up) and/or 'norm' (the RMSNorms)."""
+    overlap_grad_reduce: bool = True
+    """Data parallelism: start each gradient bucket's all-reduce / reduce-scatter as soon as its last gradient of the
+    step lands (during the last microbatch's backward on each pipeline stage), instead of after the schedule."""
+    bucket_mb: float = 25.0
+    """Data parallelism: gradient bucket size in MiB (of main-grad bytes); each bucket is reduced — and under ZeRO-1
+    gathered — as one collective (Megatron's --ddp-bucket-size)."""
+    overlap_param_gather: bool = True
+    """ZeRO-1: all-gather the updated parameters bucket by bucket under the next forward (posted at its start in
+    forward order, each bucket waited for where its first layer runs) instead of right after the optimizer step."""
     compile: bool = False
     """torch.compile each transformer block (inductor: fused elementwise kernels, fewer launches; the first step
     pays the compile). Torch backend; rollouts and evaluation passes, whose shapes change per call, run eager."""
@@ -95,11 +108,24 @@ class PrecisionConfig:
     """Numerics of parameters and compute."""
 
     dtype: str = "auto"
-    """'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float64'."""
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float64'."""
+    params: str = "auto"
+    """Weight layout of bfloat16 runs: 'auto' (= 'bf16'), 'bf16' (bf16 weights and activations; gradients accumulated
+    into fp32 main-grad buckets; fp32 master weights and AdamW state in the optimizer, sharded by ZeRO-1) or 'fp32'
+    (fp32 weights under bf16 autocast). float32 / float64 runs keep their dtype everywhere ('auto' or that dtype's)."""
     fp8: bool = False
-    """FP8 compute through Transformer Engine (needs backend te)."""
+    """FP8 compute: Transformer Engine's (precision.fp8_backend = 'te', parallel.backend = 'te') or torchao's float8
+    training ('torchao', parallel.backend = 'torch')."""
+    fp8_backend: str = "te"
+    """Who runs FP8: 'te' (Transformer Engine) or 'torchao' (torchao.float8 on the torch backend, torchtitan's path)."""
     fp8_recipe: str = "current"
-    """'current' (per-tensor current scaling), 'delayed' (amax history) or 'blockwise' (where the installed TE offers it)."""
+    """te: 'current' (per-tensor current scaling), 'delayed' (amax history) or 'blockwise' (where the installed TE
+    offers it). torchao: 'tensorwise' (= 'current': dynamic per-tensor scales) or 'rowwise' (per-row scales)."""
+    fp8_emulate: bool = False
+    """torchao: emulate the FP8 matmuls in high precision (CPU tests; the casts and scales are the real ones)."""
+    fp8_skip_small: bool = True
+    """torchao: leave out linears whose GEMM is too small to gain from FP8 (torchao's size heuristics per recipe).
+    The output head and layers with a dimension not divisible by 16 are always left out."""
     fp8_format: str = "hybrid"
     """'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3' (both)."""
     fp8_amax_history: int = 1024

@@ -21,7 +21,10 @@ ROPE_SCALINGS = ("none", "llama3")
 BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_MODULES = ("core_attn", "mlp_act", "norm")
+PARAM_LAYOUTS = ("auto", "bf16", "fp32")
+FP8_BACKENDS = ("te", "torchao")
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -71,6 +74,40 @@ def check_choice(errors: list[str], key: str, value: str, choices: tuple[str, ..
     """Adds "key = value is not one of …" to `errors` unless `value` is one of `choices`."""
     if value not in choices:
         errors.append(f"{key} = {value!r} is not one of {', '.join(choices)}.")
+
+
+def _precision_errors(errors: list[str], cfg: RunConfig) -> None:
+    """precision.params / fp8_backend / fp8_recipe and parallel.recompute_modules (issue 25's keys)."""
+    pr, p = cfg.precision, cfg.parallel
+    check_choice(errors, "precision.params", pr.params, PARAM_LAYOUTS)
+    if pr.params == "bf16" and pr.dtype in ("float32", "float64"):
+        errors.append(f"precision.params = 'bf16' keeps bf16 weights, which precision.dtype = '{pr.dtype}' does not "
+                      "compute in; set precision.dtype = 'bfloat16' (or precision.params = 'auto').")
+    if pr.params == "fp32" and pr.dtype == "float64":
+        errors.append("precision.params = 'fp32' with precision.dtype = 'float64': float64 runs keep float64 weights; "
+                      "set precision.params = 'auto'.")
+    if pr.dtype == "bfloat16" and pr.params != "fp32" and cfg.optim.impl != "torch":
+        errors.append(f"optim.impl = '{cfg.optim.impl}' steps bf16 weights in place, but bf16 weights keep their fp32 "
+                      "master copies in scaletrain's optimizer (torch's fused AdamW on CUDA); set optim.impl = 'torch', "
+                      "or precision.params = 'fp32'.")
+    check_choice(errors, "precision.fp8_backend", pr.fp8_backend, FP8_BACKENDS)
+    recipes = ("current", "tensorwise", "rowwise") if pr.fp8_backend == "torchao" else ("current", "delayed", "blockwise")
+    check_choice(errors, "precision.fp8_recipe", pr.fp8_recipe, recipes)
+    check_choice(errors, "precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
+    if pr.fp8 and pr.fp8_backend == "torchao" and pr.fp8_format != "hybrid":
+        errors.append("precision.fp8_format applies to Transformer Engine; torchao's recipes fix their own formats "
+                      "(leave it 'hybrid').")
+    if pr.fp8_emulate and not (pr.fp8 and pr.fp8_backend == "torchao"):
+        errors.append("precision.fp8_emulate emulates torchao's FP8 matmuls; it needs precision.fp8 = true and "
+                      "precision.fp8_backend = 'torchao'.")
+    if not p.bucket_mb > 0:
+        errors.append(f"parallel.bucket_mb = {p.bucket_mb} must be positive (MiB of gradients per dp bucket).")
+    for name in p.recompute_modules:
+        if name not in RECOMPUTE_MODULES:
+            errors.append(f"parallel.recompute_modules: {name!r} is not one of {', '.join(RECOMPUTE_MODULES)}.")
+    if p.recompute == "selective" and not p.recompute_modules:
+        errors.append("parallel.recompute = 'selective' with no parallel.recompute_modules recomputes nothing; "
+                      "list 'core_attn' and/or 'mlp_act', or set parallel.recompute = 'none'.")
 
 
 def parse_split(split: str) -> list[float]:
@@ -194,8 +231,7 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
         errors.append(f"train.seq_length = {t.seq_length} is not divisible by parallel.tp = {p.tp} "
                       "(sequence parallelism splits the sequence over tp).")
     pr = cfg.precision
-    check_choice(errors, "precision.fp8_recipe", pr.fp8_recipe, ("current", "delayed", "blockwise"))
-    check_choice(errors, "precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
+    _precision_errors(errors, cfg)
     if pr.fp8:
         if pr.dtype not in ("auto", "bfloat16"):
             errors.append(f"precision.fp8 = true runs under bf16 autocast; precision.dtype = '{pr.dtype}' cannot "
@@ -205,14 +241,19 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
                           f"layers in bf16 leaves none of the {cfg.model.num_layers} in FP8.")
         if pr.fp8_amax_history < 1:
             errors.append(f"precision.fp8_amax_history = {pr.fp8_amax_history} must be at least 1.")
-        if p.recompute != "none":
-            errors.append("precision.fp8 with parallel.recompute: recomputation under FP8 needs Transformer Engine's "
-                          "own checkpointing, not wired yet; set parallel.recompute = 'none'.")
+        if p.recompute != "none" and pr.fp8_backend == "te":
+            errors.append("precision.fp8 with parallel.recompute: recomputation under FP8 (Transformer Engine's) needs "
+                          "TE's own checkpointing, not wired yet; set parallel.recompute = 'none' (or use "
+                          "precision.fp8_backend = 'torchao', which recomputes like bf16).")
     if p.backend == "te" and p.kernels:
         errors.append("parallel.kernels are the torch backend's fused kernels; Transformer Engine fuses its own "
                       "(set parallel.kernels = [] with parallel.backend = 'te').")
-    if cfg.precision.fp8 and p.backend != "te":
-        errors.append("precision.fp8 = true needs parallel.backend = 'te' (Transformer Engine on CUDA).")
+    if pr.fp8 and pr.fp8_backend == "te" and p.backend != "te":
+        errors.append("precision.fp8 = true needs parallel.backend = 'te' (Transformer Engine on CUDA) with "
+                      "precision.fp8_backend = 'te'; or set precision.fp8_backend = 'torchao' for the torch backend.")
+    if pr.fp8 and pr.fp8_backend == "torchao" and p.backend != "torch":
+        errors.append(f"precision.fp8_backend = 'torchao' converts the torch backend's linears; set parallel.backend = "
+                      f"'torch' (it is '{p.backend}').")
     if m.max_position_embeddings and m.max_position_embeddings < t.seq_length:
         errors.append(f"train.seq_length = {t.seq_length} exceeds model.max_position_embeddings = "
                       f"{m.max_position_embeddings}; shorten the sequences or raise model.max_position_embeddings "

@@ -68,7 +68,11 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
     pp, vpp, r = dims.pp, dims.vpp, dims.pp_rank
     comm = dims.comm("pp")
     device = next(chunks[0].module.parameters()).device
+    # Messages travel in the compute dtype: bf16 under autocast even where the weights are fp32
+    # (precision.params = 'fp32'), the weights' dtype otherwise (bf16 weights, float32, float64).
     dtype = next(chunks[0].module.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
     # Per microbatch: they may differ in rows (the rollout sampler drops finished rows) or width.
     shapes = [chunks[0].activation_shape(mb["tokens"], dims.tp) for mb in microbatches]
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -145,7 +149,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
                     summed[k] = summed.get(k, 0) + v.detach()
         chunk.input_tensor = None
         if not chunk.is_last:
-            send(output.detach().contiguous(), Message(FWD, j + 1, mb))
+            send(output.detach().to(dtype).contiguous(), Message(FWD, j + 1, mb))
         if not forward_only:
             inputs[(chunk_id, mb)], outputs[(chunk_id, mb)] = inp, output
             in_flight += 1
