@@ -25,31 +25,20 @@ MODULES = graph.read_modules()
 LAZY_INTERNAL = {
     ("scaletrain.cli", "scaletrain.commands"): "`scaletrain data` runs without torch: the other commands load it",
     ("scaletrain.cli", "scaletrain.checkpoint.files"): "the same (CheckpointError's module imports torch)",
-    # left in the files issue 25 rewrote (parallel/, nn/, trainer/step.py, trainer/optimizer.py), not by it:
-    ("scaletrain.nn.backend", "scaletrain.nn.attention"): "issue 25's file",
-    ("scaletrain.nn.backend", "scaletrain.nn.linear"): "issue 25's file",
-    ("scaletrain.nn.backend", "scaletrain.nn.norm"): "issue 25's file",
     ("scaletrain.nn.backend", "scaletrain.nn"): "te_backend needs Transformer Engine (optional, CUDA)",
-    ("scaletrain.nn.norm", "scaletrain.nn"): "issue 25's file (fused kernels: Triton)",
-    ("scaletrain.nn.rope", "scaletrain.nn"): "issue 25's file (fused kernels: Triton)",
     ("scaletrain.nn.fused", "scaletrain_kernels"): "Triton kernels (optional)",
     ("scaletrain.nn.fused", "scaletrain_kernels.rmsnorm"): "Triton kernels (optional)",
     ("scaletrain.nn.fused", "scaletrain_kernels.swiglu"): "Triton kernels (optional)",
     ("scaletrain.nn.fused", "scaletrain_kernels.rope"): "Triton kernels (optional)",
     ("scaletrain.nn.loss", "scaletrain_kernels.cross_entropy"): "Triton kernels (optional)",
-    ("scaletrain.parallel.context_parallel", "scaletrain.nn.attention"): "issue 25's file",
-    ("scaletrain.parallel.parallelize", "scaletrain.nn.attention"): "issue 25's file",
     ("scaletrain.parallel.parallelize", "scaletrain.nn"): "te_backend needs Transformer Engine (optional, CUDA)",
-    ("scaletrain.parallel.pipeline.p2p_plan", "scaletrain.parallel.pipeline.schedules"): "issue 25's file",
-    ("scaletrain.trainer.optimizer", "scaletrain.parallel.distributed_optimizer"): "issue 25's file",
-    ("scaletrain.trainer.step", "scaletrain.parallel.context_parallel"): "issue 25's file",
 }
 # Third-party packages a library function may import late: heavy at start-up, optional, or CUDA-only.
 LAZY_EXTERNAL = {"datasets", "pyarrow", "megatron", "datasketch", "tqdm", "sentencepiece", "tokenizers",
                  "transformer_engine", "apex", "wandb", "matplotlib", "mpi4py", "safetensors", "torch",
                  "torchao"}  # torchao: FP8 only; a build for another torch must give a clear error, not a crash
-# Standard-library late imports left in the files issue 25 rewrites in parallel.
-LAZY_STDLIB_FILES = {"scaletrain.parallel.pipeline.schedules"}
+# Standard-library late imports allowed per file (none left).
+LAZY_STDLIB_FILES: set[str] = set()
 MAX_LINES = 400
 LONG_FILES = {  # library files allowed past MAX_LINES, and why
     "scaletrain/stages/rl/sandbox/harness.py": "runs alone inside the sandbox (`python harness.py`): one "
@@ -66,9 +55,8 @@ def test_no_import_circles():
 
 def test_no_circles_through_function_level_imports_either():
     """Counting the imports inside functions too (they hid issue 24's circles: checkpoint hf ↔ io,
-    evaluation → posttrain/frozen → train → evaluation), only issue 25's pipeline pair is left."""
-    assert graph.circles(MODULES, module_level_only=False) == [
-        ["scaletrain.parallel.pipeline.p2p_plan", "scaletrain.parallel.pipeline.schedules"]]
+    evaluation → posttrain/frozen → train → evaluation, and the pipeline's p2p_plan ↔ schedules), none is left."""
+    assert graph.circles(MODULES, module_level_only=False) == []
 
 
 def test_the_issue_24_circles_are_found_by_the_check():

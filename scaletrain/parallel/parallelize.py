@@ -24,6 +24,7 @@ import torch
 
 from scaletrain.config.schema import ParallelConfig, PrecisionConfig
 from scaletrain.distributed.dims import ParallelDims
+from scaletrain.nn.attention import CoreAttention
 from scaletrain.nn.backend import roles
 from scaletrain.nn.float8 import apply_float8
 from scaletrain.nn.fused import enable_kernels
@@ -115,7 +116,6 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         if sp and (isinstance(module, RMSNorm) or getattr(module, "role", None) == "norm"):
             module.weight.sequence_parallel_grad = True  # type: ignore[union-attr]
     if dims.cp > 1:  # attention gathers keys/values over cp (torch backend; te + cp is refused up front)
-        from scaletrain.nn.attention import CoreAttention
 
         for module in model.modules():
             if isinstance(module, CoreAttention):

@@ -6,6 +6,7 @@ import torch
 
 from scaletrain.config.schema import OptimConfig
 from scaletrain.distributed.dims import ParallelDims
+from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -55,7 +56,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     for bf16 weights (their fp32 master weights live in the optimizer)."""
     buckets = getattr(model, "grad_buckets", None)
     if buckets is not None and (buckets.shard or buckets.main_grads):
-        from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
 
         if cfg.impl != "torch":
             raise ValueError(f"optim.impl = '{cfg.impl}' steps the parameters themselves; ZeRO-1 and bf16 weights "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scaletrain.distributed.dims import ParallelDims
+from scaletrain.parallel.context_parallel import shard_microbatch
 from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
 from scaletrain.parallel.grads import finalize_grads, global_grad_norm, reduce_tied_embedding
 from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining
@@ -82,7 +83,6 @@ def prepare_batches(objective: Objective, microbatches: list[dict], device: torc
     outputs). Every schedule reads `tokens` for the activation shape."""
     mbs = [objective.prepare(_to_device(b, device)) for b in microbatches]
     if dims.cp > 1:
-        from scaletrain.parallel.context_parallel import shard_microbatch
 
         mbs = [shard_microbatch(b, dims.comm("cp")) for b in mbs]
     objective.annotate(mbs)  # e.g. distillation: the teacher's outputs, stored in the microbatches
