@@ -88,12 +88,12 @@ def prompts(tmp_path_factory):
 def _args(run_dir, tokenizer_dir, prefix, prompts, base, **extra):
     args = ["ppo", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "checkpoint.init_from_hf": str(base), "posttrain.critic": str(base),
-            "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "train.global_batch_size": 8,
-            "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64", "posttrain.group_size": 2,
-            "posttrain.max_new_tokens": 6, "posttrain.rewards": '["grpo_rewards:digits"]', "posttrain.kl_beta": 0.1,
-            "posttrain.grpo_iterations": 2, "posttrain.gae_lambda": 0.9, "optim.warmup_steps": 1,
-            "posttrain.critic_lr": 3e-3, **extra}):
+            "checkpoint.init_from_hf": str(base), "posttrain.ppo.critic": str(base),
+            "posttrain.chat.train_data": f'["{prompts}"]', "train.seq_length": 96, "train.global_batch_size": 8,
+            "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64", "posttrain.ppo.group_size": 2,
+            "posttrain.rollout.max_new_tokens": 6, "posttrain.rewards.functions": '["grpo_rewards:digits"]', "posttrain.ppo.kl_coef": 0.1,
+            "posttrain.ppo.iterations": 2, "posttrain.ppo.gae_lambda": 0.9, "optim.warmup_steps": 1,
+            "posttrain.ppo.critic_lr": 3e-3, **extra}):
         args += ["--set", s]
     return args
 
@@ -133,7 +133,7 @@ def test_a_stopped_run_resumes_its_critic(tmp_path, tokenizer_dir, dataset_prefi
 
 def test_ppo_needs_a_critic(tmp_path, tokenizer_dir, dataset_prefix, prompts, base_model, capsys):
     assert main(_args(tmp_path / "bad", tokenizer_dir, dataset_prefix, prompts, base_model,
-                      **{"posttrain.critic": ""})) == 2
+                      **{"posttrain.ppo.critic": ""})) == 2
     assert "needs a critic to start from" in capsys.readouterr().err
 
 

@@ -201,8 +201,8 @@ class RolloutBatches(BatchSource):
         return Groups(index, completions, stopped, scores, self._missing_stop(completions))
 
     def _dynamic_sample(self, generation: int) -> tuple[Groups, dict[str, float]]:
-        """posttrain.dynamic_sampling: rounds until the global batch holds only informative groups (or
-        posttrain.max_sampling_rounds ran out), then this dp rank's share of the chosen groups
+        """posttrain.grpo.dynamic_sampling: rounds until the global batch holds only informative groups (or
+        posttrain.grpo.max_sampling_rounds ran out), then this dp rank's share of the chosen groups
         (stages/rl/dynamic_sampling.py). The same choice on every rank of every replica."""
         d, g = self.dims, self.group_size
         per_step, mine = self._shares()
@@ -320,7 +320,7 @@ class RolloutBatches(BatchSource):
 
 
 class HeldOutRewards(Validator):
-    """GRPO/PPO validation: the held-out rewards of greedy completions of posttrain.valid_data's prompts
+    """GRPO/PPO validation: the held-out rewards of greedy completions of posttrain.chat.valid_data's prompts
     (`RolloutBatches.evaluate`); there is no validation loss."""
 
     def __init__(self, batches: RolloutBatches, prompts: PromptDataset) -> None:
