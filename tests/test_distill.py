@@ -224,7 +224,8 @@ def test_planner_counts_the_teacher_by_hand():
     outputs on the last stage: 4 microbatches × 2·64 tokens × 512 logits × 4 bytes (float32)."""
     import dataclasses
 
-    from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig, TrainConfig
+    from scaletrain.config.posttrain import DistillConfig, PostTrainConfig
+    from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig, TrainConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.profile.planner import format_plan, plan, stage_params
 
@@ -234,7 +235,7 @@ def test_planner_counts_the_teacher_by_hand():
 
     cfg = RunConfig(model=model(2, 32, 64), parallel=ParallelConfig(pp=2),
                     train=TrainConfig(global_batch_size=8, micro_batch_size=2, seq_length=64),
-                    posttrain=PostTrainConfig(objective="distill", teacher="t"))
+                    posttrain=PostTrainConfig(objective="distill", distill=DistillConfig(teacher="t")))
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float32"))
     teacher = model(4, 64, 128)
     base, dense = plan(cfg, 2), plan(cfg, 2, teacher=teacher)

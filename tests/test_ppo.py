@@ -142,7 +142,8 @@ def test_planner_counts_reference_reward_model_and_critic():
     parameter); the critic its weights, gradients and AdamW's two moments (16 bytes)."""
     import dataclasses
 
-    from scaletrain.config.schema import ModelConfig, PostTrainConfig, RunConfig, TrainConfig
+    from scaletrain.config.posttrain import PostTrainConfig, PPOConfig, RewardsConfig
+    from scaletrain.config.schema import ModelConfig, RunConfig, TrainConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.profile.planner import format_plan, plan, stage_params
 
@@ -152,8 +153,8 @@ def test_planner_counts_reference_reward_model_and_critic():
                              tokenizer_vocab=512, tp=1, seq_length=64)
 
     cfg = RunConfig(model=model(2), train=TrainConfig(global_batch_size=8, micro_batch_size=2, seq_length=64),
-                    posttrain=PostTrainConfig(objective="ppo", kl_beta=0.1, rewards=("reward_model",),
-                                              reward_model="rm"))
+                    posttrain=PostTrainConfig(objective="ppo", ppo=PPOConfig(kl_coef=0.1),
+                                              rewards=RewardsConfig(functions=("reward_model",), model="rm")))
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float32"))
     rm, critic = model(4, labels=1), model(2, labels=1)
     base = plan(cfg, 1)

@@ -24,7 +24,7 @@ from scaletrain.nn.blockwise_attention import document_mask
 from scaletrain.stages.pretrain.stage import step_batches
 from scaletrain.stages.registry import register, unregister
 from scaletrain.stages.sft.data import SFTDataset
-from scaletrain.stages.stage import CHAT_DATA, RunParts, Stage, StageParts
+from scaletrain.stages.stage import RunParts, Stage, StageParts
 from scaletrain.trainer.contracts import Batch, LossFn, Objective
 from scaletrain.trainer.loop import LoopState
 
@@ -58,18 +58,18 @@ class WeightedSFTObjective(Objective):
 class WeightedSFTStage(Stage):
     name = "weighted_sft"
     help = "SFT with a per-conversation `score` weighting its target tokens (tests/test_stage_plugin.py)"
-    fields = (*CHAT_DATA, "loss_on", "over_length")
+    sections = ("chat", "sft")  # the [posttrain] sub-sections it reads: chat rows, rendered as SFT's
     data_rows = "`messages` and `score`"
 
     def validate(self, cfg: RunConfig) -> list[str]:
-        return [] if self.settings(cfg).loss_on == "assistant" else ["weighted_sft weights assistant turns only."]
+        return [] if self.settings(cfg).sft.loss_on == "assistant" else ["weighted_sft weights assistant turns only."]
 
     def render(self, parts: RunParts) -> tuple[Any, Any]:
         s, tok, seq = self.settings(parts.cfg), parts.tokenizer, parts.cfg.train.seq_length
-        renderer = ChatRenderer(tok, s.chat_template, s.loss_on, bundled_tools(s.tools))
+        renderer = ChatRenderer(tok, s.chat.template, s.sft.loss_on, bundled_tools(s.chat.tools))
         rows = []
-        for row in read_rows(s.train_data, ("messages", "score")):
-            one = SFTDataset([row["messages"]], renderer, tok, seq, packing=False, over_length=s.over_length)
+        for row in read_rows(s.chat.train_data, ("messages", "score")):
+            one = SFTDataset([row["messages"]], renderer, tok, seq, packing=False, over_length=s.sft.over_length)
             item = dict(one[0])  # one conversation per row: its score applies to the row's targets
             item["weight"] = float(row["score"]) * item["loss_mask"].to(torch.float64)
             rows.append(item)

@@ -41,7 +41,8 @@ def _suggest(name: str, choices: list[str]) -> str:
 def _suggest_key(cls: type, name: str, key: str) -> str:
     """The closest valid key of section `name` to `key`, among its fields, its nested sections' fields and the
     renamed keys (suggested by their new name)."""
-    choices = {k: f"{name}.{k}" for k in _field_types(cls)}
+    # a top-level section's field by its name, as always; anything nested in full
+    choices = {k: k if "." not in name else f"{name}.{k}" for k in _field_types(cls)}
     for k, typ in _field_types(cls).items():
         if isinstance(typ, type) and dataclasses.is_dataclass(typ):
             subs = _field_types(typ)
