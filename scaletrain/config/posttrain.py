@@ -2,8 +2,8 @@
 
 A stage reads only the sub-sections it declares (`Stage.sections`, scaletrain/stages/stage.py): SFT reads
 `chat` and `sft`, DPO `chat` and `dpo`, GRPO `chat`, `rollout`, `rewards`, `sandbox` and `grpo`, and so on.
-The flat keys these replaced (`posttrain.kl_beta`, `posttrain.grpo_iterations`, …) still load, with a
-notice naming the new key: scaletrain/config/renamed.py is the one table of them.
+The flat keys these replaced still load, with a notice naming the new key: scaletrain/config/renamed.py is the
+one table of them.
 """
 
 from __future__ import annotations
