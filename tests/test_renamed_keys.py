@@ -13,8 +13,7 @@ import json
 import pytest
 import tomli_w
 
-from scaletrain.config import ConfigError, dump_config, load_config
-from scaletrain.config import renamed
+from scaletrain.config import ConfigError, dump_config, load_config, renamed
 
 pytestmark = pytest.mark.unit
 
