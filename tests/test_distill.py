@@ -197,7 +197,7 @@ def test_bad_distillation_configs_fail_up_front(tmp_path, tokenizer_dir, dataset
     assert "set model.vocab_size = " in err(teacher=teacher_run, **{"model.vocab_size": 1024})
     assert "reverse KL needs" in err(teacher=teacher_run, **{"posttrain.distill.loss": "reverse_kl",
                                                              "posttrain.distill.top_k": 4})
-    assert "distill_alpha = 1.5 must be within [0, 1]" in err(teacher=teacher_run, **{"posttrain.distill.alpha": 1.5})
+    assert "posttrain.distill.alpha = 1.5 must be within [0, 1]" in err(teacher=teacher_run, **{"posttrain.distill.alpha": 1.5})
     assert "samples completions of prompts: set posttrain.chat.train_data" in err(
         teacher=teacher_run, **{"posttrain.distill.on_policy": True})
     assert not (tmp_path / "bad" / "checkpoints").exists()
@@ -243,7 +243,8 @@ def test_planner_counts_the_teacher_by_hand():
     assert dense.stages[0].companion_bytes == 106_752 * 4
     assert dense.stages[1].companion_bytes == 106_816 * 4 + 4 * 128 * 512 * 4
     assert dense.peak_stage.total_bytes == base.stages[1].total_bytes + dense.stages[1].companion_bytes
-    top = plan(dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, distill_top_k=16)), 2, teacher=teacher)
+    sparse = dataclasses.replace(cfg.posttrain, distill=DistillConfig(teacher="t", top_k=16))
+    top = plan(dataclasses.replace(cfg, posttrain=sparse), 2, teacher=teacher)
     assert top.stages[1].companion_bytes == 106_816 * 4 + 4 * 128 * 16 * 12  # int64 id + fp32 logit per kept token
     assert dense.teacher_flops_per_token > 0 and "teacher forward" in format_plan(dense)
     # without a pipeline the teacher runs microbatch by microbatch: one microbatch's outputs at a time

@@ -1,8 +1,10 @@
 """Strict loading of TOML run files: one level of `base`, dotted `--set` overrides, typed coercion.
 
 Unknown sections/keys and values of the wrong type are errors that name the key, the file and the
-closest valid key. The resolved config is written back as TOML, so a run directory's config.toml
-is itself a valid run file.
+closest valid key. Sections may nest one level (`[posttrain.grpo]`, `--set posttrain.grpo.beta=0.02`).
+Renamed keys are moved to their new place per file and per `--set` list, with a notice
+(scaletrain/config/renamed.py). The resolved config is written back as TOML, so a run directory's
+config.toml is itself a valid run file.
 """
 
 from __future__ import annotations
