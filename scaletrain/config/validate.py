@@ -118,11 +118,6 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
     check_choice(errors, "posttrain.dpo.loss_type", pt.dpo.loss_type, ("sigmoid", "ipo", "hinge", "simpo"))
     if stage is not None:
         errors += stage.config_errors(cfg)
-        if stage.rollout_group(cfg) and "grpo" not in stage.sections and (pt.grpo.dynamic_sampling
-                                                                           or pt.grpo.mask_truncated):
-            errors.append(f"posttrain.grpo.dynamic_sampling and posttrain.grpo.mask_truncated are GRPO's (DAPO): "
-                          f"posttrain.objective = '{stage.name}' does not read them; turn them off or use "
-                          "posttrain.objective = 'grpo'.")
     if pt.reward.center_coefficient < 0:
         errors.append(f"posttrain.reward.center_coefficient = {pt.reward.center_coefficient} must be 0 (off) or positive.")
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_at_end:

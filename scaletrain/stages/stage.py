@@ -161,6 +161,11 @@ def base_errors(stage: Stage, cfg: RunConfig) -> list[str]:
         errors.append(f"model.num_labels = {m.num_labels} gives the model a score head and no token logits, which "
                       f"posttrain.objective = '{stage.name}' needs; set model.num_labels = 0 (or train a reward model "
                       "with posttrain.objective = 'reward').")
+    g = cfg.posttrain.grpo  # a sampling stage that does not read them would silently ignore DAPO's options
+    if stage.rollout_group(cfg) and "grpo" not in stage.sections and (g.dynamic_sampling or g.mask_truncated):
+        errors.append(f"posttrain.grpo.dynamic_sampling and posttrain.grpo.mask_truncated are GRPO's (DAPO): "
+                      f"posttrain.objective = '{stage.name}' does not read them; turn them off or use "
+                      "posttrain.objective = 'grpo'.")
     unknown_tools = [t for t in cfg.posttrain.chat.tools if t not in BUNDLED_TOOLS]
     if unknown_tools:
         errors.append(f"posttrain.chat.tools: unknown tool(s) {', '.join(unknown_tools)}; bundled: {', '.join(BUNDLED_TOOLS)}.")
