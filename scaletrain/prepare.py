@@ -74,7 +74,7 @@ def _check_eval_tasks(cfg: RunConfig, tokenizer: Tokenizer) -> None:
         try:
             task = parse_task(spec, cfg.train.eval_task_limit or None)
             if task.kind in ("answer", "refusal"):
-                answer_prompts(task, tokenizer, cfg.posttrain.chat_template, cfg.train.seq_length,
+                answer_prompts(task, tokenizer, cfg.posttrain.chat.template, cfg.train.seq_length,
                                cfg.train.eval_max_new_tokens)
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise ConfigError(f"train.eval_tasks: {e}") from None
@@ -88,7 +88,7 @@ def _check_data(cfg: RunConfig, stage: Stage, tokenizer: Tokenizer) -> None:
         check_data(cfg.data, model_vocab=cfg.model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
                    tokenizer_sha256=tokenizer.fingerprint())
         return
-    missing = [f for f in (*cfg.posttrain.train_data, *cfg.posttrain.valid_data) if not Path(f).is_file()]
+    missing = [f for f in (*cfg.posttrain.chat.train_data, *cfg.posttrain.chat.valid_data) if not Path(f).is_file()]
     if missing:
         raise ConfigError(f"posttrain data file(s) not found: {', '.join(missing)}")
 

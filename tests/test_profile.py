@@ -183,7 +183,8 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
 
     import scaletrain.generation.decoding as decoding
     import scaletrain.generation.sampler as rollout
-    from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig
+    from scaletrain.config.posttrain import GRPOConfig, PostTrainConfig, RolloutConfig
+    from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims
     from scaletrain.models import build_model
@@ -195,7 +196,8 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
     m = resolve_model(ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                   ffn_hidden_size=64), tokenizer_vocab=None, tp=layout.get("tp", 1), seq_length=seq)
     cfg = RunConfig(model=m, parallel=ParallelConfig(backend="torch", **layout),
-                    posttrain=PostTrainConfig(objective="grpo", group_size=4, max_new_tokens=new))
+                    posttrain=PostTrainConfig(objective="grpo", grpo=GRPOConfig(group_size=4),
+                                              rollout=RolloutConfig(max_new_tokens=new)))
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float64"),
                               train=dataclasses.replace(cfg.train, seq_length=seq, global_batch_size=8,
                                                         micro_batch_size=2))

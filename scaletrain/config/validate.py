@@ -150,21 +150,21 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
     check_choice(errors, "train.device", t.device, DEVICES)
     check_choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
     pt = cfg.posttrain
-    check_choice(errors, "posttrain.loss_on", pt.loss_on, ("assistant", "all"))
-    check_choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
-    check_choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
+    check_choice(errors, "posttrain.sft.loss_on", pt.sft.loss_on, ("assistant", "all"))
+    check_choice(errors, "posttrain.sft.over_length", pt.sft.over_length, ("drop", "truncate"))
+    check_choice(errors, "posttrain.dpo.loss_type", pt.dpo.loss_type, ("sigmoid", "ipo", "hinge", "simpo"))
     if stage is not None:
         errors += stage.config_errors(cfg)
-    if pt.reward_center < 0:
-        errors.append(f"posttrain.reward_center = {pt.reward_center} must be 0 (off) or positive.")
+    if pt.reward.center_coefficient < 0:
+        errors.append(f"posttrain.reward.center_coefficient = {pt.reward.center_coefficient} must be 0 (off) or positive.")
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_at_end:
         errors.append("checkpoint.export_hf needs checkpoint.save_at_end = true (the export reads the final checkpoint).")
-    if pt.nll_weight < 0:
-        errors.append(f"posttrain.nll_weight = {pt.nll_weight} must be 0 (off) or positive.")
-    if pt.beta <= 0:
-        errors.append(f"posttrain.beta = {pt.beta} must be positive.")
-    if not 0 <= pt.label_smoothing < 0.5:
-        errors.append(f"posttrain.label_smoothing = {pt.label_smoothing} must be in [0, 0.5).")
+    if pt.dpo.nll_weight < 0:
+        errors.append(f"posttrain.dpo.nll_weight = {pt.dpo.nll_weight} must be 0 (off) or positive.")
+    if pt.dpo.beta <= 0:
+        errors.append(f"posttrain.dpo.beta = {pt.dpo.beta} must be positive.")
+    if not 0 <= pt.dpo.label_smoothing < 0.5:
+        errors.append(f"posttrain.dpo.label_smoothing = {pt.dpo.label_smoothing} must be in [0, 0.5).")
     for name in p.kernels:
         if name not in KERNEL_NAMES:
             errors.append(f"parallel.kernels: {name!r} is not one of {', '.join(KERNEL_NAMES)}.")
@@ -287,12 +287,12 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
                       "change train.global_batch_size or train.micro_batch_size.")
     elif stage is not None and stage.rollout_group(cfg) >= 2 and (t.global_batch_size // dp) % stage.rollout_group(cfg):
         errors.append(f"grpo: each dp rank samples whole groups, so train.global_batch_size / dp = "
-                      f"{t.global_batch_size}/{dp} must be a multiple of posttrain.group_size = "
+                      f"{t.global_batch_size}/{dp} must be a multiple of posttrain.{cfg.posttrain.objective}.group_size = "
                       f"{stage.rollout_group(cfg)}.")
-    elif cfg.posttrain.rollout_micro_batch:
-        rm, per_replica = cfg.posttrain.rollout_micro_batch, t.global_batch_size // dp
+    elif cfg.posttrain.rollout.micro_batch:
+        rm, per_replica = cfg.posttrain.rollout.micro_batch, t.global_batch_size // dp
         if rm < 0 or per_replica % rm or (p.vpp > 1 and (per_replica // rm) % p.pp):
-            errors.append(f"posttrain.rollout_micro_batch = {rm} must divide the rows each replica samples, "
+            errors.append(f"posttrain.rollout.micro_batch = {rm} must divide the rows each replica samples, "
                           f"train.global_batch_size / dp = {per_replica}"
                           + (f", into a multiple of parallel.pp = {p.pp} passes (interleaved 1F1B)" if p.vpp > 1 else "")
                           + "; 0 uses train.micro_batch_size.")

@@ -24,7 +24,7 @@ Conventions (all bytes are per rank):
   split over cp — rows are sampled whole, each cp rank a share — up to train.seq_length positions, keys
   and values of this rank's kv heads for the layers of its stage, in the compute dtype; only where
   decoding is incremental: the torch backend — SP is lifted for decoding) plus, on the last stage, one
-  sampling pass's logits (posttrain.rollout_micro_batch rows) over this rank's vocabulary slice: at the
+  sampling pass's logits (posttrain.rollout.micro_batch rows) over this rank's vocabulary slice: at the
   last position only when decoding is incremental, at every position where each token recomputes its
   prefix.
 """
@@ -154,7 +154,7 @@ def rollout_rows(cfg: RunConfig, layout: Layout, group: int) -> int:
     rows = t.global_batch_size // layout.dp
     if layout.cp > 1:
         prompts = -(-(rows // group) // layout.cp)
-        unit = (pt.rollout_micro_batch or t.micro_batch_size) * (layout.pp if layout.vpp > 1 else 1)
+        unit = (pt.rollout.micro_batch or t.micro_batch_size) * (layout.pp if layout.vpp > 1 else 1)
         while (prompts * group) % unit:  # whole passes: padded with copies of the last prompt
             prompts += 1
         rows = prompts * group
@@ -168,7 +168,7 @@ def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, com
     rows = rollout_rows(cfg, layout, group)
     if not rows:
         return 0, 0
-    micro = cfg.posttrain.rollout_micro_batch or t.micro_batch_size  # rows per sampling forward
+    micro = cfg.posttrain.rollout.micro_batch or t.micro_batch_size  # rows per sampling forward
     incremental = cfg.parallel.backend != "te"  # any layout on the torch backend (SP is lifted for decoding)
     kv = rows * t.seq_length * layers * 2 * (m.num_kv_heads // layout.tp) * m.head_dim * compute_bytes \
         if incremental else 0
@@ -240,11 +240,11 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         if teacher is not None:
             companions += stage_params(teacher, layout, r)[0] * param_bytes
             if r == p.pp - 1:
-                k = cfg.posttrain.distill_top_k
+                k = cfg.posttrain.distill.top_k
                 per_token = k * (8 + 4) if k else (m.vocab_size // p.tp) * compute_bytes
                 # pipelined: the step's outputs are computed up front; otherwise one microbatch's at a time
                 companions += (microbatches if p.pp > 1 else 1) * tokens_mb * per_token
-                if cfg.posttrain.distill_alpha < 1.0:  # the KL's gradient is kept beside the cross-entropy's
+                if cfg.posttrain.distill.alpha < 1.0:  # the KL's gradient is kept beside the cross-entropy's
                     act_mb += tokens_mb * max(4, param_bytes) * (m.vocab_size // p.tp)
         in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
         # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
