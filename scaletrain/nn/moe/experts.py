@@ -34,6 +34,17 @@ def select_grouped_gemm(device: torch.device, dtype: torch.dtype) -> tuple[str, 
     return "grouped_mm", "grouped GEMM: torch._grouped_mm (CUDA, bf16)"
 
 
+def bind_grouped_gemm(model: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> str | None:
+    """Choose the grouped GEMM of every GroupedExperts in `model` once (select_grouped_gemm); returns the
+    reason for the log, or None for a model without experts."""
+    impl, reason = select_grouped_gemm(device, compute_dtype)
+    found = False
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.impl, found = impl, True
+    return reason if found else None
+
+
 class GroupedExperts(nn.Module):
     """The routed experts of one MoE layer (`expert_weights`: parallel/expert_parallel.shard_experts slices them).
 
