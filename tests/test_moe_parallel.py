@@ -55,3 +55,33 @@ def test_capacity_drops_the_same_tokens_at_every_layout(tmp_path, tokenizer_dir,
     steps = _compare(tmp_path, tokenizer_dir, dataset_prefix, {"parallel.ep": 2, "optim.distributed": True}, 4,
                      **{"model.moe.capacity_factor": 0.75, "train.micro_batch_size": 1})
     assert all(s["moe_dropped_fraction"] > 0.05 for s in steps)
+
+
+@pytest.mark.parametrize("saved,resumed", [
+    ({"parallel.ep": 2, "parallel.tp": 2}, {}),  # ep2·tp2 → one process
+    ({}, {"parallel.ep": 2, "parallel.tp": 2}),  # one process → ep2·tp2
+    ({"parallel.ep": 2, "optim.distributed": True}, {"parallel.ep": 4, "optim.distributed": True}),
+])
+def test_experts_reshard_across_ep_sizes(tmp_path, tokenizer_dir, dataset_prefix, saved, resumed):
+    """Expert weights and their AdamW state are stored with global shapes ([E, …]): a run saved at one ep size
+    resumes at another and continues the uninterrupted single-process run's losses (float64, 1e-10)."""
+    from scaletrain.checkpoint.files import stored_tensors
+    from scaletrain.cli import main
+
+    from conftest import read_metrics
+    from dist_harness import cli_rank, run_ranks
+
+    extra = {"train.micro_batch_size": 1, "model.moe.bias_update_rate": 0.01, "train.steps": 4}
+    assert main(_args(tmp_path / "reference", tokenizer_dir, dataset_prefix, **extra)) == 0
+    run = tmp_path / "run"
+    for layout, more in ((saved, {"train.exit_interval": 2}), (resumed, {})):
+        world = 4 if layout else 1
+        args = _args(run, tokenizer_dir, dataset_prefix, **extra, **layout, **more)
+        assert (run_ranks(world, cli_rank, args, timeout=240) == [0] * world) if layout else main(args) == 0
+    shapes = stored_tensors(run / "checkpoints" / "step_0000002")
+    assert shapes["model.layers.0.mlp.experts.gate_up"][0] == (4, 2, 32, 32)
+    assert shapes["optim.state.layers.1.mlp.experts.down.exp_avg"][0] == (4, 32, 32)
+    assert shapes["model.layers.1.mlp.router.expert_bias"][0] == (4,)
+    reference, resumed_run = read_metrics(tmp_path / "reference"), read_metrics(run)
+    assert len(resumed_run) == 4
+    assert_same_steps(reference, resumed_run, 1e-10)
