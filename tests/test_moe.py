@@ -173,6 +173,13 @@ def test_grouped_gemm_is_a_loop_off_cuda():
     block.experts.impl = "grouped_mm"  # never faked: asked where it cannot run, it refuses
     with pytest.raises(RuntimeError, match="grouped_mm"):
         block(torch.randn(1, 4, 24, dtype=torch.float64))
+    if hasattr(torch, "_grouped_mm"):  # the CUDA kernel's argument checks (dtypes, strides) run on meta tensors
+        from scaletrain.nn.moe.experts import grouped_swiglu
+
+        e, h, f = 4, 64, 48
+        out = grouped_swiglu(torch.empty(40, h, device="meta"), torch.empty(e, 2, f, h, device="meta"),
+                             torch.empty(e, h, f, device="meta"), torch.empty(e, dtype=torch.int32, device="meta"))
+        assert out.shape == (40, h) and out.dtype == torch.bfloat16
 
 
 def test_kv_cache_decoding_through_moe_blocks_equals_recomputation():
