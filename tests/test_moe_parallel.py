@@ -43,6 +43,12 @@ def _compare(tmp_path, tokenizer_dir, dataset_prefix, layout: dict, world: int, 
     ("ep2-pp2", {"parallel.ep": 2, "parallel.pp": 2}, 4, {"model.moe.first_dense_layers": 0}),
     ("ep2-dp2-zero1", {"parallel.ep": 2, "optim.distributed": True}, 4,
      {"model.moe.shared_ffn_hidden_size": 32, "train.micro_batch_size": 1}),
+    # Full recomputation reruns each block's forward in backward: its routing is not recorded twice; validation
+    # passes (forward only, dropless) run through the same all-to-alls.
+    ("ep2-recompute-eval", {"parallel.ep": 2, "parallel.recompute": "full"}, 2, {"train.eval_interval": 2}),
+    # ep taken from dp × cp; the z-loss is a per-token mean, so it survives the sequence split exactly (the aux
+    # loss, a product of means, is computed per cp share: docs/moe.md).
+    ("ep2-cp2", {"parallel.ep": 2, "parallel.cp": 2}, 4, {"model.moe.aux_loss_coef": 0.0}),
 ])
 def test_expert_parallel_matches_single_process(tmp_path, tokenizer_dir, dataset_prefix, name, layout, world, model):
     steps = _compare(tmp_path, tokenizer_dir, dataset_prefix, layout, world, **model)
@@ -85,3 +91,18 @@ def test_experts_reshard_across_ep_sizes(tmp_path, tokenizer_dir, dataset_prefix
     reference, resumed_run = read_metrics(tmp_path / "reference"), read_metrics(run)
     assert len(resumed_run) == 4
     assert_same_steps(reference, resumed_run, 1e-10)
+
+
+def test_dispatch_traffic_equals_theory():
+    """benchmarks/bench_moe_comm.py's count at ep2, small: all-to-all bytes = 4·ep·k·N·h·4 per layer and
+    microbatch, counts ep·8E (ratio 1.00: no padding, nothing sent twice)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_moe_comm", REPO / "benchmarks" / "bench_moe_comm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    rows = bench.traffic(2, 2, 32, 2, 16, 2)
+    assert [(op, got, ratio) for _, op, _, got, want, ratio, *_ in rows] == [
+        ("all_to_all", 4 * 2 * 2 * 2 * (2 * 16 * 2) * 32 * 4, 1.0), ("all_to_all_counts", 2 * 2 * 2 * 8 * 8, 1.0)]

@@ -1,6 +1,7 @@
 """A mixture-of-experts model through the real entry points: pretraining on the bundled corpus balances its
 experts (configs/tiny_moe.toml; the CV of tokens per expert is reported per step), and the post-training
-stages run it through the same builder and step — SFT and DPO at ep2 equal one process (float64, 1e-10)."""
+stages run it through the same builder and step — SFT and DPO at ep2, GRPO (rollouts decoded through the MoE
+blocks) at tp2·SP equal one process (float64, 1e-10)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from scaletrain.cli import main
 
-from conftest import REPO, TINY, read_metrics, tiny_overrides
+from conftest import REPO, TINY, grpo_args, read_metrics, tiny_overrides
 from parity import assert_same_steps, run_single_and_parallel
 
 pytestmark = pytest.mark.e2e
@@ -77,3 +78,20 @@ def test_post_training_stages_run_moe_at_ep2_like_one_process(tmp_path, tokenize
                                                       synth / data, **({"parallel.ep": 2} if par else {}))), 2)
     assert len(a) == 3 and "moe_expert_tokens_cv" in a[-1]
     assert_same_steps(a, b, 1e-10)
+
+
+def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_like_one_process(tmp_path, tokenizer_dir, dataset_prefix,
+                                                                            prompts, capsys):
+    """GRPO samples its rollouts with the KV cache through the MoE blocks (dropless) and trains on them; at tp2
+    with SP the steps equal one process's. Expert parallelism with sampling is refused up front."""
+    a, b = run_single_and_parallel(
+        lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **MOE,
+                                                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {}))),
+        2)
+    assert len(a) == 3 and all(x["completion_tokens"] > 0 and "moe_expert_tokens_cv" in x for x in a)
+    assert_same_steps(a, b, 1e-10)
+    for x, y in zip(a, b):
+        assert x["reward"] == pytest.approx(y["reward"], rel=1e-9, abs=1e-12)
+    capsys.readouterr()
+    assert main(grpo_args(tmp_path / "ep", tokenizer_dir, dataset_prefix, prompts, **MOE, **{"parallel.ep": 2})) == 2
+    assert "parallel.ep = 2 with sampling" in capsys.readouterr().err and not (tmp_path / "ep").exists()
