@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from scaletrain.config.moe import is_moe_layer
+from scaletrain.config.moe import MoEConfig, is_moe_layer
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.nn.moe import MoE
 
@@ -28,25 +28,29 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class MoEStep:
-    """The MoE layers of one rank's model, and what the step does with them."""
+    """The MoE layers of one rank's model (possibly none: a pipeline stage of dense layers still joins the
+    step's collectives), and what the step does with them."""
 
-    def __init__(self, model: torch.nn.Module, dims: ParallelDims | None) -> None:
-        self.dims = dims
-        cfg = getattr(model, "cfg", None)
-        moe_ids = [i for i in range(cfg.num_layers) if is_moe_layer(cfg.moe, i)] if cfg is not None else []
+    def __init__(self, model: torch.nn.Module, dims: ParallelDims | None, moe: MoEConfig, num_layers: int) -> None:
+        self.dims, self.moe = dims, moe
+        moe_ids = [i for i in range(num_layers) if is_moe_layer(moe, i)]
         self.layers: list[tuple[int, MoE]] = []
         for position, (name, module) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
             match = _LAYER.search(name)
             row = moe_ids.index(int(match.group(1))) if match and int(match.group(1)) in moe_ids else position
             self.layers.append((row, module))
         self.rows = max([len(moe_ids)] + [r + 1 for r, _ in self.layers])
+        self.device = next(model.parameters()).device
         self.counts: dict[int, torch.Tensor] = {}
 
     @classmethod
     def of(cls, model: torch.nn.Module, dims: ParallelDims | None) -> MoEStep | None:
-        """None for a model without MoE layers (nothing to do, no collective)."""
-        step = cls(model, dims)
-        return step if step.layers else None
+        """None for a model without MoE layers on any stage (nothing to do, no collective). Decided by the
+        model's config, the same on every rank, not by the layers this rank holds."""
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or not any(is_moe_layer(cfg.moe, i) for i in range(cfg.num_layers)):
+            return None
+        return cls(model, dims, cfg.moe, cfg.num_layers)
 
     def _over_dp_cp(self, t: torch.Tensor) -> torch.Tensor:
         if self.dims is not None and self.dims.dp * self.dims.cp > 1:
@@ -55,9 +59,8 @@ class MoEStep:
 
     def begin(self, microbatches: list[dict]) -> None:
         """Weight the balancing terms by 1 / the global batch's routed tokens (collective over dp × cp)."""
-        device = microbatches[0]["tokens"].device
         local = sum(int(b["tokens"].numel()) for b in microbatches)
-        total = self._over_dp_cp(torch.tensor([float(local)], dtype=torch.float64, device=device))
+        total = self._over_dp_cp(torch.tensor([float(local)], dtype=torch.float64, device=self.device))
         scale = 1.0 / max(float(total.item()), 1.0)  # host sync, once per step
         for _, layer in self.layers:
             layer.loss_scale = scale
@@ -66,11 +69,10 @@ class MoEStep:
     def end(self) -> dict[str, float]:
         """The step's routing metrics over the global batch (collective over dp × cp and pp); keeps each
         local layer's global assignment counts for `update_bias`."""
-        num_experts = self.layers[0][1].num_experts
-        device = self.layers[0][1].router.weight.device
-        table = torch.zeros(self.rows, num_experts + 4, dtype=torch.float64, device=device)
+        num_experts = self.moe.num_experts
+        table = torch.zeros(self.rows, num_experts + 4, dtype=torch.float64, device=self.device)
         for row, layer in self.layers:
-            table[row] = layer.stats.vector(device)
+            table[row] = layer.stats.vector(self.device)
             layer.stats.reset()
         table = self._over_dp_cp(table)
         self.counts = {row: table[row, :num_experts].clone() for row, _ in self.layers}
@@ -81,11 +83,10 @@ class MoEStep:
         if not bool(present.any()):
             return {}
         counts, tokens = table[present, :num_experts], table[present, num_experts + 1]
-        coefs = [(layer.aux_loss_coef, layer.z_loss_coef) for _, layer in self.layers][0]
         cv = counts.std(dim=1, unbiased=False) / counts.mean(dim=1).clamp_min(1e-12)
         return {
-            "moe_aux_loss": coefs[0] * float((table[present, num_experts + 2] / tokens).sum()),
-            "moe_z_loss": coefs[1] * float((table[present, num_experts + 3] / tokens).sum()),
+            "moe_aux_loss": self.moe.aux_loss_coef * float((table[present, num_experts + 2] / tokens).sum()),
+            "moe_z_loss": self.moe.z_loss_coef * float((table[present, num_experts + 3] / tokens).sum()),
             "moe_expert_tokens_min": float(counts.min()),
             "moe_expert_tokens_max": float(counts.max()),
             "moe_expert_tokens_cv": float(cv.mean()),
