@@ -5,14 +5,11 @@ Convention (PaLM, Chowdhery et al. 2022, appendix B): training FLOPs per token =
 input embedding table; the output head is counted even when tied to the embedding), L layers,
 H query heads, Q head dim, T sequence length. The attention term counts the full T×T score matrix;
 `causal_halved=True` halves it (6·L·H·Q·T), the count of work a causal kernel actually does. MFU is
-reported under the PaLM convention. Mixture-of-experts layers count their *active* parameters in N (the
-router, top_k routed experts and the shared expert: what one token passes through), Megatron's and
-DeepSeek's convention; `total` counts every expert. E.g. Llama-3-8B at T = 8192: 57.9 GFLOP (PaLM), 51.5 (halved).
+reported under the PaLM convention. E.g. Llama-3-8B at T = 8192: 57.9 GFLOP (PaLM), 51.5 (halved).
 """
 
 from __future__ import annotations
 
-from scaletrain.config.moe import is_moe_layer
 from scaletrain.config.schema import ModelConfig
 
 # Dense peak TFLOP/s per device (no sparsity). Unknown devices (CPUs included) get no MFU.
@@ -32,21 +29,13 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
     qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + (cfg.num_heads + 2 * cfg.num_kv_heads) * d * cfg.qkv_bias
     attn_out = cfg.num_heads * d * h
-    mlp_all = mlp_active = 0  # over all layers: every parameter / those a token passes through (MoE: top_k experts)
-    for i in range(layers):
-        if is_moe_layer(cfg.moe, i):
-            m = cfg.moe
-            expert, shared, router = 3 * h * (m.expert_ffn_hidden_size or cfg.ffn_hidden_size), 3 * h * m.shared_ffn_hidden_size, m.num_experts * h
-            mlp_all += m.num_experts * expert + shared + router
-            mlp_active += m.top_k * expert + shared + router
-        else:
-            mlp_all += 3 * h * cfg.ffn_hidden_size
-            mlp_active += 3 * h * cfg.ffn_hidden_size
+    mlp = 3 * h * cfg.ffn_hidden_size
+    per_layer_matmul = qkv + attn_out + mlp
     norms = layers * 2 * h + h
     embedding = cfg.vocab_size * h
     head = cfg.num_labels * h if cfg.num_labels else cfg.vocab_size * h  # a reward model's score head, or the LM head
-    total = embedding + layers * (qkv + attn_out) + mlp_all + norms + (0 if cfg.tie_embeddings and not cfg.num_labels else head)
-    return {"total": total, "embedding": embedding, "matmul": layers * (qkv + attn_out) + mlp_active + head}
+    total = embedding + layers * per_layer_matmul + norms + (0 if cfg.tie_embeddings and not cfg.num_labels else head)
+    return {"total": total, "embedding": embedding, "matmul": layers * per_layer_matmul + head}
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int, causal_halved: bool = False) -> float:
