@@ -41,6 +41,8 @@ def _compare(tmp_path, tokenizer_dir, dataset_prefix, layout: dict, world: int, 
     ("ep2-tp2-sp", {"parallel.ep": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}, 4,
      {"model.moe.score_fn": "sigmoid", "model.moe.bias_update_rate": 0.01, "model.moe.shared_ffn_hidden_size": 32}),
     ("ep2-pp2", {"parallel.ep": 2, "parallel.pp": 2}, 4, {"model.num_layers": 4, "model.moe.layer_freq": 2}),
+    # tp without SP: experts tp-sharded, the router's partial gradients summed over tp
+    ("tp2", {"parallel.tp": 2}, 2, {"model.moe.shared_ffn_hidden_size": 32}),
     # a first stage of dense layers only still joins the step's MoE collectives (pp all-reduce of the metrics)
     ("pp2-dense-first-stage", {"parallel.pp": 2}, 2, {"model.num_layers": 4, "model.moe.first_dense_layers": 2}),
     ("ep2-dp2-zero1", {"parallel.ep": 2, "optim.distributed": True}, 4,
