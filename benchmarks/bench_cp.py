@@ -62,7 +62,7 @@ def _rank(rank: int, world: int, args, seq: int) -> dict:
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     model = parallelize(build_model(cfg.model, tp_size=1), dims, cfg.parallel)
     init_parameters(model, 0, 0, 1)
-    opt = build_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu"), dims)
     objective = LanguageModelingObjective(dims.tp_comm)
     ids = torch.randint(0, 512, (1, seq + 1), generator=torch.Generator().manual_seed(0))
     mb = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(1, seq)}

@@ -72,9 +72,10 @@ def _step(rank: int, world: int, cfg: ModelConfig, zero: bool) -> dict:
 def _checkpoint_throughput(cfg: ModelConfig, work: Path) -> dict:
     model = build_model(cfg)
     init_parameters(model, 0)
-    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"), ParallelDims.single())
     train_step(model, opt, LanguageModelingObjective(), _batches(cfg, 1), lr=1e-3, clip_grad=1.0,
-               precision=Precision(torch.float32, None, "cpu", "bench"), device=torch.device("cpu"))
+               precision=Precision(torch.float32, None, "cpu", "bench"), device=torch.device("cpu"),
+               dims=ParallelDims.single())
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     nbytes += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
     rows = {}

@@ -76,7 +76,7 @@ def _traffic_rank(rank: int, world: int, cfg: ModelConfig, b: int, s: int, micro
         model = build_model(cfg)
     model = parallelize(model, dims, pcfg)
     init_parameters(model, 0)
-    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"), dims)
     ep = dims.comm("ep")
     ep.stats.reset()
     _step(model, opt, dims, _batches(cfg, b, s, microbatches, seed=rank))
@@ -103,7 +103,7 @@ def throughput(layers: int, hidden: int, b: int, s: int, steps: int) -> list[tup
         cfg = _cfg(layers, hidden, 3 * hidden, moe)
         model = build_model(cfg)
         init_parameters(model, 0)
-        opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+        opt = build_optimizer(model, OptimConfig(), torch.device("cpu"), dims)
         mbs = _batches(cfg, b, s, 1, seed=0)
         _step(model, opt, dims, mbs)  # warm-up
         times = []

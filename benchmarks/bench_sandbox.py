@@ -83,7 +83,7 @@ def main() -> None:
         settings = SandboxSettings(workers=workers)
         variants[f"new: bwrap sandbox, {workers} at a time"] = \
             lambda s=settings: [v.passed and not v.error for v in run_programs(progs, s)]
-    variants["new: posttrain.sandbox = 'none', 2 at a time"] = \
+    variants["new: posttrain.sandbox.backend = 'none', 2 at a time"] = \
         lambda: [v.passed for v in run_programs(progs, SandboxSettings(mode="none", workers=2))]
     run_programs(progs[:2], SandboxSettings())  # warm: the runtime is found once per process
     times: dict[str, list[float]] = {k: [] for k in variants}

@@ -1,6 +1,6 @@
 """Tensor-parallel communication volume per step, measured through the comm module, against theory.
 
-    python benchmarks/bench_tp_comm.py [--tp 2] [--layers 4] [--seq 64] [--hidden 128]
+    python benchmarks/bench_tp_comm.py [--tp 2] [--layers 4] [--seq 64] [--hidden 128] [--dtype bfloat16]
 
 Every collective goes through `scaletrain.distributed.comm.Comm`, which counts the payload of each
 call (the full tensor an op moves: the all-reduced tensor, the gathered output, the
@@ -13,6 +13,10 @@ table compares the measured payload with Megatron TP's minimum:
   once per microbatch: embedding output (1 B fwd; with SP + 1 B bwd), head input (1 B bwd; with SP
     + 1 B fwd), vocab-parallel cross-entropy: max and (sum-exp, label logit) over b·s tokens
   once per step: the sequence-parallel norm-weight gradients, the global grad-norm scalar.
+
+In a bf16 run (--dtype bfloat16: bf16 weights and activations, precision.params = 'bf16') B counts 2 bytes
+per element: the activations, their gradients and the SP collectives travel in bf16; the loss's statistics
+and the norm-weight gradients (fp32 main grads) stay 4 bytes.
 
 Ring algorithms put 2(n-1)/n · payload (all-reduce) or (n-1)/n · payload (all-gather,
 reduce-scatter) on the wire per rank; that factor is the same on both sides of the ratio.
@@ -45,12 +49,16 @@ from scaletrain.trainer.step import train_step  # noqa: E402
 from dist_harness import run_ranks  # noqa: E402
 
 
-def _one_step(rank: int, world: int, cfg: ModelConfig, sp: bool, b: int, s: int, microbatches: int) -> dict:
+def _one_step(rank: int, world: int, cfg: ModelConfig, sp: bool, b: int, s: int, microbatches: int,
+              dtype: str = "float32") -> dict:
     pcfg = ParallelConfig(tp=world, sequence_parallel=sp)
     dims = ParallelDims.from_config(pcfg, world, rank)
-    model = parallelize(build_model(cfg, tp_size=world), dims, pcfg)
+    bf16 = dtype == "bfloat16"
+    precision = Precision(torch.bfloat16, torch.bfloat16, "cpu", "bench") if bf16 else \
+        Precision(torch.float32, None, "cpu", "bench")
+    model = parallelize(build_model(cfg, tp_size=world, dtype=precision.param_dtype), dims, pcfg)
     init_parameters(model, 0, dims.tp_rank, world)
-    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"), dims)
     g = torch.Generator().manual_seed(0)
     mbs = []
     for _ in range(microbatches):
@@ -58,7 +66,7 @@ def _one_step(rank: int, world: int, cfg: ModelConfig, sp: bool, b: int, s: int,
         mbs.append({"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(b, s)})
     dims.tp_comm.stats.reset()
     train_step(model, opt, LanguageModelingObjective(dims.tp_comm), mbs, lr=1e-3, clip_grad=1.0,
-               precision=Precision(torch.float32, None, "cpu", "bench"), device=torch.device("cpu"), dims=dims)
+               precision=precision, device=torch.device("cpu"), dims=dims)
     return {"bytes": dict(dims.tp_comm.stats.bytes), "calls": dict(dims.tp_comm.stats.calls)}
 
 
@@ -66,17 +74,18 @@ NORM_BYTES = 8  # the global grad norm's partial sum of squares, accumulated in 
 
 
 def theory(cfg: ModelConfig, sp: bool, b: int, s: int, microbatches: int, elt: int = 4) -> dict[str, int]:
-    """Minimum payload bytes per op for one step (see the module docstring)."""
+    """Minimum payload bytes per op for one step (see the module docstring); `elt`: bytes of an activation
+    element (4 float32, 2 bf16); the loss's statistics and gradients of the weights are float32 either way."""
     act = b * s * cfg.hidden_size * elt
     tokens = b * s
-    ce = (tokens + 2 * tokens) * elt  # all-reduce(max) + all-reduce(stacked sum-exp, label logit)
+    ce = (tokens + 2 * tokens) * 4  # all-reduce(max) + all-reduce(stacked sum-exp, label logit), float32
     out: dict[str, int] = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
     if sp:
         per_mb_ag = cfg.num_layers * 4 * act + act + act  # layers: 2 fwd + 2 bwd; embed bwd; head fwd
         per_mb_rs = cfg.num_layers * 4 * act + act + act  # layers: 2 fwd + 2 bwd; embed fwd; head bwd
         out["all_gather"] = microbatches * per_mb_ag
         out["reduce_scatter"] = microbatches * per_mb_rs
-        out["all_reduce"] = microbatches * ce + (2 * cfg.num_layers + 1) * cfg.hidden_size * elt + NORM_BYTES
+        out["all_reduce"] = microbatches * ce + (2 * cfg.num_layers + 1) * cfg.hidden_size * 4 + NORM_BYTES
     else:
         out["all_reduce"] = microbatches * (cfg.num_layers * 4 * act + 2 * act + ce) + NORM_BYTES
     return out
@@ -90,21 +99,24 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--microbatches", type=int, default=2)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="bfloat16: bf16 weights and activations (the default layout of bf16 runs)")
     args = ap.parse_args()
     cfg = resolve_model(ModelConfig(vocab_size=512, hidden_size=args.hidden, num_layers=args.layers,
                                     num_heads=8, num_kv_heads=4, ffn_hidden_size=4 * args.hidden),
                         tokenizer_vocab=None, tp=1, seq_length=args.seq)
     print(f"# TP communication per step: tp={args.tp}, {args.layers} layers, h={args.hidden}, "
-          f"b={args.micro_batch}, s={args.seq}, {args.microbatches} microbatches, fp32\n")
+          f"b={args.micro_batch}, s={args.seq}, {args.microbatches} microbatches, {args.dtype}\n")
     print("| layout | op | calls | measured bytes | theoretical bytes | ratio | wire bytes/rank (ring) |")
     print("|---|---|---|---|---|---|---|")
     ok = True
     n = args.tp
     for sp in (False, True):
-        ranks = run_ranks(args.tp, _one_step, cfg, sp, args.micro_batch, args.seq, args.microbatches, timeout=300)
+        ranks = run_ranks(args.tp, _one_step, cfg, sp, args.micro_batch, args.seq, args.microbatches, args.dtype,
+                          timeout=300)
         measured = ranks[0]
         assert all(r["bytes"] == measured["bytes"] for r in ranks), "ranks disagree on traffic"
-        want = theory(cfg, sp, args.micro_batch, args.seq, args.microbatches)
+        want = theory(cfg, sp, args.micro_batch, args.seq, args.microbatches, 2 if args.dtype == "bfloat16" else 4)
         total_m = total_t = 0
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             m, t = measured["bytes"].get(op, 0), want[op]

@@ -12,8 +12,8 @@ a hang, crash or OOM is that row's 'timeout' / 'FAIL', never the end of the tabl
   throughput  Llama-3 1B (configs/llama3_1b.toml), torch backend, bf16: eager / fused kernels / compile /
               both, at seq 4096 then 8192 (`scaletrain profile`: tokens/s, TFLOP/s, MFU by PaLM's 6N+12LHQT,
               peak memory); micro-batch and recomputation chosen by the planner to fit the device's memory
-  fp8         the same shape through every FP8 path that imports (Transformer Engine today: te bf16 and te
-              fp8 rows), else one 'unavailable' row
+  fp8         the same shape through every FP8 path that can run: Transformer Engine (te bf16 and te fp8
+              rows) and torchao's float8 training (tensorwise and rowwise, compiled), else 'unavailable' rows
   loss        each throughput row's loss at its first and last step against the eager row's at the same
               shape (same seed, weights and data: bf16 rounding apart, they compute the same function)
 
@@ -113,15 +113,25 @@ VARIANTS = {  # name: --set items (torch backend, bf16)
 
 
 def fp8_paths() -> list[tuple[str, dict[str, tuple[str, ...]], str | None]]:
-    """[(path, {variant: --set items}, why unavailable or None)] for every FP8 path scaletrain has.
-    Transformer Engine is the one today; a TE-free path adds an entry here."""
+    """[(path, {variant: --set items}, why unavailable or None)] for every FP8 path scaletrain has:
+    Transformer Engine's, and torchao's float8 training on the torch backend (compiled, as it needs; its bf16
+    reference is the 'compile' row)."""
+    import torch
+
+    from scaletrain.config.schema import PrecisionConfig
     from scaletrain.nn.backend import te_importable
+    from scaletrain.nn.float8 import float8_problem
 
     ok, detail = te_importable()
     te = {"te bf16": ("parallel.backend=te", "parallel.kernels=[]", "parallel.compile=false"),
           "te fp8": ("parallel.backend=te", "parallel.kernels=[]", "parallel.compile=false", "precision.fp8=true",
                      "precision.fp8_recipe=current")}
-    return [("transformer_engine", te, None if ok else detail)]
+    ao = {f"torchao fp8 {recipe}": ("parallel.backend=torch", "parallel.kernels=[]", "parallel.compile=true",
+                                    "precision.fp8=true", "precision.fp8_backend=torchao",
+                                    f"precision.fp8_recipe={recipe}") for recipe in ("tensorwise", "rowwise")}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [("transformer_engine", te, None if ok else detail),
+            ("torchao", ao, float8_problem(PrecisionConfig(fp8=True, fp8_backend="torchao"), device))]
 
 
 def fit(shape: Shape, seq: int, variant_sets: tuple[str, ...], memory_gb: float) -> tuple[list[str], str]:
@@ -241,8 +251,9 @@ def loss_checks(rows: list[Row]) -> list[str]:
     lines = []
     eager = {r.seq: r for r in rows if r.variant == "eager" and r.measured.get("losses")}
     te_bf16 = {r.seq: r for r in rows if r.variant == "te bf16" and r.measured.get("losses")}
+    compiled = {r.seq: r for r in rows if r.variant == "compile" and r.measured.get("losses")}
     for r in rows:
-        ref = (te_bf16 if r.variant == "te fp8" else eager).get(r.seq)
+        ref = (te_bf16 if r.variant == "te fp8" else compiled if r.variant.startswith("torchao") else eager).get(r.seq)
         if ref is None or r is ref or not r.measured.get("losses"):
             continue
         a, b = ref.measured["losses"], r.measured["losses"]

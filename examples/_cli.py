@@ -54,7 +54,7 @@ def pretrain_and_sft(work: Path, data: Path, tok: Path, common: list[str], pretr
         "--set", "checkpoint.export_hf=hf")
     sft_dir = f"{prefix}sft-s{sft_steps}"
     run("sft", *common, "--set", f"checkpoint.init_from_hf={pretrain / 'hf'}",
-        "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={work / sft_dir}",
+        "--set", f'posttrain.chat.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={work / sft_dir}",
         "--set", f"train.steps={sft_steps}", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=5",
         "--set", "checkpoint.export_hf=hf")
     return sft_dir
@@ -113,11 +113,11 @@ def run_grpo(work: Path, data: Path, common: list[str], args: argparse.Namespace
                 f"-kl{args.kl_beta:g}{'' if args.grpo_seed is None else f'-seed{args.grpo_seed}'}{suffix}")
     completions = args.group_size * args.prompts_per_step
     run("grpo", *common, "--set", f"checkpoint.init_from_hf={work / start / 'hf'}",
-        "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={work / grpo_dir}",
+        "--set", f'posttrain.chat.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={work / grpo_dir}",
         "--set", f"train.steps={args.grpo_steps}", "--set", f"optim.lr={args.grpo_lr}", "--set", "optim.warmup_steps=5",
         "--set", f"optim.min_lr={args.grpo_lr}", "--set", "optim.weight_decay=0.0",
         "--set", f"train.global_batch_size={completions}", "--set", f"train.micro_batch_size={min(completions, 32)}",
-        "--set", f"posttrain.group_size={args.group_size}", "--set", "posttrain.max_new_tokens=20",
-        "--set", f"posttrain.kl_beta={args.kl_beta}",
+        "--set", f"posttrain.grpo.group_size={args.group_size}", "--set", "posttrain.rollout.max_new_tokens=20",
+        "--set", f"posttrain.grpo.beta={args.kl_beta}",
         *(() if args.grpo_seed is None else ("--set", f"train.seed={args.grpo_seed}")), *extra)
     return grpo_dir

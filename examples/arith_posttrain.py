@@ -24,7 +24,7 @@ def main() -> int:
     p.add_argument("--dpo-steps", type=int, default=300)
     p.add_argument("--dpo-lr", type=float, default=2e-4)
     p.add_argument("--dpo-beta", type=float, default=0.2)
-    p.add_argument("--dpo-nll", type=float, default=0.5, help="posttrain.nll_weight (RPO)")
+    p.add_argument("--dpo-nll", type=float, default=0.5, help="posttrain.dpo.nll_weight (RPO)")
     p.add_argument("--eval", type=int, default=200, help="held-out problems to evaluate")
     p.add_argument("--max-number", type=int, default=9, help="task difficulty: largest first operand")
     p.add_argument("--ops", default="add,sub", help="task operations (add, sub, mul)")
@@ -37,15 +37,15 @@ def main() -> int:
         "--set", f"train.run_dir={w / 'pretrain'}", "--set", f"train.steps={args.pretrain_steps}")
     run("convert", "to-hf", str(w / "pretrain" / "checkpoints"), str(w / "pretrain_hf"))
     run("sft", *common, "--set", f"checkpoint.init_from_hf={w / 'pretrain_hf'}",
-        "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={w / 'sft'}",
+        "--set", f'posttrain.chat.train_data=["{data / "sft_train.jsonl"}"]', "--set", f"train.run_dir={w / 'sft'}",
         "--set", f"train.steps={args.sft_steps}", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=10")
     run("convert", "to-hf", str(w / "sft" / "checkpoints"), str(w / "sft_hf"))
     dpo_dir = f"dpo-s{args.dpo_steps}-lr{args.dpo_lr:g}-b{args.dpo_beta:g}-nll{args.dpo_nll:g}"
     run("dpo", *common, "--set", f"checkpoint.init_from_hf={w / 'sft_hf'}",
-        "--set", f'posttrain.train_data=["{data / "dpo_train.jsonl"}"]', "--set", f"train.run_dir={w / dpo_dir}",
+        "--set", f'posttrain.chat.train_data=["{data / "dpo_train.jsonl"}"]', "--set", f"train.run_dir={w / dpo_dir}",
         "--set", f"train.steps={args.dpo_steps}", "--set", f"optim.lr={args.dpo_lr}", "--set", "optim.warmup_steps=10",
-        "--set", f"optim.min_lr={args.dpo_lr / 10}", "--set", f"posttrain.beta={args.dpo_beta}",
-        "--set", f"posttrain.nll_weight={args.dpo_nll}", "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=8")
+        "--set", f"optim.min_lr={args.dpo_lr / 10}", "--set", f"posttrain.dpo.beta={args.dpo_beta}",
+        "--set", f"posttrain.dpo.nll_weight={args.dpo_nll}", "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=8")
 
     from scaletrain.chat.renderer import ChatRenderer
     from scaletrain.checkpoint import latest_checkpoint

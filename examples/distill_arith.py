@@ -31,13 +31,13 @@ def main() -> int:
                                prefix="student-")
     start = ["--set", f"checkpoint.init_from_hf={w / student / 'hf'}", "--set", f"train.steps={args.steps}",
              "--set", f"optim.lr={args.lr}", "--set", f"optim.min_lr={args.lr / 10}", "--set", "optim.warmup_steps=5",
-             "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]']
-    distill = ["--set", f"posttrain.teacher={w / teacher / 'hf'}"]
+             "--set", f'posttrain.chat.train_data=["{data / "sft_train.jsonl"}"]']
+    distill = ["--set", f"posttrain.distill.teacher={w / teacher / 'hf'}"]
     ways = {
         "+SFT": ("sft", []),
         "+distill": ("distill", distill),
-        "+on-policy": ("distill", [*distill, "--set", "posttrain.distill_on_policy=true", "--set",
-                                   "posttrain.distill_loss=reverse_kl", "--set", "posttrain.max_new_tokens=20"]),
+        "+on-policy": ("distill", [*distill, "--set", "posttrain.distill.on_policy=true", "--set",
+                                   "posttrain.distill.loss=reverse_kl", "--set", "posttrain.rollout.max_new_tokens=20"]),
     }
     stages = [("teacher", teacher), ("student", student)]
     for name, (command, extra) in ways.items():

@@ -72,16 +72,16 @@ def main() -> None:
     runs = {
         "from scratch (CE)": ("train", []),
         "forward KL": ("distill", []),
-        "forward KL, top-32": ("distill", ["posttrain.distill_top_k=32"]),
-        "α=0.5, τ=2": ("distill", ["posttrain.distill_alpha=0.5", "posttrain.distill_temperature=2.0"]),
-        "reverse KL": ("distill", ["posttrain.distill_loss=reverse_kl"]),
+        "forward KL, top-32": ("distill", ["posttrain.distill.top_k=32"]),
+        "α=0.5, τ=2": ("distill", ["posttrain.distill.alpha=0.5", "posttrain.distill.temperature=2.0"]),
+        "reverse KL": ("distill", ["posttrain.distill.loss=reverse_kl"]),
     }
     dirs = {}
     for i, (name, (command, sets)) in enumerate(runs.items()):
         dirs[name] = work / f"student{i}"
         extra = [x for s in sets for x in ("--set", s)]
         if command == "distill":
-            extra += ["--set", f"posttrain.teacher={teacher}"]
+            extra += ["--set", f"posttrain.distill.teacher={teacher}"]
         run(command, *common, *student, "--set", f"train.run_dir={dirs[name]}", *extra)
     scores = held_out_scores(teacher, dirs, tok)
     n = scores["teacher"][2]

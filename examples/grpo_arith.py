@@ -47,7 +47,7 @@ def main() -> int:
     if args.dynamic_sampling:
         t0 = time.perf_counter()
         stages.append(("after GRPO + dynamic sampling",
-                       run_grpo(w, data, common, args, sft_dir, sft_dir, "--set", "posttrain.dynamic_sampling=true",
+                       run_grpo(w, data, common, args, sft_dir, sft_dir, "--set", "posttrain.grpo.dynamic_sampling=true",
                                 suffix="-ds")))
         times.append(time.perf_counter() - t0)
 

@@ -27,15 +27,15 @@ def main() -> int:
     student = pretrain_and_sft(w, data, tok, common + small, args.pretrain_steps, args.student_sft_steps,
                                prefix="student-")
     rl = ["--set", f"checkpoint.init_from_hf={w / student / 'hf'}", "--set", f"train.steps={args.steps}",
-          "--set", f'posttrain.train_data=["{data / "sft_train.jsonl"}"]', "--set", 'posttrain.rewards=["math_answer"]',
+          "--set", f'posttrain.chat.train_data=["{data / "sft_train.jsonl"}"]', "--set", 'posttrain.rewards.functions=["math_answer"]',
           "--set", f"train.global_batch_size={args.batch}", "--set", f"train.micro_batch_size={min(args.batch, 32)}",
           "--set", "optim.lr=1e-4", "--set", "optim.min_lr=1e-4", "--set", "optim.warmup_steps=5",
-          "--set", "optim.weight_decay=0.0", "--set", "posttrain.kl_beta=0.02", "--set", "posttrain.max_new_tokens=20"]
+          "--set", "optim.weight_decay=0.0", "--set", "posttrain.grpo.beta=0.02", "--set", "posttrain.ppo.kl_coef=0.02", "--set", "posttrain.rollout.max_new_tokens=20"]
     ppo_dir, grpo_dir = f"student-ppo-s{args.steps}-b{args.batch}", f"student-grpo-s{args.steps}-b{args.batch}"
-    run("ppo", *common, *rl, "--set", f"posttrain.critic={w / student / 'hf'}", "--set", "posttrain.group_size=1",
-        "--set", "posttrain.critic_lr=3e-4", "--set", "posttrain.grpo_iterations=2",
+    run("ppo", *common, *rl, "--set", f"posttrain.ppo.critic={w / student / 'hf'}", "--set", "posttrain.ppo.group_size=1",
+        "--set", "posttrain.ppo.critic_lr=3e-4", "--set", "posttrain.ppo.iterations=2",
         "--set", f"train.run_dir={w / ppo_dir}")
-    run("grpo", *common, *rl, "--set", "posttrain.group_size=8", "--set", f"train.run_dir={w / grpo_dir}")
+    run("grpo", *common, *rl, "--set", "posttrain.grpo.group_size=8", "--set", f"train.run_dir={w / grpo_dir}")
     print_accuracies(w, tok, args, [("student", student), ("+PPO", ppo_dir), ("+GRPO", grpo_dir)])
     return 0
 

@@ -60,7 +60,7 @@ def main() -> int:
     p.add_argument("--format-weight", type=float, default=3.0,
                    help="weight of the answer_format reward next to the reward model's (0: the reward model alone)")
     p.add_argument("--missing-stop-penalty", type=float, default=0.0,
-                   help="posttrain.missing_stop_penalty: for a turn that does not end with its end-of-turn marker")
+                   help="posttrain.rewards.missing_stop_penalty: for a turn that does not end with its end-of-turn marker")
     p.add_argument("--seed", type=int, default=0)
     add_grpo_args(p, kl_beta=0.1)  # higher than for a verifiable reward: a learned one can be gamed
     args = p.parse_args()
@@ -73,20 +73,20 @@ def main() -> int:
     rm_dir = f"rm-s{args.rm_steps}-lr{args.rm_lr:g}{'-far' if pairs else ''}"
     train_files = ", ".join(f'"{f}"' for f in [data / "dpo_train.jsonl", *([pairs] if pairs else [])])
     run("reward", *common, "--set", f"checkpoint.init_from_hf={w / sft_dir / 'hf'}",
-        "--set", f"posttrain.train_data=[{train_files}]",
-        "--set", f'posttrain.valid_data=["{data / "dpo_test.jsonl"}"]', "--set", f"train.eval_interval={args.rm_steps // 4}",
+        "--set", f"posttrain.chat.train_data=[{train_files}]",
+        "--set", f'posttrain.chat.valid_data=["{data / "dpo_test.jsonl"}"]', "--set", f"train.eval_interval={args.rm_steps // 4}",
         "--set", "train.eval_iters=6", "--set", f"train.run_dir={w / rm_dir}", "--set", f"train.steps={args.rm_steps}",
         "--set", f"optim.lr={args.rm_lr}", "--set", f"optim.min_lr={args.rm_lr / 10}", "--set", "optim.warmup_steps=20",
         "--set", "optim.weight_decay=0.0", "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=16",
-        "--set", "posttrain.reward_center=0.01")
-    rewards = ["--set", 'posttrain.rewards=["reward_model"]']
+        "--set", "posttrain.reward.center_coefficient=0.01")
+    rewards = ["--set", 'posttrain.rewards.functions=["reward_model"]']
     if args.format_weight:
-        rewards = ["--set", 'posttrain.rewards=["reward_model", "answer_format"]',
-                   "--set", f"posttrain.reward_weights=[1.0, {args.format_weight}]"]
+        rewards = ["--set", 'posttrain.rewards.functions=["reward_model", "answer_format"]',
+                   "--set", f"posttrain.rewards.weights=[1.0, {args.format_weight}]"]
     prefix = rm_dir + (f"-fmt{args.format_weight:g}" if args.format_weight else "") + \
         (f"-stop{args.missing_stop_penalty:g}" if args.missing_stop_penalty else "")
-    grpo_dir = run_grpo(w, data, common, args, sft_dir, prefix, *rewards, "--set", f"posttrain.reward_model={w / rm_dir}",
-                        "--set", f"posttrain.missing_stop_penalty={args.missing_stop_penalty}")
+    grpo_dir = run_grpo(w, data, common, args, sft_dir, prefix, *rewards, "--set", f"posttrain.rewards.model={w / rm_dir}",
+                        "--set", f"posttrain.rewards.missing_stop_penalty={args.missing_stop_penalty}")
 
     records = [json.loads(line) for line in (w / rm_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_rewards_accuracy" in r][-1]

@@ -44,7 +44,7 @@ def main() -> int:
         "--set", f"train.run_dir={w / 'pretrain'}", "--set", f"train.steps={args.pretrain_steps}")
     run("convert", "to-hf", str(w / "pretrain" / "checkpoints"), str(w / "pretrain_hf"))
     run("sft", *common, "--set", f"checkpoint.init_from_hf={w / 'pretrain_hf'}",
-        "--set", f'posttrain.train_data=["{data / "tools_train.jsonl"}"]', "--set", f"train.run_dir={w / 'sft'}",
+        "--set", f'posttrain.chat.train_data=["{data / "tools_train.jsonl"}"]', "--set", f"train.run_dir={w / 'sft'}",
         "--set", f"train.steps={args.sft_steps}", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=10",
         "--set", "train.seq_length=256")
     run("convert", "to-hf", str(w / "sft" / "checkpoints"), str(w / "sft_hf"))

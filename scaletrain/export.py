@@ -73,7 +73,7 @@ def write_chat_template(ckpt: Path, out: Path):
     if get_stage(run.posttrain.objective).reads_documents(run):  # trained on documents: no chat format to record
         return None
     pt = run.posttrain
-    renderer = ChatRenderer(load_tokenizer(out), pt.chat_template, tools=bundled_tools(pt.tools))
+    renderer = ChatRenderer(load_tokenizer(out), pt.chat.template, tools=bundled_tools(pt.chat.tools))
     write_single_template(out, renderer.source)
     return renderer
 

@@ -25,7 +25,7 @@ from scaletrain.config.schema import ModelConfig, RunConfig
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
 from scaletrain.nn.moe import bind_grouped_gemm
-from scaletrain.parallel.parallelize import enable_fp8, parallelize
+from scaletrain.parallel.parallelize import parallelize
 from scaletrain.runtime import Runtime
 
 
@@ -69,26 +69,26 @@ class ModelBuilder:
     def build(self, model: ModelConfig, *, trainable: bool, dtype: torch.dtype | None = None,
               policy: bool = False) -> torch.nn.Module:
         """An uninitialised model of `model`'s architecture, parallelised in the run's layout. Only the
-        policy recomputes activations and shards its optimizer over dp (parallel.recompute, optim.distributed)."""
+        policy recomputes activations, shards its optimizer over dp and runs in FP8 (parallel.recompute,
+        optim.distributed, precision.fp8: parallelize applies them)."""
         rt, cfg = self.runtime, self.cfg
         with torch.device("meta") if rt.dims.pp > 1 or rt.dims.ep > 1 else torch.device(rt.device):
             module = build_model(model, tp_size=rt.dims.tp, dtype=dtype or rt.precision.param_dtype, backend=rt.backend)
         if not trainable:
             module.requires_grad_(False)  # no gradient buffers, no dp buckets
         parallel = cfg.parallel if policy else dataclasses.replace(cfg.parallel, recompute="none")
-        module = parallelize(module, rt.dims, parallel, rt.device, shard_optimizer=policy and cfg.optim.distributed)
+        module = parallelize(module, rt.dims, parallel, rt.device, shard_optimizer=policy and cfg.optim.distributed,
+                             precision=cfg.precision if policy else None, log=self.log)
         gemm = bind_grouped_gemm(module, rt.device, rt.precision.autocast_dtype or rt.precision.param_dtype)
         if gemm is not None and policy:
             self.log(gemm)
         return module
 
     def policy(self, *, resumed: bool) -> torch.nn.Module:
-        """The trained model: seeded init (a layout-independent function of train.seed), FP8 where asked,
+        """The trained model: seeded init (a layout-independent function of train.seed), FP8 where asked (in parallelize),
         and on a first start checkpoint.init_from_hf's weights."""
         cfg, dims = self.cfg, self.runtime.dims
         model = self.build(cfg.model, trainable=True, policy=True)
-        if cfg.precision.fp8:
-            self.log(enable_fp8(model, dims, cfg.precision))
         init_parameters(model, cfg.train.seed, tp_rank=dims.tp_rank, tp_size=dims.tp)
         if not resumed and cfg.checkpoint.init_from_hf:
             fresh = load_hf_weights(model, cfg.checkpoint.init_from_hf, tp_rank=dims.tp_rank, tp_size=dims.tp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from scaletrain.checkpoint.atomic_dir import check_replaceable
 from scaletrain.checkpoint.hf_checks import check_hf_weights, read_hf_config
 from scaletrain.checkpoint.resume import keep_recorded_vocab
 from scaletrain.config import ConfigError, RunConfig, resolve_model, validate
@@ -73,7 +74,7 @@ def _check_eval_tasks(cfg: RunConfig, tokenizer: Tokenizer) -> None:
         try:
             task = parse_task(spec, cfg.train.eval_task_limit or None)
             if task.kind in ("answer", "refusal"):
-                answer_prompts(task, tokenizer, cfg.posttrain.chat_template, cfg.train.seq_length,
+                answer_prompts(task, tokenizer, cfg.posttrain.chat.template, cfg.train.seq_length,
                                cfg.train.eval_max_new_tokens)
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise ConfigError(f"train.eval_tasks: {e}") from None
@@ -87,9 +88,19 @@ def _check_data(cfg: RunConfig, stage: Stage, tokenizer: Tokenizer) -> None:
         check_data(cfg.data, model_vocab=cfg.model.vocab_size, tokenizer_vocab=tokenizer.vocab_size,
                    tokenizer_sha256=tokenizer.fingerprint())
         return
-    missing = [f for f in (*cfg.posttrain.train_data, *cfg.posttrain.valid_data) if not Path(f).is_file()]
+    missing = [f for f in (*cfg.posttrain.chat.train_data, *cfg.posttrain.chat.valid_data) if not Path(f).is_file()]
     if missing:
         raise ConfigError(f"posttrain data file(s) not found: {', '.join(missing)}")
+
+
+def _check_export_target(cfg: RunConfig) -> None:
+    """checkpoint.export_hf replaces its directory as a whole at the end of the run: a directory that is
+    neither empty nor an earlier HF export is refused now, not after hours of training."""
+    if cfg.checkpoint.export_hf:
+        try:
+            check_replaceable(Path(cfg.checkpoint.export_hf).absolute(), "config.json")
+        except FileExistsError as e:
+            raise ConfigError(f"checkpoint.export_hf: {e}") from None
 
 
 def prepare(cfg: RunConfig, world_size: int) -> tuple[RunConfig, int, Tokenizer]:
@@ -115,6 +126,7 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[RunConfig, int, Tokenizer]
         check_companion(cfg, c.key, c.path, role=c.role, tokenizer_vocab=tokenizer.vocab_size)
     _check_eval_tasks(cfg, tokenizer)
     _check_data(cfg, stage, tokenizer)
+    _check_export_target(cfg)
     problem = memory_problem(cfg, world_size, device_type(cfg), read_env().local_rank,
                              rollout_group=stage.rollout_group(cfg))  # before any allocation
     if problem:

@@ -25,6 +25,27 @@ def device_type(cfg: RunConfig) -> str:
     return "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
+@contextlib.contextmanager
+def process_settings() -> Iterator[None]:
+    """Restores the process-wide settings configure_runtime changes (deterministic algorithms, the thread
+    count, cuBLAS' workspace variable) when a command returns: a run started in-process (a notebook, a
+    test, a sweep calling `scaletrain.train.main`) must not leave its caller in deterministic mode."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 def configure_runtime(cfg: RunConfig) -> torch.device:
     """Threads, deterministic algorithms and every RNG's seed from train.*; returns this rank's device."""
     t = cfg.train
@@ -61,12 +82,13 @@ def frozen_runtime(cfg: RunConfig) -> Iterator[Runtime]:
     settings (threads, seed, device), the process group for the launch (torn down on exit if this call
     created it) and the layout of cfg.parallel."""
     env = read_env()
-    device = configure_runtime(cfg)
-    owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
-    try:
-        dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
-        backend, reason = select_backend(cfg.parallel.backend, ())
-        yield Runtime(dims, resolve_precision(cfg.precision, device), device, backend, reason)
-    finally:
-        if owns:
-            shutdown_distributed()
+    with process_settings():
+        device = configure_runtime(cfg)
+        owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
+        try:
+            dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
+            backend, reason = select_backend(cfg.parallel.backend, ())
+            yield Runtime(dims, resolve_precision(cfg.precision, device), device, backend, reason)
+        finally:
+            if owns:
+                shutdown_distributed()

@@ -72,9 +72,9 @@ def grpo_args(run_dir, tokenizer_dir, prefix, prompts, **extra) -> list[str]:
     """`scaletrain grpo` on the synthetic prompts: 3 float64 steps of 2 groups of 4 (test_grpo, test_dapo)."""
     args = ["grpo", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
+            "posttrain.chat.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
             "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64",
-            "posttrain.group_size": 4, "posttrain.max_new_tokens": 6, "posttrain.rewards": '["grpo_rewards:digits"]',
-            "posttrain.kl_beta": 0.1, "optim.warmup_steps": 1, **extra}):
+            "posttrain.grpo.group_size": 4, "posttrain.rollout.max_new_tokens": 6, "posttrain.rewards.functions": '["grpo_rewards:digits"]',
+            "posttrain.grpo.beta": 0.1, "optim.warmup_steps": 1, **extra}):
         args += ["--set", s]
     return args

@@ -25,7 +25,7 @@ def train_and_record(model: torch.nn.Module, dims, steps: list[list[dict]], dtyp
     """Run train_step over `steps` (this rank's microbatches per step, AdamW lr 1e-2, clipping at 0.5 so
     the global norm matters) and return losses, norms, step-1 gradients and final parameters (local)."""
     if optimizer is None:
-        optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"), dims)
     objective = LanguageModelingObjective(dims.tp_comm)
     precision = Precision(dtype, None, "cpu", "test")
     out: dict = {"losses": [], "norms": [], "pp_rank": dims.pp_rank, "dp_rank": dims.dp_rank}
@@ -36,6 +36,9 @@ def train_and_record(model: torch.nn.Module, dims, steps: list[list[dict]], dtyp
         out["norms"].append(r.grad_norm)
         if i == 0:
             out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buckets = getattr(model, "grad_buckets", None)
+    if buckets is not None:  # ZeRO-1 gathers the last update under the next forward: complete it to read
+        buckets.wait_params()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     out["shard_dims"] = {n: spec_of(p).shard_dim for n, p in model.named_parameters()}
     return out

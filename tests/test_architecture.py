@@ -25,30 +25,20 @@ MODULES = graph.read_modules()
 LAZY_INTERNAL = {
     ("scaletrain.cli", "scaletrain.commands"): "`scaletrain data` runs without torch: the other commands load it",
     ("scaletrain.cli", "scaletrain.checkpoint.files"): "the same (CheckpointError's module imports torch)",
-    # issue 25 restructures these files (parallel/, nn/, trainer/step.py, trainer/optimizer.py) in parallel:
-    ("scaletrain.nn.backend", "scaletrain.nn.attention"): "issue 25's file",
-    ("scaletrain.nn.backend", "scaletrain.nn.linear"): "issue 25's file",
-    ("scaletrain.nn.backend", "scaletrain.nn.norm"): "issue 25's file",
     ("scaletrain.nn.backend", "scaletrain.nn"): "te_backend needs Transformer Engine (optional, CUDA)",
-    ("scaletrain.nn.norm", "scaletrain.nn"): "issue 25's file (fused kernels: Triton)",
-    ("scaletrain.nn.rope", "scaletrain.nn"): "issue 25's file (fused kernels: Triton)",
     ("scaletrain.nn.fused", "scaletrain_kernels"): "Triton kernels (optional)",
     ("scaletrain.nn.fused", "scaletrain_kernels.rmsnorm"): "Triton kernels (optional)",
     ("scaletrain.nn.fused", "scaletrain_kernels.swiglu"): "Triton kernels (optional)",
     ("scaletrain.nn.fused", "scaletrain_kernels.rope"): "Triton kernels (optional)",
     ("scaletrain.nn.loss", "scaletrain_kernels.cross_entropy"): "Triton kernels (optional)",
-    ("scaletrain.parallel.context_parallel", "scaletrain.nn.attention"): "issue 25's file",
-    ("scaletrain.parallel.parallelize", "scaletrain.nn.attention"): "issue 25's file",
     ("scaletrain.parallel.parallelize", "scaletrain.nn"): "te_backend needs Transformer Engine (optional, CUDA)",
-    ("scaletrain.parallel.pipeline.p2p_plan", "scaletrain.parallel.pipeline.schedules"): "issue 25's file",
-    ("scaletrain.trainer.optimizer", "scaletrain.parallel.distributed_optimizer"): "issue 25's file",
-    ("scaletrain.trainer.step", "scaletrain.parallel.context_parallel"): "issue 25's file",
 }
 # Third-party packages a library function may import late: heavy at start-up, optional, or CUDA-only.
 LAZY_EXTERNAL = {"datasets", "pyarrow", "megatron", "datasketch", "tqdm", "sentencepiece", "tokenizers",
-                 "transformer_engine", "apex", "wandb", "matplotlib", "mpi4py", "safetensors", "torch"}
-# Standard-library late imports left in the files issue 25 rewrites in parallel.
-LAZY_STDLIB_FILES = {"scaletrain.parallel.parallelize", "scaletrain.parallel.pipeline.schedules"}
+                 "transformer_engine", "apex", "wandb", "matplotlib", "mpi4py", "safetensors", "torch",
+                 "torchao"}  # torchao: FP8 only; a build for another torch must give a clear error, not a crash
+# Standard-library late imports allowed per file (none left).
+LAZY_STDLIB_FILES: set[str] = set()
 MAX_LINES = 400
 LONG_FILES = {  # library files allowed past MAX_LINES, and why
     "scaletrain/stages/rl/sandbox/harness.py": "runs alone inside the sandbox (`python harness.py`): one "
@@ -65,9 +55,8 @@ def test_no_import_circles():
 
 def test_no_circles_through_function_level_imports_either():
     """Counting the imports inside functions too (they hid issue 24's circles: checkpoint hf ↔ io,
-    evaluation → posttrain/frozen → train → evaluation), only issue 25's pipeline pair is left."""
-    assert graph.circles(MODULES, module_level_only=False) == [
-        ["scaletrain.parallel.pipeline.p2p_plan", "scaletrain.parallel.pipeline.schedules"]]
+    evaluation → posttrain/frozen → train → evaluation, and the pipeline's p2p_plan ↔ schedules), none is left."""
+    assert graph.circles(MODULES, module_level_only=False) == []
 
 
 def test_the_issue_24_circles_are_found_by_the_check():
@@ -161,28 +150,40 @@ def test_no_getattr_hooks_on_the_trainer_contracts():
 
 
 class _Section:
-    """A posttrain section that holds only the fields a stage declared: reading another one fails."""
+    """A posttrain section that holds only the sub-sections a stage declared: reading another one fails."""
 
     def __init__(self, values: dict) -> None:
         self.__dict__.update(values)
 
 
+def _full_posttrain(name: str):
+    from scaletrain.config.posttrain import (
+        ChatConfig,
+        DistillConfig,
+        PostTrainConfig,
+        PPOConfig,
+        SandboxConfig,
+    )
+
+    return PostTrainConfig(objective=name, chat=ChatConfig(train_data=("rows.jsonl",)), ppo=PPOConfig(critic="c"),
+                           distill=DistillConfig(teacher="t"), sandbox=SandboxConfig(backend="none"))
+
+
 @pytest.mark.parametrize("name", ["pretrain", "sft", "dpo", "reward", "grpo", "ppo", "distill"])
 def test_stages_read_only_the_settings_they_declare(name):
-    """What a stage reads of `posttrain` it declares in `Stage.fields` (its section once the config is split
-    per stage, issue 24 §3): every config-level method of the stage runs here on a posttrain section holding
-    only those fields (plus `objective`), and every declared field exists."""
+    """What a stage reads of `posttrain` it declares in `Stage.sections` (issue 24 §3): every config-level method
+    of the stage runs here on a posttrain section holding only those sub-sections (plus `objective`), and every
+    declared sub-section exists."""
     import dataclasses
 
     from scaletrain.config.schema import PostTrainConfig, RunConfig
     from scaletrain.stages.registry import get_stage
 
     stage = get_stage(name)
-    known = {f.name for f in dataclasses.fields(PostTrainConfig)}
-    assert set(stage.fields) <= known, set(stage.fields) - known
-    full = PostTrainConfig(objective=name, train_data=("rows.jsonl",), rewards=("math_answer",), critic="c",
-                           teacher="t", sandbox="none")
-    cfg = RunConfig(posttrain=_Section({f: getattr(full, f) for f in (*stage.fields, "objective")}))  # type: ignore[arg-type]
+    known = {f.name for f in dataclasses.fields(PostTrainConfig)} - {"objective"}
+    assert set(stage.sections) <= known, set(stage.sections) - known
+    full = _full_posttrain(name)
+    cfg = RunConfig(posttrain=_Section({f: getattr(full, f) for f in (*stage.sections, "objective")}))  # type: ignore[arg-type]
     stage.validate(cfg)
     stage.reads_documents(cfg)
     stage.rollout_group(cfg)
@@ -192,13 +193,47 @@ def test_stages_read_only_the_settings_they_declare(name):
         stage.derive(cfg)
 
 
-def test_every_posttrain_setting_belongs_to_a_stage():
+@pytest.mark.parametrize("name", ["pretrain", "sft", "dpo", "reward", "grpo", "ppo", "distill"])
+def test_a_stage_cannot_read_another_stages_section(name):
+    """`Stage.settings` hands a stage its declared sub-sections only; any other is refused by name."""
+    import dataclasses
+
+    from scaletrain.config.schema import PostTrainConfig, RunConfig
+    from scaletrain.stages.registry import get_stage
+
+    stage, full = get_stage(name), _full_posttrain(name)
+    s = stage.settings(RunConfig(posttrain=full))
+    others = [f.name for f in dataclasses.fields(PostTrainConfig) if f.name not in (*stage.sections, "objective")]
+    assert others  # every stage has sections it does not read
+    for other in others:
+        with pytest.raises(AttributeError, match=f"stage '{name}' reads posttrain.{other}, which it does not declare"):
+            getattr(s, other)
+    for own in stage.sections:
+        assert getattr(s, own) is getattr(full, own)
+
+
+def test_stage_modules_reach_the_config_only_through_settings():
+    """No module under scaletrain/stages/ but the contract (stage.py) reads `.posttrain` of a config: a stage's
+    settings come from `Stage.settings`, so what it reads is what it declares."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "scaletrain" / "stages").rglob("*.py")):
+        if path.name == "stage.py" and path.parent.name == "stages":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "posttrain":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_every_posttrain_section_belongs_to_a_stage():
     import dataclasses
 
     from scaletrain.config.schema import PostTrainConfig
     from scaletrain.stages.registry import stages
 
-    declared = {f for s in stages() for f in s.fields}
+    declared = {f for s in stages() for f in s.sections}
     assert {f.name for f in dataclasses.fields(PostTrainConfig)} - declared == {"objective"}
 
 

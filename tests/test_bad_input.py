@@ -176,6 +176,8 @@ ROWS: list[tuple[str, Callable[[Env], list[str]], str]] = [
      "rank_0.json is not valid JSON"),
     ("invalid rank_0.json (to-hf)", lambda e: ["convert", "to-hf", str(e.copy_run("rank_0.json") / "checkpoints"),
                                                str(e.fresh("out"))], "rank_0.json is not valid JSON"),
+    ("export_hf into a foreign directory", lambda e: e.train(**{"checkpoint.export_hf": str(e.tokenizer)}),
+     "checkpoint.export_hf: "),
     ("seq_length beyond memory", lambda e: e.train(**{"train.seq_length": 4_000_000}),
      "needs at least"),
 ]

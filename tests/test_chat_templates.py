@@ -110,7 +110,7 @@ def test_named_templates_are_chosen_as_transformers_chooses_them(layouts, tmp_pa
     only_tools = shutil.copytree(bare, tmp_path / "only_tools")
     cfg["chat_template"] = [{"name": "tool_use", "template": TOOL_USE}]
     (only_tools / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="have no 'default': name one of tool_use in posttrain.chat_template"):
+    with pytest.raises(ValueError, match="have no 'default': name one of tool_use in posttrain.chat.template"):
         ChatRenderer(load_tokenizer(only_tools))
     with pytest.raises(BadConversation, match="only user"):  # raise_exception, as in transformers' environment
         ChatRenderer(tok, "{{ raise_exception('only user turns') }}").text(USER)
@@ -166,7 +166,7 @@ def test_the_export_carries_exactly_the_template_the_run_trained_with(tmp_path, 
     run = tmp_path / "run"
     args = ["sft", "--config", TINY]
     for s in tiny_overrides(run, layouts[layout], dataset_prefix, **{
-            "posttrain.train_data": f'["{data}"]', "posttrain.tools": '["calculator"]' if tools else "[]",
+            "posttrain.chat.train_data": f'["{data}"]', "posttrain.chat.tools": '["calculator"]' if tools else "[]",
             "train.seq_length": 1024, "train.steps": 1, "optim.warmup_steps": 0, "checkpoint.export_hf": "hf",
             "train.global_batch_size": 2, "train.micro_batch_size": 1}):
         args += ["--set", s]

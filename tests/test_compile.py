@@ -120,10 +120,10 @@ def test_compiled_grpo_matches_eager(tmp_path, tokenizer_dir, dataset_prefix):
         run = tmp_path / str(compiled)
         args = ["grpo", "--config", TINY]
         for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
-                "posttrain.train_data": f'["{synth / "sft_train.jsonl"}"]', "train.seq_length": 96,
+                "posttrain.chat.train_data": f'["{synth / "sft_train.jsonl"}"]', "train.seq_length": 96,
                 "train.global_batch_size": 4, "train.steps": 2, "precision.dtype": "float64",
-                "posttrain.group_size": 2, "posttrain.max_new_tokens": 4,
-                "posttrain.rewards": '["grpo_rewards:digits"]', "posttrain.kl_beta": 0.1,
+                "posttrain.grpo.group_size": 2, "posttrain.rollout.max_new_tokens": 4,
+                "posttrain.rewards.functions": '["grpo_rewards:digits"]', "posttrain.grpo.beta": 0.1,
                 "optim.warmup_steps": 1, "parallel.compile": compiled}):
             args += ["--set", s]
         torch._dynamo.reset()

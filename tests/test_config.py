@@ -85,8 +85,8 @@ def _resolved(overrides=(), vocab=2048):
 
 def test_stage_independent_posttrain_rules_hold_for_every_stage():
     """Rules on the shared posttrain settings are checked whatever the stage (here: pretraining)."""
-    with pytest.raises(ConfigError, match="posttrain.tools: unknown tool.s. search; bundled: calculator"):
-        check_config(_resolved(['posttrain.tools=["search"]']), world_size=1)
+    with pytest.raises(ConfigError, match="posttrain.chat.tools: unknown tool.s. search; bundled: calculator"):
+        check_config(_resolved(['posttrain.chat.tools=["search"]']), world_size=1)
     with pytest.raises(ConfigError, match="posttrain.objective = 'kto' is not one of pretrain, sft, dpo"):
         check_config(_resolved(["posttrain.objective=kto"]), world_size=1)
 
@@ -128,8 +128,8 @@ def test_layouts_not_built_yet_are_refused_not_faked():
     assert validate(_resolved(), world_size=2) == 2
     assert validate(_resolved(["parallel.cp=2"]), world_size=4) == 2  # dp counts replicas: cp ranks share samples
     # rollouts are sampled on whole sequences by the cp ranks, then trained on split rows
-    assert check_config(_resolved(["parallel.cp=2", "posttrain.objective=grpo", 'posttrain.train_data=["p.jsonl"]',
-                                   "posttrain.group_size=2"]), world_size=2) == 1
+    assert check_config(_resolved(["parallel.cp=2", "posttrain.objective=grpo", 'posttrain.chat.train_data=["p.jsonl"]',
+                                   "posttrain.grpo.group_size=2"]), world_size=2) == 1
     assert validate(_resolved(["parallel.pp=2"]), world_size=2) == 1
     with pytest.raises(ConfigError, match=r"interleaved 1F1B \(parallel.vpp = 2\) needs the microbatches per step \(2\)"):
         validate(_resolved(["parallel.pp=4", "parallel.vpp=1", "parallel.vpp=2", "model.num_layers=8"]), world_size=4)

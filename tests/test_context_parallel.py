@@ -153,7 +153,7 @@ def test_sft_packing_matches_single_process(tmp_path, tokenizer_dir, dataset_pre
         run = tmp_path / str(par)
         args = ["sft", "--config", TINY]
         for item in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
-                **F64, "posttrain.train_data": f'["{synth / "sft_train.jsonl"}"]', "train.seq_length": 160,
+                **F64, "posttrain.chat.train_data": f'["{synth / "sft_train.jsonl"}"]', "train.seq_length": 160,
                 "train.steps": 3, **({"parallel.cp": 2} if par else {})}):
             args += ["--set", item]
         return run, args

@@ -19,8 +19,8 @@ from parity import assert_same_steps, run_single_and_parallel
 pytestmark = pytest.mark.e2e
 
 # 4 groups of 4 per step; about half the prompts have odd answers, whose groups are all 0.
-DYNAMIC = {"posttrain.rewards": '["grpo_rewards:varied_or_flat"]', "train.global_batch_size": 16,
-           "train.micro_batch_size": 4, "posttrain.dynamic_sampling": True, "posttrain.max_sampling_rounds": 4}
+DYNAMIC = {"posttrain.rewards.functions": '["grpo_rewards:varied_or_flat"]', "train.global_batch_size": 16,
+           "train.micro_batch_size": 4, "posttrain.grpo.dynamic_sampling": True, "posttrain.grpo.max_sampling_rounds": 4}
 
 
 def test_overlong_penalty_by_hand():
@@ -41,7 +41,7 @@ def test_informative_groups_are_chosen_first_then_fillers_in_order():
 def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     plain, dynamic = tmp_path / "plain", tmp_path / "dynamic"
     assert main(grpo_args(plain, tokenizer_dir, dataset_prefix, prompts,
-                      **{**DYNAMIC, "posttrain.dynamic_sampling": False, "train.steps": 4})) == 0
+                      **{**DYNAMIC, "posttrain.grpo.dynamic_sampling": False, "train.steps": 4})) == 0
     assert main(grpo_args(dynamic, tokenizer_dir, dataset_prefix, prompts, **{**DYNAMIC, "train.steps": 4})) == 0
     without, with_ = read_metrics(plain), read_metrics(dynamic)
     assert sum(m["zero_std_groups"] for m in without) > 0  # the flat prompts do reach the batch
@@ -52,7 +52,7 @@ def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_
     # One round that finds every group flat, with no rounds left: the batch is filled and says so.
     flat = tmp_path / "flat"
     assert main(grpo_args(flat, tokenizer_dir, dataset_prefix, prompts, **{
-        **DYNAMIC, "posttrain.max_sampling_rounds": 1,
+        **DYNAMIC, "posttrain.grpo.max_sampling_rounds": 1,
         "train.steps": 4})) == 0
     filled = read_metrics(flat)
     assert all(m["filled_groups"] == m["zero_std_groups"] == m["filtered_groups"] for m in filled)
@@ -61,7 +61,7 @@ def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, tokenizer_
     assert [m["loss"] for m in filled] == pytest.approx([m["loss"] for m in without], rel=1e-12, abs=1e-15)
 
 
-@pytest.mark.parametrize("layout,world", [({}, 2), ({"parallel.cp": 2, "posttrain.grpo_iterations": 2}, 2),
+@pytest.mark.parametrize("layout,world", [({}, 2), ({"parallel.cp": 2, "posttrain.grpo.iterations": 2}, 2),
                                           ({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4)],
                          ids=["dp2", "cp2", "tp2pp2sp"])
 def test_dynamic_sampling_matches_the_single_process(tmp_path, tokenizer_dir, dataset_prefix, prompts,
@@ -69,7 +69,7 @@ def test_dynamic_sampling_matches_the_single_process(tmp_path, tokenizer_dir, da
     """The choice is global: dp2 keeps the groups the single process keeps (with the overlong punishment
     and filtering on as well, which change rewards and loss masks); within a replica (cp, tp, pp, and
     two updates per batch) every rank holds the same pool."""
-    extra = {**DYNAMIC, "posttrain.overlong_buffer": 3, "posttrain.mask_truncated": True}
+    extra = {**DYNAMIC, "posttrain.rewards.overlong_buffer": 3, "posttrain.grpo.mask_truncated": True}
     a, b = run_single_and_parallel(
         lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **extra,
                                                 **{k: v for k, v in layout.items() if par or k.startswith("posttrain")})),
@@ -90,8 +90,8 @@ def test_overlong_punishment_and_filtering_through_the_cli(tmp_path, tokenizer_d
     is exactly 6 tokens long)."""
     run = tmp_path / "run"
     assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
-        "train.steps": 2, "posttrain.kl_beta": 0.0, "posttrain.overlong_buffer": 6, "posttrain.overlong_penalty": 0.5,
-        "posttrain.mask_truncated": True, "posttrain.max_new_tokens": 6})) == 0
+        "train.steps": 2, "posttrain.grpo.beta": 0.0, "posttrain.rewards.overlong_buffer": 6, "posttrain.rewards.overlong_penalty": 0.5,
+        "posttrain.grpo.mask_truncated": True, "posttrain.rollout.max_new_tokens": 6})) == 0
     n = 8  # completions per step
     for m in read_metrics(run):
         assert m["reward"] == pytest.approx(m["reward_digits"] - 0.5 * m["completion_tokens"] / 6, abs=1e-12)
@@ -109,9 +109,9 @@ def test_dynamic_sampling_resumes_exactly(tmp_path, tokenizer_dir, dataset_prefi
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"posttrain.max_sampling_rounds": 0}, "posttrain.max_sampling_rounds = 0"),
-    ({"posttrain.overlong_buffer": 7}, "posttrain.overlong_buffer = 7"),
-    ({"posttrain.overlong_penalty": -1.0}, "posttrain.overlong_penalty = -1.0"),
+    ({"posttrain.grpo.max_sampling_rounds": 0}, "posttrain.grpo.max_sampling_rounds = 0"),
+    ({"posttrain.rewards.overlong_buffer": 7}, "posttrain.rewards.overlong_buffer = 7"),
+    ({"posttrain.rewards.overlong_penalty": -1.0}, "posttrain.rewards.overlong_penalty = -1.0"),
 ])
 def test_bad_dapo_settings_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys,
                                                extra, message):
@@ -125,8 +125,9 @@ def test_ppo_refuses_grpo_only_settings(tmp_path, tokenizer_dir, dataset_prefix,
     from scaletrain.prepare import check_config
 
     cfg = load_config(TINY, tiny_overrides(tmp_path, tokenizer_dir, dataset_prefix, **{
-        "posttrain.objective": "ppo", "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 1,
+        "posttrain.objective": "ppo", "posttrain.chat.train_data": f'["{prompts}"]', "posttrain.ppo.group_size": 1,
         "train.global_batch_size": 8, "train.micro_batch_size": 1, "train.seq_length": 96,
-        "posttrain.max_new_tokens": 6, "posttrain.critic": "somewhere", "posttrain.dynamic_sampling": True}))
-    with pytest.raises(ConfigError, match="dynamic_sampling and posttrain.mask_truncated are GRPO's"):
+        "posttrain.rollout.max_new_tokens": 6, "posttrain.ppo.critic": "somewhere", "posttrain.grpo.dynamic_sampling": True}))
+    with pytest.raises(ConfigError, match="dynamic_sampling and posttrain.grpo.mask_truncated are GRPO's .*'ppo' does "
+                                          "not read them"):
         check_config(cfg, 1)

@@ -139,7 +139,7 @@ def teacher_run(tmp_path_factory, tokenizer_dir, dataset_prefix):
 def _distill_args(run_dir, tokenizer_dir, prefix, teacher, **extra) -> list[str]:
     args = ["distill", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.teacher": str(teacher), "model.num_layers": 4, "train.seq_length": 64,
+            "posttrain.distill.teacher": str(teacher), "model.num_layers": 4, "train.seq_length": 64,
             "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 3,
             "precision.dtype": "float64", **extra}):
         args += ["--set", s]
@@ -148,9 +148,9 @@ def _distill_args(run_dir, tokenizer_dir, prefix, teacher, **extra) -> list[str]
 
 @pytest.mark.parametrize("layout,world,options", [
     ({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4,
-     {"posttrain.distill_temperature": 2.0, "posttrain.distill_alpha": 0.5, "checkpoint.export_hf": "hf"}),
-    ({"parallel.cp": 2}, 2, {"posttrain.distill_top_k": 8, "train.micro_batch_size": 2}),
-    ({}, 2, {"posttrain.distill_loss": "reverse_kl"}),
+     {"posttrain.distill.temperature": 2.0, "posttrain.distill.alpha": 0.5, "checkpoint.export_hf": "hf"}),
+    ({"parallel.cp": 2}, 2, {"posttrain.distill.top_k": 8, "train.micro_batch_size": 2}),
+    ({}, 2, {"posttrain.distill.loss": "reverse_kl"}),
 ], ids=["tp2pp2-dense", "cp2-topk", "dp2-reverse"])
 def test_distill_matches_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, teacher_run,
                                                        layout, world, options):
@@ -163,7 +163,7 @@ def test_distill_matches_single_process_across_layouts(tmp_path, tokenizer_dir, 
     for x, y in zip(a, b):
         assert abs(x["kd"] - y["kd"]) <= 1e-10 * x["kd"] and abs(x["ce"] - y["ce"]) <= 1e-10 * x["ce"]
         assert x["kd"] > 0
-    alpha, tau = options.get("posttrain.distill_alpha", 1.0), options.get("posttrain.distill_temperature", 1.0)
+    alpha, tau = options.get("posttrain.distill.alpha", 1.0), options.get("posttrain.distill.temperature", 1.0)
     for x in a:  # the loss is the configured mix of its two reported parts
         assert x["loss"] == pytest.approx(alpha * tau ** 2 * x["kd"] + (1 - alpha) * x["ce"], rel=1e-9)
     if "checkpoint.export_hf" in options:
@@ -192,14 +192,14 @@ def test_bad_distillation_configs_fail_up_front(tmp_path, tokenizer_dir, dataset
         assert main(_distill_args(tmp_path / "bad", tokenizer_dir, dataset_prefix, **extra)) == 2
         return capsys.readouterr().err
 
-    assert "needs posttrain.teacher" in err(teacher="")
+    assert "needs posttrain.distill.teacher" in err(teacher="")
     assert "neither a Hugging Face directory" in err(teacher=tmp_path / "nowhere")
     assert "set model.vocab_size = " in err(teacher=teacher_run, **{"model.vocab_size": 1024})
-    assert "reverse KL needs" in err(teacher=teacher_run, **{"posttrain.distill_loss": "reverse_kl",
-                                                             "posttrain.distill_top_k": 4})
-    assert "distill_alpha = 1.5 must be within [0, 1]" in err(teacher=teacher_run, **{"posttrain.distill_alpha": 1.5})
-    assert "samples completions of prompts: set posttrain.train_data" in err(
-        teacher=teacher_run, **{"posttrain.distill_on_policy": True})
+    assert "reverse KL needs" in err(teacher=teacher_run, **{"posttrain.distill.loss": "reverse_kl",
+                                                             "posttrain.distill.top_k": 4})
+    assert "posttrain.distill.alpha = 1.5 must be within [0, 1]" in err(teacher=teacher_run, **{"posttrain.distill.alpha": 1.5})
+    assert "samples completions of prompts: set posttrain.chat.train_data" in err(
+        teacher=teacher_run, **{"posttrain.distill.on_policy": True})
     assert not (tmp_path / "bad" / "checkpoints").exists()
     # Layout checks against the teacher's own shapes (a process per rank would be needed to reach them via the CLI).
     from scaletrain.checkpoint.locate import locate_model
@@ -207,13 +207,13 @@ def test_bad_distillation_configs_fail_up_front(tmp_path, tokenizer_dir, dataset
     from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig
     from scaletrain.model_builder import check_companion
 
-    teacher_vocab = locate_model("posttrain.teacher", str(teacher_run))[2].vocab_size
+    teacher_vocab = locate_model("posttrain.distill.teacher", str(teacher_run))[2].vocab_size
     cfg = RunConfig(parallel=ParallelConfig(tp=3, pp=3), model=ModelConfig(vocab_size=teacher_vocab))
     with pytest.raises(ConfigError, match=r"4 heads / 2 kv heads do not divide over parallel.tp = 3; its 4 layers do "
                                           r"not divide over parallel.pp·vpp = 3"):
-        check_companion(cfg, "posttrain.teacher", str(teacher_run), role="teacher", tokenizer_vocab=500)
+        check_companion(cfg, "posttrain.distill.teacher", str(teacher_run), role="teacher", tokenizer_vocab=500)
     with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
-        check_companion(RunConfig(model=ModelConfig(vocab_size=teacher_vocab)), "posttrain.teacher",
+        check_companion(RunConfig(model=ModelConfig(vocab_size=teacher_vocab)), "posttrain.distill.teacher",
                            str(teacher_run), role="teacher", tokenizer_vocab=teacher_vocab + 1)
 
 
@@ -224,7 +224,8 @@ def test_planner_counts_the_teacher_by_hand():
     outputs on the last stage: 4 microbatches × 2·64 tokens × 512 logits × 4 bytes (float32)."""
     import dataclasses
 
-    from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig, TrainConfig
+    from scaletrain.config.posttrain import DistillConfig, PostTrainConfig
+    from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig, TrainConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.profile.planner import format_plan, plan, stage_params
 
@@ -234,7 +235,7 @@ def test_planner_counts_the_teacher_by_hand():
 
     cfg = RunConfig(model=model(2, 32, 64), parallel=ParallelConfig(pp=2),
                     train=TrainConfig(global_batch_size=8, micro_batch_size=2, seq_length=64),
-                    posttrain=PostTrainConfig(objective="distill", teacher="t"))
+                    posttrain=PostTrainConfig(objective="distill", distill=DistillConfig(teacher="t")))
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float32"))
     teacher = model(4, 64, 128)
     base, dense = plan(cfg, 2), plan(cfg, 2, teacher=teacher)
@@ -242,7 +243,8 @@ def test_planner_counts_the_teacher_by_hand():
     assert dense.stages[0].companion_bytes == 106_752 * 4
     assert dense.stages[1].companion_bytes == 106_816 * 4 + 4 * 128 * 512 * 4
     assert dense.peak_stage.total_bytes == base.stages[1].total_bytes + dense.stages[1].companion_bytes
-    top = plan(dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, distill_top_k=16)), 2, teacher=teacher)
+    sparse = dataclasses.replace(cfg.posttrain, distill=DistillConfig(teacher="t", top_k=16))
+    top = plan(dataclasses.replace(cfg, posttrain=sparse), 2, teacher=teacher)
     assert top.stages[1].companion_bytes == 106_816 * 4 + 4 * 128 * 16 * 12  # int64 id + fp32 logit per kept token
     assert dense.teacher_flops_per_token > 0 and "teacher forward" in format_plan(dense)
     # without a pipeline the teacher runs microbatch by microbatch: one microbatch's outputs at a time
@@ -259,15 +261,15 @@ def chat_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout,world", [({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
-                                          ({"posttrain.rollout_micro_batch": 2}, 2), ({"parallel.cp": 2}, 2)],
+                                          ({"posttrain.rollout.micro_batch": 2}, 2), ({"parallel.cp": 2}, 2)],
                          ids=["tp2pp2", "dp2-sampling-2-rows-per-pass", "cp2"])
 def test_on_policy_distillation_matches_single_process(tmp_path, tokenizer_dir, dataset_prefix, teacher_run, chat_file,
                                                        layout, world):
     """The student samples its own completions (the same ones at every layout) and the teacher scores them:
     losses, KL and completion lengths equal the single process (float64)."""
-    options = {"posttrain.distill_on_policy": True, "posttrain.distill_loss": "reverse_kl",
-               "posttrain.train_data": f'["{chat_file}"]', "posttrain.max_new_tokens": 8,
-               "posttrain.temperature": 1.0, "train.steps": 2, "train.seq_length": 160}
+    options = {"posttrain.distill.on_policy": True, "posttrain.distill.loss": "reverse_kl",
+               "posttrain.chat.train_data": f'["{chat_file}"]', "posttrain.rollout.max_new_tokens": 8,
+               "posttrain.rollout.temperature": 1.0, "train.steps": 2, "train.seq_length": 160}
     a, b = run_single_and_parallel(lambda par: (tmp_path / str(par), _distill_args(
         tmp_path / str(par), tokenizer_dir, dataset_prefix, teacher_run / "hf", **options,
         **(layout if par else {}))), world)

@@ -185,13 +185,13 @@ def test_a_spike_with_no_good_checkpoint_before_it_stops(tmp_path, tokenizer_dir
     ("optim.clip_grad=inf", "optim.clip_grad = inf is not a finite number"),
     ("optim.clip_grad=nan", "optim.clip_grad = nan must be a positive global gradient norm"),
     ("optim.beta2=-inf", "optim.beta2 = -inf is not a finite number"),
-    ("posttrain.critic_lr=inf", "posttrain.critic_lr = inf is not a finite number"),
+    ("posttrain.ppo.critic_lr=inf", "posttrain.ppo.critic_lr = inf is not a finite number"),
     ("train.max_nonfinite_steps=-1", "train.max_nonfinite_steps = -1 must be 0"),
     ("train.loss_spike_factor=0.5", "train.loss_spike_factor = 0.5 must be 0 (off) or above 1"),
     ("train.loss_spike_action=retry", "train.loss_spike_action = 'retry' is not one of warn, stop, rollback"),
 ])
 def test_non_finite_and_non_positive_rates_and_clips_are_refused(override, message):
-    cfg = load_config(TINY, ["data.prefixes=[]", "posttrain.objective=sft", 'posttrain.train_data=["x.jsonl"]',
+    cfg = load_config(TINY, ["data.prefixes=[]", "posttrain.objective=sft", 'posttrain.chat.train_data=["x.jsonl"]',
                              override])
     import dataclasses
 

@@ -25,9 +25,9 @@ def pairs(tmp_path_factory):
 def _args(run_dir, tokenizer_dir, prefix, pairs, **extra):
     args = ["dpo", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{pairs}"]', "train.seq_length": 160, "model.num_layers": 4,
+            "posttrain.chat.train_data": f'["{pairs}"]', "train.seq_length": 160, "model.num_layers": 4,
             "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64",
-            "posttrain.beta": 0.5, **extra}):
+            "posttrain.dpo.beta": 0.5, **extra}):
         args += ["--set", s]
     return args
 
@@ -36,7 +36,7 @@ def _args(run_dir, tokenizer_dir, prefix, pairs, **extra):
                                           ({"parallel.cp": 2, "parallel.pp": 2}, 4)], ids=["tp2pp2", "dp2", "cp2pp2"])
 def test_dpo_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, pairs, layout, world):
     single, parallel = tmp_path / "False", tmp_path / "True"
-    valid = {"posttrain.valid_data": f'["{pairs.with_name("dpo_test.jsonl")}"]', "train.eval_interval": 3,
+    valid = {"posttrain.chat.valid_data": f'["{pairs.with_name("dpo_test.jsonl")}"]', "train.eval_interval": 3,
              "train.eval_iters": 1}
     a, b = run_single_and_parallel(
         lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, pairs,
@@ -78,7 +78,7 @@ def test_resume_reuses_the_reference_of_the_first_start(tmp_path, tokenizer_dir,
 @pytest.mark.parametrize("loss", ["ipo", "hinge", "simpo"])
 def test_every_loss_type_trains(tmp_path, tokenizer_dir, dataset_prefix, pairs, loss):
     assert main(_args(tmp_path / "r", tokenizer_dir, dataset_prefix, pairs,
-                      **{"posttrain.dpo_loss": loss, "precision.dtype": "float32", "train.steps": 4})) == 0
+                      **{"posttrain.dpo.loss_type": loss, "precision.dtype": "float32", "train.steps": 4})) == 0
     losses = [m["loss"] for m in read_metrics(tmp_path / "r")]
     assert len(losses) == 4 and all(x == x for x in losses)  # finite
     assert (tmp_path / "r" / "reference_logps.json").exists() == (loss != "simpo")

@@ -262,8 +262,8 @@ def test_refusal_task_after_a_refusal_fine_tune(tmp_path, tokenizer_dir, dataset
     run = tmp_path / "sft"
     args = ["sft", "--config", TINY]
     for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
-            "posttrain.train_data": f'["{train}"]', "train.seq_length": 128, "train.steps": 80, "optim.lr": 5e-3,
-            "model.hidden_size": 64, "model.ffn_hidden_size": 128, "posttrain.packing": False}):
+            "posttrain.chat.train_data": f'["{train}"]', "train.seq_length": 128, "train.steps": 80, "optim.lr": 5e-3,
+            "model.hidden_size": 64, "model.ffn_hidden_size": 128, "posttrain.sft.packing": False}):
         args += ["--set", s]
     assert main(args) == 0
     res = _eval(run, [f"refusal:{red}"], tmp_path / "r.json", "--max-new-tokens", "24", "--seq-length", "128",
@@ -304,7 +304,7 @@ def test_preference_task_for_a_language_model_and_a_reward_model(tmp_path, model
     rm = tmp_path / "rm"
     args = ["reward", "--config", TINY]
     for s in tiny_overrides(rm, tokenizer_dir, dataset_prefix, **{
-            "posttrain.train_data": f'["{task_dir / "dpo_train.jsonl"}"]', "train.seq_length": 128,
+            "posttrain.chat.train_data": f'["{task_dir / "dpo_train.jsonl"}"]', "train.seq_length": 128,
             "train.steps": 4, "train.global_batch_size": 4, "train.micro_batch_size": 2}):
         args += ["--set", s]
     assert main(args) == 0

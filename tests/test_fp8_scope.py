@@ -1,4 +1,4 @@
-"""FP8 stays out of decoding: the model's one FP8 entry (`fp8_context`, set by parallelize.enable_fp8 on
+"""FP8 stays out of decoding: the model's one FP8 entry (`fp8_context`, set by parallelize on
 the te backend) is entered by training forwards only. KV-cache decoding ([b, 1] tokens), recomputed
 decoding, rollout log-probs and evaluation run outside it — TE's FP8 GEMMs need token counts divisible
 by 8/16. Observed on CPU through the same seam with a recording context in place of TE's autocast,
@@ -47,7 +47,7 @@ def _model(pp: int, world: int, rank: int):
         entered.append("fp8")
         yield
 
-    model.fp8_context = recording  # where enable_fp8 puts TE's autocast factory
+    model.fp8_context = recording  # where parallelize puts TE's autocast factory
     return model, dims, entered
 
 
@@ -74,7 +74,7 @@ def _passes(rank: int, world: int, pp: int) -> dict[str, int]:
     objective = LanguageModelingObjective()
     count("evaluate", lambda: evaluate(model, objective, [mbs], precision=PRECISION, device=torch.device("cpu"),
                                        dims=dims))
-    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"), dims)
     count("train", lambda: train_step(model, optimizer, objective, mbs, lr=1e-3, clip_grad=1.0, precision=PRECISION,
                                       device=torch.device("cpu"), dims=dims))
     return counts

@@ -291,23 +291,23 @@ def test_custom_rewards_resolve_or_fail_clearly():
 
 @pytest.mark.parametrize("layout,world", [
     ({"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}, 4),
-    ({"posttrain.grpo_iterations": 2}, 2),
+    ({"posttrain.grpo.iterations": 2}, 2),
     # cp2: each cp rank samples half the prompts on whole sequences, the step trains on split rows;
     # per-sequence normalisation sums each row's parts over cp. 5 held-out prompts: 3 + 2 over cp.
-    ({"parallel.cp": 2, "posttrain.grpo_loss_norm": "sequence", "posttrain.grpo_iterations": 2}, 2),
+    ({"parallel.cp": 2, "posttrain.grpo.loss_norm": "sequence", "posttrain.grpo.iterations": 2}, 2),
     # interleaved: decoding keeps whole groups of microbatches (2 sampling passes of 4 rows here)
-    ({"parallel.pp": 2, "parallel.vpp": 2, "posttrain.rollout_micro_batch": 4}, 2),
+    ({"parallel.pp": 2, "parallel.vpp": 2, "posttrain.rollout.micro_batch": 4}, 2),
 ], ids=["tp2pp2sp", "dp2", "cp2", "pp2vpp2"])
 def test_grpo_steps_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, prompts,
                                                         layout, world):
     single, parallel = tmp_path / "False", tmp_path / "True"
     # 5 held-out prompts: uneven over dp2, padded to whole microbatches — the padding must not count.
-    valid = {"posttrain.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
+    valid = {"posttrain.chat.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
     a, b = run_single_and_parallel(
         lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **valid,
                                                 **{k: v for k, v in layout.items() if par or k.startswith("posttrain")})),
         world)
-    iterations = layout.get("posttrain.grpo_iterations", 1)
+    iterations = layout.get("posttrain.grpo.iterations", 1)
     assert len(a) == 3
     assert a[0]["kl"] == 0.0 and a[1]["kl"] > 0  # the policy starts as the reference, then moves away
     assert all(x["grad_norm"] > 0 for x in a)  # graded rewards: real advantages, a real gradient
@@ -346,7 +346,7 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
     """grpo_iterations 2, stopped after step 3 (step 4 trains on step 3's rollouts): the batch comes back
     from run_dir/rollout_buffer and the run equals the uninterrupted one."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    extra = {"train.steps": 4, "posttrain.grpo_iterations": 2}
+    extra = {"train.steps": 4, "posttrain.grpo.iterations": 2}
     assert main(grpo_args(straight, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
     assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra, **{"train.exit_interval": 3})) == 0
     assert main(grpo_args(stopped, tokenizer_dir, dataset_prefix, prompts, **extra)) == 0
@@ -366,17 +366,17 @@ def test_resume_between_updates_of_one_rollout_batch(tmp_path, tokenizer_dir, da
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"posttrain.group_size": 1}, "needs at least 2"),
-    ({"posttrain.group_size": 3}, "multiple of posttrain.group_size = 3"),
-    ({"posttrain.temperature": 0.0}, "must be positive"),
-    ({"posttrain.rewards": '["answer"]'}, "bundled ones are math_answer"),
-    ({"posttrain.reward_weights": "[1.0, 2.0]"}, "one weight per reward"),
-    ({"posttrain.max_new_tokens": 96}, "posttrain.max_new_tokens = 96"),
-    ({"posttrain.rewards": '["python_tests"]'}, "reads the `tests` field, which 64 of 64"),
-    ({"posttrain.grpo_loss_norm": "seq"}, "posttrain.grpo_loss_norm"),
-    ({"posttrain.grpo_iterations": 0}, "must be at least 1"),
-    ({"posttrain.clip_eps": 1.5}, "posttrain.clip_eps = 1.5"),
-    ({"posttrain.rollout_micro_batch": 3}, "posttrain.rollout_micro_batch = 3 must divide"),
+    ({"posttrain.grpo.group_size": 1}, "needs at least 2"),
+    ({"posttrain.grpo.group_size": 3}, "multiple of posttrain.grpo.group_size = 3"),
+    ({"posttrain.rollout.temperature": 0.0}, "must be positive"),
+    ({"posttrain.rewards.functions": '["answer"]'}, "bundled ones are math_answer"),
+    ({"posttrain.rewards.weights": "[1.0, 2.0]"}, "one weight per reward"),
+    ({"posttrain.rollout.max_new_tokens": 96}, "posttrain.rollout.max_new_tokens = 96"),
+    ({"posttrain.rewards.functions": '["python_tests"]'}, "reads the `tests` field, which 64 of 64"),
+    ({"posttrain.grpo.loss_norm": "seq"}, "posttrain.grpo.loss_norm"),
+    ({"posttrain.grpo.iterations": 0}, "must be at least 1"),
+    ({"posttrain.grpo.clip_eps": 1.5}, "posttrain.grpo.clip_eps = 1.5"),
+    ({"posttrain.rollout.micro_batch": 3}, "posttrain.rollout.micro_batch = 3 must divide"),
 ])
 def test_bad_grpo_configs_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys, extra, message):
     assert main(grpo_args(tmp_path / "r", tokenizer_dir, dataset_prefix, prompts, **extra)) == 2
@@ -389,9 +389,9 @@ def test_groups_must_stay_on_one_dp_rank(tmp_path, tokenizer_dir, dataset_prefix
     from scaletrain.prepare import check_config
 
     cfg = load_config(TINY, tiny_overrides(tmp_path, tokenizer_dir, dataset_prefix, **{
-        "posttrain.objective": "grpo", "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 4,
+        "posttrain.objective": "grpo", "posttrain.chat.train_data": f'["{prompts}"]', "posttrain.grpo.group_size": 4,
         "train.global_batch_size": 8, "train.micro_batch_size": 1, "train.seq_length": 96,
-        "posttrain.max_new_tokens": 6}))
+        "posttrain.rollout.max_new_tokens": 6}))
     assert check_config(cfg, 2) == 2
     with pytest.raises(ConfigError, match="each dp rank samples whole groups"):
         check_config(cfg, 4)
@@ -404,7 +404,7 @@ def test_grpo_raises_its_reward(tmp_path, tokenizer_dir, dataset_prefix, prompts
     run = tmp_path / "r"
     assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
         "precision.dtype": "float32", "train.steps": 40, "optim.lr": 1e-2, "train.global_batch_size": 32,
-        "train.micro_batch_size": 16, "posttrain.group_size": 8, "posttrain.kl_beta": 0.0, "optim.weight_decay": 0.0,
+        "train.micro_batch_size": 16, "posttrain.grpo.group_size": 8, "posttrain.grpo.beta": 0.0, "optim.weight_decay": 0.0,
         "model.num_layers": 2})) == 0
     rewards = [m["reward"] for m in read_metrics(run)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -429,7 +429,7 @@ def test_rollout_micro_batch_changes_speed_not_results(tmp_path, tokenizer_dir, 
     for rm in (0, 8):
         runs[rm] = tmp_path / str(rm)
         caches.clear()
-        assert main(grpo_args(runs[rm], tokenizer_dir, dataset_prefix, prompts, **{"posttrain.rollout_micro_batch": rm})) == 0
+        assert main(grpo_args(runs[rm], tokenizer_dir, dataset_prefix, prompts, **{"posttrain.rollout.micro_batch": rm})) == 0
         passes[rm] = len(caches)
     assert passes == {0: 3 * 4, 8: 3 * 1}  # 3 steps × microbatches of 8 completions
     a, b = read_metrics(runs[0]), read_metrics(runs[8])
@@ -441,7 +441,7 @@ def test_missing_stop_penalty_is_subtracted_per_completion(tmp_path, tokenizer_d
     """Completions that do not end with the end-of-turn marker (here: cut at 6 tokens) lose the penalty."""
     run = tmp_path / "run"
     assert main(grpo_args(run, tokenizer_dir, dataset_prefix, prompts, **{
-        "train.steps": 2, "posttrain.kl_beta": 0.0, "posttrain.missing_stop_penalty": 2.5})) == 0
+        "train.steps": 2, "posttrain.grpo.beta": 0.0, "posttrain.rewards.missing_stop_penalty": 2.5})) == 0
     for r in read_metrics(run):
         assert r["missing_stop"] >= r["truncated"] > 0  # a cut completion never ended its turn
         assert r["reward"] == pytest.approx(r["reward_digits"] - 2.5 * r["missing_stop"], abs=1e-12)

@@ -93,7 +93,7 @@ def test_sft_and_dpo_run_from_the_smollm2_import(smollm2, tmp_path):
               "--set", "checkpoint.interval=0", "--set", "logging.tensorboard=false"]
     for stage, file in (("sft", "sft_train.jsonl"), ("dpo", "dpo_train.jsonl")):
         run = tmp_path / stage
-        assert main([stage, *common, "--set", f'posttrain.train_data=["{data / file}"]',
+        assert main([stage, *common, "--set", f'posttrain.chat.train_data=["{data / file}"]',
                      "--set", f"train.run_dir={run}"]) == 0
         losses = [m["loss"] for m in read_metrics(run)]
         assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses

@@ -78,7 +78,7 @@ def _dies_mid_schedule(rank: int, world: int) -> None:
         model = build_model(cfg, dtype=torch.float64)
     parallelize(model, dims, pcfg)
     init_parameters(model, seed=1)
-    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"), dims)
     if rank == 1:
         os._exit(7)  # the last stage dies before it answers
     train_step(model, optimizer, LanguageModelingObjective(), pipeline_batches(4)[0], lr=1e-3, clip_grad=1.0,

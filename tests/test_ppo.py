@@ -88,12 +88,12 @@ def prompts(tmp_path_factory):
 def _args(run_dir, tokenizer_dir, prefix, prompts, base, **extra):
     args = ["ppo", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "checkpoint.init_from_hf": str(base), "posttrain.critic": str(base),
-            "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "train.global_batch_size": 8,
-            "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64", "posttrain.group_size": 2,
-            "posttrain.max_new_tokens": 6, "posttrain.rewards": '["grpo_rewards:digits"]', "posttrain.kl_beta": 0.1,
-            "posttrain.grpo_iterations": 2, "posttrain.gae_lambda": 0.9, "optim.warmup_steps": 1,
-            "posttrain.critic_lr": 3e-3, **extra}):
+            "checkpoint.init_from_hf": str(base), "posttrain.ppo.critic": str(base),
+            "posttrain.chat.train_data": f'["{prompts}"]', "train.seq_length": 96, "train.global_batch_size": 8,
+            "train.micro_batch_size": 2, "train.steps": 3, "precision.dtype": "float64", "posttrain.ppo.group_size": 2,
+            "posttrain.rollout.max_new_tokens": 6, "posttrain.rewards.functions": '["grpo_rewards:digits"]', "posttrain.ppo.kl_coef": 0.1,
+            "posttrain.ppo.iterations": 2, "posttrain.ppo.gae_lambda": 0.9, "optim.warmup_steps": 1,
+            "posttrain.ppo.critic_lr": 3e-3, **extra}):
         args += ["--set", s]
     return args
 
@@ -133,7 +133,7 @@ def test_a_stopped_run_resumes_its_critic(tmp_path, tokenizer_dir, dataset_prefi
 
 def test_ppo_needs_a_critic(tmp_path, tokenizer_dir, dataset_prefix, prompts, base_model, capsys):
     assert main(_args(tmp_path / "bad", tokenizer_dir, dataset_prefix, prompts, base_model,
-                      **{"posttrain.critic": ""})) == 2
+                      **{"posttrain.ppo.critic": ""})) == 2
     assert "needs a critic to start from" in capsys.readouterr().err
 
 
@@ -142,7 +142,8 @@ def test_planner_counts_reference_reward_model_and_critic():
     parameter); the critic its weights, gradients and AdamW's two moments (16 bytes)."""
     import dataclasses
 
-    from scaletrain.config.schema import ModelConfig, PostTrainConfig, RunConfig, TrainConfig
+    from scaletrain.config.posttrain import PostTrainConfig, PPOConfig, RewardsConfig
+    from scaletrain.config.schema import ModelConfig, RunConfig, TrainConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.profile.planner import format_plan, plan, stage_params
 
@@ -152,8 +153,8 @@ def test_planner_counts_reference_reward_model_and_critic():
                              tokenizer_vocab=512, tp=1, seq_length=64)
 
     cfg = RunConfig(model=model(2), train=TrainConfig(global_batch_size=8, micro_batch_size=2, seq_length=64),
-                    posttrain=PostTrainConfig(objective="ppo", kl_beta=0.1, rewards=("reward_model",),
-                                              reward_model="rm"))
+                    posttrain=PostTrainConfig(objective="ppo", ppo=PPOConfig(kl_coef=0.1),
+                                              rewards=RewardsConfig(functions=("reward_model",), model="rm")))
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float32"))
     rm, critic = model(4, labels=1), model(2, labels=1)
     base = plan(cfg, 1)

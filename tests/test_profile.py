@@ -53,14 +53,15 @@ def test_llama3_8b_tp4_pp2_per_rank_memory_by_hand():
     stage0 = 16 * per_layer + V * h // 4
     stage1 = 16 * per_layer + h + V * h // 4
     assert [s.params for s in p.stages] == [stage0, stage1]
-    assert p.stages[0].weights_bytes == 4 * stage0 and p.stages[0].grads_bytes == 4 * stage0
-    assert p.stages[0].optimizer_bytes == 3 * 4 * stage0 // 8  # ZeRO-1 over dp 8: two moments + fp32 main
+    # bf16 weights (precision.params = 'auto' in a bf16 run), fp32 main grads.
+    assert p.stages[0].weights_bytes == 2 * stage0 and p.stages[0].grads_bytes == 4 * stage0
+    assert p.stages[0].optimizer_bytes == 3 * 4 * stage0 // 8  # ZeRO-1 over dp 8: two moments + fp32 master
     # 1F1B: stage 0 keeps pp = 2 microbatches in flight, the last stage one.
     assert [s.microbatches_in_flight for s in p.stages] == [2, 1]
     assert p.bubble_fraction == pytest.approx(1 / (64 + 1))
     assert p.fits
-    # dp gradient traffic: ring all-reduce of the stage's fp32 gradients.
-    assert p.comm_bytes_per_step["dp"] == int(2 * 7 / 8 * 4 * stage1)
+    # dp traffic under ZeRO-1: ring reduce-scatter of the stage's fp32 gradients + all-gather of its bf16 weights.
+    assert p.comm_bytes_per_step["dp"] == int(7 / 8 * stage1 * (4 + 2))
     assert not _plan("llama3_8b.toml", 8, gpu_memory_gb=80).fits  # 8 B params in fp32 + Adam on one GPU
 
 
@@ -124,7 +125,7 @@ def test_planned_static_memory_matches_ranks_of_real_runs(tmp_path, tokenizer_di
     assert run_ranks(world, cli_rank, args, timeout=240) == [0] * world
     first = read_metrics(run)[0]  # rank 0: pipeline stage 0, dp rank 0
     cfg = resolved_config(TINY, args[4::2], world)
-    stage = plan(cfg, world).stages[0]
+    stage = plan(cfg, world, compute_dtype="float32").stages[0]  # precision 'auto' is float32 on a CPU
     assert first["mem_params_bytes"] == pytest.approx(stage.weights_bytes, rel=0.10)
     assert first["mem_grads_bytes"] == pytest.approx(stage.grads_bytes, rel=0.10)
     assert first["mem_optimizer_bytes"] == pytest.approx(stage.optimizer_bytes, rel=0.10)
@@ -152,8 +153,12 @@ def test_full_recompute_gives_the_same_gradients_and_saves_what_the_planner_says
         init_parameters(model, 7, tp_rank=0, tp_size=1)
         if recompute:
             apply_full_recompute(model)
-        loss, saved = saved_activation_bytes(
-            lambda model=model: cross_entropy_per_token(model(ids[:, :-1]), ids[:, 1:]).mean(), list(model.parameters()))
+        def forward(model=model):
+            logits = model(ids[:, :-1])
+            return cross_entropy_per_token(logits, ids[:, 1:]).mean(), logits
+
+        # The schedule holds the logits until backward, as this does.
+        (loss, _), saved = saved_activation_bytes(forward, list(model.parameters()), held=lambda r: [r[1]])
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, saved))
     (l0, g0, s0), (l1, g1, s1) = results
@@ -178,7 +183,8 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
 
     import scaletrain.generation.decoding as decoding
     import scaletrain.generation.sampler as rollout
-    from scaletrain.config.schema import ModelConfig, ParallelConfig, PostTrainConfig, RunConfig
+    from scaletrain.config.posttrain import GRPOConfig, PostTrainConfig, RolloutConfig
+    from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig
     from scaletrain.config.validate import resolve_model
     from scaletrain.distributed import ParallelDims
     from scaletrain.models import build_model
@@ -190,7 +196,8 @@ def _rollout_kv_rank(rank: int, world: int, layout: dict) -> tuple[int, int, int
     m = resolve_model(ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                   ffn_hidden_size=64), tokenizer_vocab=None, tp=layout.get("tp", 1), seq_length=seq)
     cfg = RunConfig(model=m, parallel=ParallelConfig(backend="torch", **layout),
-                    posttrain=PostTrainConfig(objective="grpo", group_size=4, max_new_tokens=new))
+                    posttrain=PostTrainConfig(objective="grpo", grpo=GRPOConfig(group_size=4),
+                                              rollout=RolloutConfig(max_new_tokens=new)))
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="float64"),
                               train=dataclasses.replace(cfg.train, seq_length=seq, global_batch_size=8,
                                                         micro_batch_size=2))

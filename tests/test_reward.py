@@ -31,7 +31,7 @@ def pairs(tmp_path_factory):
 def _args(run_dir, tokenizer_dir, prefix, pairs, **extra):
     args = ["reward", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{pairs}"]', "train.seq_length": 160, "model.num_layers": 4,
+            "posttrain.chat.train_data": f'["{pairs}"]', "train.seq_length": 160, "model.num_layers": 4,
             "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64",
             **extra}):
         args += ["--set", s]
@@ -69,8 +69,8 @@ def test_score_is_read_at_the_last_rendered_token(tokenizer_dir):
     ({"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}, 4, False)])
 def test_reward_losses_match_single_process_across_layouts(tmp_path, tokenizer_dir, dataset_prefix, pairs, layout,
                                                           world, tied):
-    valid = {"posttrain.valid_data": f'["{pairs.with_name("dpo_test.jsonl")}"]', "train.eval_interval": 3,
-             "train.eval_iters": 1, "posttrain.reward_center": 0.01, "model.tie_embeddings": tied}
+    valid = {"posttrain.chat.valid_data": f'["{pairs.with_name("dpo_test.jsonl")}"]', "train.eval_interval": 3,
+             "train.eval_iters": 1, "posttrain.reward.center_coefficient": 0.01, "model.tie_embeddings": tied}
     a, b = run_single_and_parallel(
         lambda par: (tmp_path / str(par), _args(tmp_path / str(par), tokenizer_dir, dataset_prefix, pairs,
                                                 **valid, **(layout if par else {}))), world)
@@ -150,7 +150,7 @@ def test_reward_model_starts_from_a_causal_lm_export(tmp_path, tokenizer_dir, da
 def test_bad_reward_configs_exit_before_training(tmp_path, tokenizer_dir, dataset_prefix, pairs, capsys, extra, message):
     args = ["train", "--config", TINY]
     for s in tiny_overrides(tmp_path / "run", tokenizer_dir, dataset_prefix,
-                            **{"posttrain.train_data": f'["{pairs}"]', **extra}):
+                            **{"posttrain.chat.train_data": f'["{pairs}"]', **extra}):
         args += ["--set", s]
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -203,10 +203,10 @@ def test_grpo_on_a_reward_model_matches_single_process(tmp_path, tokenizer_dir, 
         run = tmp_path / f"grpo{par}"
         args = ["grpo", "--config", TINY]
         for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
-                "posttrain.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
+                "posttrain.chat.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
                 "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 2,
-                "precision.dtype": "float64", "posttrain.group_size": 4, "posttrain.max_new_tokens": 6,
-                "posttrain.rewards": '["reward_model"]', "posttrain.reward_model": str(rm),
+                "precision.dtype": "float64", "posttrain.grpo.group_size": 4, "posttrain.rollout.max_new_tokens": 6,
+                "posttrain.rewards.functions": '["reward_model"]', "posttrain.rewards.model": str(rm),
                 **(layout if par else {})}):
             args += ["--set", s]
         return run, args
@@ -226,14 +226,14 @@ def test_bad_reward_model_settings_exit_before_training(tmp_path, tokenizer_dir,
         args += ["--set", s]
     assert main(args) == 0
     prompts = pairs.with_name("sft_train.jsonl")
-    for extra, message in [({"posttrain.rewards": '["reward_model"]'}, "posttrain.reward_model is empty"),
-                           ({"posttrain.rewards": '["reward_model"]', "posttrain.reward_model": str(lm)},
+    for extra, message in [({"posttrain.rewards.functions": '["reward_model"]'}, "posttrain.rewards.model is empty"),
+                           ({"posttrain.rewards.functions": '["reward_model"]', "posttrain.rewards.model": str(lm)},
                             "no score head (a language model)"),
-                           ({"posttrain.rewards": '["reward_model"]', "posttrain.reward_model": str(tmp_path / "nope")},
+                           ({"posttrain.rewards.functions": '["reward_model"]', "posttrain.rewards.model": str(tmp_path / "nope")},
                             "neither a Hugging Face directory")]:
         args = ["grpo", "--config", TINY]
         for s in tiny_overrides(tmp_path / "run", tokenizer_dir, dataset_prefix, **{
-                "posttrain.train_data": f'["{prompts}"]', "posttrain.group_size": 4, "posttrain.max_new_tokens": 8,
+                "posttrain.chat.train_data": f'["{prompts}"]', "posttrain.grpo.group_size": 4, "posttrain.rollout.max_new_tokens": 8,
                 **extra}):
             args += ["--set", s]
         assert main(args) == 2

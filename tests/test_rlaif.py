@@ -94,7 +94,7 @@ def test_labels_match_transformers_and_feed_dpo(tmp_path, policy_run, prompts, t
     run = tmp_path / "dpo"
     args = ["dpo", "--config", TINY]
     for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
-            "checkpoint.init_from_hf": str(policy_run / "hf"), "posttrain.train_data": f'["{out}"]',
+            "checkpoint.init_from_hf": str(policy_run / "hf"), "posttrain.chat.train_data": f'["{out}"]',
             "train.seq_length": 384, "train.steps": 2, "train.global_batch_size": 2, "train.micro_batch_size": 1}):
         args += ["--set", s]
     assert main(args) == 0

@@ -410,9 +410,9 @@ def test_unsandboxed_mode_still_lets_only_the_tests_decide():
 def _grpo_args(run_dir: Path, tokenizer_dir, dataset_prefix, rows: Path, **extra) -> list[str]:
     args = ["grpo", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, dataset_prefix, **{
-            "posttrain.train_data": f'["{rows}"]', "train.seq_length": 64, "train.global_batch_size": 8,
-            "train.micro_batch_size": 4, "train.steps": 2, "posttrain.group_size": 4, "posttrain.max_new_tokens": 6,
-            "posttrain.rewards": '["python_tests", "grpo_rewards:digits"]', "posttrain.sandbox_timeout_s": 3.0,
+            "posttrain.chat.train_data": f'["{rows}"]', "train.seq_length": 64, "train.global_batch_size": 8,
+            "train.micro_batch_size": 4, "train.steps": 2, "posttrain.grpo.group_size": 4, "posttrain.rollout.max_new_tokens": 6,
+            "posttrain.rewards.functions": '["python_tests", "grpo_rewards:digits"]', "posttrain.sandbox.timeout_s": 3.0,
             **extra}):
         args += ["--set", s]
     return args
@@ -433,10 +433,10 @@ def test_grpo_counts_reward_errors_logs_their_cause_and_keeps_training(tmp_path,
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"posttrain.sandbox": "docker"}, "posttrain.sandbox = 'docker' is not one of bwrap, none"),
-    ({"posttrain.sandbox_memory_mb": 0}, "posttrain.sandbox_memory_mb = 0 must be positive"),
-    ({"posttrain.sandbox_processes": 2}, "give at least 4"),
-    ({"posttrain.sandbox_python": "/no/such/python3"}, "/no/such/python3 does not exist. Set posttrain.sandbox_python"),
+    ({"posttrain.sandbox.backend": "docker"}, "posttrain.sandbox.backend = 'docker' is not one of bwrap, none"),
+    ({"posttrain.sandbox.memory_mb": 0}, "posttrain.sandbox.memory_mb = 0 must be positive"),
+    ({"posttrain.sandbox.processes": 2}, "give at least 4"),
+    ({"posttrain.sandbox.python": "/no/such/python3"}, "/no/such/python3 does not exist. Set posttrain.sandbox.python"),
 ])
 def test_bad_sandbox_settings_fail_before_training(tmp_path, tokenizer_dir, dataset_prefix, capsys, extra, message):
     rows = tmp_path / "code.jsonl"
@@ -459,4 +459,4 @@ def test_without_bubblewrap_the_run_stops_with_the_fix(tmp_path, tokenizer_dir, 
         sandbox.sandbox_problem.cache_clear()
     err = capsys.readouterr().err
     assert "`bwrap` (bubblewrap) is not installed" in err and "apt-get install -y bubblewrap" in err
-    assert 'posttrain.sandbox = "none" for trusted code only' in err
+    assert 'posttrain.sandbox.backend = "none" for trusted code only' in err

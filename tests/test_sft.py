@@ -59,7 +59,7 @@ def test_bad_rows_are_counted_not_repaired(tokenizer_dir):
 def _sft_args(run_dir, tokenizer_dir, prefix, data_file, **extra):
     args = ["sft", "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{data_file}"]', "train.seq_length": 160, "model.num_layers": 4,
+            "posttrain.chat.train_data": f'["{data_file}"]', "train.seq_length": 160, "model.num_layers": 4,
             "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64",
             **extra}):
         args += ["--set", s]

@@ -24,7 +24,7 @@ from scaletrain.nn.blockwise_attention import document_mask
 from scaletrain.stages.pretrain.stage import step_batches
 from scaletrain.stages.registry import register, unregister
 from scaletrain.stages.sft.data import SFTDataset
-from scaletrain.stages.stage import CHAT_DATA, RunParts, Stage, StageParts
+from scaletrain.stages.stage import RunParts, Stage, StageParts
 from scaletrain.trainer.contracts import Batch, LossFn, Objective
 from scaletrain.trainer.loop import LoopState
 
@@ -58,18 +58,18 @@ class WeightedSFTObjective(Objective):
 class WeightedSFTStage(Stage):
     name = "weighted_sft"
     help = "SFT with a per-conversation `score` weighting its target tokens (tests/test_stage_plugin.py)"
-    fields = (*CHAT_DATA, "loss_on", "over_length")
+    sections = ("chat", "sft")  # the [posttrain] sub-sections it reads: chat rows, rendered as SFT's
     data_rows = "`messages` and `score`"
 
     def validate(self, cfg: RunConfig) -> list[str]:
-        return [] if self.settings(cfg).loss_on == "assistant" else ["weighted_sft weights assistant turns only."]
+        return [] if self.settings(cfg).sft.loss_on == "assistant" else ["weighted_sft weights assistant turns only."]
 
     def render(self, parts: RunParts) -> tuple[Any, Any]:
         s, tok, seq = self.settings(parts.cfg), parts.tokenizer, parts.cfg.train.seq_length
-        renderer = ChatRenderer(tok, s.chat_template, s.loss_on, bundled_tools(s.tools))
+        renderer = ChatRenderer(tok, s.chat.template, s.sft.loss_on, bundled_tools(s.chat.tools))
         rows = []
-        for row in read_rows(s.train_data, ("messages", "score")):
-            one = SFTDataset([row["messages"]], renderer, tok, seq, packing=False, over_length=s.over_length)
+        for row in read_rows(s.chat.train_data, ("messages", "score")):
+            one = SFTDataset([row["messages"]], renderer, tok, seq, packing=False, over_length=s.sft.over_length)
             item = dict(one[0])  # one conversation per row: its score applies to the row's targets
             item["weight"] = float(row["score"]) * item["loss_mask"].to(torch.float64)
             rows.append(item)
@@ -90,7 +90,7 @@ def weighted_sft():
 def _args(command: str, run_dir, tokenizer_dir, prefix, data, **extra) -> list[str]:
     args = [command, "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{data}"]', "train.seq_length": 160, "train.global_batch_size": 4,
+            "posttrain.chat.train_data": f'["{data}"]', "train.seq_length": 160, "train.global_batch_size": 4,
             "train.micro_batch_size": 2, "train.steps": 4, "precision.dtype": "float64", **extra}):
         args += ["--set", s]
     return args
@@ -118,7 +118,7 @@ def test_a_stage_registered_outside_the_library_trains_through_the_cli(tmp_path,
     (the same rows, the same order, the same normaliser). Scores 0 and 2 change them."""
     ones = _scored(tmp_path, [1.0])
     assert main(_args("weighted_sft", tmp_path / "w", tokenizer_dir, dataset_prefix, ones)) == 0
-    assert main(_args("sft", tmp_path / "s", tokenizer_dir, dataset_prefix, ones, **{"posttrain.packing": False})) == 0
+    assert main(_args("sft", tmp_path / "s", tokenizer_dir, dataset_prefix, ones, **{"posttrain.sft.packing": False})) == 0
     w, s = read_metrics(tmp_path / "w"), read_metrics(tmp_path / "s")
     assert [m["loss"] for m in w] == [m["loss"] for m in s] and len(w) == 4
     assert [m["grad_norm"] for m in w] == [m["grad_norm"] for m in s]
@@ -130,7 +130,7 @@ def test_a_stage_registered_outside_the_library_trains_through_the_cli(tmp_path,
 
 def test_its_own_rules_are_checked_up_front(tmp_path, tokenizer_dir, dataset_prefix, weighted_sft, capsys):
     args = _args("weighted_sft", tmp_path / "bad", tokenizer_dir, dataset_prefix, _scored(tmp_path, [1.0]),
-                 **{"posttrain.loss_on": "all"})
+                 **{"posttrain.sft.loss_on": "all"})
     assert main(args) == 2
     assert "weighted_sft weights assistant turns only." in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

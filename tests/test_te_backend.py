@@ -93,14 +93,14 @@ def test_checkpoints_ignore_how_a_backend_stores_a_fused_weight(tmp_path):
     assert flat.layers["0"].mlp.gate_up.weight.dim() == 2
 
     # flat → checkpoint (with optimizer state) → plain, and back.
-    opt = build_optimizer(flat, OptimConfig(lr=1e-3), torch.device("cpu"))
+    opt = build_optimizer(flat, OptimConfig(lr=1e-3), torch.device("cpu"), ParallelDims.single())
     materialize_optimizer_state(opt)
     for st in opt.state.values():
         st["exp_avg"].normal_()
     write_checkpoint_dir(tmp_path / "c", flat, opt, {"step": 1, "consumed_samples": 0})
     other = build_model(cfg)
     init_parameters(other, 8)
-    opt2 = build_optimizer(other, OptimConfig(lr=1e-3), torch.device("cpu"))
+    opt2 = build_optimizer(other, OptimConfig(lr=1e-3), torch.device("cpu"), ParallelDims.single())
     load_checkpoint(tmp_path / "c", other, opt2, dims=ParallelDims.single())
     for (n, a), (_, b) in zip(plain.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), n
@@ -112,7 +112,7 @@ def test_checkpoints_ignore_how_a_backend_stores_a_fused_weight(tmp_path):
         assert st["exp_avg"].shape == p.shape  # back in the storage shape the optimizer steps with
     write_checkpoint_dir(tmp_path / "d", other, opt2, {"step": 1, "consumed_samples": 0})
     flat2 = _flat_storage(build_model(cfg))
-    opt3 = build_optimizer(flat2, OptimConfig(lr=1e-3), torch.device("cpu"))
+    opt3 = build_optimizer(flat2, OptimConfig(lr=1e-3), torch.device("cpu"), ParallelDims.single())
     load_checkpoint(tmp_path / "d", flat2, opt3, dims=ParallelDims.single())
     assert all(torch.equal(a, b) for a, b in zip(flat.parameters(), flat2.parameters()))
     assert all(st["exp_avg"].shape == p.shape for p, st in opt3.state.items())

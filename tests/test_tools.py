@@ -160,8 +160,8 @@ def test_chat_command_on_a_run_directory_and_its_export(tmp_path, tokenizer_dir,
     run = tmp_path / "run"
     args = ["sft", "--config", TINY]
     for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
-            "posttrain.train_data": f'["{tmp_path / "d" / "tools_train.jsonl"}"]', "posttrain.tools": '["calculator"]',
-            "posttrain.chat_template": "llama3", "train.seq_length": 1024, "train.steps": 2, "checkpoint.export_hf": "hf",
+            "posttrain.chat.train_data": f'["{tmp_path / "d" / "tools_train.jsonl"}"]', "posttrain.chat.tools": '["calculator"]',
+            "posttrain.chat.template": "llama3", "train.seq_length": 1024, "train.steps": 2, "checkpoint.export_hf": "hf",
             "train.global_batch_size": 2, "train.micro_batch_size": 1}):
         args += ["--set", s]
     assert main(args) == 0

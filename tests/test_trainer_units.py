@@ -9,6 +9,7 @@ import torch
 
 from scaletrain.config import load_config, resolve_model
 from scaletrain.config.schema import ModelConfig, OptimConfig
+from scaletrain.distributed import ParallelDims
 from scaletrain.models import build_model
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
 from scaletrain.stages.pretrain.objective import LanguageModelingObjective
@@ -152,5 +153,5 @@ def test_global_grad_norm_is_float64_accurate_in_every_dtype():
     exact = sum(float(g.double().pow(2).sum()) for g in grads) ** 0.5
     for dtype, rel in ((torch.float64, 1e-14), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         pairs = [(torch.nn.Parameter(g.to(dtype)), g.to(dtype)) for g in grads]
-        norm = global_grad_norm(pairs, None)
+        norm = global_grad_norm(pairs, ParallelDims.single())
         assert norm.dtype == torch.float64 and float(norm) == pytest.approx(exact, rel=rel), dtype

@@ -4,6 +4,9 @@
     python docs/_scripts/config_keys.py --write    # put them into docs/run-interface.md between its markers
     python docs/_scripts/config_keys.py --check    # exit 1 naming the keys docs/run-interface.md lacks
 
+The "Renamed keys" table (old key → new key, between its own markers) is generated from
+scaletrain/config/renamed.py, the one table of renamed keys.
+
 The meaning column is each field's docstring in the config schema (the string literal after the field), so
 the tables say what `scaletrain.config.load` says about a key. Nested sections (a dataclass field whose
 default is itself a dataclass) become dotted sections.
@@ -22,6 +25,7 @@ from typing import Any
 
 DOC = Path(__file__).resolve().parents[1] / "run-interface.md"
 BEGIN, END = "<!-- config-keys:begin -->", "<!-- config-keys:end -->"
+RENAMED_BEGIN, RENAMED_END = "<!-- renamed-keys:begin -->", "<!-- renamed-keys:end -->"
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -84,16 +88,31 @@ def tables() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def renamed_table() -> str:
+    from scaletrain.config.renamed import RENAMED
+
+    rows = [f"| `{old}` | {', '.join(f'`{n}`' for n in new)} |" for old, new in RENAMED.items()]
+    return "\n".join(["| old key | new key |", "|---|---|", *rows]) + "\n"
+
+
 def missing_keys(doc: Path = DOC) -> list[str]:
+    from scaletrain.config.renamed import RENAMED
+
     text = doc.read_text(encoding="utf-8")
-    return [k for k in all_keys() if f"`{k}`" not in text]
+    renamed = text.split(RENAMED_BEGIN, 1)[-1].split(RENAMED_END, 1)[0] if RENAMED_BEGIN in text else ""
+    return ([k for k in all_keys() if f"`{k}`" not in text]
+            + [old for old in RENAMED if f"`{old}`" not in renamed])
+
+
+def _between(text: str, begin: str, end: str, body: str) -> str:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}{end}{tail}"
 
 
 def write(doc: Path = DOC) -> None:
-    text = doc.read_text(encoding="utf-8")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{tables()}{END}{tail}", encoding="utf-8")
+    text = _between(doc.read_text(encoding="utf-8"), BEGIN, END, tables())
+    doc.write_text(_between(text, RENAMED_BEGIN, RENAMED_END, renamed_table()), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def tokenizer_chat_template(tokenizer: Tokenizer, tools: bool = False) -> str | 
 
 def chat_template_origin(posttrain, tokenizer: Tokenizer) -> str:
     """Which template a run with this [posttrain] section renders with, and where it came from (for the log)."""
-    return ChatRenderer(tokenizer, posttrain.chat_template, tools=bundled_tools(posttrain.tools)).origin
+    return ChatRenderer(tokenizer, posttrain.chat.template, tools=bundled_tools(posttrain.chat.tools)).origin
 
 
 class ChatRenderer:

@@ -110,7 +110,7 @@ def select(found: TemplateSet, tools: bool) -> str:
     if "default" in t:
         return "default"
     raise ValueError(f"the tokenizer's chat templates ({found.origin}) have no 'default'"
-                     f"{' or tool_use' if tools else ''}: name one of {', '.join(t)} in posttrain.chat_template")
+                     f"{' or tool_use' if tools else ''}: name one of {', '.join(t)} in posttrain.chat.template")
 
 
 def choose_template(setting: str, folder: str | Path | None, *, tools: bool, bundled: dict[str, str],
@@ -128,7 +128,7 @@ def choose_template(setting: str, folder: str | Path | None, *, tools: bool, bun
         return ChosenTemplate(found.templates[name], f"the tokenizer's {label}{found.origin} in {folder}")
     if found is not None and setting in found.templates:
         return ChosenTemplate(found.templates[setting], f"the tokenizer's '{setting}' of {found.origin} in {folder}")
-    return ChosenTemplate(setting, "posttrain.chat_template / --template (a Jinja string)")
+    return ChosenTemplate(setting, "posttrain.chat.template / --template (a Jinja string)")
 
 
 def write_single_template(folder: str | Path, source: str) -> None:

@@ -33,14 +33,14 @@ def locate_model(key: str, path_text: str) -> tuple[str, Path, ModelConfig]:
 def model_files(path: str) -> tuple[str, ModelConfig, Path, str]:
     """(kind, ModelConfig, tokenizer directory, chat template setting) of a model given on the command line:
     an HF directory (its own tokenizer and template) or scaletrain output (the checkpoint's tokenizer copy,
-    the run's posttrain.chat_template from its config.toml)."""
+    the run's posttrain.chat.template from its config.toml)."""
     kind, where, m = locate_model("model", path)
     if kind == "hf":
         return kind, m, where, "auto"
     template = "auto"
     run_config = where.parent.parent / "config.toml"
     if run_config.is_file():
-        template = load_config(run_config).posttrain.chat_template
+        template = load_config(run_config).posttrain.chat.template
     if not (where / "tokenizer").is_dir():
         raise FileNotFoundError(f"{where} holds no tokenizer/ folder: the tokenizer it trained with is needed")
     return kind, m, where / "tokenizer", template

@@ -47,9 +47,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         f"{','.join(BUNDLED_TOOLS)})")
     p.add_argument("--list-tools", action=argparse.BooleanOptionalAction, default=None,
                    help="list the tools to the model in the prompt (default: as the run was trained, "
-                        "posttrain.tools; off for a Hugging Face directory)")
+                        "posttrain.chat.tools; off for a Hugging Face directory)")
     p.add_argument("--template", default=None,
-                   help="chat template: auto, chatml, llama3 or a Jinja string (default: the run's posttrain.chat_template)")
+                   help="chat template: auto, chatml, llama3 or a Jinja string (default: the run's posttrain.chat.template)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-tool-rounds", type=int, default=4, help="tool calls per user turn before the model must answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -83,7 +83,7 @@ def load_chat_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     tools: tuple[str, ...] = ()
     run_config = p.parent.parent / "config.toml"
     if not (p / "config.json").is_file() and run_config.is_file():
-        tools = tuple(load_config(run_config).posttrain.tools)
+        tools = tuple(load_config(run_config).posttrain.chat.tools)
     single = ParallelDims.single()
     runtime = Runtime(single, Precision(torch.float32, None, device.type, "chat: float32"), device, "torch")
     model, _ = ModelBuilder(RunConfig(model=m), runtime).frozen("model", str(p))

@@ -199,10 +199,11 @@ def _activation_bytes(trainer: Trainer) -> int | None:
     batch = prepare_batches(trainer.objective, next(trainer.train_batches)[:1], trainer.device, trainer.dims)[0]
     def forward_and_loss():
         output, loss_fn = trainer.objective.forward_step(batch, trainer.model)
-        return loss_fn(output)
+        return loss_fn(output), output
 
-    with trainer.precision.autocast():
-        _, nbytes = saved_activation_bytes(forward_and_loss, list(trainer.model.parameters()))
+    with trainer.precision.autocast():  # the schedule holds the output (logits) until the backward has run
+        _, nbytes = saved_activation_bytes(forward_and_loss, list(trainer.model.parameters()),
+                                           held=lambda result: [result[1]])
     return nbytes
 
 

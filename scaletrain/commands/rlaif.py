@@ -6,7 +6,7 @@
 
 The output rows (`prompt` as messages, `chosen`, `rejected`, plus `principle` and the judge's
 `preference` for the chosen response) are what `scaletrain dpo` and `scaletrain reward` read as
-posttrain.train_data; OUTPUT.report.json counts the pairs and the drops. Models: run directories,
+posttrain.chat.train_data; OUTPUT.report.json counts the pairs and the drops. Models: run directories,
 checkpoints or HF directories; the judge defaults to the policy (self-feedback) and may use its own
 tokenizer. Both run frozen in the layout the `--set parallel.*` keys give; rank 0 writes the files.
 """

@@ -20,7 +20,7 @@ from scaletrain.data.indexed import DatasetError
 from scaletrain.distributed import init_distributed, read_env, shutdown_distributed
 from scaletrain.export import export_to_hf
 from scaletrain.prepare import prepare
-from scaletrain.runtime import device_type
+from scaletrain.runtime import device_type, process_settings
 from scaletrain.stages.registry import stages
 from scaletrain.trainer.divergence import EXIT_DIVERGED, DivergenceError
 from scaletrain.trainer.stop import EXIT_INTERRUPTED, StopRequest, exit_code
@@ -56,18 +56,19 @@ def run(cfg: RunConfig) -> str:
     # Installed before any slow start-up work, so that a signal then is honoured at the first step boundary.
     stop = StopRequest(cfg.train.stop_signals, rank=env.rank)
     try:
-        owns_group = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
-        try:
-            trainer = build_trainer(cfg, prepared, stop=stop)
-            result = "done"  # None: the run had already finished (an export may still be missing)
-            if trainer is not None:
-                try:
-                    result = trainer.run()
-                finally:
-                    trainer.sinks.close()
-        finally:
-            if owns_group:
-                shutdown_distributed()
+        with process_settings():  # deterministic mode and threads end with the run
+            owns_group = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
+            try:
+                trainer = build_trainer(cfg, prepared, stop=stop)
+                result = "done"  # None: the run had already finished (an export may still be missing)
+                if trainer is not None:
+                    try:
+                        result = trainer.run()
+                    finally:
+                        trainer.sinks.close()
+            finally:
+                if owns_group:
+                    shutdown_distributed()
     finally:
         stop.close()
     if result == "done" and cfg.checkpoint.export_hf and env.rank == 0:

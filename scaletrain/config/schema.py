@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scaletrain.config.moe import MoEConfig
+from scaletrain.config.posttrain import PostTrainConfig
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,20 @@ class ParallelConfig:
     kernels: tuple[str, ...] = ()
     """Fused Triton kernels to use: any of rmsnorm, rope, swiglu, cross_entropy, or ["all"] (CUDA; TRITON_INTERPRET=1 on CPU)."""
     recompute: str = "none"
-    """Activation recomputation: 'none', or 'full' (keep only each block's input; rerun the block in backward)."""
+    """Activation recomputation: 'none', 'selective' (rerun only parallel.recompute_modules in backward, Megatron's
+    selective granularity) or 'full' (keep only each block's input; rerun the block in backward)."""
+    recompute_modules: tuple[str, ...] = ("core_attn",)
+    """recompute = 'selective': what is rerun — 'core_attn' (the attention core: softmax(q kᵀ) v, and under cp its
+    key/value all-gather), 'mlp_act' (the MLP activation silu(gate)·up) and/or 'norm' (the RMSNorms)."""
+    overlap_grad_reduce: bool = True
+    """Data parallelism: start each gradient bucket's all-reduce / reduce-scatter as soon as its last gradient of the
+    step lands (during the last microbatch's backward on each pipeline stage), instead of after the schedule."""
+    bucket_mb: float = 25.0
+    """Data parallelism: gradient bucket size in MiB (of main-grad bytes); each bucket is reduced — and under ZeRO-1
+    gathered — as one collective (Megatron's --ddp-bucket-size)."""
+    overlap_param_gather: bool = True
+    """ZeRO-1: all-gather the updated parameters bucket by bucket under the next forward (posted at its start in
+    forward order, each bucket waited for where its first layer runs) instead of right after the optimizer step."""
     compile: bool = False
     """torch.compile each transformer block (inductor: fused elementwise kernels, fewer launches; the first step
     pays the compile). Torch backend; rollouts and evaluation passes, whose shapes change per call, run eager."""
@@ -105,11 +119,24 @@ class PrecisionConfig:
     """Numerics of parameters and compute."""
 
     dtype: str = "auto"
-    """'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float64'."""
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float64'."""
+    params: str = "auto"
+    """Weight layout of bfloat16 runs: 'auto' (= 'bf16'), 'bf16' (bf16 weights and activations; gradients accumulated
+    into fp32 main-grad buckets; fp32 master weights and AdamW state in the optimizer, sharded by ZeRO-1) or 'fp32'
+    (fp32 weights under bf16 autocast). float32 / float64 runs keep their dtype everywhere ('auto' or that dtype's)."""
     fp8: bool = False
-    """FP8 compute through Transformer Engine (needs backend te)."""
+    """FP8 compute: Transformer Engine's (precision.fp8_backend = 'te', parallel.backend = 'te') or torchao's float8
+    training ('torchao', parallel.backend = 'torch')."""
+    fp8_backend: str = "te"
+    """Who runs FP8: 'te' (Transformer Engine) or 'torchao' (torchao.float8 on the torch backend, torchtitan's path)."""
     fp8_recipe: str = "current"
-    """'current' (per-tensor current scaling), 'delayed' (amax history) or 'blockwise' (where the installed TE offers it)."""
+    """te: 'current' (per-tensor current scaling), 'delayed' (amax history) or 'blockwise' (where the installed TE
+    offers it). torchao: 'tensorwise' (= 'current': dynamic per-tensor scales) or 'rowwise' (per-row scales)."""
+    fp8_emulate: bool = False
+    """torchao: emulate the FP8 matmuls in high precision (CPU tests; the casts and scales are the real ones)."""
+    fp8_skip_small: bool = True
+    """torchao: leave out linears whose GEMM is too small to gain from FP8 (torchao's size heuristics per recipe).
+    The output head and layers with a dimension not divisible by 16 are always left out."""
     fp8_format: str = "hybrid"
     """'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3' (both)."""
     fp8_amax_history: int = 1024
@@ -258,147 +285,6 @@ class LoggingConfig:
     """wandb project name."""
     wandb_mode: str = ""
     """wandb mode: '' (WANDB_MODE or online), 'offline' or 'disabled'."""
-
-
-@dataclass(frozen=True)
-class PostTrainConfig:
-    """The training objective and, for post-training stages, their data and loss settings."""
-
-    objective: str = "pretrain"
-    """'pretrain' (next-token on data.prefixes), 'sft' (chat data, loss on assistant turns), 'dpo' (preference
-    pairs), 'grpo' (RL on verifiable rewards), 'ppo' (RLHF with a learned critic: per-token KL-penalised rewards,
-    GAE, clipped surrogate), 'reward' (a reward model on preference pairs) or 'distill' (match
-    posttrain.teacher's token distributions, on data.prefixes or, given posttrain.train_data, on chat rows)."""
-    train_data: tuple[str, ...] = ()
-    """sft: jsonl/parquet files with a `messages` list per row; dpo: rows with prompt, chosen, rejected; grpo: rows
-    with `messages` (a trailing assistant turn is dropped) or `prompt`, plus the fields the rewards read (`answer`)."""
-    valid_data: tuple[str, ...] = ()
-    """Held-out rows of the same kind, for validation (optional)."""
-    chat_template: str = "auto"
-    """'auto' (the tokenizer's chat template wherever HF keeps it, chosen as transformers does; else ChatML),
-    'chatml', 'llama3', one of the tokenizer's named templates (e.g. 'tool_use'), or a Jinja string."""
-    tools: tuple[str, ...] = ()
-    """Bundled tools (e.g. ["calculator"]) listed to the model in every conversation through the chat template's `tools`."""
-    loss_on: str = "assistant"
-    """'assistant': loss only on assistant turns (content and end-of-turn); 'all': every token."""
-    packing: bool = True
-    """Pack several conversations per sequence (block-diagonal attention, positions restart)."""
-    over_length: str = "drop"
-    """sft: a conversation longer than train.seq_length + 1 tokens: 'drop' it or 'truncate' it (both counted)."""
-    dpo_loss: str = "sigmoid"
-    """dpo: 'sigmoid' (DPO), 'ipo', 'hinge' or 'simpo' (reference-free)."""
-    beta: float = 0.1
-    """dpo: β, the strength of the implicit KL regularisation (SimPO: the reward scale)."""
-    label_smoothing: float = 0.0
-    """dpo sigmoid loss: probability that a preference label is flipped (cDPO)."""
-    simpo_gamma: float = 0.5
-    """simpo: the target reward margin γ."""
-    nll_weight: float = 0.0
-    """dpo: add this × the chosen response's mean token NLL to each pair's loss (RPO; keeps the chosen likely)."""
-    reward_margin: float = 0.0
-    """reward: required score gap, loss −log σ(r_chosen − r_rejected − margin) (Llama 2's margin term)."""
-    reward_center: float = 0.0
-    """reward: + this × (r_chosen + r_rejected)² per pair, keeping rewards centred at 0 (TRL's
-    center_rewards_coefficient; 1e-2 is typical)."""
-    rewards: tuple[str, ...] = ("math_answer",)
-    """grpo: reward functions summed per completion: bundled 'math_answer' (the row's `answer`),
-    'python_tests' (the row's `tests` run against the completion's code), 'answer_format' (a numeric answer
-    is stated at all), 'package.module:function', or 'reward_model' (the score of posttrain.reward_model: RLHF)."""
-    reward_weights: tuple[float, ...] = ()
-    """grpo: one weight per reward function (empty: all 1)."""
-    sandbox: str = "bwrap"
-    """python_tests: how completions' code is isolated — 'bwrap' (bubblewrap: own user/pid/net/mount namespaces,
-    read-only standard library, one small tmpfs, limits; stages/rl/sandbox/runner.py) or 'none' (UNSANDBOXED: trusted
-    code only; warned at start)."""
-    sandbox_timeout_s: float = 5.0
-    """python_tests: wall-clock seconds per program (its code and the tests); then every process it started is killed."""
-    sandbox_memory_mb: int = 1024
-    """python_tests: memory per program: for the whole program where cgroups can be created (as root), else per process."""
-    sandbox_processes: int = 32
-    """python_tests: processes per sandbox (with cgroups, for the whole program too)."""
-    sandbox_disk_mb: int = 64
-    """python_tests: size of the sandbox's only writable directory (a tmpfs; also the per-file size limit)."""
-    sandbox_workers: int = 0
-    """python_tests: programs judged at a time on the rank that scores (0: two per CPU it may use, at most 16)."""
-    sandbox_python: str = ""
-    """python_tests: the interpreter in the sandbox ('': the trainer's, or /usr/bin/python3 where the sandbox user
-    uid 65534 of a root trainer cannot read it); its standard library only, never site-packages."""
-    missing_stop_penalty: float = 0.0
-    """grpo: subtracted from the reward of a completion that does not end with the chat template's end-of-turn
-    marker (it ran out of posttrain.max_new_tokens, or stopped at a bare eos) — TRL's missing_eos_penalty for
-    chat turns; 0 = off."""
-    reward_model: str = ""
-    """grpo with the 'reward_model' reward: a trained reward model (an HF *ForSequenceClassification directory,
-    or a scaletrain checkpoint / checkpoints folder) sharing the policy's tokenizer; run in the policy's layout."""
-    group_size: int = 8
-    """grpo: completions sampled per prompt (the group whose rewards are compared); train.global_batch_size counts completions."""
-    max_new_tokens: int = 32
-    """grpo: longest completion; prompt + completion must fit in train.seq_length + 1 tokens."""
-    rollout_micro_batch: int = 0
-    """grpo/ppo/on-policy distill: rows per forward when sampling (0: train.micro_batch_size). Decoding is
-    memory-bound and its KV cache holds every row whatever this is, so larger batches per forward cost
-    only one pass's logits and run far faster; must divide train.global_batch_size / dp (under
-    interleaved pipelining, into a multiple of parallel.pp passes)."""
-    temperature: float = 1.0
-    """grpo: sampling temperature of the rollouts (log-probs in the loss use the same temperature)."""
-    kl_beta: float = 0.0
-    """grpo: weight of the k3 KL penalty to the frozen starting policy in the loss; ppo: β of the per-token KL
-    penalty in the reward (0: no reference model is built)."""
-    scale_rewards: bool = True
-    """grpo: divide each group's centred rewards by its standard deviation (False: Dr. GRPO's plain centring)."""
-    grpo_iterations: int = 1
-    """grpo: policy updates per rollout batch (μ; > 1 uses PPO's clipped ratio against the sampling-time log-probs)."""
-    clip_eps: float = 0.2
-    """grpo (grpo_iterations > 1): the ratio's clip range below 1 (and above, unless clip_eps_high)."""
-    clip_eps_high: float = 0.0
-    """grpo: the clip range above 1 (0: clip_eps; larger: DAPO's clip-higher)."""
-    grpo_loss_norm: str = "token"
-    """grpo: 'token' (sum over all completion tokens / their global count, DAPO) or 'sequence' (mean per completion, then over completions: the original GRPO)."""
-    dynamic_sampling: bool = False
-    """grpo: DAPO's dynamic sampling — drop groups whose rewards are all equal (zero advantage, no gradient) and
-    sample more prompts until the batch is all informative groups, at most posttrain.max_sampling_rounds rounds
-    of a full batch each; a batch still short is filled with dropped groups (metrics: sampling_rounds,
-    filtered_groups, filled_groups). The choice is global: the same groups at any dp size."""
-    max_sampling_rounds: int = 3
-    """grpo with dynamic_sampling: most sampling rounds per rollout batch (verl's max_num_gen_batches)."""
-    overlong_buffer: int = 0
-    """grpo/ppo: DAPO's soft overlong punishment — a completion longer than max_new_tokens − this many tokens loses
-    reward linearly, down to −posttrain.overlong_penalty at max_new_tokens (0: off)."""
-    overlong_penalty: float = 1.0
-    """grpo/ppo with overlong_buffer: the punishment at max_new_tokens."""
-    mask_truncated: bool = False
-    """grpo: DAPO's overlong filtering — no loss on completions cut off at max_new_tokens (their reward judges an
-    unfinished answer); they still count in the group's advantages."""
-    critic: str = ""
-    """ppo: the critic's starting weights — a reward model (HF *ForSequenceClassification or a `scaletrain reward`
-    run) or a causal LM's HF export (its body, with a fresh score head); empty: posttrain.reward_model."""
-    critic_lr: float = 0.0
-    """ppo: the critic's AdamW learning rate, constant (0: optim.lr)."""
-    gae_gamma: float = 1.0
-    """ppo: discount γ of generalised advantage estimation."""
-    gae_lambda: float = 0.95
-    """ppo: λ of generalised advantage estimation (1: Monte-Carlo returns, 0: one-step TD)."""
-    value_clip: float = 0.2
-    """ppo: the critic's values may move at most this far from their sampling-time values per update (0: no clip)."""
-    whiten_advantages: bool = True
-    """ppo: shift and scale the advantages to mean 0, std 1 over the global batch's completion tokens."""
-    teacher: str = ""
-    """distill: the teacher, a causal LM sharing the student's tokenizer and vocabulary size (an HF directory, or a
-    scaletrain checkpoint / checkpoints folder / run directory); frozen and run in the student's layout."""
-    distill_loss: str = "forward_kl"
-    """distill: 'forward_kl' (KL(teacher ‖ student), Hinton's; mass-covering) or 'reverse_kl' (KL(student ‖ teacher),
-    mode-seeking, MiniLLM's)."""
-    distill_temperature: float = 1.0
-    """distill: τ, dividing both logits before the softmaxes; the KL term is scaled by τ² (Hinton)."""
-    distill_alpha: float = 1.0
-    """distill: weight α of the KL term; 1 − α weighs the cross-entropy on the data's own next tokens."""
-    distill_top_k: int = 0
-    """distill: 0 = the teacher's whole distribution; k > 0 = only its k most likely tokens per position,
-    renormalised (sparse distillation: k stored values per token instead of the vocabulary; forward KL only)."""
-    distill_on_policy: bool = False
-    """distill: the student samples its own completions of posttrain.train_data's prompts (posttrain.max_new_tokens,
-    posttrain.temperature) and learns the teacher's distribution on them (on-policy distillation, GKD; reverse KL
-    is the usual choice); false: on the data's own tokens. posttrain.valid_data stays teacher-forced chat rows."""
 
 
 @dataclass(frozen=True)

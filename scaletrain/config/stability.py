@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from scaletrain.config.schema import RunConfig
 
 SPIKE_ACTIONS = ("warn", "stop", "rollback")
 
 
-def _floats(cfg: RunConfig):
-    """(dotted key, value) of every float setting, tuple entries included."""
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(values):
+def _floats(cfg: Any, prefix: str = ""):
+    """(dotted key, value) of every float setting, tuple entries and nested sections included."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{prefix}{f.name}.")
             continue
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
-            items = value if isinstance(value, tuple) else (value,)
-            for v in items:
-                if isinstance(v, float):
-                    yield f"{section.name}.{f.name}", v
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float):
+                yield f"{prefix}{f.name}", v
 
 
 def stability_errors(cfg: RunConfig) -> list[str]:
@@ -41,8 +40,8 @@ def stability_errors(cfg: RunConfig) -> list[str]:
     if not o.clip_grad >= 0:
         errors.append(f"optim.clip_grad = {o.clip_grad} must be a positive global gradient norm to clip to, or 0 "
                       "(no clipping).")
-    if not pt.critic_lr >= 0:
-        errors.append(f"posttrain.critic_lr = {pt.critic_lr} must be positive, or 0 (optim.lr).")
+    if not pt.ppo.critic_lr >= 0:
+        errors.append(f"posttrain.ppo.critic_lr = {pt.ppo.critic_lr} must be positive, or 0 (optim.lr).")
     if t.max_nonfinite_steps < 0:
         errors.append(f"train.max_nonfinite_steps = {t.max_nonfinite_steps} must be 0 (never stop) or positive "
                       "(consecutive non-finite steps that stop the run).")

@@ -22,7 +22,10 @@ ROPE_SCALINGS = ("none", "llama3")
 BACKENDS = ("auto", "torch", "te")
 DEVICES = ("auto", "cpu", "cuda")
 FAMILIES = ("llama",)
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_MODULES = ("core_attn", "mlp_act", "norm")
+PARAM_LAYOUTS = ("auto", "bf16", "fp32")
+FP8_BACKENDS = ("te", "torchao")
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "cross_entropy", "all")
 # Catchable signals a scheduler can send ahead of a deadline (Slurm: --signal=USR1@90).
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -74,6 +77,40 @@ def check_choice(errors: list[str], key: str, value: str, choices: tuple[str, ..
         errors.append(f"{key} = {value!r} is not one of {', '.join(choices)}.")
 
 
+def _precision_errors(errors: list[str], cfg: RunConfig) -> None:
+    """precision.params / fp8_backend / fp8_recipe and parallel.recompute_modules (issue 25's keys)."""
+    pr, p = cfg.precision, cfg.parallel
+    check_choice(errors, "precision.params", pr.params, PARAM_LAYOUTS)
+    if pr.params == "bf16" and pr.dtype in ("float32", "float64"):
+        errors.append(f"precision.params = 'bf16' keeps bf16 weights, which precision.dtype = '{pr.dtype}' does not "
+                      "compute in; set precision.dtype = 'bfloat16' (or precision.params = 'auto').")
+    if pr.params == "fp32" and pr.dtype == "float64":
+        errors.append("precision.params = 'fp32' with precision.dtype = 'float64': float64 runs keep float64 weights; "
+                      "set precision.params = 'auto'.")
+    if pr.dtype == "bfloat16" and pr.params != "fp32" and cfg.optim.impl != "torch":
+        errors.append(f"optim.impl = '{cfg.optim.impl}' steps bf16 weights in place, but bf16 weights keep their fp32 "
+                      "master copies in scaletrain's optimizer (torch's fused AdamW on CUDA); set optim.impl = 'torch', "
+                      "or precision.params = 'fp32'.")
+    check_choice(errors, "precision.fp8_backend", pr.fp8_backend, FP8_BACKENDS)
+    recipes = ("current", "tensorwise", "rowwise") if pr.fp8_backend == "torchao" else ("current", "delayed", "blockwise")
+    check_choice(errors, "precision.fp8_recipe", pr.fp8_recipe, recipes)
+    check_choice(errors, "precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
+    if pr.fp8 and pr.fp8_backend == "torchao" and pr.fp8_format != "hybrid":
+        errors.append("precision.fp8_format applies to Transformer Engine; torchao's recipes fix their own formats "
+                      "(leave it 'hybrid').")
+    if pr.fp8_emulate and not (pr.fp8 and pr.fp8_backend == "torchao"):
+        errors.append("precision.fp8_emulate emulates torchao's FP8 matmuls; it needs precision.fp8 = true and "
+                      "precision.fp8_backend = 'torchao'.")
+    if not p.bucket_mb > 0:
+        errors.append(f"parallel.bucket_mb = {p.bucket_mb} must be positive (MiB of gradients per dp bucket).")
+    for name in p.recompute_modules:
+        if name not in RECOMPUTE_MODULES:
+            errors.append(f"parallel.recompute_modules: {name!r} is not one of {', '.join(RECOMPUTE_MODULES)}.")
+    if p.recompute == "selective" and not p.recompute_modules:
+        errors.append("parallel.recompute = 'selective' with no parallel.recompute_modules recomputes nothing; "
+                      "list 'core_attn' and/or 'mlp_act', or set parallel.recompute = 'none'.")
+
+
 def parse_split(split: str) -> list[float]:
     """'98,2,0' → [0.98, 0.02, 0.0]; raises ConfigError on a malformed string."""
     try:
@@ -114,21 +151,21 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
     check_choice(errors, "train.device", t.device, DEVICES)
     check_choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
     pt = cfg.posttrain
-    check_choice(errors, "posttrain.loss_on", pt.loss_on, ("assistant", "all"))
-    check_choice(errors, "posttrain.over_length", pt.over_length, ("drop", "truncate"))
-    check_choice(errors, "posttrain.dpo_loss", pt.dpo_loss, ("sigmoid", "ipo", "hinge", "simpo"))
+    check_choice(errors, "posttrain.sft.loss_on", pt.sft.loss_on, ("assistant", "all"))
+    check_choice(errors, "posttrain.sft.over_length", pt.sft.over_length, ("drop", "truncate"))
+    check_choice(errors, "posttrain.dpo.loss_type", pt.dpo.loss_type, ("sigmoid", "ipo", "hinge", "simpo"))
     if stage is not None:
         errors += stage.config_errors(cfg)
-    if pt.reward_center < 0:
-        errors.append(f"posttrain.reward_center = {pt.reward_center} must be 0 (off) or positive.")
+    if pt.reward.center_coefficient < 0:
+        errors.append(f"posttrain.reward.center_coefficient = {pt.reward.center_coefficient} must be 0 (off) or positive.")
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_at_end:
         errors.append("checkpoint.export_hf needs checkpoint.save_at_end = true (the export reads the final checkpoint).")
-    if pt.nll_weight < 0:
-        errors.append(f"posttrain.nll_weight = {pt.nll_weight} must be 0 (off) or positive.")
-    if pt.beta <= 0:
-        errors.append(f"posttrain.beta = {pt.beta} must be positive.")
-    if not 0 <= pt.label_smoothing < 0.5:
-        errors.append(f"posttrain.label_smoothing = {pt.label_smoothing} must be in [0, 0.5).")
+    if pt.dpo.nll_weight < 0:
+        errors.append(f"posttrain.dpo.nll_weight = {pt.dpo.nll_weight} must be 0 (off) or positive.")
+    if pt.dpo.beta <= 0:
+        errors.append(f"posttrain.dpo.beta = {pt.dpo.beta} must be positive.")
+    if not 0 <= pt.dpo.label_smoothing < 0.5:
+        errors.append(f"posttrain.dpo.label_smoothing = {pt.dpo.label_smoothing} must be in [0, 0.5).")
     for name in p.kernels:
         if name not in KERNEL_NAMES:
             errors.append(f"parallel.kernels: {name!r} is not one of {', '.join(KERNEL_NAMES)}.")
@@ -195,8 +232,7 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
         errors.append(f"train.seq_length = {t.seq_length} is not divisible by parallel.tp = {p.tp} "
                       "(sequence parallelism splits the sequence over tp).")
     pr = cfg.precision
-    check_choice(errors, "precision.fp8_recipe", pr.fp8_recipe, ("current", "delayed", "blockwise"))
-    check_choice(errors, "precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
+    _precision_errors(errors, cfg)
     if pr.fp8:
         if pr.dtype not in ("auto", "bfloat16"):
             errors.append(f"precision.fp8 = true runs under bf16 autocast; precision.dtype = '{pr.dtype}' cannot "
@@ -206,14 +242,19 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
                           f"layers in bf16 leaves none of the {cfg.model.num_layers} in FP8.")
         if pr.fp8_amax_history < 1:
             errors.append(f"precision.fp8_amax_history = {pr.fp8_amax_history} must be at least 1.")
-        if p.recompute != "none":
-            errors.append("precision.fp8 with parallel.recompute: recomputation under FP8 needs Transformer Engine's "
-                          "own checkpointing, not wired yet; set parallel.recompute = 'none'.")
+        if p.recompute != "none" and pr.fp8_backend == "te":
+            errors.append("precision.fp8 with parallel.recompute: recomputation under FP8 (Transformer Engine's) needs "
+                          "TE's own checkpointing, not wired yet; set parallel.recompute = 'none' (or use "
+                          "precision.fp8_backend = 'torchao', which recomputes like bf16).")
     if p.backend == "te" and p.kernels:
         errors.append("parallel.kernels are the torch backend's fused kernels; Transformer Engine fuses its own "
                       "(set parallel.kernels = [] with parallel.backend = 'te').")
-    if cfg.precision.fp8 and p.backend != "te":
-        errors.append("precision.fp8 = true needs parallel.backend = 'te' (Transformer Engine on CUDA).")
+    if pr.fp8 and pr.fp8_backend == "te" and p.backend != "te":
+        errors.append("precision.fp8 = true needs parallel.backend = 'te' (Transformer Engine on CUDA) with "
+                      "precision.fp8_backend = 'te'; or set precision.fp8_backend = 'torchao' for the torch backend.")
+    if pr.fp8 and pr.fp8_backend == "torchao" and p.backend != "torch":
+        errors.append(f"precision.fp8_backend = 'torchao' converts the torch backend's linears; set parallel.backend = "
+                      f"'torch' (it is '{p.backend}').")
     if m.max_position_embeddings and m.max_position_embeddings < t.seq_length:
         errors.append(f"train.seq_length = {t.seq_length} exceeds model.max_position_embeddings = "
                       f"{m.max_position_embeddings}; shorten the sequences or raise model.max_position_embeddings "
@@ -247,12 +288,12 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
                       "change train.global_batch_size or train.micro_batch_size.")
     elif stage is not None and stage.rollout_group(cfg) >= 2 and (t.global_batch_size // dp) % stage.rollout_group(cfg):
         errors.append(f"grpo: each dp rank samples whole groups, so train.global_batch_size / dp = "
-                      f"{t.global_batch_size}/{dp} must be a multiple of posttrain.group_size = "
+                      f"{t.global_batch_size}/{dp} must be a multiple of posttrain.{cfg.posttrain.objective}.group_size = "
                       f"{stage.rollout_group(cfg)}.")
-    elif cfg.posttrain.rollout_micro_batch:
-        rm, per_replica = cfg.posttrain.rollout_micro_batch, t.global_batch_size // dp
+    elif cfg.posttrain.rollout.micro_batch:
+        rm, per_replica = cfg.posttrain.rollout.micro_batch, t.global_batch_size // dp
         if rm < 0 or per_replica % rm or (p.vpp > 1 and (per_replica // rm) % p.pp):
-            errors.append(f"posttrain.rollout_micro_batch = {rm} must divide the rows each replica samples, "
+            errors.append(f"posttrain.rollout.micro_batch = {rm} must divide the rows each replica samples, "
                           f"train.global_batch_size / dp = {per_replica}"
                           + (f", into a multiple of parallel.pp = {p.pp} passes (interleaved 1F1B)" if p.vpp > 1 else "")
                           + "; 0 uses train.micro_batch_size.")

@@ -151,6 +151,16 @@ class Comm:
         self.stats.add("reduce_scatter", t)
         return reduce_scatter_flat(out, t, group=self.group, async_op=True)
 
+    def all_gather_async(self, out: torch.Tensor, t: torch.Tensor) -> dist.Work | None:
+        """Start gathering every rank's flat `t` into flat `out` (size × t); `t` may be this rank's slice of
+        `out` (in place, as ZeRO-1's parameter buffers do). Returns the handle (None at size 1)."""
+        if self.size == 1:
+            if out.data_ptr() != t.data_ptr():
+                out.copy_(t)
+            return None
+        self.stats.add("all_gather", out)
+        return all_gather_flat(out, t, group=self.group, async_op=True)
+
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's `t` along `dim` (output size × along dim)."""
         if self.size == 1:

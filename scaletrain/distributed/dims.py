@@ -61,8 +61,10 @@ class ParallelDims:
 
     def comm(self, axis: str) -> Comm:
         """The communicator of one mesh axis ('tp', 'dp', 'cp', 'pp'), of the ranks that share the
-        parameters ('dp_cp'), or of expert parallelism ('ep': the ranks that split the experts; 'edp': the
-        ranks that hold the same experts, over which their gradients are reduced); size 1 when trivial."""
+        parameters ('dp_cp'), of one pipeline stage's ranks ('stage': tp × cp × dp, where FP8 amaxes are
+        reduced), of expert parallelism ('ep': the ranks that split the experts; 'edp': the ranks that hold
+        the same experts, over which their gradients are reduced), or 'world', 'embed', 'ckpt'; size 1 when
+        trivial."""
         if axis not in self.comms:
             raise KeyError(f"no mesh axis {axis!r}; axes: {', '.join(MESH_AXES)}")
         return self.comms[axis]
@@ -98,6 +100,7 @@ class ParallelDims:
         comms["dp_cp"] = _dp_cp_comm(comms, sizes, ranks, world_size)
         comms["world"] = Comm(None, world_size, rank, "world")  # None: the default group
         comms["embed"] = _embedding_comm(sizes, ranks, rank, world_size)
+        comms["stage"] = _stage_comm(sizes, ranks, rank, world_size)
         if world_size > 1:  # a group of its own for background checkpoint writes (never mixed with training's)
             import torch.distributed as dist
 
@@ -148,6 +151,22 @@ def _dp_cp_comm(comms: dict[str, Comm], sizes: dict[str, int], ranks: dict[str, 
             if pp_rank == ranks["pp"] and tp_rank == ranks["tp"]:
                 mine = group
     return Comm(mine, dp * cp, ranks["dp"] * cp + ranks["cp"], "dp_cp")
+
+
+def _stage_comm(sizes: dict[str, int], ranks: dict[str, int], rank: int, world_size: int) -> Comm:
+    """Every rank of this rank's pipeline stage (tp × cp × dp): Transformer Engine reduces FP8 amaxes over it,
+    as Megatron does. The default group when pp = 1."""
+    size = world_size // sizes["pp"]
+    if sizes["pp"] == 1:
+        return Comm(None, world_size, rank, "stage")
+    import torch.distributed as dist
+
+    mine = None
+    for k in range(sizes["pp"]):  # ranks are pp-major: stage k holds [k·size, (k+1)·size); every rank creates all
+        group = dist.new_group(list(range(k * size, (k + 1) * size)))
+        if k == ranks["pp"]:
+            mine = group
+    return Comm(mine, size, rank - ranks["pp"] * size, "stage")
 
 
 def _embedding_comm(sizes: dict[str, int], ranks: dict[str, int], rank: int, world_size: int) -> Comm:

@@ -29,7 +29,7 @@ class DownstreamEval:
         self.tasks = [parse_task(spec, t.eval_task_limit or None) for spec in t.eval_tasks]
         for task in self.tasks:  # (checked in scaletrain/prepare.py already)
             if task.kind in ("answer", "refusal"):
-                task.prompts = answer_prompts(task, tokenizer, cfg.posttrain.chat_template, t.seq_length,
+                task.prompts = answer_prompts(task, tokenizer, cfg.posttrain.chat.template, t.seq_length,
                                               t.eval_max_new_tokens)
         self.cfg, self.tokenizer, self.model, self.dims = cfg, tokenizer, model, dims
         self.precision, self.device = precision, device
@@ -45,7 +45,7 @@ class DownstreamEval:
         t0 = time.perf_counter()
         for task in self.tasks:
             metrics = run_task(task, self.model, self.dims, self.cfg, self.options, self.tokenizer,
-                               self.cfg.posttrain.chat_template, self.precision, self.device)
+                               self.cfg.posttrain.chat.template, self.precision, self.device)
             out.update({self.key(task, k): v for k, v in metrics.items() if isinstance(v, float)})
         out["eval_tasks_s"] = time.perf_counter() - t0
         return out

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from scaletrain.nn.attention import CoreAttention
+from scaletrain.nn.linear import ColumnParallelLinear, RowParallelLinear
+from scaletrain.nn.norm import RMSNorm
+
 
 def te_importable() -> tuple[bool, str]:
     """(True, version) when transformer_engine.pytorch imports; (False, why) otherwise."""
@@ -65,10 +69,6 @@ class Roles:
 def roles(backend: str) -> Roles:
     """The role classes of `backend` ('torch' or 'te'; te imports Transformer Engine here, not before)."""
     if backend == "torch":
-        from scaletrain.nn.attention import CoreAttention
-        from scaletrain.nn.linear import ColumnParallelLinear, RowParallelLinear
-        from scaletrain.nn.norm import RMSNorm
-
         return Roles(ColumnParallelLinear, RowParallelLinear, RMSNorm, CoreAttention)
     if backend == "te":
         from scaletrain.nn import te_backend

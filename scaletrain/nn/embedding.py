@@ -30,14 +30,22 @@ class VocabParallelEmbedding(TPBound):
                            "normal", init_std, 0, tp_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Output in the compute dtype: under autocast its dtype even where the table is fp32
+        (precision.params = 'fp32'), so that the residual stream and its tp collectives are bf16."""
         if self.tp is None or self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return _compute_dtype(F.embedding(input_ids, self.weight))
         start = self.tp.rank * self.rows_per_partition
         outside = (input_ids < start) | (input_ids >= start + self.rows_per_partition)
         local = torch.where(outside, 0, input_ids - start)
-        out = F.embedding(local, self.weight) * (~outside).unsqueeze(-1).to(self.weight.dtype)
+        out = _compute_dtype(F.embedding(local, self.weight) * (~outside).unsqueeze(-1).to(self.weight.dtype))
         return reduce_scatter_to_sequence(out, self.tp) if self.sequence_parallel else reduce_from_tp(out, self.tp)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The tied output head: x [b, s(/tp), h] → logits [b, s, V/tp] against this rank's rows."""
         return F.linear(self._column_input(x), self.weight)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x

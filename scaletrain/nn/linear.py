@@ -8,6 +8,8 @@ plain linear layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,11 +35,20 @@ class TPBound(nn.Module):
 
     tp: Comm | None = None
     sequence_parallel: bool = False
+    # Set by parallelize under precision.fp8_backend = 'torchao' (nn/float8.py): the local GEMM of training
+    # forwards in FP8. Parameters, names and collectives stay the same.
+    fp8_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def bind_tp(self, comm: Comm, sequence_parallel: bool) -> None:
         if comm.size != getattr(self, "tp_size", comm.size):
             raise ValueError(f"{type(self).__name__} was built for tp_size={self.tp_size}, bound to {comm.size}")
         self.tp, self.sequence_parallel = comm, sequence_parallel
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fp8_matmul is not None and torch.is_grad_enabled():
+            y = self.fp8_matmul(x, w)
+            return y if b is None else y + b.to(y.dtype)
+        return F.linear(x, w, b)
 
     def _column_input(self, x: torch.Tensor) -> torch.Tensor:
         """Input of a column-parallel matmul: replicated (grads summed over tp) or gathered from SP."""
@@ -71,7 +82,7 @@ class ColumnParallelLinear(TPBound):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.flatten(0, 1) if self.fused > 1 else self.weight
         b = None if self.bias is None else self.bias.flatten()
-        return F.linear(self._column_input(x), w, b)
+        return self._linear(self._column_input(x), w, b)
 
 
 class RowParallelLinear(TPBound):
@@ -94,6 +105,6 @@ class RowParallelLinear(TPBound):
             self.bias = mark(nn.Parameter(torch.empty(out_features, dtype=dtype)), "zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self._linear(x, self.weight)
         y = reduce_scatter_to_sequence(y, self.tp) if self.sequence_parallel else reduce_from_tp(y, self.tp)
         return y if self.bias is None else y + self.bias

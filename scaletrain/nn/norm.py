@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scaletrain.nn import fused
 from scaletrain.nn.init import mark
 
 
@@ -25,8 +26,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fused:
-            from scaletrain.nn import fused
-
             return fused.rmsnorm(x, self.weight, self.eps)
         # Upcast so bf16 activations do not lose the mean-square; float64 stays float64.
         compute = torch.promote_types(x.dtype, torch.float32)

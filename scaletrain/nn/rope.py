@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from scaletrain.nn import fused
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: str = "none", factor: float = 8.0,
                   low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
@@ -87,8 +89,6 @@ class RotaryEmbedding(nn.Module):
         """position_ids [b, s] (default arange(s)) let packed documents restart at position 0."""
         s = q.shape[1]
         if self.use_fused:
-            from scaletrain.nn import fused
-
             length = s if position_ids is None else int(position_ids.max()) + 1  # host sync, packed inputs only
             cos, sin = (t.float() for t in self._cos_sin(length, q.device))
             positions = position_ids if position_ids is not None else \

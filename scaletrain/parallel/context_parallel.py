@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from scaletrain.distributed.comm import Comm
+from scaletrain.nn.attention import CoreAttention
 from scaletrain.nn.blockwise_attention import BlockwiseMask, QuerySegment
 
 # The per-token fields of the objectives' batches: split along dim 1.
@@ -161,7 +162,6 @@ def cp_unbound(*models: torch.nn.Module) -> Iterator[None]:
     """Within the block the models' attention runs on whole sequences, unaware of cp (weights are
     replicated over cp, so every cp rank holds the whole model): for passes on rows that are not
     split — token-by-token sampling, a reward model's read-out. Restored on exit, errors included."""
-    from scaletrain.nn.attention import CoreAttention
 
     bound = [m for model in models for m in model.modules() if isinstance(m, CoreAttention) and m.cp is not None]
     saved = [m.cp for m in bound]

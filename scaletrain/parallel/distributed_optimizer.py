@@ -1,15 +1,20 @@
-"""ZeRO-1: AdamW state and fp32 main parameters sharded over dp (`optim.distributed = true`).
+"""AdamW on fp32 main parameters: ZeRO-1 (`optim.distributed = true`), and bf16 weights with or without it.
 
 Each gradient bucket (see data_parallel.py) is padded to a multiple of dp and split into dp equal
 contiguous shards; dp rank r owns shard r. Backward reduce-scatters each bucket (instead of
 all-reducing it), so a rank receives the summed gradient of its shard only; AdamW updates the fp32
-main copy of that shard; the updated shards are all-gathered back into the model parameters.
-A shard may cut through parameters: it is kept as *segments* (parameter, start, length), which is
-also what weight decay (matrices only), sequence-parallel reductions and the gradient norm use.
+main copy of that shard; the updated shards are written into the (bf16 or fp32) parameters, which are
+views of the bucket's parameter buffer, and all-gathered there — under the next forward with
+parallel.overlap_param_gather. A shard may cut through parameters: it is kept as *segments*
+(parameter, start, length), which is also what weight decay (matrices only), sequence-parallel
+reductions and the gradient norm use.
+
+Without ZeRO (bf16 weights, optim.distributed = false) the "shard" is the whole bucket: every rank keeps
+fp32 main weights and AdamW state for all its parameters and writes the update straight into them.
 
 Checkpoints stay layout-independent: `full_state()` gathers each parameter's exp_avg / exp_avg_sq
-over dp into the same per-parameter form the plain optimizer saves, and `load_full_state()` takes
-this rank's segments back out of it.
+over dp into the same per-parameter form the plain optimizer saves — plus, for bf16 weights, the fp32
+master weights as `main_param` — and `load_full_state()` takes this rank's segments back out of it.
 """
 
 from __future__ import annotations
@@ -64,14 +69,16 @@ class Segment:
 
 
 class DistributedOptimizer:
-    """Sharded AdamW over the dp group; the interface the train step needs: step(), param_groups."""
+    """AdamW on fp32 main shards (ZeRO-1 over dp × cp, or whole buckets); the interface the train step needs:
+    step(), param_groups."""
 
-    def __init__(self, model: torch.nn.Module, buckets: GradBuckets, cfg: OptimConfig, dp: Comm) -> None:
+    def __init__(self, model: torch.nn.Module, buckets: GradBuckets, cfg: OptimConfig, dp: Comm,
+                 fused: bool = False) -> None:
         self.buckets, self.dp = buckets, dp
         names = {id(p): n for n, p in model.named_parameters()}
         self.segments: list[Segment] = []
         for bi, bucket in enumerate(buckets.buckets):
-            lo, hi = bucket.shard_range(self._comm(bucket).rank)
+            lo, hi = bucket.shard_range(buckets.comm_of(bucket).rank)  # dp × cp, or edp for routed experts
             offset = 0
             for p in bucket.params:
                 s, e = max(lo, offset), min(hi, offset + p.numel())
@@ -83,12 +90,11 @@ class DistributedOptimizer:
         decay = [s.main for s in self.segments if s.param.ndim >= 2]
         no_decay = [s.main for s in self.segments if s.param.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused: torch's fused AdamW kernel where CUDA has it (one launch for every shard); foreach elsewhere.
         self.inner = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], lr=cfg.lr,
-                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
-
-    def _comm(self, bucket) -> Comm:
-        """The group a bucket is sharded over: dp × cp, or the expert-data-parallel group for experts."""
-        return bucket.comm or self.dp
+                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                       fused=fused or None, foreach=None if fused else True)
+        self.keeps_master = any(s.main.dtype != s.param.dtype for s in self.segments)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -103,29 +109,30 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """AdamW on this rank's shards, then all-gather the updated shards into the model parameters."""
+        """AdamW on this rank's shards; the updated shards go into the model parameters (ZeRO-1: then
+        all-gathered, now or under the next forward)."""
         self.inner.step()
-        for bi, bucket in enumerate(self.buckets.buckets):
-            lo, _hi = bucket.shard_range(self._comm(bucket).rank)
-            flat = bucket.param_shard()  # the bucket's parameters, flat and padded
-            for s in self.segments:
-                if s.bucket == bi:
-                    flat[lo + s.shard_offset : lo + s.shard_offset + s.length] = s.main.to(flat.dtype)
-            bucket.gather_params(self._comm(bucket), flat)
+        for s in self.segments:
+            s.param.detach().view(-1)[s.start : s.start + s.length].copy_(s.main)
+        self.buckets.params_updated()
 
     # -- checkpoints ------------------------------------------------------------------------
+    @torch.no_grad()
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{param name: {'step', 'exp_avg', 'exp_avg_sq'}} with full local shapes (collective over dp)."""
+        """{param name: {'step', 'exp_avg', 'exp_avg_sq'[, 'main_param']}} with full local shapes (collective
+        over dp). `main_param`: the fp32 master weights, where the parameters are bf16."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for key in ("exp_avg", "exp_avg_sq"):
+        keys = ("exp_avg", "exp_avg_sq") + (("main_param",) if self.keeps_master else ())
+        for key in keys:
             for bi, bucket in enumerate(self.buckets.buckets):
-                lo, hi = bucket.shard_range(self._comm(bucket).rank)
-                local = torch.zeros(hi - lo, dtype=torch.promote_types(bucket.buffer.dtype, torch.float32),
-                                    device=bucket.buffer.device)
+                comm = self.buckets.comm_of(bucket)
+                lo, hi = bucket.shard_range(comm.rank)
+                local = torch.zeros(hi - lo, dtype=bucket.buffer.dtype, device=bucket.buffer.device)
                 for s in self.segments:
                     if s.bucket == bi and s.main in self.inner.state:
-                        local[s.shard_offset : s.shard_offset + s.length] = self.inner.state[s.main][key]
-                full = self._comm(bucket).all_gather(local)
+                        value = s.main.detach() if key == "main_param" else self.inner.state[s.main][key]
+                        local[s.shard_offset : s.shard_offset + s.length] = value
+                full = comm.all_gather(local) if bucket.shards > 1 else local
                 offset = 0
                 for p, name in zip(bucket.params, bucket.names):
                     out.setdefault(name, {})[key] = full[offset : offset + p.numel()].view_as(p).clone()
@@ -143,7 +150,10 @@ class DistributedOptimizer:
             for key in ("exp_avg", "exp_avg_sq"):
                 st[key].copy_(state[s.name][key].reshape(-1)[s.start : s.start + s.length])
             st["step"].copy_(state[s.name]["step"])
-        self.reload_main_params()
+            if "main_param" in state[s.name]:  # the fp32 master weights (bf16 parameters)
+                s.main.copy_(state[s.name]["main_param"].reshape(-1)[s.start : s.start + s.length])
+            else:
+                s.main.copy_(s.param.detach().reshape(-1)[s.start : s.start + s.length])
 
     @torch.no_grad()
     def reload_main_params(self) -> None:

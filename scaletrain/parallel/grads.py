@@ -33,22 +33,28 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], comm: Comm) -> None:
         offset += g.numel()
 
 
-def reduce_tied_embedding(params: list[torch.nn.Parameter], dims: ParallelDims | None) -> None:
+def accumulated_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's gradient of the step so far: its fp32 main grad (bf16 weights) or its `.grad`."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def reduce_tied_embedding(params: list[torch.nn.Parameter], dims: ParallelDims) -> None:
     """Sum the gradients of the tied embedding's two pipeline copies (full local grads)."""
-    if dims is None or dims.comm("embed").size == 1:
+    if dims.comm("embed").size == 1:
         return
-    _all_reduce_coalesced([p.grad for p in params if p.grad is not None and getattr(p, "pipeline_tied", False)],
-                          dims.comm("embed"))
+    grads = [accumulated_grad(p) for p in params if getattr(p, "pipeline_tied", False)]
+    _all_reduce_coalesced([g for g in grads if g is not None], dims.comm("embed"))
 
 
-def finalize_grads(pairs: GradPairs, dims: ParallelDims | None) -> None:
+def finalize_grads(pairs: GradPairs, dims: ParallelDims) -> None:
     """Sum sequence-parallel partial gradients over tp (one collective)."""
-    if dims is None or dims.tp == 1:
+    if dims.tp == 1:
         return
     _all_reduce_coalesced([g for p, g in pairs if getattr(p, "sequence_parallel_grad", False)], dims.tp_comm)
 
 
-def global_grad_norm(pairs: GradPairs, dims: ParallelDims | None, *, sharded_over_dp: bool = False) -> torch.Tensor:
+def global_grad_norm(pairs: GradPairs, dims: ParallelDims, *, sharded_over_dp: bool = False) -> torch.Tensor:
     """L2 norm of all gradients of the whole (unsharded, unsplit) model; same value on every rank."""
     device = pairs[0][1].device if pairs else torch.device("cpu")
     pairs = [(p, g) for p, g in pairs if not getattr(p, "pipeline_tied_copy", False)]
@@ -57,7 +63,7 @@ def global_grad_norm(pairs: GradPairs, dims: ParallelDims | None, *, sharded_ove
     # Accumulate in float64 on every rank: the partial sums are all-reduced, so every rank must use
     # the same dtype even when it holds no gradient at all (a ZeRO shard of only the tied copy).
     acc = torch.float64
-    tp = 1 if dims is None else dims.tp
+    tp = dims.tp
 
     def sq(gs: list[torch.Tensor]) -> torch.Tensor:
         if not gs:
@@ -68,16 +74,16 @@ def global_grad_norm(pairs: GradPairs, dims: ParallelDims | None, *, sharded_ove
     total = sq([g for (_, g), s in zip(pairs, is_sharded) if not s])
     if any(is_sharded):
         part = sq([g for (_, g), s in zip(pairs, is_sharded) if s])
-        dims.tp_comm.all_reduce(part)  # type: ignore[union-attr]
+        dims.tp_comm.all_reduce(part)
         total = total + part
-    if dims is not None and sharded_over_dp and dims.dp * dims.cp > 1:  # ZeRO shards span dp × cp
+    if sharded_over_dp and dims.dp * dims.cp > 1:  # ZeRO shards span dp × cp
         dims.comm("dp_cp").all_reduce(total)
-    if dims is not None and dims.ep > 1:  # routed experts: tp-sharded, split over ep, ZeRO shards over edp
+    if dims.ep > 1:  # routed experts: tp-sharded, split over ep, ZeRO shards over edp
         part = sq(experts)
         for axis in ("tp", "ep") + (("edp",) if sharded_over_dp else ()):
             dims.comm(axis).all_reduce(part)
         total = total + part
-    if dims is not None and dims.pp > 1:
+    if dims.pp > 1:
         dims.comm("pp").all_reduce(total)
     return total[0].sqrt()
 

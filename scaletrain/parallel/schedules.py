@@ -22,22 +22,17 @@ ForwardStep = Callable[[dict[str, torch.Tensor], torch.nn.Module], tuple[torch.T
 
 
 def forward_backward_no_pipelining(forward_step: ForwardStep, microbatches: Sequence[dict[str, torch.Tensor]],
-                                   model: torch.nn.Module, *, normaliser: float, forward_only: bool = False,
-                                   on_last_microbatch: Callable[[], None] | None = None
+                                   model: torch.nn.Module, *, normaliser: float, forward_only: bool = False
                                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run all microbatches on one stage; gradients accumulate in `.grad`.
-
-    `on_last_microbatch` runs before the last microbatch (data parallelism turns its gradient
-    reduction on there, so buckets reduce during the final backward only).
+    """Run all microbatches on one stage; gradients accumulate in `.grad` (or the dp buckets' main grads,
+    whose reductions start during the last microbatch's backward: parallel/data_parallel.py).
 
     Returns the normalised loss of the global batch (a detached scalar on the model's device) and
     the summed per-microbatch metrics.
     """
     total = torch.zeros((), dtype=torch.float64)
     summed: dict[str, Any] = {}
-    for i, batch in enumerate(microbatches):
-        if on_last_microbatch is not None and i == len(microbatches) - 1:
-            on_last_microbatch()
+    for batch in microbatches:
         with torch.set_grad_enabled(not forward_only), phase("forward"):
             output, loss_fn = forward_step(batch, model)
             loss_sum, metrics = loss_fn(output)

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 
 
-def saved_activation_bytes(fn: Callable[[], Any], params: list[torch.Tensor]) -> tuple[Any, int]:
+def saved_activation_bytes(fn: Callable[[], Any], params: list[torch.Tensor],
+                           held: Callable[[Any], list[torch.Tensor]] | None = None) -> tuple[Any, int]:
     """Run fn() (a forward that builds an autograd graph); return (its result, bytes saved for backward
-    excluding `params`). Storages are counted once, whatever number of views is saved."""
+    excluding `params`). Storages are counted once, whatever number of views is saved. `held` names
+    tensors of the result that the caller keeps alive until backward (the schedule keeps the model's output:
+    the logits), counted too where autograd did not save them already."""
     param_storages = {p.untyped_storage().data_ptr() for p in params}
     param_ids = {id(p) for p in params}
     seen: set[int] = set()
@@ -35,5 +38,7 @@ def saved_activation_bytes(fn: Callable[[], Any], params: list[torch.Tensor]) ->
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    for t in held(out) if held is not None else []:
+        pack(t)
     return out, total
 

@@ -76,5 +76,5 @@ def memory_problem(cfg: RunConfig, world_size: int, device_type: str, local_rank
             f"{max(stage.activations_bytes, stage.rollout_bytes) / _GIB:,.1f} GiB activations at train.seq_length = "
             f"{cfg.train.seq_length}, train.micro_batch_size = {cfg.train.micro_batch_size}), but {what} is "
             f"{have / _GIB:,.1f} GiB. Shorten train.seq_length or train.micro_batch_size, set parallel.recompute = "
-            "'full', or spread the model (parallel.tp, pp, cp); `scaletrain profile --plan` shows the breakdown. "
+            "'selective' or 'full', use optim.distributed = true (ZeRO-1) with dp > 1, or spread the model (parallel.tp, pp, cp); `scaletrain profile --plan` shows the breakdown. "
             "Set train.memory_check = false to start anyway.")

@@ -27,6 +27,10 @@ class PhaseClock:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        # The order things happened in: ("begin" | "end", phase) around phases and ("mark", what) for instants
+        # such as a collective being posted — the overlap traces (communication posted before the compute
+        # that follows it) are read from here.
+        self.events: list[tuple[str, str]] = []
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -41,11 +45,24 @@ def phase(name: str) -> Iterator[None]:
         return
     clock.sync()
     t0 = time.perf_counter()
+    clock.events.append(("begin", name))
     with torch.profiler.record_function(f"scaletrain.{name}"):
         yield
     clock.sync()
+    clock.events.append(("end", name))
     clock.seconds[name] += time.perf_counter() - t0
     clock.calls[name] += 1
+
+
+def mark(what: str) -> None:
+    """An instant in the active clock's event list (and a zero-length range in torch.profiler traces): e.g. a
+    collective posted. Free while no clock is active."""
+    clock = _active
+    if clock is None:
+        return
+    clock.events.append(("mark", what))
+    with torch.profiler.record_function(f"scaletrain.mark.{what}"):
+        pass
 
 
 @contextmanager

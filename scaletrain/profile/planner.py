@@ -7,17 +7,13 @@ times the microbatches the schedule keeps in flight), per-step communication vol
 dimension, and the pipeline bubble. Flags layouts that do not fit a given device memory.
 
 Conventions (all bytes are per rank):
-- Weights and gradients are held in the parameter dtype (fp32 master weights under bf16 autocast,
-  as the trainer does); AdamW keeps two moments in that dtype; ZeRO-1 keeps two moments and an fp32
-  main copy, each 1/dp of the rank's parameters.
-- Activations per token and layer are the tensors this implementation saves for backward (measured
-  with saved-tensor hooks, see profile/activations.py): the residual-stream and norm tensors in the
-  parameter dtype, the matmul-region tensors in the compute dtype, flash attention (no s×s scores).
-  Tensor parallelism divides the head and FFN terms; sequence parallelism also divides the norm terms.
-  Full recomputation keeps each block's input plus one block's activations during its backward.
-  Context parallelism divides every per-token term by cp; each block also keeps the keys and values
-  it all-gathered over cp (the whole sequence's, in the compute dtype) for its backward; attention
-  under cp is blockwise, so no s/cp × s mask or score matrix is kept.
+- Weights in the parameter dtype: bf16 in bf16 runs (precision.params = 'bf16', the default; 'fp32' keeps
+  fp32 weights under autocast), else the run's dtype. Gradients in the main dtype (the dp buckets: fp32
+  main grads for bf16 weights). AdamW: two moments in the parameter dtype for fp32/float64 weights; for
+  bf16 weights fp32 master weights and two fp32 moments; ZeRO-1 keeps master weights and moments for 1/(dp·cp)
+  of the rank's parameters. FP8: Transformer Engine caches an FP8 copy of each block weight and its
+  transpose (2 bytes per parameter) and cuBLAS workspaces; torchao casts per GEMM (transient).
+- Activations and the loss: profile/footprint.py says what a block and the loss save per token.
 - Communication is the bytes each rank sends per step with ring collectives: all-reduce 2(n-1)/n of
   the buffer, all-gather / reduce-scatter (n-1)/n; pipeline point-to-point is the activation sent
   forward plus its gradient sent back at each stage boundary; cp all-gathers keys and values forward
@@ -28,7 +24,7 @@ Conventions (all bytes are per rank):
   split over cp — rows are sampled whole, each cp rank a share — up to train.seq_length positions, keys
   and values of this rank's kv heads for the layers of its stage, in the compute dtype; only where
   decoding is incremental: the torch backend — SP is lifted for decoding) plus, on the last stage, one
-  sampling pass's logits (posttrain.rollout_micro_batch rows) over this rank's vocabulary slice: at the
+  sampling pass's logits (posttrain.rollout.micro_batch rows) over this rank's vocabulary slice: at the
   last position only when decoding is incremental, at every position where each token recomputes its
   prefix.
 """
@@ -41,25 +37,16 @@ from dataclasses import dataclass, field
 from scaletrain.config.schema import ModelConfig, RunConfig
 from scaletrain.parallel.pipeline.schedules import BWD, FWD, schedule_order
 from scaletrain.parallel.pipeline.split import layer_layout
+from scaletrain.profile.footprint import (
+    Bytes,
+    Layout,
+    activation_bytes_per_layer,
+    byte_sizes,
+    loss_bytes,
+)
 from scaletrain.trainer.flops import flops_per_token, parameter_counts
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8, "fp8": 1}
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    vpp: int
-    dp: int
-    cp: int = 1
-    sequence_parallel: bool = False
-    zero: bool = False
-    recompute: str = "none"
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
+TE_WORKSPACE_BYTES = 3 * 32 * 2**20  # Transformer Engine / cuBLAS GEMM workspaces (one per stream)
 
 
 @dataclass
@@ -75,6 +62,8 @@ class StagePlan:
     activation_bytes_per_microbatch: int
     microbatches_in_flight: int
     activations_bytes: int
+    # FP8 weight copies (Transformer Engine) and library workspaces.
+    fp8_bytes: int = 0
     # Companion models of post-training (a distillation teacher and its stored outputs, a reference policy,
     # a reward model, PPO's critic with its gradients and AdamW state), on this stage.
     companion_bytes: int = 0
@@ -89,7 +78,7 @@ class StagePlan:
 
     @property
     def total_bytes(self) -> int:
-        return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.companion_bytes
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.fp8_bytes + self.companion_bytes
                 + max(self.activations_bytes, self.rollout_bytes))
 
 
@@ -155,24 +144,6 @@ def stage_params(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[int, int
     return n, layers
 
 
-def activation_bytes_per_layer(m: ModelConfig, layout: Layout, tokens: int, param_bytes: int,
-                               compute_bytes: int) -> int:
-    """Bytes one block saves for backward for a microbatch of `tokens` tokens (see module docstring)."""
-    h, d, t = m.hidden_size, m.head_dim, layout.tp
-    nh, nkv, f = m.num_heads // t, m.num_kv_heads // t, m.ffn_hidden_size // t
-    norm_div = t if layout.sequence_parallel else 1
-    # Two RMSNorms: input, rstd and normalised output, in the parameter dtype.
-    norms = 2 * (2 * h + 1) * param_bytes // norm_div
-    # Attention: qkv output, rotated q (and its pre-rotation copy) and k, attention output, the
-    # output projection's input (compute dtype) and the log-sum-exp per head (fp32).
-    attn = ((nh + 2 * nkv) * d + 2 * nh * d + nkv * d + nh * d + nh * d) * compute_bytes + 4 * nh
-    # SwiGLU: fused gate/up output, silu(gate), and the product fed to the down projection.
-    mlp = 4 * f * compute_bytes
-    # Context parallelism: `tokens` are this rank's; attention keeps the keys/values gathered over cp.
-    gathered = 2 * nkv * d * compute_bytes * tokens * (layout.cp - 1) if layout.cp > 1 else 0
-    return tokens * (norms + attn + mlp) + gathered
-
-
 def rollout_rows(cfg: RunConfig, layout: Layout, group: int) -> int:
     """Rows one rank decodes per rollout batch: the replica's completions (global batch / dp), each cp
     rank a contiguous share padded to whole passes; 0 for stages without rollouts (`group` 0: the stage's
@@ -183,7 +154,7 @@ def rollout_rows(cfg: RunConfig, layout: Layout, group: int) -> int:
     rows = t.global_batch_size // layout.dp
     if layout.cp > 1:
         prompts = -(-(rows // group) // layout.cp)
-        unit = (pt.rollout_micro_batch or t.micro_batch_size) * (layout.pp if layout.vpp > 1 else 1)
+        unit = (pt.rollout.micro_batch or t.micro_batch_size) * (layout.pp if layout.vpp > 1 else 1)
         while (prompts * group) % unit:  # whole passes: padded with copies of the last prompt
             prompts += 1
         rows = prompts * group
@@ -197,7 +168,7 @@ def rollout_bytes(cfg: RunConfig, layout: Layout, pp_rank: int, layers: int, com
     rows = rollout_rows(cfg, layout, group)
     if not rows:
         return 0, 0
-    micro = cfg.posttrain.rollout_micro_batch or t.micro_batch_size  # rows per sampling forward
+    micro = cfg.posttrain.rollout.micro_batch or t.micro_batch_size  # rows per sampling forward
     incremental = cfg.parallel.backend != "te"  # any layout on the torch backend (SP is lifted for decoding)
     kv = rows * t.seq_length * layers * 2 * (m.num_kv_heads // layout.tp) * m.head_dim * compute_bytes \
         if incremental else 0
@@ -232,44 +203,48 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp * p.cp)
     layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
-                    p.recompute)
-    dtype = cfg.precision.dtype
-    param_bytes = 8 if dtype == "float64" else 4
-    compute = compute_dtype or ("bfloat16" if dtype in ("bfloat16", "auto") else dtype)
-    compute_bytes = DTYPE_BYTES[compute] if dtype != "float64" else 8
-    if cfg.precision.fp8:
-        compute_bytes = 2  # FP8 GEMMs still save their inputs in bf16 (TE keeps fp8 copies only for weights)
+                    p.recompute, tuple(p.recompute_modules))
+    b = byte_sizes(cfg, compute_dtype)
+    param_bytes, compute_bytes = b.param, b.compute
     counts = parameter_counts(m)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     tokens_mb = t.micro_batch_size * t.seq_length // p.cp  # this rank's share of a microbatch
+    fused_ce = any(k in ("cross_entropy", "all") for k in p.kernels)
 
     stages = []
     for r in range(p.pp):
         n, layers = stage_params(m, layout, r)
-        weights = grads = n * param_bytes
-        optimizer = 3 * n * 4 // (dp * p.cp) if layout.zero else 2 * n * param_bytes
-        per_layer = activation_bytes_per_layer(m, layout, tokens_mb, param_bytes, compute_bytes)
+        weights, grads = n * param_bytes, n * b.main
+        if param_bytes < b.main:  # bf16 weights: fp32 master weights and two fp32 moments, ZeRO-1 sharded
+            optimizer = 3 * n * b.main // ((dp * p.cp) if layout.zero else 1)
+        else:
+            optimizer = 3 * n * 4 // (dp * p.cp) if layout.zero else 2 * n * param_bytes
+        fp8 = 0
+        if cfg.precision.fp8 and cfg.precision.fp8_backend == "te":
+            # FP8 copies of each block weight and its transpose, and cuBLAS/TE workspaces.
+            fp8 = 2 * layers * (_layer_params(m)[0] // p.tp) + TE_WORKSPACE_BYTES
+        per_layer = activation_bytes_per_layer(m, layout, tokens_mb, compute_bytes)
         if layout.recompute == "full":  # block inputs kept; one block's activations live in its backward
             div = p.tp if layout.sequence_parallel else 1
-            act_mb = layers * tokens_mb * m.hidden_size * param_bytes // div
+            act_mb = layers * tokens_mb * m.hidden_size * compute_bytes // div
             transient = per_layer
         else:
             act_mb, transient = layers * per_layer, 0
         if r == p.pp - 1:
-            # Final norm, the head's input (a compute-dtype copy), the softmax over this rank's vocabulary
-            # slice (at least fp32) and the int64 labels + mask of the loss.
-            act_mb += tokens_mb * ((2 * m.hidden_size + 1) * param_bytes + m.hidden_size * compute_bytes
-                                   + max(4, param_bytes) * (m.num_labels or m.vocab_size // p.tp) + 9)
+            saved, loss_transient = loss_bytes(m, layout, tokens_mb, b, fused_ce)
+            act_mb += saved
+            transient = max(transient, loss_transient)  # the loss's backward runs before any block's
         companions = sum(stage_params(c, layout, r)[0] for c in frozen) * param_bytes
-        companions += sum(stage_params(c, layout, r)[0] for c in trainable) * param_bytes * 4
+        state = 3 * b.main if param_bytes < b.main else 2 * param_bytes  # (master weights +) two moments
+        companions += sum(stage_params(c, layout, r)[0] for c in trainable) * (param_bytes + b.main + state)
         if teacher is not None:
             companions += stage_params(teacher, layout, r)[0] * param_bytes
             if r == p.pp - 1:
-                k = cfg.posttrain.distill_top_k
+                k = cfg.posttrain.distill.top_k
                 per_token = k * (8 + 4) if k else (m.vocab_size // p.tp) * compute_bytes
                 # pipelined: the step's outputs are computed up front; otherwise one microbatch's at a time
                 companions += (microbatches if p.pp > 1 else 1) * tokens_mb * per_token
-                if cfg.posttrain.distill_alpha < 1.0:  # the KL's gradient is kept beside the cross-entropy's
+                if cfg.posttrain.distill.alpha < 1.0:  # the KL's gradient is kept beside the cross-entropy's
                     act_mb += tokens_mb * max(4, param_bytes) * (m.vocab_size // p.tp)
         in_flight = peak_in_flight(p.pp, p.vpp, r, microbatches)
         # In-flight counts chunk forwards; a chunk holds 1/vpp of the stage's layers.
@@ -277,9 +252,9 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         activations = int(chunk_share * in_flight) + transient
         kv, logits = rollout_bytes(cfg, layout, r, layers, compute_bytes, rollout_group)
         stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations,
-                                companions, kv, logits))
+                                fp8, companions, kv, logits))
 
-    comm = _comm_bytes(m, layout, microbatches, tokens_mb, compute_bytes, param_bytes, stages)
+    comm = _comm_bytes(m, layout, microbatches, tokens_mb, b, stages)
     bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
     notes = []
     if layout.tp > 8:
@@ -297,9 +272,12 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
     return plan_
 
 
-def _comm_bytes(m: ModelConfig, layout: Layout, microbatches: int, tokens_mb: int, compute_bytes: int,
-                param_bytes: int, stages: list[StagePlan]) -> dict[str, int]:
-    """Bytes sent per rank per step on each axis (ring collectives), for the busiest stage."""
+def _comm_bytes(m: ModelConfig, layout: Layout, microbatches: int, tokens_mb: int, b: Bytes,
+                stages: list[StagePlan]) -> dict[str, int]:
+    """Bytes sent per rank per step on each axis (ring collectives), for the busiest stage. Activations
+    (tp/SP collectives, pipeline messages, cp keys/values) travel in the compute dtype, gradients in the
+    main dtype, ZeRO-1's parameter all-gather in the parameter dtype."""
+    compute_bytes = b.compute
     t, dp, cp = layout.tp, layout.dp * layout.cp, layout.cp  # gradients are reduced over dp × cp
     layers = max(s.layers for s in stages)
     activation = tokens_mb * m.hidden_size * compute_bytes
@@ -310,14 +288,15 @@ def _comm_bytes(m: ModelConfig, layout: Layout, microbatches: int, tokens_mb: in
         per_block = (4 + (2 if layout.recompute == "full" else 0)) * 2 * (t - 1) / t * activation
         out["tp"] = int(layers * microbatches * per_block)
     if dp > 1:
-        grads = max(s.params for s in stages) * param_bytes
+        n = max(s.params for s in stages)
         # Plain: all-reduce of the gradients. ZeRO-1: reduce-scatter of gradients + all-gather of params.
-        out["dp"] = int(2 * (dp - 1) / dp * grads)
+        out["dp"] = int((dp - 1) / dp * n * (b.main + b.param)) if layout.zero else int(2 * (dp - 1) / dp * n * b.main)
     if cp > 1:
         # Per block and microbatch: keys and values all-gathered forward (again under recomputation),
         # their gradients reduce-scattered back; this rank sends (cp-1)/cp of the gathered tensors.
         kv = tokens_mb * cp * 2 * (m.num_kv_heads // t) * m.head_dim * compute_bytes
-        out["cp"] = int(layers * microbatches * (2 + (1 if layout.recompute == "full" else 0)) * (cp - 1) / cp * kv)
+        again = layout.recompute == "full" or (layout.recompute == "selective" and "core_attn" in layout.recompute_modules)
+        out["cp"] = int(layers * microbatches * (2 + (1 if again else 0)) * (cp - 1) / cp * kv)
     if layout.pp > 1:
         per_boundary = activation // (t if layout.sequence_parallel else 1)
         out["pp"] = int(2 * per_boundary * microbatches * layout.vpp)  # activation forward, gradient back
@@ -332,7 +311,8 @@ def format_plan(p: Plan) -> str:
         f"layout: tp{lay.tp}·pp{lay.pp}{f'·vpp{lay.vpp}' if lay.vpp > 1 else ''}{f'·cp{lay.cp}' if lay.cp > 1 else ''}"
         f"·dp{lay.dp} "
         f"({lay.world_size} GPUs){' +SP' if lay.sequence_parallel else ''}{' +ZeRO-1' if lay.zero else ''}"
-        f"{' +full recompute' if lay.recompute == 'full' else ''}",
+        f"{' +full recompute' if lay.recompute == 'full' else ''}"
+        f"{(' +selective recompute (' + ', '.join(lay.recompute_modules) + ')') if lay.recompute == 'selective' else ''}",
         f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in matmuls, "
         f"{p.params_embedding / 1e9:.3f} B embedding",
         f"FLOPs/token: {p.flops_per_token_palm / 1e9:.1f} GFLOP (PaLM 6N + 12·L·H·Q·T), "

@@ -13,8 +13,9 @@ scaletrain/stages/ with a `Stage` subclass, registered once (stages/registry.py)
 3. once the policy exists and a resumed run is loaded: `build`, returning the objective, the batch
    source, its phases (extra work the trainer calls by name) and, if it has its own, the validator.
 
-Settings: a stage reads `cfg.posttrain` only through `settings(cfg)`, which holds exactly the fields it
-declares in `fields` — the section of the config it will own once `posttrain` is split per stage.
+Settings: a stage reads `cfg.posttrain` only through `settings(cfg)`, which holds exactly the sub-sections of
+`[posttrain]` it declares in `sections` (its own, e.g. `grpo`, and the shared ones it uses, e.g. `chat`,
+`rollout`); reading any other is an error (scaletrain/config/posttrain.py has them all).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -37,9 +37,20 @@ from scaletrain.trainer.contracts import BatchSource, Objective, Phase, Validato
 from scaletrain.trainer.loop import LoopState
 from scaletrain.trainer.precision import Precision
 
-# posttrain.* fields shared by several stages (each stage lists what it reads)
-CHAT_DATA = ("train_data", "valid_data", "chat_template", "tools")
-ROLLOUT = ("max_new_tokens", "temperature", "rollout_micro_batch")
+
+class Settings:
+    """The `[posttrain]` sub-sections one stage declared (attribute = section name, value = its frozen dataclass).
+    Any other section is refused by name, so a stage cannot come to depend on another stage's settings."""
+
+    def __init__(self, stage: str, sections: dict[str, Any]) -> None:
+        self._stage, self._sections = stage, sections
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("_sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"stage '{self.__dict__.get('_stage')}' reads posttrain.{name}, which it does not "
+                             f"declare in Stage.sections ({', '.join(sections) or 'none'}); add it there.")
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class Companion:
     """A model a stage loads besides the policy, named by a config key: checked before anything is
     allocated (`scaletrain.model_builder.check_companion`), counted by the memory planner."""
 
-    key: str  # the config key that names it, for messages: 'posttrain.teacher'
+    key: str  # the config key that names it, for messages: 'posttrain.distill.teacher'
     path: str  # an HF directory, or a checkpoint / checkpoints folder / run directory
     role: str  # 'reward' (frozen score head), 'critic' (trained score head) or 'teacher' (frozen LM)
 
@@ -73,7 +84,7 @@ class RunParts:
 
 @dataclass
 class StageParts:
-    """What a stage hands the trainer. validator None: the loss over posttrain.valid_data / the
+    """What a stage hands the trainer. validator None: the loss over posttrain.chat.valid_data / the
     validation split, when there is one and train.eval_interval asks for it."""
 
     objective: Objective
@@ -88,13 +99,13 @@ class Stage(ABC):
 
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""  # the `scaletrain <name>` command's help; "" = no command of its own
-    fields: ClassVar[tuple[str, ...]] = ()  # the posttrain.* settings the stage reads
+    sections: ClassVar[tuple[str, ...]] = ()  # the [posttrain] sub-sections the stage reads (config/posttrain.py)
     score_head: ClassVar[bool] = False  # trains a score-head model (model.num_labels = 1), not a language model
-    data_rows: ClassVar[str] = ""  # what posttrain.train_data rows hold ("" = the stage needs none)
+    data_rows: ClassVar[str] = ""  # what posttrain.chat.train_data rows hold ("" = the stage needs none)
 
     def settings(self, cfg: RunConfig) -> Any:
-        """The posttrain settings this stage declared in `fields`, and nothing else."""
-        return SimpleNamespace(**{f: getattr(cfg.posttrain, f) for f in self.fields})
+        """The posttrain sub-sections this stage declared in `sections`, and nothing else."""
+        return Settings(self.name, {name: getattr(cfg.posttrain, name) for name in self.sections})
 
     # --- config only -----------------------------------------------------------------------------------
     def reads_documents(self, cfg: RunConfig) -> bool:
@@ -139,8 +150,8 @@ def base_errors(stage: Stage, cfg: RunConfig) -> list[str]:
     """The rules every stage shares (training rows, score head or logits, known tools), then the stage's own
     (`Stage.validate`)."""
     errors: list[str] = []
-    if stage.data_rows and not cfg.posttrain.train_data:
-        errors.append(f"posttrain.objective = '{stage.name}' needs posttrain.train_data (jsonl files with "
+    if stage.data_rows and not cfg.posttrain.chat.train_data:
+        errors.append(f"posttrain.objective = '{stage.name}' needs posttrain.chat.train_data (jsonl files with "
                       f"{stage.data_rows}).")
     m = cfg.model
     if stage.score_head and m.num_labels not in (0, 1):
@@ -150,8 +161,13 @@ def base_errors(stage: Stage, cfg: RunConfig) -> list[str]:
         errors.append(f"model.num_labels = {m.num_labels} gives the model a score head and no token logits, which "
                       f"posttrain.objective = '{stage.name}' needs; set model.num_labels = 0 (or train a reward model "
                       "with posttrain.objective = 'reward').")
-    unknown_tools = [t for t in cfg.posttrain.tools if t not in BUNDLED_TOOLS]
+    g = cfg.posttrain.grpo  # a sampling stage that does not read them would silently ignore DAPO's options
+    if stage.rollout_group(cfg) and "grpo" not in stage.sections and (g.dynamic_sampling or g.mask_truncated):
+        errors.append(f"posttrain.grpo.dynamic_sampling and posttrain.grpo.mask_truncated are GRPO's (DAPO): "
+                      f"posttrain.objective = '{stage.name}' does not read them; turn them off or use "
+                      "posttrain.objective = 'grpo'.")
+    unknown_tools = [t for t in cfg.posttrain.chat.tools if t not in BUNDLED_TOOLS]
     if unknown_tools:
-        errors.append(f"posttrain.tools: unknown tool(s) {', '.join(unknown_tools)}; bundled: {', '.join(BUNDLED_TOOLS)}.")
+        errors.append(f"posttrain.chat.tools: unknown tool(s) {', '.join(unknown_tools)}; bundled: {', '.join(BUNDLED_TOOLS)}.")
     return errors + stage.validate(cfg)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config.schema import OptimConfig
+from scaletrain.distributed.dims import ParallelDims
+from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -48,14 +50,17 @@ def optimizer_problem(cfg: OptimConfig, device_type: str) -> str | None:
     return None
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, dims=None):
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, dims: ParallelDims):
     """AdamW: torch's (fused kernel on CUDA, foreach elsewhere), Transformer Engine's or apex's
-    FusedAdam (optim.impl), or ZeRO-1 with optim.distributed over dp > 1."""
+    FusedAdam (optim.impl); on fp32 main shards — ZeRO-1 over dp × cp with optim.distributed, and always
+    for bf16 weights (their fp32 master weights live in the optimizer)."""
     buckets = getattr(model, "grad_buckets", None)
-    if cfg.distributed and buckets is not None and buckets.shard:
-        from scaletrain.parallel.distributed_optimizer import DistributedOptimizer
+    if buckets is not None and (buckets.shard or buckets.main_grads):
 
-        return DistributedOptimizer(model, buckets, cfg, dims.comm("dp_cp"))
+        if cfg.impl != "torch":
+            raise ValueError(f"optim.impl = '{cfg.impl}' steps the parameters themselves; ZeRO-1 and bf16 weights "
+                             "(fp32 master shards) run torch's fused AdamW: use optim.impl = 'torch'.")
+        return DistributedOptimizer(model, buckets, cfg, dims.comm("dp_cp"), fused=device.type == "cuda")
     groups = param_groups(model, cfg.weight_decay)
     if cfg.impl == "te":
         from transformer_engine.pytorch.optimizers import FusedAdam

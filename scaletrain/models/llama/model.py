@@ -53,6 +53,12 @@ class Attention(nn.Module):
         """kv_cache: incremental decoding — this call's keys/values are appended to the cached ones and
         attended to with them (attention_mask then is [b, 1, s_new, s_cached + s_new])."""
         qkv = self.qkv(x)  # full sequence even when x is sequence-sharded (SP gathers it)
+        return self.proj(self.attend(qkv, rope, position_ids, attention_mask, kv_cache))
+
+    def attend(self, qkv: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None,
+               attention_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
+        """qkv output → rotary q, k → core attention: the region parallel.recompute_modules = ['core_attn']
+        reruns in backward (keeping only its input, the qkv output)."""
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.kv_per_partition, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.heads_per_partition, self.head_dim)
@@ -60,7 +66,7 @@ class Attention(nn.Module):
         q, k = rope(q, k, position_ids)
         if kv_cache is not None:
             k, v = kv_cache.extend(k, v)
-        return self.proj(self.core(q, k, v, attention_mask))
+        return self.core(q, k, v, attention_mask)
 
 
 class SwiGLU(nn.Module):
@@ -78,9 +84,13 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.activation(gate, up))
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) · up: the region parallel.recompute_modules = ['mlp_act'] recomputes."""
         if self.use_fused:
-            return self.down(fused.swiglu(gate, up))
-        return self.down(torch.nn.functional.silu(gate) * up)
+            return fused.swiglu(gate, up)
+        return torch.nn.functional.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -114,7 +124,7 @@ class LlamaModel(nn.Module):
     Parameters are created uninitialised; `scaletrain.nn.init_parameters` fills them from the seed.
     """
 
-    # Set by enable_fp8 (te backend, precision.fp8): the FP8 autocast factory.
+    # Set by parallelize (te backend, precision.fp8): the FP8 autocast factory.
     fp8_context: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def __init__(self, cfg: ModelConfig, tp_size: int = 1, dtype: torch.dtype | None = None,
@@ -166,7 +176,7 @@ class LlamaModel(nn.Module):
             x = inputs
         else:
             assert self.embed is not None, "token ids reached a pipeline stage without the embedding"
-            x = self.embed(inputs)
+            x = self.embed(inputs)  # in the compute dtype: so is the residual stream (norm outputs, SP, pp)
         keys = list(self.layers.keys()) if layer_keys is None else layer_keys
         for key in keys:
             x = self.layers[key](x, self.rope, position_ids, attention_mask,

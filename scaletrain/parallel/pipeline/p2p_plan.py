@@ -6,7 +6,7 @@ its own, in compute order, hangs: in 1F1B's steady state stage 0 posts [send a(i
 while stage 1 posts [send g(i), recv a(i+1)] — each send waits for a receive queued behind the
 other's send. Megatron pairs them by hand (send_forward_recv_backward, …, one batch_isend_irecv each).
 
-Here the pairing is derived from the schedule tables of every rank (schedules.schedule_order), which
+Here the pairing is derived from the schedule tables of every rank (order.schedule_order), which
 every rank can compute: a lockstep simulation runs each rank's action list one action per tick, an
 action running once its input arrived in an earlier tick, and every message produced in tick t
 travels in *round* t. A rank posts one batch per round it takes part in, in round order, with that
@@ -28,7 +28,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 
-FWD, BWD = 0, 1
+from scaletrain.parallel.pipeline.order import BWD, FWD, schedule_order
 
 
 @dataclass(frozen=True, order=True)
@@ -70,8 +70,6 @@ def _simulate(pp: int, vpp: int, num_microbatches: int, forward_only: bool
               ) -> tuple[tuple[tuple[Message, ...], ...], tuple[tuple[int, ...], ...]]:
     """The lockstep simulation: every message of one step by round (each round sorted), and the tick
     each rank's actions run at."""
-    from scaletrain.parallel.pipeline.schedules import schedule_order
-
     num_stages = pp * vpp
     orders = [schedule_order(pp, vpp, q, num_microbatches, forward_only) for q in range(pp)]
     ticks: list[list[int]] = [[] for _ in range(pp)]

@@ -17,40 +17,18 @@ receives, and on the rest at the end of the step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.distributed.p2p import P2POp, P2PWork
-from scaletrain.parallel.pipeline.p2p_plan import BWD, FWD, Message, rank_rounds
+from scaletrain.parallel.pipeline.order import BWD, FWD, schedule_order
+from scaletrain.parallel.pipeline.p2p_plan import Message, rank_rounds
 from scaletrain.parallel.pipeline.split import StageChunk
 from scaletrain.parallel.schedules import ForwardStep
 from scaletrain.profile.phases import phase
-
-
-def schedule_order(pp: int, vpp: int, rank: int, num_microbatches: int, forward_only: bool = False
-                   ) -> list[tuple[int, int, int]]:
-    """The action list of one rank: (FWD or BWD, chunk, microbatch)."""
-    m = num_microbatches
-    if vpp > 1 and m % pp:
-        raise ValueError(f"interleaved 1F1B needs microbatches ({m}) to be a multiple of pp ({pp}); "
-                         "change train.global_batch_size or train.micro_batch_size.")
-    total = m * vpp
-
-    def ident(k: int, backward: bool) -> tuple[int, int]:
-        chunk = (k // pp) % vpp
-        return (vpp - 1 - chunk if backward else chunk), (k // (pp * vpp)) * pp + k % pp
-
-    if forward_only:
-        return [(FWD, *ident(k, False)) for k in range(total)]
-    warmup = min(pp - rank - 1, m) if vpp == 1 else min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
-    order = [(FWD, *ident(k, False)) for k in range(warmup)]
-    for i in range(total - warmup):
-        order.append((FWD, *ident(warmup + i, False)))
-        order.append((BWD, *ident(i, True)))
-    order += [(BWD, *ident(k, True)) for k in range(total - warmup, total)]
-    return order
 
 
 def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequence[dict[str, torch.Tensor]],
@@ -63,12 +41,14 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
     summed metrics (both non-zero on the last pipeline rank only; the caller reduces them over pp). `stats`, if given, receives the
     seconds spent waiting for receives ('wait_s') and the peak number of microbatches in flight.
     """
-    import time
-
     pp, vpp, r = dims.pp, dims.vpp, dims.pp_rank
     comm = dims.comm("pp")
     device = next(chunks[0].module.parameters()).device
+    # Messages travel in the compute dtype: bf16 under autocast even where the weights are fp32
+    # (precision.params = 'fp32'), the weights' dtype otherwise (bf16 weights, float32, float64).
     dtype = next(chunks[0].module.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
     # Per microbatch: they may differ in rows (the rollout sampler drops finished rows) or width.
     shapes = [chunks[0].activation_shape(mb["tokens"], dims.tp) for mb in microbatches]
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -145,7 +125,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, microbatches: Sequenc
                     summed[k] = summed.get(k, 0) + v.detach()
         chunk.input_tensor = None
         if not chunk.is_last:
-            send(output.detach().contiguous(), Message(FWD, j + 1, mb))
+            send(output.detach().to(dtype).contiguous(), Message(FWD, j + 1, mb))
         if not forward_only:
             inputs[(chunk_id, mb)], outputs[(chunk_id, mb)] = inp, output
             in_flight += 1

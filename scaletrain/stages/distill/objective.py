@@ -19,8 +19,8 @@ the teacher forward-only through the layout's schedule over the step's microbatc
 stage stores the teacher's logits (dense [b, s, V/tp], compute dtype) or top-k ids and log-probs at τ
 ([b, s, k]) in each microbatch, where the student's loss (also on the last stage) reads them — one
 dense logit tensor per microbatch of the step; top-k bounds it to k ids and log-probs per token. Data: pretraining
-documents (data.prefixes) or chat rows (posttrain.train_data, rendered and packed as for SFT, the
-loss on posttrain.loss_on tokens).
+documents (data.prefixes) or chat rows (posttrain.chat.train_data, rendered and packed as for SFT, the
+loss on posttrain.sft.loss_on tokens).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ reward, no advantage: the per-token KL is the signal.
 Step k draws prompts k·B … k·B+B−1 (B = global batch) of the seeded per-epoch prompt order, dp rank
 r taking the r-th contiguous B/dp of them, each with its own sampling generator, so the same run
 samples the same completions at every layout and on resumption. Sampling runs on the training
-layout (generation/sampler.py), at posttrain.temperature, up to posttrain.max_new_tokens, stopping at
+layout (generation/sampler.py), at posttrain.rollout.temperature, up to posttrain.rollout.max_new_tokens, stopping at
 eos or the chat template's end-of-turn marker.
 """
 

@@ -1,7 +1,7 @@
 """PPO's critic: a score-head model in the policy's layout with its own AdamW, and the phase that trains it.
 
 The critic values each new rollout batch (forward-only, while the batch is built: stages/rl/ppo_rollouts.py)
-and takes posttrain.grpo_iterations updates on it in `CriticUpdate.before_step` — a named phase the trainer
+and takes posttrain.ppo.iterations updates on it in `CriticUpdate.before_step` — a named phase the trainer
 calls before the policy's update of the step that sampled the batch (the policy's advantages are fixed at
 sampling time, so the order changes nothing the policy sees). Later steps that reuse the batch report the
 metrics of that update. It is saved with every policy checkpoint under run_dir/critic (the same step

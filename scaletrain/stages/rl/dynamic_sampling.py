@@ -6,7 +6,7 @@ The choice is global, so a run picks the same groups at any dp size (and equals 
 after each sampling round the replicas' new groups are all-gathered over dp (token ids, a few
 thousand integers), every rank holds the same pool in global order (round, then prompt position),
 keeps its first `needed` informative groups — filling up with uninformative ones, in order, when
-posttrain.max_sampling_rounds runs out — and dp rank r takes the r-th contiguous share.
+posttrain.grpo.max_sampling_rounds runs out — and dp rank r takes the r-th contiguous share.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ default) the importance ratio π/π_old is 1 in value and the per-token loss is
     −A · exp(log π − sg(log π))  [+ β · (exp(r − log π) − (r − log π) − 1),  r = log π_ref]
 
 whose gradient is −A ∇log π plus β times the gradient of the k3 estimate of KL(π ‖ π_ref). With
-posttrain.grpo_iterations = μ > 1 each batch serves μ updates, and the surrogate is PPO's clipped one
+posttrain.grpo.iterations = μ > 1 each batch serves μ updates, and the surrogate is PPO's clipped one
 against the log-probs at sampling time: −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A), ρ = exp(log π − log π_old)
 (ε_high > ε is DAPO's clip-higher); `clip_fraction` counts the tokens whose clipped branch is active.
 Log-probs are taken at the sampling temperature and through the vocab-parallel cross-entropy (the

@@ -3,7 +3,7 @@
 A row has `messages` (a conversation; trailing assistant turns — e.g. an SFT file's reference
 answer — are dropped, so SFT files serve as prompt files) or `prompt` (a string: one user turn, or a
 message list), plus whatever its rewards read (`answer`, `tests`, …). A prompt too long to leave
-posttrain.max_new_tokens of room in a training row, or one that cannot be rendered, is counted by
+posttrain.rollout.max_new_tokens of room in a training row, or one that cannot be rendered, is counted by
 reason and dropped, never truncated (a truncated question has another answer).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from scaletrain.chat.renderer import BadConversation, ChatRenderer
 from scaletrain.chat.rows import prompt_messages, read_rows
 from scaletrain.chat.tools import bundled_tools
 from scaletrain.config.load import ConfigError
+from scaletrain.config.posttrain import ChatConfig, RolloutConfig
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.stages.rl.rewards import required_fields
 
@@ -50,7 +50,7 @@ class PromptDataset:
                 self.report.dropped[str(e)] += 1
                 continue
             if len(ids) > limit:
-                self.report.dropped["longer than train.seq_length + 1 − posttrain.max_new_tokens"] += 1
+                self.report.dropped["longer than train.seq_length + 1 − posttrain.rollout.max_new_tokens"] += 1
                 continue
             self.prompts.append(ids)
             self.rows.append({k: v for k, v in row.items() if k not in ("messages", "prompt")})
@@ -82,24 +82,26 @@ def read_prompt_rows(files: tuple[str, ...] | list[str]) -> list[dict]:
     return read_rows(files, None)
 
 
-def render_prompts(s: Any, tokenizer: Tokenizer, seq_length: int, log: Callable[[str], None],
-                   rewards: tuple[str, ...]) -> tuple[PromptDataset | None, PromptDataset | None]:
-    """Prompt datasets (train, valid or None) of settings `s` (train_data, valid_data, chat_template, tools,
-    max_new_tokens): rendered generation prompts with their rows, checked for the fields `rewards` read
-    before any parameter exists."""
-    renderer = ChatRenderer(tokenizer, s.chat_template, "assistant", bundled_tools(s.tools))
+def render_prompts(chat: ChatConfig, rollout: RolloutConfig, tokenizer: Tokenizer, seq_length: int,
+                   log: Callable[[str], None], rewards: tuple[str, ...]
+                   ) -> tuple[PromptDataset | None, PromptDataset | None]:
+    """Prompt datasets (train, valid or None) of the chat rows `chat`, with room for `rollout.max_new_tokens`:
+    rendered generation prompts with their rows, checked for the fields `rewards` read before any parameter
+    exists."""
+    renderer = ChatRenderer(tokenizer, chat.template, "assistant", bundled_tools(chat.tools))
     out: list[PromptDataset | None] = []
-    for files in (s.train_data, s.valid_data):
+    for files in (chat.train_data, chat.valid_data):
         if not files:
             out.append(None)
             continue
-        ds = PromptDataset(read_prompt_rows(files), renderer, seq_length=seq_length, max_new_tokens=s.max_new_tokens)
+        ds = PromptDataset(read_prompt_rows(files), renderer, seq_length=seq_length,
+                           max_new_tokens=rollout.max_new_tokens)
         for name in rewards:
             for key in required_fields(name):
                 missing = sum(1 for row in ds.rows if row.get(key) is None)
                 if missing:
-                    raise ConfigError(f"posttrain.rewards: '{name}' reads the `{key}` field, which {missing} of "
-                                      f"{len(ds.rows)} prompt rows of {', '.join(files)} lack.")
+                    raise ConfigError(f"posttrain.rewards.functions: '{name}' reads the `{key}` field, which "
+                                      f"{missing} of {len(ds.rows)} prompt rows of {', '.join(files)} lack.")
         log(("validation " if out else "") + ds.report.line())
         out.append(ds)
     return out[0], out[1]

@@ -1,6 +1,6 @@
 """A trained reward model as an RL reward (RLHF): completions scored by a frozen score-head model.
 
-`posttrain.rewards = ["reward_model"]` with `posttrain.reward_model = <HF directory or checkpoint>`
+`posttrain.rewards.functions = ["reward_model"]` with `posttrain.rewards.model = <HF directory or checkpoint>`
 builds the reward model in the policy's own layout (tp, pp, SP; the same role layers, frozen, no
 gradients) and scores each prompt + completion by one forward through the forward-only schedule.
 The score is read where the reward objective trained it (stages/preference/reward_model.py): at the

@@ -13,7 +13,7 @@ Bundled:
 Custom: `package.module:function` with the same signature `(completion: str, row: dict) -> float`.
 `score_rewards` scores a batch with any of them: a reward that raises scores 0.0 with its error (counted
 by the trainer as `reward_errors`), so a failing scorer costs rewards, never the training rank.
-Learned: `reward_model` — a trained reward model's score (posttrain.reward_model; stages/rl/reward_model_scorer.py),
+Learned: `reward_model` — a trained reward model's score (posttrain.rewards.model; stages/rl/reward_model_scorer.py),
 built by the trainer in the policy's layout rather than resolved here.
 """
 
@@ -31,7 +31,7 @@ from scaletrain.evaluation.answers import answer_format, math_answer
 from scaletrain.stages.rl.sandbox.runner import SANDBOX_MODES, SandboxSettings, run_programs, sandbox_problem
 
 if TYPE_CHECKING:
-    from scaletrain.config.schema import PostTrainConfig
+    from scaletrain.config.posttrain import SandboxConfig
 
 RewardFn = Callable[[str, dict], float]
 
@@ -106,30 +106,29 @@ def report_errors(label: str, errors: list[str]) -> None:
               f"(reward 0, counted in reward_errors): {causes}", file=sys.stderr, flush=True)
 
 
-def sandbox_settings(pt: PostTrainConfig) -> SandboxSettings:
-    return SandboxSettings(mode=pt.sandbox, timeout_s=pt.sandbox_timeout_s, memory_mb=pt.sandbox_memory_mb,
-                           processes=pt.sandbox_processes, disk_mb=pt.sandbox_disk_mb, workers=pt.sandbox_workers,
-                           python=pt.sandbox_python)
+def sandbox_settings(sb: SandboxConfig) -> SandboxSettings:
+    return SandboxSettings(mode=sb.backend, timeout_s=sb.timeout_s, memory_mb=sb.memory_mb, processes=sb.processes,
+                           disk_mb=sb.disk_mb, workers=sb.workers, python=sb.python)
 
 
-def sandbox_problems(pt: PostTrainConfig, check_live: bool) -> list[str]:
-    """The posttrain.sandbox* settings' problems; with `check_live` (python_tests is used), also whether the
+def sandbox_problems(sb: SandboxConfig, check_live: bool) -> list[str]:
+    """The posttrain.sandbox settings' problems; with `check_live` (python_tests is used), also whether the
     sandbox works here — one tiny program through it (config validation)."""
     problems = []
-    if pt.sandbox not in SANDBOX_MODES:
-        problems.append(f"posttrain.sandbox = {pt.sandbox!r} is not one of {', '.join(SANDBOX_MODES)}.")
-    for key in ("sandbox_timeout_s", "sandbox_memory_mb", "sandbox_disk_mb"):
-        if not getattr(pt, key) > 0:
-            problems.append(f"posttrain.{key} = {getattr(pt, key)} must be positive.")
-    if pt.sandbox_workers < 0:
-        problems.append(f"posttrain.sandbox_workers = {pt.sandbox_workers} must be 0 (one per CPU) or positive.")
-    if pt.sandbox_processes < 4:
-        problems.append(f"posttrain.sandbox_processes = {pt.sandbox_processes}: a sandbox itself needs 3 (bwrap's "
+    if sb.backend not in SANDBOX_MODES:
+        problems.append(f"posttrain.sandbox.backend = {sb.backend!r} is not one of {', '.join(SANDBOX_MODES)}.")
+    for key in ("timeout_s", "memory_mb", "disk_mb"):
+        if not getattr(sb, key) > 0:
+            problems.append(f"posttrain.sandbox.{key} = {getattr(sb, key)} must be positive.")
+    if sb.workers < 0:
+        problems.append(f"posttrain.sandbox.workers = {sb.workers} must be 0 (one per CPU) or positive.")
+    if sb.processes < 4:
+        problems.append(f"posttrain.sandbox.processes = {sb.processes}: a sandbox itself needs 3 (bwrap's "
                         "init, the interpreter, one spare); give at least 4.")
     if check_live and not problems:
-        problem = sandbox_problem(sandbox_settings(pt))
+        problem = sandbox_problem(sandbox_settings(sb))
         if problem:
-            problems.append(f"posttrain.rewards uses python_tests, but {problem.rstrip('.')}.")
+            problems.append(f"posttrain.rewards.functions uses python_tests, but {problem.rstrip('.')}.")
     return problems
 
 
@@ -146,7 +145,7 @@ def resolve_reward(name: str, sandbox: SandboxSettings | None = None) -> RewardF
         return BUNDLED_REWARDS[name]
     if ":" not in name:
         raise ValueError(f"unknown reward {name!r}: bundled ones are {', '.join(BUNDLED_REWARDS)} (and "
-                         f"{MODEL_REWARD!r} with posttrain.reward_model), or give 'package.module:function'")
+                         f"{MODEL_REWARD!r} with posttrain.rewards.model), or give 'package.module:function'")
     module, attr = name.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), attr)
@@ -157,7 +156,7 @@ def resolve_reward(name: str, sandbox: SandboxSettings | None = None) -> RewardF
     return fn
 
 
-MODEL_REWARD = "reward_model"  # the learned reward: posttrain.reward_model's score
+MODEL_REWARD = "reward_model"  # the learned reward: posttrain.rewards.model's score
 
 
 def reward_problem(name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""A rollout batch kept on disk while several policy updates use it (posttrain.grpo_iterations > 1), so
+"""A rollout batch kept on disk while several policy updates use it (posttrain.grpo.iterations > 1), so
 a run that stops between them resumes with the very batch it was training on.
 
 Each rank writes its own microbatches (its dp share; old log-probs are exact on the last pipeline
@@ -62,9 +62,9 @@ class RolloutBuffer:
         path = self._path(step)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: this run resumes between the {self.iterations} updates "
-                                  f"(posttrain.grpo_iterations) of the rollout batch generated at step {step + 1}, "
+                                  f"(posttrain.grpo.iterations) of the rollout batch generated at step {step + 1}, "
                                   "which is kept there; restore it, or resume from a checkpoint at a multiple of "
-                                  "posttrain.grpo_iterations steps")
+                                  "posttrain.grpo.iterations steps")
         self._prune(keep_from=self._needed_by_latest_checkpoint(step))
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()

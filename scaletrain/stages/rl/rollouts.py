@@ -2,7 +2,7 @@
 the verifiable rewards, as microbatches for the shared train step (the Trainer's `train_batches`).
 
 Rollout batch k draws prompts k·P … k·P+P−1 of a seeded per-epoch permutation (P = global batch /
-group size; one batch per posttrain.grpo_iterations steps, kept on disk between its updates); dp
+group size; one batch per posttrain.grpo.iterations (or ppo.iterations) steps, kept on disk between its updates); dp
 rank r takes the r-th contiguous P/dp of them, so a group never spans dp ranks and its advantages
 need no communication. The step's rollout metrics (means over the global batch's
 completions, reduced over dp; `reward_errors` a count: completions whose reward could not be computed,
@@ -70,7 +70,7 @@ class RolloutBatches(BatchSource):
         self.precision, self.device, self.fused = precision, device, fused_cross_entropy
         self.width_multiple = width_multiple  # rollout rows' width: tp under sequence parallelism
         self.log_path = run_dir / ROLLOUT_LOG if run_dir is not None and dims.is_main else None
-        self.iterations = iterations  # updates per rollout batch (posttrain.grpo_iterations)
+        self.iterations = iterations  # updates per rollout batch (posttrain.grpo.iterations, posttrain.ppo.iterations)
         self.missing_stop_penalty = missing_stop_penalty
         self.overlong_buffer, self.overlong_factor = overlong_buffer, overlong_penalty
         self.mask_truncated = mask_truncated  # DAPO's overlong filtering: no loss on cut-off completions
@@ -158,7 +158,7 @@ class RolloutBatches(BatchSource):
         step = self.consumed_samples // self.global_batch
         self.consumed_samples += self.global_batch
         generation = step - step % self.iterations  # the step whose rollouts this one trains on
-        if generation != step:  # a later update on the same batch (posttrain.grpo_iterations > 1)
+        if generation != step:  # a later update on the same batch (posttrain.grpo.iterations > 1)
             if self._current is None or self._current[0] != generation:  # resumed between updates
                 assert self.buffer is not None
                 self._current = (generation, *self.buffer.load(generation))
@@ -201,8 +201,8 @@ class RolloutBatches(BatchSource):
         return Groups(index, completions, stopped, scores, self._missing_stop(completions))
 
     def _dynamic_sample(self, generation: int) -> tuple[Groups, dict[str, float]]:
-        """posttrain.dynamic_sampling: rounds until the global batch holds only informative groups (or
-        posttrain.max_sampling_rounds ran out), then this dp rank's share of the chosen groups
+        """posttrain.grpo.dynamic_sampling: rounds until the global batch holds only informative groups (or
+        posttrain.grpo.max_sampling_rounds ran out), then this dp rank's share of the chosen groups
         (stages/rl/dynamic_sampling.py). The same choice on every rank of every replica."""
         d, g = self.dims, self.group_size
         per_step, mine = self._shares()
@@ -320,7 +320,7 @@ class RolloutBatches(BatchSource):
 
 
 class HeldOutRewards(Validator):
-    """GRPO/PPO validation: the held-out rewards of greedy completions of posttrain.valid_data's prompts
+    """GRPO/PPO validation: the held-out rewards of greedy completions of posttrain.chat.valid_data's prompts
     (`RolloutBatches.evaluate`); there is no validation loss."""
 
     def __init__(self, batches: RolloutBatches, prompts: PromptDataset) -> None:

@@ -9,26 +9,26 @@ import torch
 
 from scaletrain.chat.renderer import ChatRenderer
 from scaletrain.chat.tools import bundled_tools
+from scaletrain.config.posttrain import ChatConfig, SFTConfig
 from scaletrain.stages.pretrain.stage import step_batches
 from scaletrain.stages.sft.data import SFTDataset, read_conversations
 from scaletrain.stages.sft.objective import SFTObjective
-from scaletrain.stages.stage import CHAT_DATA, RunParts, Stage, StageParts
+from scaletrain.stages.stage import RunParts, Stage, StageParts
 from scaletrain.trainer.loop import LoopState
 
-SFT_DATA = (*CHAT_DATA, "loss_on", "packing", "over_length")
 
-
-def render_conversations(parts: RunParts, s: Any) -> tuple[SFTDataset | None, SFTDataset | None]:
-    """Rendered, masked, packed chat datasets (train, valid or None) from settings `s` (SFT_DATA); the
-    report goes to the log."""
+def render_conversations(parts: RunParts, chat: ChatConfig, sft: SFTConfig
+                         ) -> tuple[SFTDataset | None, SFTDataset | None]:
+    """Rendered, masked, packed chat datasets (train, valid or None) of the chat rows `chat`, rendered as `sft`
+    says; the report goes to the log."""
     tok, seq = parts.tokenizer, parts.cfg.train.seq_length
-    renderer = ChatRenderer(tok, s.chat_template, s.loss_on, bundled_tools(s.tools))
+    renderer = ChatRenderer(tok, chat.template, sft.loss_on, bundled_tools(chat.tools))
     out: list[SFTDataset | None] = []
-    for files in (s.train_data, s.valid_data):
+    for files in (chat.train_data, chat.valid_data):
         if not files:
             out.append(None)
             continue
-        ds = SFTDataset(read_conversations(files), renderer, tok, seq, packing=s.packing, over_length=s.over_length)
+        ds = SFTDataset(read_conversations(files), renderer, tok, seq, packing=sft.packing, over_length=sft.over_length)
         parts.log(ds.report.line() + f" → {len(ds)} rows of {seq} tokens")
         out.append(ds)
     return out[0], out[1]
@@ -36,12 +36,13 @@ def render_conversations(parts: RunParts, s: Any) -> tuple[SFTDataset | None, SF
 
 class SFTStage(Stage):
     name = "sft"
-    help = "supervised fine-tuning on chat data ([posttrain] section; = train with posttrain.objective=sft)"
-    fields = SFT_DATA
+    help = "supervised fine-tuning on chat data ([posttrain.chat] and [posttrain.sft] sections; = train with posttrain.objective=sft)"
+    sections = ("chat", "sft")
     data_rows = "`messages`"
 
     def render(self, parts: RunParts) -> tuple[Any, Any]:
-        return render_conversations(parts, self.settings(parts.cfg))
+        s = self.settings(parts.cfg)
+        return render_conversations(parts, s.chat, s.sft)
 
     def build(self, parts: RunParts, model: torch.nn.Module, rendered: tuple[Any, Any], state: LoopState) -> StageParts:
         train, valid = rendered

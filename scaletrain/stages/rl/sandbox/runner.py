@@ -1,7 +1,7 @@
 """Judging model-written code: a completion's code against a data row's tests, in two bubblewrap sandboxes
 per program, from which nothing reaches the trainer but the verdict.
 
-Per program (posttrain.sandbox = "bwrap", the default) two sandboxes run harness.py: the
+Per program (posttrain.sandbox.backend = "bwrap", the default) two sandboxes run harness.py: the
 *candidate* executes the completion's code, the *runner* the row's tests, calling into the candidate over
 two pipes that carry data only (harness.py has the protocol). Only the runner holds the pipe the
 verdict comes back on, and it reports a pass only when the tests ran to their end; the exit status of
@@ -13,14 +13,14 @@ either process means nothing. Each sandbox has:
 - a filesystem of read-only system libraries (/usr/lib*, /lib*), the interpreter and its standard library
   with every site-packages/dist-packages below them hidden, a /proc of its own PID namespace,
   /dev/{null,zero,random,urandom}, its input files read-only under /job, and one writable tmpfs
-  /sandbox of posttrain.sandbox_disk_mb (also /tmp and /dev/shm) — nothing else of the host;
+  /sandbox of posttrain.sandbox.disk_mb (also /tmp and /dev/shm) — nothing else of the host;
 - the environment HOME, TMPDIR, PATH, LANG (and PWD), nothing inherited;
-- limits: posttrain.sandbox_timeout_s of wall clock, then both sandboxes are killed; per process an address
-  space of posttrain.sandbox_memory_mb, CPU time, file size and no core file; the processes of the
-  sandbox's own user namespace at most posttrain.sandbox_processes; and, where this process may create
+- limits: posttrain.sandbox.timeout_s of wall clock, then both sandboxes are killed; per process an address
+  space of posttrain.sandbox.memory_mb, CPU time, file size and no core file; the processes of the
+  sandbox's own user namespace at most posttrain.sandbox.processes; and, where this process may create
   cgroups (v1 memory and pids, typically as root), the whole program held to sandbox_memory_mb and
   sandbox_processes together, below this process's own cgroups.
-posttrain.sandbox = "none" runs the same two processes without any of this (trusted code only).
+posttrain.sandbox.backend = "none" runs the same two processes without any of this (trusted code only).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ START_TIMEOUT_S = 30.0  # bwrap's namespace set-up; a start that takes longer is
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    """How programs are judged (the posttrain.sandbox* keys)."""
+    """How programs are judged (the posttrain.sandbox.backend* keys)."""
 
     mode: str = "bwrap"
     timeout_s: float = 5.0
@@ -150,7 +150,7 @@ class Program:
         python = [self.rt.python, "-I", "-S", "-B", "-X", "utf8"]
         keep = [rfd, wfd] + ([vfd] if vfd >= 0 else [])
         tail = [role, "/job/input.py", str(rfd), str(wfd), str(vfd), *self._limits()]
-        if not self.rt.bwrap:  # posttrain.sandbox = "none": plain processes in a temporary directory
+        if not self.rt.bwrap:  # posttrain.sandbox.backend = "none": plain processes in a temporary directory
             assert self.tmp is not None
             job = Path(self.tmp.name) / role
             job.mkdir()
@@ -302,13 +302,13 @@ def sandbox_problem(settings: SandboxSettings) -> str | None:
     return (f"the python_tests sandbox does not work here ({why}). It needs unprivileged user namespaces: "
             "sysctl user.max_user_namespaces > 0 (Debian ≤ 10: kernel.unprivileged_userns_clone = 1; Ubuntu ≥ "
             "23.10: kernel.apparmor_restrict_unprivileged_userns = 0 or an AppArmor profile for bwrap); or "
-            "set posttrain.sandbox = \"none\" for trusted code only")
+            "set posttrain.sandbox.backend = \"none\" for trusted code only")
 
 
 def describe(settings: SandboxSettings) -> str:
     """One line for the training log: what isolates the programs here and which limits hold how."""
     if settings.mode == "none":
-        return ("warning: python_tests: posttrain.sandbox = 'none' — completions run UNSANDBOXED as this user, with the "
+        return ("warning: python_tests: posttrain.sandbox.backend = 'none' — completions run UNSANDBOXED as this user, with the "
                 "trainer's filesystem and network (trusted code only)")
     rt = runtime(settings.mode, settings.python)
     whole = "the whole program (cgroup v1)" if rt.cgroups else "each process (rlimits; no writable cgroups here)"

@@ -23,7 +23,7 @@ from pathlib import Path
 SANDBOX_UID = 65534  # nobody: the user a root trainer's sandboxes run as
 MIN_BWRAP = (0, 8, 0)  # --disable-userns, --size, --clearenv, --ro-bind-data
 INSTALL_HINT = ("install bubblewrap (`apt-get install -y bubblewrap`, `dnf install bubblewrap`), or set "
-                "posttrain.sandbox = \"none\" for trusted code only (then nothing is isolated)")
+                "posttrain.sandbox.backend = \"none\" for trusted code only (then nothing is isolated)")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -69,7 +69,7 @@ def _interpreter(requested: str, uid: int | None) -> str:
             return real
     raise SandboxUnavailable(
         f"no Python interpreter for the sandbox{f' user (uid {uid})' if uid is not None else ''}: {'; '.join(problems)}. "
-        "Set posttrain.sandbox_python to a world-readable python3, e.g. /usr/bin/python3 (`apt-get install -y python3`)")
+        "Set posttrain.sandbox.python to a world-readable python3, e.g. /usr/bin/python3 (`apt-get install -y python3`)")
 
 
 def _mounts(python: str, facts: dict) -> tuple[str, ...]:
