@@ -31,7 +31,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     attn_out = cfg.num_heads * d * h
     mlp = 3 * h * cfg.ffn_hidden_size
     per_layer_matmul = qkv + attn_out + mlp
-    norms = layers * 2 * h + h
+    norms = layers * 2 * h + h + layers * 2 * d * cfg.qk_norm  # + Qwen3's per-head q/k norms
     embedding = cfg.vocab_size * h
     head = cfg.num_labels * h if cfg.num_labels else cfg.vocab_size * h  # a reward model's score head, or the LM head
     total = embedding + layers * per_layer_matmul + norms + (0 if cfg.tie_embeddings and not cfg.num_labels else head)

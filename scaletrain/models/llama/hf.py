@@ -1,7 +1,8 @@
 """Hugging Face interop for the Llama family: config mapping and the explicit key map (DESIGN rule 8).
 
 Architectures: LlamaForCausalLM (incl. Llama 3.1 rope scaling), Qwen2ForCausalLM (qkv bias),
-MistralForCausalLM (without sliding-window attention), and their *ForSequenceClassification forms
+Qwen3ForCausalLM (per-head q/k RMSNorm, head_dim of its own), MistralForCausalLM (without sliding-window
+attention), and their *ForSequenceClassification forms
 (reward models: a `score` head instead of `lm_head`, model.num_labels > 0). Anything else, or an
 option this model does not implement, is refused with a message — never a silent partial conversion.
 
@@ -10,6 +11,7 @@ Layout differences handled here:
     ([kv_heads, q_per_kv + 2, head_dim, hidden] flattened), so a tp slice holds whole groups.
   - gate/up: HF keeps two matrices; we stack them as [2, ffn, hidden].
   - RoPE: both use the rotate-half layout, so q/k rows need no permutation.
+  - Qwen3's q_norm/k_norm: one [head_dim] weight each, the same in both (applied per head before RoPE).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import torch
 
 from scaletrain.config.schema import ModelConfig
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+                 "Qwen3ForCausalLM": "qwen3"}  # → the model_type transformers writes
 CLASSIFIERS = {"LlamaForSequenceClassification": "LlamaForCausalLM", "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
-               "MistralForSequenceClassification": "MistralForCausalLM"}  # → the causal LM of the same body
+               "MistralForSequenceClassification": "MistralForCausalLM",
+               "Qwen3ForSequenceClassification": "Qwen3ForCausalLM"}  # → the causal LM of the same body
+QK_NORM = {"Qwen3ForCausalLM"}  # architectures with per-head q/k RMSNorm
 
 
 def causal_architecture(arch: str) -> str:
@@ -61,9 +66,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModelError(f"hidden_act = {hf['hidden_act']!r}: only SwiGLU with silu is implemented.")
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias = true is not implemented.")
-    if arch == "LlamaForCausalLM" and hf.get("attention_bias"):
+    if arch in ("LlamaForCausalLM", *QK_NORM) and hf.get("attention_bias"):
         raise UnsupportedModelError("attention_bias = true (bias on o_proj too) is not implemented; only Qwen2's "
                                     "q/k/v bias is.")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        raise UnsupportedModelError(f"layer_types = {hf['layer_types']}: only full causal attention is implemented.")
     sliding = hf.get("sliding_window")
     if sliding is not None and (arch == "MistralForCausalLM" or hf.get("use_sliding_window")):
         raise UnsupportedModelError(f"sliding-window attention (sliding_window = {sliding}) is not implemented; "
@@ -87,20 +94,25 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         ffn_hidden_size=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope["theta"], max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_norm=arch in QK_NORM,
         num_labels=num_labels, init_std=float(hf.get("initializer_range", 0.02)), **kw,
     )
 
 
 def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dtype: str,
                  pad_id: int | None = None, unk_id: int | None = None) -> dict[str, Any]:
-    """config.json for transformers: every field its Llama/Qwen2/Mistral config defines (those scaletrain does
+    """config.json for transformers: every field its Llama/Qwen2/Qwen3/Mistral config defines (those scaletrain does
     not model at transformers' defaults), top-level rope_theta (read by 4.x) and rope_parameters (5.x), and
     the tokenizer's special ids. A reward model (num_labels > 0) exports as *ForSequenceClassification,
     which scores the last token that is not `pad_token_id` (pad_id, else eos)."""
-    arch = causal_architecture(cfg.hf_architecture) or ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
+    arch = causal_architecture(cfg.hf_architecture) or (
+        "Qwen2ForCausalLM" if cfg.qkv_bias else "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM")
     if cfg.qkv_bias and arch != "Qwen2ForCausalLM":
         raise UnsupportedModelError("a model with qkv bias exports as Qwen2ForCausalLM only.")
-    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}[arch]
+    if cfg.qk_norm != (arch in QK_NORM):
+        raise UnsupportedModelError(f"qk_norm = {cfg.qk_norm} does not fit {arch}; q/k norms export as "
+                                    f"{', '.join(sorted(QK_NORM))} only.")
+    model_type = ARCHITECTURES[arch]
     rope_params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     legacy_scaling = None
     if cfg.rope_scaling == "llama3":
@@ -130,6 +142,8 @@ def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dt
             del out["head_dim"]
     if arch == "MistralForCausalLM":
         out.update(sliding_window=None)
+    if arch == "Qwen3ForCausalLM":
+        out.update(attention_bias=False, sliding_window=None, use_sliding_window=False)
     if cfg.num_labels:
         out.update(architectures=[classifier_architecture(arch)], num_labels=cfg.num_labels,
                    id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
@@ -154,6 +168,9 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
             out[q + "self_attn.k_proj.bias"] = b[:, qpk].reshape(-1)
             out[q + "self_attn.v_proj.bias"] = b[:, qpk + 1].reshape(-1)
         out[q + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
+        if cfg.qk_norm:
+            out[q + "self_attn.q_norm.weight"] = sd[p + "attn.q_norm.weight"]
+            out[q + "self_attn.k_norm.weight"] = sd[p + "attn.k_norm.weight"]
         out[q + "input_layernorm.weight"] = sd[p + "attn_norm.weight"]
         out[q + "post_attention_layernorm.weight"] = sd[p + "mlp_norm.weight"]
         out[q + "mlp.gate_proj.weight"] = sd[p + "mlp.gate_up.weight"][0]
@@ -190,6 +207,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             vb = take(q + "self_attn.v_proj.bias").view(cfg.num_kv_heads, 1, d)
             out[p + "attn.qkv.bias"] = torch.cat([qb, kb, vb], dim=1).reshape(-1)
         out[p + "attn.proj.weight"] = take(q + "self_attn.o_proj.weight")
+        if cfg.qk_norm:
+            out[p + "attn.q_norm.weight"] = take(q + "self_attn.q_norm.weight")
+            out[p + "attn.k_norm.weight"] = take(q + "self_attn.k_norm.weight")
         out[p + "attn_norm.weight"] = take(q + "input_layernorm.weight")
         out[p + "mlp_norm.weight"] = take(q + "post_attention_layernorm.weight")
         out[p + "mlp.gate_up.weight"] = torch.stack([take(q + "mlp.gate_proj.weight"), take(q + "mlp.up_proj.weight")])
