@@ -31,6 +31,9 @@ Conventions (all bytes are per rank):
   sampling pass's logits (posttrain.rollout_micro_batch rows) over this rank's vocabulary slice: at the
   last position only when decoding is incremental, at every position where each token recomputes its
   prefix.
+- Mixture of experts (model.moe): FLOPs on active parameters, expert memory per rank over parallel.ep,
+  the dispatch/combine all-to-all bytes and the layout warnings come from profile/moe_plan.py (its
+  docstring states those conventions).
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ from dataclasses import dataclass, field
 from scaletrain.config.schema import ModelConfig, RunConfig
 from scaletrain.parallel.pipeline.schedules import BWD, FWD, schedule_order
 from scaletrain.parallel.pipeline.split import layer_layout
+from scaletrain.profile.moe_plan import (
+    moe_activation_delta,
+    moe_comm,
+    moe_notes,
+    moe_section,
+    stage_moe_params,
+)
 from scaletrain.trainer.flops import flops_per_token, parameter_counts
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8, "fp8": 1}
@@ -56,6 +66,7 @@ class Layout:
     sequence_parallel: bool = False
     zero: bool = False
     recompute: str = "none"
+    ep: int = 1  # expert parallelism: experts sharded over ep ranks taken from dp·cp
 
     @property
     def world_size(self) -> int:
@@ -82,6 +93,7 @@ class StagePlan:
     # and the transient logits of one pass on the last stage.
     rollout_kv_bytes: int = 0
     rollout_logits_bytes: int = 0
+    expert_params: int = 0  # of `params`: routed experts (reduced and ZeRO-sharded over dp·cp/ep)
 
     @property
     def rollout_bytes(self) -> int:
@@ -110,6 +122,7 @@ class Plan:
     gpu_memory_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     teacher_flops_per_token: float = 0.0  # distillation: the teacher's forward pass (PaLM convention), not in MFU
+    params_active: int = 0  # parameters one token passes through (a MoE model's top_k experts of E)
 
     @property
     def peak_stage(self) -> StagePlan:
@@ -134,14 +147,20 @@ def _layer_params(m: ModelConfig) -> tuple[int, int]:
     d = m.head_dim
     qkv = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * d + (m.num_heads + 2 * m.num_kv_heads) * d * m.qkv_bias
     sharded = qkv + m.num_heads * d * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
-    return sharded, 2 * m.hidden_size
+    return sharded, 2 * m.hidden_size + 2 * d * m.qk_norm
+
+
+def stage_layers(m: ModelConfig, layout: Layout, pp_rank: int) -> list[int]:
+    """Global indices of the layers on pipeline stage `pp_rank`."""
+    return [i for chunk in layer_layout(m.num_layers, layout.pp, layout.vpp)[pp_rank] for i in chunk]
 
 
 def stage_params(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[int, int]:
     """(parameters this rank holds, its layer count) on pipeline stage `pp_rank`."""
-    layers = sum(len(c) for c in layer_layout(m.num_layers, layout.pp, layout.vpp)[pp_rank])
+    indices = stage_layers(m, layout, pp_rank)
+    layers = len(indices)
     sharded, replicated = _layer_params(m)
-    n = layers * (sharded // layout.tp + replicated)
+    n = layers * (sharded // layout.tp + replicated) + stage_moe_params(m, layout.tp, layout.ep, indices)[0]
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     table = m.vocab_size * m.hidden_size // layout.tp
     if first:
@@ -232,7 +251,8 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp * p.cp)
     layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
-                    p.recompute)
+                    p.recompute, getattr(p, "ep", 1))
+    edp = max(dp * p.cp // layout.ep, 1)  # expert-data-parallel ranks
     dtype = cfg.precision.dtype
     param_bytes = 8 if dtype == "float64" else 4
     compute = compute_dtype or ("bfloat16" if dtype in ("bfloat16", "auto") else dtype)
@@ -246,15 +266,18 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
     stages = []
     for r in range(p.pp):
         n, layers = stage_params(m, layout, r)
+        indices = stage_layers(m, layout, r)
+        experts = stage_moe_params(m, layout.tp, layout.ep, indices)[1]
         weights = grads = n * param_bytes
-        optimizer = 3 * n * 4 // (dp * p.cp) if layout.zero else 2 * n * param_bytes
+        optimizer = 3 * 4 * ((n - experts) // (dp * p.cp) + experts // edp) if layout.zero else 2 * n * param_bytes
         per_layer = activation_bytes_per_layer(m, layout, tokens_mb, param_bytes, compute_bytes)
+        moe_act = moe_activation_delta(m, p.tp, tokens_mb, compute_bytes, indices)
         if layout.recompute == "full":  # block inputs kept; one block's activations live in its backward
             div = p.tp if layout.sequence_parallel else 1
             act_mb = layers * tokens_mb * m.hidden_size * param_bytes // div
-            transient = per_layer
+            transient = per_layer + moe_activation_delta(m, p.tp, tokens_mb, compute_bytes, indices[-1:])
         else:
-            act_mb, transient = layers * per_layer, 0
+            act_mb, transient = layers * per_layer + moe_act, 0
         if r == p.pp - 1:
             # Final norm, the head's input (a compute-dtype copy), the softmax over this rank's vocabulary
             # slice (at least fp32) and the int64 labels + mask of the loss.
@@ -277,18 +300,24 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         activations = int(chunk_share * in_flight) + transient
         kv, logits = rollout_bytes(cfg, layout, r, layers, compute_bytes, rollout_group)
         stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations,
-                                companions, kv, logits))
+                                companions, kv, logits, experts))
 
     comm = _comm_bytes(m, layout, microbatches, tokens_mb, compute_bytes, param_bytes, stages)
+    if moe_section(m) is not None:  # expert gradients over the expert-dp ranks; the all-to-all of dispatch/combine
+        comm.update(moe_comm(m, layout.tp, layout.ep, dp * p.cp, layout.sequence_parallel, p.recompute == "full",
+                             tokens_mb, microbatches, compute_bytes, param_bytes,
+                             [(s.params, s.expert_params, stage_layers(m, layout, s.pp_rank)) for s in stages]))
     bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
     notes = []
     if layout.tp > 8:
         notes.append("tp > 8 crosses the NVLink domain of an 8-GPU node")
+    notes += moe_notes(m, p.tp, p.pp, layout.ep, dp * p.cp, [stage_layers(m, layout, r) for r in range(p.pp)])
     plan_ = Plan(layout, counts["total"], counts["embedding"], counts["matmul"], flops_per_token(m, t.seq_length),
                  flops_per_token(m, t.seq_length, causal_halved=True),
                  flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length,
                  t.global_batch_size * t.seq_length, microbatches, bubble, stages, comm,
-                 None if gpu_memory_gb is None else int(gpu_memory_gb * 2**30), notes)
+                 None if gpu_memory_gb is None else int(gpu_memory_gb * 2**30), notes,
+                 params_active=counts["active"])
     if teacher is not None:
         plan_.teacher_flops_per_token = flops_per_token(teacher, t.seq_length) / 3  # forward only
     if plan_.fits is False:
@@ -330,11 +359,12 @@ def format_plan(p: Plan) -> str:
     gib = 2**30
     lines = [
         f"layout: tp{lay.tp}·pp{lay.pp}{f'·vpp{lay.vpp}' if lay.vpp > 1 else ''}{f'·cp{lay.cp}' if lay.cp > 1 else ''}"
-        f"·dp{lay.dp} "
+        f"{f'·ep{lay.ep}' if lay.ep > 1 else ''}·dp{lay.dp} "
         f"({lay.world_size} GPUs){' +SP' if lay.sequence_parallel else ''}{' +ZeRO-1' if lay.zero else ''}"
         f"{' +full recompute' if lay.recompute == 'full' else ''}",
         f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in matmuls, "
-        f"{p.params_embedding / 1e9:.3f} B embedding",
+        f"{p.params_embedding / 1e9:.3f} B embedding"
+        + (f"; {p.params_active / 1e9:.3f} B active per token" if p.params_active < p.params_total else ""),
         f"FLOPs/token: {p.flops_per_token_palm / 1e9:.1f} GFLOP (PaLM 6N + 12·L·H·Q·T), "
         f"{p.flops_per_token_causal / 1e9:.1f} GFLOP (causal-halved); {p.flops_per_step / 1e15:.1f} PFLOP/step "
         f"({p.tokens_per_step:,} tokens)",
