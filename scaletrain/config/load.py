@@ -83,16 +83,29 @@ def _check_tree(tree: dict[str, Any], origin: str) -> None:
             raise ConfigError(f"{origin}: unknown section [{name}].{_suggest(name, list(sections))}")
         if not isinstance(body, dict):
             raise ConfigError(f"{origin}: '{name}' must be a table ([{name}]), got {body!r}.")
-        types = _field_types(sections[name])
-        for key in body:
-            if key not in types:
-                raise ConfigError(f"{origin}: unknown key '{name}.{key}'.{_suggest(key, list(types))}")
+        _check_keys(body, sections[name], name, origin)
+
+
+def _check_keys(body: dict[str, Any], cls: type, where: str, origin: str) -> None:
+    """Unknown keys of one section; a nested section (a dataclass-typed field, e.g. [model.moe]) recursively."""
+    types = _field_types(cls)
+    for key, value in body.items():
+        if key not in types:
+            raise ConfigError(f"{origin}: unknown key '{where}.{key}'.{_suggest(key, list(types))}")
+        if dataclasses.is_dataclass(types[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: '{where}.{key}' is a section: write [{where}.{key}] or "
+                                  f"{where}.{key}.<key> = …, got {value!r}.")
+            _check_keys(value, types[key], f"{where}.{key}", origin)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = {k: dict(v) for k, v in base.items()}
     for section, body in top.items():
-        out.setdefault(section, {}).update(body)
+        merged = out.setdefault(section, {})
+        for key, value in body.items():  # a nested section merges key by key too
+            both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = _merge({"_": merged[key]}, {"_": value})["_"] if both else value
     return out
 
 
@@ -102,7 +115,7 @@ def load_tree(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], s
     top = _read_toml(path)
     base_name = top.pop("base", None)
     _check_tree(top, str(path))
-    origins = {(s, k): str(path) for s, body in top.items() for k in body}
+    origins = {(s, k): str(path) for s, body in top.items() for k in _dotted(body)}
     if base_name is None:
         return top, origins
     if not isinstance(base_name, str):
@@ -115,7 +128,7 @@ def load_tree(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], s
             f"copy what {path} needs from it instead."
         )
     _check_tree(base, str(base_path))
-    base_origins = {(s, k): str(base_path) for s, body in base.items() for k in body}
+    base_origins = {(s, k): str(base_path) for s, body in base.items() for k in _dotted(body)}
     return _merge(base, top), {**base_origins, **origins}
 
 
@@ -125,13 +138,39 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set parallel.tp=2.")
     dotted, raw = item.split("=", 1)
     parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.steps.")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.steps (or section.sub.key, "
+                          "e.g. model.moe.num_experts).")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare string such as runs/x or cosine
-    return parts[0], parts[1], value
+    return parts[0], ".".join(parts[1:]), value
+
+
+def _dotted(body: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys of a section, a nested section's as sub.key."""
+    return [k for key, v in body.items()
+            for k in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    """'sub.key', v → {'sub': {'key': v}}."""
+    head, _, rest = key.partition(".")
+    return {head: _nest(rest, value) if rest else value}
+
+
+def _build(cls: type, body: dict[str, Any], where: str, origins: dict[tuple[str, str], str], section: str,
+           prefix: str = "") -> Any:
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in body.items():
+        if dataclasses.is_dataclass(types[key]):
+            kwargs[key] = _build(types[key], value, f"{where}.{key}", origins, section, f"{prefix}{key}.")
+        else:
+            origin = origins.get((section, prefix + key), "config")
+            kwargs[key] = _coerce(value, types[key], f"{origin}: {where}.{key}")
+    return cls(**kwargs)
 
 
 def build_config(tree: dict[str, Any], origins: dict[tuple[str, str], str] | None = None) -> RunConfig:
@@ -139,13 +178,7 @@ def build_config(tree: dict[str, Any], origins: dict[tuple[str, str], str] | Non
     origins = origins or {}
     sections = {}
     for name, cls in _section_types().items():
-        body = tree.get(name, {})
-        types = _field_types(cls)
-        kwargs = {
-            key: _coerce(value, types[key], f"{origins.get((name, key), 'config')}: {name}.{key}")
-            for key, value in body.items()
-        }
-        sections[name] = cls(**kwargs)
+        sections[name] = _build(cls, tree.get(name, {}), name, origins, name)
     return RunConfig(**sections)
 
 
@@ -154,8 +187,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     tree, origins = load_tree(path) if path is not None else ({}, {})
     for item in overrides:
         section, key, value = parse_override(item)
-        _check_tree({section: {key: value}}, f"--set {item}")
-        tree.setdefault(section, {})[key] = value
+        one = {section: _nest(key, value)}
+        _check_tree(one, f"--set {item}")
+        tree = _merge(tree, one)
         origins[(section, key)] = "--set"
     return build_config(tree, origins)
 
@@ -165,10 +199,13 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
-        out[f.name] = {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()
-        }
+        out[f.name] = _plain(dataclasses.asdict(section))
     return out
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists, nested sections (dicts) likewise."""
+    return {k: _plain(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scaletrain.config.moe import MoEConfig
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -64,6 +66,11 @@ class ModelConfig:
     (HF `score`, exported as *ForSequenceClassification); the reward objective sets 1 when left at 0."""
     init_std: float = 0.02
     """Std of the normal initialisation; output projections use init_std / sqrt(2·num_layers)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:  # a checkpoint's model_config (dataclasses.asdict) holds the section as a dict
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,9 @@ class ParallelConfig:
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B)."""
     cp: int = 1
     """Context-parallel size."""
+    ep: int = 1
+    """Expert-parallel size: the routed experts are sharded over ep ranks taken from dp·cp (tokens travel by
+    all-to-all); must divide dp·cp and model.moe.num_experts."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1)."""
     backend: str = "auto"

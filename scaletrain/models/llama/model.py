@@ -27,6 +27,7 @@ from scaletrain.nn import (
 )
 from scaletrain.nn.backend import Roles, roles
 from scaletrain.nn.kv_cache import KVCache, LayerCache
+from scaletrain.nn.moe import MoE, is_moe_layer
 from scaletrain.nn.score import ScoreHead
 
 
@@ -106,12 +107,13 @@ class Block(nn.Module):
     # Set by parallelize for blocks that precision.fp8_bf16_layers keeps out of FP8 (te backend).
     precision_override: Callable[[], contextlib.AbstractContextManager] | None = None
 
-    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None, r: Roles) -> None:
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None, r: Roles, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = r.norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
         self.attn = Attention(cfg, tp_size, dtype, r)
         self.mlp_norm = r.norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
-        self.mlp = SwiGLU(cfg, tp_size, dtype, r)
+        # model.moe: a mixture of experts in the layers it names (global index), the dense SwiGLU elsewhere
+        self.mlp: SwiGLU | MoE = MoE(cfg, tp_size, dtype, r) if is_moe_layer(cfg.moe, index) else SwiGLU(cfg, tp_size, dtype, r)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: LayerCache | None = None) -> torch.Tensor:
@@ -145,7 +147,7 @@ class LlamaModel(nn.Module):
             factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
             high_freq_factor=cfg.rope_high_freq_factor, original_max_position=cfg.rope_original_max_position,
         )
-        self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype, r) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype, r, i) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
         self.head: ColumnParallelLinear | None = None
         self.score: ScoreHead | None = None
