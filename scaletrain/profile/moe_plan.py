@@ -17,8 +17,9 @@ Conventions, on top of the planner's (all bytes per rank):
   each of its tokens' top_k copies and receives them back combined, h values each in the compute dtype;
   under balanced routing 1/ep of the copies stay on the rank, so each direction sends
   tokens·top_k·h·(ep−1)/ep values. Forward: dispatch + combine; backward: their gradients (the same bytes
-  again); full recomputation repeats the forward pair. A rank's tokens are its sequence shard under SP
-  (tokens/tp), else all its tokens.
+  again); full recomputation repeats the forward pair. Every tp rank routes its cp rank's whole microbatch
+  (the MoE block gathers the sequence under SP first, and each tp rank sends its partial expert outputs
+  back), so tp does not divide these bytes. Values travel in the compute dtype.
 """
 
 from __future__ import annotations
@@ -75,20 +76,20 @@ def moe_activation_delta(m: ModelConfig, tp: int, tokens: int, compute_bytes: in
     return tokens * per_token * sum(1 for i in layer_indices if is_moe(m, i))
 
 
-def all_to_all_bytes(m: ModelConfig, tp: int, ep: int, sequence_parallel: bool, recompute: bool, tokens: int,
-                     microbatches: int, compute_bytes: int, layer_indices: list[int]) -> int:
-    """Bytes a rank sends per step in the dispatch/combine all-to-alls of its stage's MoE layers."""
+def all_to_all_bytes(m: ModelConfig, ep: int, recompute: bool, tokens: int, microbatches: int, compute_bytes: int,
+                     layer_indices: list[int]) -> int:
+    """Bytes a rank sends per step in the dispatch/combine all-to-alls of its stage's MoE layers (tokens: its
+    cp rank's share of a microbatch)."""
     moe = moe_section(m)
     if moe is None or ep == 1:
         return 0
-    local = tokens // tp if sequence_parallel and tp > 1 else tokens
-    one_way = local * moe.top_k * m.hidden_size * compute_bytes * (ep - 1) / ep
+    one_way = tokens * moe.top_k * m.hidden_size * compute_bytes * (ep - 1) / ep
     passes = 4 + (2 if recompute else 0)  # dispatch + combine, forward and backward (+ the recomputed forward)
     return int(one_way * passes * microbatches * sum(1 for i in layer_indices if is_moe(m, i)))
 
 
-def moe_comm(m: ModelConfig, tp: int, ep: int, dp_cp: int, sequence_parallel: bool, recompute: bool, tokens: int,
-             microbatches: int, compute_bytes: int, param_bytes: int,
+def moe_comm(m: ModelConfig, ep: int, dp_cp: int, recompute: bool, tokens: int, microbatches: int,
+             compute_bytes: int, param_bytes: int,
              stages: list[tuple[int, int, list[int]]]) -> dict[str, int]:
     """The `dp` and `ep` entries of the planner's communication table for a MoE model. stages: (parameters,
     routed-expert parameters, layer indices) per pipeline stage; the busiest stage counts. Dense parameters'
@@ -96,7 +97,7 @@ def moe_comm(m: ModelConfig, tp: int, ep: int, dp_cp: int, sequence_parallel: bo
     params, experts, _ = max(stages, key=lambda s: s[0])
     edp = max(dp_cp // ep, 1)
     grads = 2 * (dp_cp - 1) / dp_cp * (params - experts) * param_bytes + 2 * (edp - 1) / edp * experts * param_bytes
-    a2a = max(all_to_all_bytes(m, tp, ep, sequence_parallel, recompute, tokens, microbatches, compute_bytes, layers)
+    a2a = max(all_to_all_bytes(m, ep, recompute, tokens, microbatches, compute_bytes, layers)
               for _, _, layers in stages)
     return {"dp": int(grads), "ep": a2a}
 
@@ -107,7 +108,7 @@ def moe_notes(m: ModelConfig, tp: int, pp: int, ep: int, dp_cp: int, stage_layer
     if moe is None:
         return []
     e = moe.num_experts
-    notes = [f"MoE: {e} experts, top-{moe.top_k}; {experts_per_rank(m, ep)} experts per ep rank (ep{ep}), "
+    notes = [f"MoE: {e} experts, top-{moe.top_k}; {experts_per_rank(m, ep)} per ep rank (ep{ep}), "
              f"expert gradients reduced over {max(dp_cp // ep, 1)} expert-data-parallel ranks"]
     if e % ep:
         notes.append(f"imbalanced experts: num_experts = {e} is not divisible by ep = {ep}; ranks hold "

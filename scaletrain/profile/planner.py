@@ -304,8 +304,8 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
 
     comm = _comm_bytes(m, layout, microbatches, tokens_mb, compute_bytes, param_bytes, stages)
     if moe_section(m) is not None:  # expert gradients over the expert-dp ranks; the all-to-all of dispatch/combine
-        comm.update(moe_comm(m, layout.tp, layout.ep, dp * p.cp, layout.sequence_parallel, p.recompute == "full",
-                             tokens_mb, microbatches, compute_bytes, param_bytes,
+        comm.update(moe_comm(m, layout.ep, dp * p.cp, p.recompute == "full", tokens_mb, microbatches, compute_bytes,
+                             param_bytes,
                              [(s.params, s.expert_params, stage_layers(m, layout, s.pp_rank)) for s in stages]))
     bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
     notes = []
