@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from scaletrain.checkpoint.hf import load_full_model
 from scaletrain.cli import main
+from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 
 from dist_harness import run_ranks
@@ -80,6 +81,10 @@ def test_qwen3_float64_logits_match_transformers(tmp_path, monkeypatch, tied):
     ids = torch.randint(0, VOCAB, (3, 23), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
+    # Greedy decoding: ours on the KV cache, transformers' generate on its own — 12 identical tokens.
+    gen_ours = greedy_generate(ours, ids[:1, :5], 12)
+    gen_hf = hf.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
+    assert torch.equal(gen_ours, gen_hf)
 
 
 def test_qwen3_export_without_a_source_config(tmp_path):
@@ -155,3 +160,23 @@ def test_train_from_qwen3_weights(tmp_path, tokenizer_dir, dataset_prefix):
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(hf(batch).logits.flatten(0, 1), labels.flatten()).item()
     assert abs(read_metrics(tmp_path / "run")[0]["loss"] - ref) <= 1e-5 * ref
+
+
+def test_qwen3_reward_model_imports_and_exports(tmp_path):
+    """Qwen3ForSequenceClassification (a reward model's body and `score` head) both ways: scores at the last
+    position equal transformers' pooled scores; the export is the same class with bit-identical tensors."""
+    cfg = transformers.Qwen3Config(**SHAPE, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForSequenceClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "rm")
+    _convert("from-hf", str(tmp_path / "rm"), str(tmp_path / "ckpt"))
+    got, ours = load_full_model(tmp_path / "ckpt")
+    assert got.num_labels == 1 and got.qk_norm
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))  # no pad id: last token
+    with torch.no_grad():
+        assert (ours(ids)[:, -1] - hf(ids).logits).abs().max().item() <= 1e-5
+    _convert("to-hf", str(tmp_path / "ckpt"), str(tmp_path / "export"))
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "export")).eval()
+    assert type(back).__name__ == "Qwen3ForSequenceClassification"
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)

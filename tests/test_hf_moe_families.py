@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from scaletrain.checkpoint.hf import load_full_model
 from scaletrain.cli import main
+from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 
 from hf_helpers import patch_hf_float64, run_mixtral_router_in_float64
@@ -97,6 +98,10 @@ def test_float64_logits_match_transformers(tmp_path, monkeypatch, name):
     ids = torch.randint(0, VOCAB, (3, 23), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
+    # Greedy decoding: ours on the KV cache, transformers' generate on its own — 12 identical tokens.
+    gen_ours = greedy_generate(ours, ids[:1, :5], 12)
+    gen_hf = hf.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
+    assert torch.equal(gen_ours, gen_hf)
 
 
 def test_moe_fields_map_both_ways():
