@@ -24,22 +24,19 @@ Conventions, on top of the planner's (all bytes per rank):
 
 from __future__ import annotations
 
-from typing import Any
-
+from scaletrain.config.moe import MoEConfig, is_moe_layer
 from scaletrain.config.schema import ModelConfig
 
 NODE_GPUS = 8  # ranks of one NVLink domain: all-to-all beyond it crosses the inter-node network
 
 
-def moe_section(m: ModelConfig) -> Any | None:
+def moe_section(m: ModelConfig) -> MoEConfig | None:
     """The model's MoE section when it has experts (None: a dense model)."""
-    moe = getattr(m, "moe", None)
-    return moe if moe is not None and moe.num_experts > 0 else None
+    return m.moe if m.moe.num_experts > 0 else None
 
 
 def is_moe(m: ModelConfig, index: int) -> bool:
-    moe = moe_section(m)
-    return moe is not None and index >= moe.first_dense_layers and (index + 1) % moe.layer_freq == 0
+    return is_moe_layer(m.moe, index)
 
 
 def experts_per_rank(m: ModelConfig, ep: int) -> int:

@@ -251,7 +251,7 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp * p.cp)
     layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
-                    p.recompute, getattr(p, "ep", 1))
+                    p.recompute, p.ep)
     edp = max(dp * p.cp // layout.ep, 1)  # expert-data-parallel ranks
     dtype = cfg.precision.dtype
     param_bytes = 8 if dtype == "float64" else 4

@@ -16,6 +16,7 @@ the model needs per token, not the work a capacity-padded or token-dropping disp
 
 from __future__ import annotations
 
+from scaletrain.config.moe import is_moe_layer
 from scaletrain.config.schema import ModelConfig
 
 # Dense peak TFLOP/s per device (no sparsity). Unknown devices (CPUs included) get no MFU.
@@ -33,8 +34,8 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 def mlp_params(cfg: ModelConfig, index: int) -> tuple[int, int]:
     """(parameters, active parameters per token) of layer `index`'s feed-forward block: the dense SwiGLU, or
     a mixture of experts (router, routed experts, shared expert)."""
-    h, moe = cfg.hidden_size, getattr(cfg, "moe", None)  # a dense config (or one from before model.moe) has none
-    if moe is None or not moe.num_experts or index < moe.first_dense_layers or (index + 1) % moe.layer_freq:
+    h, moe = cfg.hidden_size, cfg.moe
+    if not is_moe_layer(moe, index):
         return 3 * h * cfg.ffn_hidden_size, 3 * h * cfg.ffn_hidden_size
     expert = 3 * h * (moe.expert_ffn_hidden_size or cfg.ffn_hidden_size)
     fixed = moe.num_experts * h + 3 * h * moe.shared_ffn_hidden_size  # router + shared expert

@@ -184,7 +184,7 @@ def config_to_hf(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, dt
 
 
 def _has_experts(cfg: ModelConfig) -> bool:
-    return getattr(cfg, "moe", None) is not None and cfg.moe.num_experts > 0
+    return cfg.moe.num_experts > 0
 
 
 def export_architecture(cfg: ModelConfig) -> str:

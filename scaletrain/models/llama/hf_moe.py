@@ -102,8 +102,7 @@ def moe_to_hf(arch: str, cfg: ModelConfig) -> dict[str, Any]:
 
 
 def is_hf_moe_layer(cfg: ModelConfig, index: int) -> bool:
-    moe = getattr(cfg, "moe", None)
-    return moe is not None and is_moe_layer(moe, index)
+    return is_moe_layer(cfg.moe, index)
 
 
 def moe_block_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, i: int) -> dict[str, torch.Tensor]:
