@@ -109,3 +109,10 @@ def test_profile_plan_prints_both_configs(capsys):
     assert main(["profile", "--config", str(REPO / "configs" / "mixtral_8x7b.toml"), "--gpus", "24", "--set",
                  "parallel.ep=3", "--set", "parallel.pp=1", "--plan"]) == 2
     assert "parallel.ep" in capsys.readouterr().err
+
+
+def test_a_dense_model_is_all_active():
+    for tied in (False, True):
+        counts = parameter_counts(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4,
+                                              ffn_hidden_size=40, head_dim=4, num_kv_heads=4, tie_embeddings=tied))
+        assert counts["active"] == counts["total"]

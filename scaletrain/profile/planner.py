@@ -362,7 +362,8 @@ def format_plan(p: Plan) -> str:
         f"{f'·ep{lay.ep}' if lay.ep > 1 else ''}·dp{lay.dp} "
         f"({lay.world_size} GPUs){' +SP' if lay.sequence_parallel else ''}{' +ZeRO-1' if lay.zero else ''}"
         f"{' +full recompute' if lay.recompute == 'full' else ''}",
-        f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in matmuls, "
+        f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in "
+        f"{'active ' if p.params_active < p.params_total else ''}matmuls, "
         f"{p.params_embedding / 1e9:.3f} B embedding"
         + (f"; {p.params_active / 1e9:.3f} B active per token" if p.params_active < p.params_total else ""),
         f"FLOPs/token: {p.flops_per_token_palm / 1e9:.1f} GFLOP (PaLM 6N + 12·L·H·Q·T), "

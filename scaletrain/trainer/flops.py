@@ -56,7 +56,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     own_head = 0 if cfg.tie_embeddings and not cfg.num_labels else head
     total = embedding + layers * (qkv + attn_out) + sum(n for n, _ in mlps) + norms + own_head
     return {"total": total, "embedding": embedding, "matmul": matmul + head,
-            "active": embedding + matmul + norms + own_head}
+            "active": total - sum(n - a for n, a in mlps)}  # less the experts a token does not reach
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int, causal_halved: bool = False) -> float:
