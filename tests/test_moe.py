@@ -173,3 +173,38 @@ def test_grouped_gemm_is_a_loop_off_cuda():
     block.experts.impl = "grouped_mm"  # never faked: asked where it cannot run, it refuses
     with pytest.raises(RuntimeError, match="grouped_mm"):
         block(torch.randn(1, 4, 24, dtype=torch.float64))
+    if hasattr(torch, "_grouped_mm"):  # the CUDA kernel's argument checks (dtypes, strides) run on meta tensors
+        from scaletrain.nn.moe.experts import grouped_swiglu
+
+        e, h, f = 4, 64, 48
+        out = grouped_swiglu(torch.empty(40, h, device="meta"), torch.empty(e, 2, f, h, device="meta"),
+                             torch.empty(e, h, f, device="meta"), torch.empty(e, dtype=torch.int32, device="meta"))
+        assert out.shape == (40, h) and out.dtype == torch.bfloat16
+
+
+def test_kv_cache_decoding_through_moe_blocks_equals_recomputation():
+    """Greedy decoding with the KV cache gives the tokens of recomputing every prefix, and the logits of each
+    incremental step equal the full forward's (float64, a MoE model with a shared expert and a capacity
+    factor: decoding is dropless, so a token's experts do not depend on the other tokens of the pass)."""
+    import reference_generate as reference
+
+    from scaletrain.generation.turn import greedy_generate
+    from scaletrain.nn.kv_cache import KVCache
+
+    cfg = dataclasses.replace(_cfg(shared_ffn_hidden_size=16, capacity_factor=0.5, first_dense_layers=1),
+                              vocab_size=96, init_std=0.3)
+    model = build_model(cfg, dtype=torch.float64)
+    init_parameters(model, 5)
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(1))
+    free = reference.greedy_generate(model, ids, 10)
+    assert torch.equal(greedy_generate(model, ids, 10), free) and free.shape == (3, 16)
+    model.eval()
+    with torch.no_grad():
+        full = model(free)
+        cache = KVCache(16)
+        steps = [model(free[:, :6], kv_cache=cache)[:, -1]]
+        for t in range(6, 16):
+            mask = torch.ones(3, 1, 1, t + 1, dtype=torch.bool)  # the new token sees every cached one
+            steps.append(model(free[:, t:t + 1], position_ids=torch.full((3, 1), t), attention_mask=mask,
+                               kv_cache=cache)[:, -1])
+    assert torch.allclose(torch.stack(steps[:-1], 1), full[:, 5:15], rtol=1e-12, atol=1e-12)

@@ -262,6 +262,10 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
     if p.ep < 1 or (dp and (dp * p.cp) % p.ep):
         errors.append(f"parallel.ep = {p.ep} must divide dp·cp = {dp}·{p.cp} (the expert-parallel ranks are taken "
                       "from the data-parallel ones); launch more processes or lower parallel.ep.")
+    if p.ep > 1 and ((stage is not None and stage.rollout_group(cfg) > 0) or t.eval_tasks):
+        errors.append(f"parallel.ep = {p.ep} with sampling (a stage's rollouts or train.eval_tasks): each dp replica "
+                      "decodes its own rows with its own number of passes, and the experts' all-to-all needs every "
+                      "ep rank in every pass; set parallel.ep = 1 for this run (tp and pp still split the model).")
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
     return dp

@@ -60,6 +60,12 @@ def spec_of(param: torch.Tensor) -> ParamSpec:
     return spec
 
 
+def expert_sharded(param: torch.Tensor) -> bool:
+    """Whether `param` holds an ep slice of routed experts (its gradient is reduced over expert-dp)."""
+    spec = getattr(param, "scaletrain_spec", None)
+    return spec is not None and spec.expert_slice is not None
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

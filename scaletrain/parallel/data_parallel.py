@@ -12,6 +12,10 @@ the sum is the gradient of the global mean (the "average" of per-rank means, wei
 
 With `shard=True` (ZeRO-1, see distributed_optimizer.py) buffers are padded to a multiple of dp and
 reduce-scattered: each rank receives only the summed gradient of its 1/dp shard (`shard_grad`).
+
+Expert parallelism: routed-expert weights (`nn.init.expert_sharded`) differ between the ep ranks, so
+they sit in buckets of their own, reduced (or ZeRO-sharded) over the expert-data-parallel group
+(`expert_comm`, dims.comm('edp')) instead of dp × cp; every bucket carries the group it is reduced over.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from scaletrain.distributed.comm import Comm
+from scaletrain.nn.init import expert_sharded
 from scaletrain.profile.phases import phase
 
 
@@ -33,6 +38,7 @@ class _Bucket:
     ready: int = 0
     work: object | None = None
     shard_grad: torch.Tensor | None = None  # ZeRO: this rank's reduce-scattered slice
+    comm: Comm | None = None  # the group this bucket is reduced over (dp × cp, or edp for experts)
 
     def shard_range(self, rank: int) -> tuple[int, int]:
         per = self.buffer.numel() // self._dp
@@ -63,7 +69,8 @@ class _Bucket:
 class GradBuckets:
     """Bucketed dp gradient reduction for the parameters of one rank's model."""
 
-    def __init__(self, model: torch.nn.Module, dp: Comm, bucket_bytes: int = 25 * 2**20, shard: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, dp: Comm, bucket_bytes: int = 25 * 2**20, shard: bool = False,
+                 expert_comm: Comm | None = None) -> None:
         self.dp, self.shard = dp, shard
         self.sync_enabled = True
         params: list[torch.nn.Parameter] = []
@@ -73,38 +80,41 @@ class GradBuckets:
                 self._names[id(p)] = name
                 params.append(p)
         self.buckets: list[_Bucket] = []
-        group: list[torch.nn.Parameter] = []
-        size = 0
-        for p in reversed(params):  # ≈ the order backward finishes gradients
-            group.append(p)
-            size += p.numel() * p.element_size()
-            if size >= bucket_bytes:
-                self._make_bucket(group)
-                group, size = [], 0
-        if group:
-            self._make_bucket(group)
+        experts = [p for p in params if expert_sharded(p)] if expert_comm is not None else []
+        for comm, members in ((dp, [p for p in params if not any(p is e for e in experts)]), (expert_comm, experts)):
+            group: list[torch.nn.Parameter] = []
+            size = 0
+            for p in reversed(members):  # ≈ the order backward finishes gradients
+                group.append(p)
+                size += p.numel() * p.element_size()
+                if size >= bucket_bytes:
+                    self._make_bucket(group, comm)  # type: ignore[arg-type]
+                    group, size = [], 0
+            if group:
+                self._make_bucket(group, comm)  # type: ignore[arg-type]
         self._owner = {id(p): b for b in self.buckets for p in b.params}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
-    def _make_bucket(self, params: list[torch.nn.Parameter]) -> None:
+    def _make_bucket(self, params: list[torch.nn.Parameter], comm: Comm) -> None:
         p0 = params[0]
         numel = sum(p.numel() for p in params)
-        padded = -(-numel // self.dp.size) * self.dp.size if self.shard else numel
+        padded = -(-numel // comm.size) * comm.size if self.shard else numel
         buffer = torch.zeros(padded, dtype=p0.dtype, device=p0.device)
         offset = 0
         for p in params:
             p.grad = buffer[offset : offset + p.numel()].view_as(p)  # autograd accumulates in place
             offset += p.numel()
         self.buckets.append(_Bucket(params, [self._names[id(p)] for p in params], buffer, numel,
-                                    _dp=self.dp.size if self.shard else 1))
+                                    comm=comm, _dp=comm.size if self.shard else 1))
 
     def _launch(self, b: _Bucket) -> None:
+        comm = b.comm or self.dp
         if self.shard:
-            b.shard_grad = torch.empty(b.buffer.numel() // self.dp.size, dtype=b.buffer.dtype, device=b.buffer.device)
-            b.work = self.dp.reduce_scatter_async(b.shard_grad, b.buffer)
+            b.shard_grad = torch.empty(b.buffer.numel() // comm.size, dtype=b.buffer.dtype, device=b.buffer.device)
+            b.work = comm.reduce_scatter_async(b.shard_grad, b.buffer)
         else:
-            b.work = self.dp.all_reduce_async(b.buffer)
+            b.work = comm.all_reduce_async(b.buffer)
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         if not self.sync_enabled:

@@ -71,7 +71,7 @@ class DistributedOptimizer:
         names = {id(p): n for n, p in model.named_parameters()}
         self.segments: list[Segment] = []
         for bi, bucket in enumerate(buckets.buckets):
-            lo, hi = bucket.shard_range(dp.rank)
+            lo, hi = bucket.shard_range(self._comm(bucket).rank)
             offset = 0
             for p in bucket.params:
                 s, e = max(lo, offset), min(hi, offset + p.numel())
@@ -85,6 +85,10 @@ class DistributedOptimizer:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.inner = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], lr=cfg.lr,
                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+    def _comm(self, bucket) -> Comm:
+        """The group a bucket is sharded over: dp × cp, or the expert-data-parallel group for experts."""
+        return bucket.comm or self.dp
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -102,12 +106,12 @@ class DistributedOptimizer:
         """AdamW on this rank's shards, then all-gather the updated shards into the model parameters."""
         self.inner.step()
         for bi, bucket in enumerate(self.buckets.buckets):
-            lo, _hi = bucket.shard_range(self.dp.rank)
+            lo, _hi = bucket.shard_range(self._comm(bucket).rank)
             flat = bucket.param_shard()  # the bucket's parameters, flat and padded
             for s in self.segments:
                 if s.bucket == bi:
                     flat[lo + s.shard_offset : lo + s.shard_offset + s.length] = s.main.to(flat.dtype)
-            bucket.gather_params(self.dp, flat)
+            bucket.gather_params(self._comm(bucket), flat)
 
     # -- checkpoints ------------------------------------------------------------------------
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -115,13 +119,13 @@ class DistributedOptimizer:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key in ("exp_avg", "exp_avg_sq"):
             for bi, bucket in enumerate(self.buckets.buckets):
-                lo, hi = bucket.shard_range(self.dp.rank)
+                lo, hi = bucket.shard_range(self._comm(bucket).rank)
                 local = torch.zeros(hi - lo, dtype=torch.promote_types(bucket.buffer.dtype, torch.float32),
                                     device=bucket.buffer.device)
                 for s in self.segments:
                     if s.bucket == bi and s.main in self.inner.state:
                         local[s.shard_offset : s.shard_offset + s.length] = self.inner.state[s.main][key]
-                full = self.dp.all_gather(local)
+                full = self._comm(bucket).all_gather(local)
                 offset = 0
                 for p, name in zip(bucket.params, bucket.names):
                     out.setdefault(name, {})[key] = full[offset : offset + p.numel()].view_as(p).clone()

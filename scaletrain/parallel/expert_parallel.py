@@ -92,6 +92,5 @@ def shard_experts(model: torch.nn.Module, ep: Comm) -> None:
             local = nn.Parameter(torch.empty((per_rank, *p.shape[1:]), dtype=p.dtype, device=p.device),
                                  requires_grad=p.requires_grad)
             local.scaletrain_spec = dataclasses.replace(spec, expert_slice=(first, per_rank))  # type: ignore[attr-defined]
-            local.expert_parallel = True  # type: ignore[attr-defined]  # reduced over expert-dp, not dp
             setattr(module, name, local)
         module.num_local_experts, module.first_expert = per_rank, first  # type: ignore[assignment]

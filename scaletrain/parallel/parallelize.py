@@ -25,6 +25,7 @@ from scaletrain.nn.init import spec_of
 from scaletrain.nn.linear import TPBound
 from scaletrain.nn.norm import RMSNorm
 from scaletrain.parallel.data_parallel import GradBuckets
+from scaletrain.parallel.expert_parallel import shard_experts
 from scaletrain.parallel.pipeline.split import mark_tied_embedding, split_stages
 
 
@@ -62,7 +63,7 @@ def apply_full_recompute(model: torch.nn.Module) -> None:
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
                 device: torch.device | None = None, *, shard_optimizer: bool = False) -> torch.nn.Module:
-    """Apply the parallel layout in place and return the model. Order: pipeline split, materialise,
+    """Apply the parallel layout in place and return the model. Order: pipeline split, expert sharding, materialise,
     bind tp/SP, bind cp, tied-embedding tags, activation recomputation, data-parallel gradient buckets.
 
     With pp > 1 the model is pruned to this rank's stage and `model.pipeline_chunks` lists its
@@ -74,6 +75,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     sp = cfg.sequence_parallel and dims.tp > 1
     if dims.pp > 1:
         model.pipeline_chunks = split_stages(model, dims, sp)  # type: ignore[assignment]
+    shard_experts(model, dims.comm("ep"))  # MoE layers: this ep rank's experts only; the ep group bound
     if any(p.is_meta for p in model.parameters()):
         materialize(model, device or torch.device("cpu"))
     for module in model.modules():
@@ -98,7 +100,9 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         apply_full_recompute(model)
     if dims.dp * dims.cp > 1:
         # Over dp × cp: cp ranks hold partial gradients too. ZeRO-1 reduce-scatters instead of all-reducing.
-        model.grad_buckets = GradBuckets(model, dims.comm("dp_cp"), shard=shard_optimizer)  # type: ignore[assignment]
+        # Routed experts under ep > 1: over the expert-data-parallel group instead (their own buckets).
+        model.grad_buckets = GradBuckets(model, dims.comm("dp_cp"), shard=shard_optimizer,  # type: ignore[assignment]
+                                         expert_comm=dims.comm("edp") if dims.ep > 1 else None)
     return model
 
 

@@ -10,9 +10,9 @@ aux-loss-free bias updates are bound and driven from outside (parallelize, train
 
 from scaletrain.config.moe import MoEConfig, is_moe_layer
 from scaletrain.nn.moe.balance import MoEStats, attach_loss
-from scaletrain.nn.moe.experts import GroupedExperts, select_grouped_gemm
+from scaletrain.nn.moe.experts import GroupedExperts, bind_grouped_gemm, select_grouped_gemm
 from scaletrain.nn.moe.layer import MoE, SharedExpert
 from scaletrain.nn.moe.router import Routing, TopKRouter, capacity_keep
 
 __all__ = ["GroupedExperts", "MoE", "MoEConfig", "MoEStats", "Routing", "SharedExpert", "TopKRouter",
-           "attach_loss", "capacity_keep", "is_moe_layer", "select_grouped_gemm"]
+           "attach_loss", "bind_grouped_gemm", "capacity_keep", "is_moe_layer", "select_grouped_gemm"]

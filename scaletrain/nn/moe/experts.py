@@ -34,6 +34,17 @@ def select_grouped_gemm(device: torch.device, dtype: torch.dtype) -> tuple[str, 
     return "grouped_mm", "grouped GEMM: torch._grouped_mm (CUDA, bf16)"
 
 
+def bind_grouped_gemm(model: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> str | None:
+    """Choose the grouped GEMM of every GroupedExperts in `model` once (select_grouped_gemm); returns the
+    reason for the log, or None for a model without experts."""
+    impl, reason = select_grouped_gemm(device, compute_dtype)
+    found = False
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.impl, found = impl, True
+    return reason if found else None
+
+
 class GroupedExperts(nn.Module):
     """The routed experts of one MoE layer (`expert_weights`: parallel/expert_parallel.shard_experts slices them).
 
@@ -79,8 +90,13 @@ forward(x [M, h] grouped by expert, counts [E_local]) → [M, h], partial sums o
             raise RuntimeError("GroupedExperts.impl = 'grouped_mm' got a tensor on "
                                f"{x.device}; select_grouped_gemm chooses 'loop' off CUDA.")
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        w1 = self.gate_up.flatten(1, 2).transpose(-2, -1).to(torch.bfloat16)  # [E, h, 2f]
-        h = torch._grouped_mm(x.to(torch.bfloat16), w1, offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1).to(torch.bfloat16), offs=offs)
-        return y.to(x.dtype)
+        return grouped_swiglu(x, self.gate_up, self.down, offs).to(x.dtype)
+
+
+def grouped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The experts' SwiGLU as two `torch._grouped_mm` calls in bf16: x [M, h] grouped by expert, offs [E] int32
+    the cumulative group ends; weights as stored (column-major views: no copy beyond the bf16 cast)."""
+    w1 = gate_up.flatten(1, 2).transpose(-2, -1).to(torch.bfloat16)  # [E, h, 2f]
+    h = torch._grouped_mm(x.to(torch.bfloat16), w1, offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1).to(torch.bfloat16), offs=offs)

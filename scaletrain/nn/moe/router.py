@@ -54,8 +54,9 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, capacity_factor: float = 0.0) -> Routing:
         """x: [N, h]. capacity_factor > 0 drops, per expert, the assignments beyond
         ceil(capacity_factor·k·N/E) with the lowest weights."""
-        compute = torch.promote_types(x.dtype, torch.float32)  # router maths in fp32 at least
-        logits = F.linear(x, self.weight).to(compute)
+        compute = torch.promote_types(x.dtype, torch.float32)  # router maths in fp32 at least, autocast or not
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(compute), self.weight.to(compute))
         scores = logits.softmax(-1) if self.score_fn == "softmax" else torch.sigmoid(logits)
         choose = scores.detach() if self.expert_bias is None else scores.detach() + self.expert_bias.to(compute)
         experts = choose.topk(self.top_k, dim=-1).indices
