@@ -169,9 +169,10 @@ def test_export_without_a_source_config(tmp_path):
             assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
-def test_train_from_moe_weights(tmp_path, tokenizer_dir, dataset_prefix, name):
-    """checkpoint.init_from_hf with a MoE directory: the first step's loss is transformers' loss on that batch."""
+@pytest.mark.parametrize("name,ep", [("qwen3_moe", 1), ("mixtral", 1), ("mixtral_tied", 2)])  # 4 experts at ep2
+def test_train_from_moe_weights(tmp_path, tokenizer_dir, dataset_prefix, name, ep):
+    """checkpoint.init_from_hf with a MoE directory: the first step's loss is transformers' loss on that batch —
+    also at ep2, where each rank copies only its experts' slice of the HF tensors."""
     from scaletrain.checkpoint.hf import checkpoint_model_config
     from scaletrain.config.schema import DataConfig
     from scaletrain.data.gpt import build_gpt_datasets
@@ -186,11 +187,17 @@ def test_train_from_moe_weights(tmp_path, tokenizer_dir, dataset_prefix, name):
     hf.save_pretrained(tmp_path / "hf")
     args = ["train", "--config", TINY]
     for item in tiny_overrides(tmp_path / "run", tokenizer_dir, dataset_prefix, **{
-            "checkpoint.init_from_hf": str(tmp_path / "hf"), "train.steps": 1, "optim.warmup_steps": 0}):
+            "checkpoint.init_from_hf": str(tmp_path / "hf"), "train.steps": 1, "optim.warmup_steps": 0,
+            "parallel.ep": ep}):
         args += ["--set", item]
-    assert main(args) == 0
+    if ep == 1:
+        assert main(args) == 0
+    else:
+        from dist_harness import cli_rank, run_ranks
+
+        assert run_ranks(ep, cli_rank, args, timeout=240) == [0] * ep
     got = checkpoint_model_config(tmp_path / "run" / "checkpoints" / "step_0000001")
-    assert got.moe.num_experts == 5 and got.hf_architecture == cls
+    assert got.moe.num_experts == config.num_local_experts and got.hf_architecture == cls
     train, _ = build_gpt_datasets(DataConfig(prefixes=(dataset_prefix,)), seq_length=32, seed=1234, eod_id=2,
                                   vocab_size=512, train_samples=8, valid_samples=0)
     batch = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(4)])
