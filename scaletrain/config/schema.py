@@ -15,12 +15,13 @@ from scaletrain.config.posttrain import PostTrainConfig
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3, Qwen2-style qkv bias, Mistral)."""
+    """Architecture of a Llama-family decoder (Llama 2/3, Qwen2-style qkv bias, Mistral, Qwen3 q/k norms)."""
 
     family: str = "llama"
     """Model family, a folder under scaletrain/models."""
     hf_architecture: str = ""
-    """Hugging Face class to export as ('': LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
+    """Hugging Face class to export as ('': LlamaForCausalLM, Qwen2ForCausalLM with qkv_bias, Qwen3ForCausalLM
+    with qk_norm)."""
     vocab_size: int = 0
     """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`, derived at the run's first
     start, recorded in its checkpoints and config.toml, and kept on every resume whatever the layout."""
@@ -59,6 +60,8 @@ class ModelConfig:
     """Share the input embedding with the output head."""
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE, one weight of head_dim shared by all heads (Qwen3)."""
     num_labels: int = 0
     """0: the language-model head. N > 0: a sequence-classification head of N scores per position instead
     (HF `score`, exported as *ForSequenceClassification); the reward objective sets 1 when left at 0."""

@@ -105,7 +105,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     With pp > 1 the model is pruned to this rank's stage and `model.pipeline_chunks` lists its
     virtual stages for the schedule. Under sequence parallelism each tp rank normalises a
     different slice of the sequence, so RMSNorm weights (replicated over tp) get partial gradients:
-    they are tagged `sequence_parallel_grad` and summed over tp by `finalize_grads`.
+    they are tagged `sequence_parallel_grad` and summed over tp by `finalize_grads`; so are the weights of
+    norms a tp rank applies to its own heads only (`tp_partial_grad`, Qwen3's q/k norms), at any tp > 1.
     """
     device = device or torch.device("cpu")
     sp = cfg.sequence_parallel and dims.tp > 1
@@ -118,6 +119,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         if isinstance(module, TPBound) or getattr(module, "binds_tp", False):  # torch or te role layers
             module.bind_tp(dims.tp_comm, sp)  # type: ignore[operator]
         if sp and (isinstance(module, RMSNorm) or getattr(module, "role", None) == "norm"):
+            module.weight.sequence_parallel_grad = True  # type: ignore[union-attr]
+        if dims.tp > 1 and getattr(module, "tp_partial_grad", False):  # per-head norms (Qwen3's q/k norms)
             module.weight.sequence_parallel_grad = True  # type: ignore[union-attr]
     if dims.cp > 1:  # attention gathers keys/values over cp (torch backend; te + cp is refused up front)
 

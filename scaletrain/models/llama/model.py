@@ -1,7 +1,7 @@
 """Llama-family decoder written in the scaletrain.nn role vocabulary.
 
-Covers Llama 2/3 (RoPE incl. Llama 3.1 scaling, GQA, SwiGLU, RMSNorm), Qwen2 (qkv bias) and
-Mistral shapes. The module tree is embed → layers[i] → norm → head, with global layer indices as
+Covers Llama 2/3 (RoPE incl. Llama 3.1 scaling, GQA, SwiGLU, RMSNorm), Qwen2 (qkv bias), Qwen3
+(per-head q/k RMSNorm) and Mistral shapes. The module tree is embed → layers[i] → norm → head, with global layer indices as
 names, so a pipeline split can take a slice of `layers` outside the model (DESIGN rule 2).
 
 The fused qkv weight is laid out per key/value group: for each kv head, its q heads, then its k,
@@ -31,6 +31,17 @@ from scaletrain.nn.moe import MoE, is_moe_layer
 from scaletrain.nn.score import ScoreHead
 
 
+class HeadNorm(RMSNorm):
+    """RMSNorm over each head's last dim (Qwen3's q/k norms); the torch layer on either backend.
+
+    Placement: input [b, s, heads/tp, head_dim], head-sharded over tp; weight [head_dim] replicated. Each
+    tp rank normalises only its own heads, so the weight's gradient is a partial sum over tp:
+    `parallelize` tags it (tp_partial_grad) for finalize_grads' all-reduce, with or without SP.
+    """
+
+    tp_partial_grad = True
+
+
 class Attention(nn.Module):
     """Self-attention block body. Input/output [b, s, hidden] replicated over tp."""
 
@@ -47,6 +58,11 @@ class Attention(nn.Module):
         self.proj = r.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_size=tp_size,
                           init_std=out_std, dtype=dtype)
         self.core = r.attention(self.heads_per_partition, self.kv_per_partition, cfg.head_dim)
+        self.q_norm: HeadNorm | None = None
+        self.k_norm: HeadNorm | None = None
+        if cfg.qk_norm:  # Qwen3
+            self.q_norm = HeadNorm(cfg.head_dim, cfg.norm_eps, dtype=dtype)
+            self.k_norm = HeadNorm(cfg.head_dim, cfg.norm_eps, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
@@ -63,6 +79,8 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.kv_per_partition, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.heads_per_partition, self.head_dim)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, k, position_ids)
         if kv_cache is not None:
             k, v = kv_cache.extend(k, v)
