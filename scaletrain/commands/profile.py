@@ -31,7 +31,7 @@ from scaletrain.prepare import prepare
 from scaletrain.profile.activations import saved_activation_bytes
 from scaletrain.profile.phases import recording
 from scaletrain.profile.planner import Plan, format_plan, plan
-from scaletrain.runtime import device_type
+from scaletrain.runtime import device_type, process_settings
 from scaletrain.stages.registry import get_stage
 from scaletrain.stages.stage import Stage
 from scaletrain.trainer.loop import Trainer
@@ -140,33 +140,34 @@ def _measure(args: argparse.Namespace) -> int:
             f"logging.interval={max(args.steps, 1)}", "optim.warmup_steps=1"]
     cfg = load_config(args.config, sets)
     cfg, dp, tok = prepare(cfg, env.world_size)
-    owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
-    try:
-        trainer = build_trainer(cfg, (cfg, dp, tok))
-        assert trainer is not None
-        # Throughput steps, then the phase-clock steps (Trainer.run stops at train.steps).
-        trainer.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=args.steps))
-        trainer.run()
-        trainer.cfg = cfg
-        trace = None
-        if args.trace:
-            trace = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if trainer.device.type == "cuda" else []))
-            trace.__enter__()
-        with recording(trainer.device) as clock:
+    with process_settings():  # the run's deterministic mode and threads end with it
+        owns = init_distributed(env, device_type(cfg), cfg.parallel.timeout_s)
+        try:
+            trainer = build_trainer(cfg, (cfg, dp, tok))
+            assert trainer is not None
+            # Throughput steps, then the phase-clock steps (Trainer.run stops at train.steps).
+            trainer.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=args.steps))
             trainer.run()
-        if trace is not None:
-            trace.__exit__(None, None, None)
-            Path(args.trace).mkdir(parents=True, exist_ok=True)
-            trace.export_chrome_trace(str(Path(args.trace) / f"trace_rank{env.rank}.json"))
-        activation = _activation_bytes(trainer)
-        trainer.sinks.close()
-        metrics = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()] \
-            if env.rank == 0 else []  # only rank 0 writes metrics.jsonl (its own scratch directory)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)  # each rank's scratch run directory: nothing in it is kept
-        if owns:
-            shutdown_distributed()
+            trainer.cfg = cfg
+            trace = None
+            if args.trace:
+                trace = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if trainer.device.type == "cuda" else []))
+                trace.__enter__()
+            with recording(trainer.device) as clock:
+                trainer.run()
+            if trace is not None:
+                trace.__exit__(None, None, None)
+                Path(args.trace).mkdir(parents=True, exist_ok=True)
+                trace.export_chrome_trace(str(Path(args.trace) / f"trace_rank{env.rank}.json"))
+            activation = _activation_bytes(trainer)
+            trainer.sinks.close()
+            metrics = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()] \
+                if env.rank == 0 else []  # only rank 0 writes metrics.jsonl (its own scratch directory)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # each rank's scratch run directory: nothing in it is kept
+            if owns:
+                shutdown_distributed()
     if env.rank != 0:
         return 0
     steady = metrics[args.warmup:args.steps] or metrics[:args.steps]
