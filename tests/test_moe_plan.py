@@ -13,10 +13,16 @@ import torch
 from scaletrain.cli import main
 from scaletrain.commands.profile import resolved_config
 from scaletrain.config.moe import MoEConfig
-from scaletrain.config.schema import ModelConfig
+from scaletrain.config.schema import ModelConfig, ParallelConfig, RunConfig
+from scaletrain.distributed import ParallelDims
 from scaletrain.models import build_model
+from scaletrain.nn import init_parameters
+from scaletrain.nn.loss import cross_entropy_per_token
+from scaletrain.parallel.parallelize import parallelize
+from scaletrain.profile.activations import saved_activation_bytes
 from scaletrain.profile.planner import plan
 from scaletrain.trainer.flops import parameter_counts
+from scaletrain.trainer.precision import Precision
 
 from conftest import REPO
 
@@ -122,3 +128,34 @@ def test_a_dense_model_is_all_active():
         counts = parameter_counts(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4,
                                               ffn_hidden_size=40, head_dim=4, num_kv_heads=4, tie_embeddings=tied))
         assert counts["active"] == counts["total"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planned_moe_activations_are_what_autograd_saves(dtype):
+    """A MoE model (top-4 of 8 experts, a shared expert, a leading dense layer): the bytes autograd saves for one
+    microbatch (logits held too) against the plan, per recomputation mode that keeps activations, within 3%
+    (measured: ≤ 1%). Selective 'mlp_act' leaves the experts alone, so a MoE layer saves the same with it."""
+    moe = MoEConfig(num_experts=8, top_k=4, expert_ffn_hidden_size=32, shared_ffn_hidden_size=48, first_dense_layers=1)
+    m = ModelConfig(vocab_size=256, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
+                    ffn_hidden_size=176, max_position_embeddings=128, moe=moe)
+    seq, pdtype = 64, getattr(torch, dtype)
+    precision = Precision(pdtype, pdtype if dtype == "bfloat16" else None, "cpu", "t")
+    ids = torch.randint(0, 256, (2, seq + 1), generator=torch.Generator().manual_seed(0))
+    for recompute, modules in [("none", ("core_attn",)), ("selective", ("mlp_act",)),
+                               ("selective", ("core_attn", "mlp_act", "norm"))]:
+        pcfg = ParallelConfig(recompute=recompute, recompute_modules=modules)
+        model = parallelize(build_model(m, dtype=pdtype), ParallelDims.single(), pcfg)
+        init_parameters(model, 0)
+
+        def forward(model=model):
+            logits = model(ids[:, :-1])
+            return cross_entropy_per_token(logits, ids[:, 1:]).sum(), logits
+
+        with precision.autocast():
+            _, saved = saved_activation_bytes(forward, list(model.parameters()), held=lambda r: [r[1]])
+        cfg = dataclasses.replace(RunConfig(), model=m, parallel=pcfg)
+        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=dtype),
+                                  train=dataclasses.replace(cfg.train, micro_batch_size=2, global_batch_size=2,
+                                                            seq_length=seq))
+        planned = plan(cfg, 1).stages[0].activation_bytes_per_microbatch
+        assert saved == pytest.approx(planned, rel=0.03), (recompute, modules, saved, planned)

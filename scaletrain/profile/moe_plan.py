@@ -13,10 +13,13 @@ Conventions, on top of the planner's (all bytes per rank):
   sizes are the planner's (profile/footprint.py `Bytes`): weights in the parameter dtype (bf16 by
   default), gradients in the main dtype (fp32 main grads), AdamW state per footprint.optimizer_bytes;
   ZeRO-1's reduce-scatter sends main-dtype gradients and its all-gather parameter-dtype weights.
-- Activations of a MoE layer per token, dropless and balanced: each of the top_k copies keeps its
-  permuted input (h), the fused gate/up output, silu(gate) and their product (4·f_e/tp), in the compute
-  dtype, plus the router's logits and probabilities (2·E, fp32) and the shared expert's 4·f_s/tp. It
-  replaces the dense MLP's 4·ffn/tp (3·ffn/tp under selective 'mlp_act', which leaves experts alone:
+- Activations of a MoE layer per token, dropless and balanced (measured with saved-tensor hooks): each
+  of the top_k copies keeps its permuted input (h), the fused gate/up output, silu(gate) and their product
+  (4·f_e/tp), the expert output the routing weight multiplies and the weighted copy index_add keeps (2·h),
+  in the compute dtype, its weight (fp32, and a compute-dtype copy) and three int64 indices (expert id,
+  token, sort order); per token the router's logits and probabilities (2·E, fp32), the top-k weights' sum
+  and the log-sum-exp of the z-loss (fp32), the router's fp32 copy of its input under bf16 (h), and the
+  shared expert's 4·f_s/tp. It replaces the dense MLP's 4·ffn/tp (3·ffn/tp under selective 'mlp_act', which leaves experts alone:
   neither routed nor shared experts expose an `activation` region to recompute).
 - All-to-all (the `ep` entry of the communication table): per MoE layer and microbatch a rank dispatches
   each of its tokens' top_k copies and receives them back combined, h values each in the compute dtype;
@@ -76,8 +79,10 @@ def moe_activation_delta(m: ModelConfig, layout: Layout, tokens: int, compute_by
     tp = layout.tp
     f_e = (moe.expert_ffn_hidden_size or m.ffn_hidden_size) // tp
     dense = (3 if layout.recompute == "selective" and "mlp_act" in layout.recompute_modules else 4) * m.ffn_hidden_size
-    per_token = (moe.top_k * (m.hidden_size + 4 * f_e) + 4 * moe.shared_ffn_hidden_size // tp
-                 - dense // tp) * compute_bytes + 2 * moe.num_experts * 4
+    h, cb = m.hidden_size, compute_bytes
+    per_copy = (3 * h + 4 * f_e) * cb + 4 + cb + 3 * 8
+    router = 2 * moe.num_experts * 4 + 2 * 4 + (4 * h if cb < 4 else 0)
+    per_token = moe.top_k * per_copy + router + (4 * moe.shared_ffn_hidden_size // tp - dense // tp) * cb
     return tokens * per_token * sum(1 for i in layer_indices if is_moe(m, i))
 
 
