@@ -1,7 +1,8 @@
 """A mixture-of-experts model through the real entry points: pretraining on the bundled corpus balances its
 experts (configs/tiny_moe.toml; the CV of tokens per expert is reported per step), and the post-training
-stages run it through the same builder and step — SFT and DPO at ep2, GRPO (rollouts decoded through the MoE
-blocks) at tp2·SP equal one process (float64, 1e-10)."""
+stages run it through the same builder and step — SFT, DPO and reward models at ep2, GRPO (rollouts decoded
+through the MoE blocks) at tp2·SP, and distillation from a MoE teacher into a dense student at tp2·SP equal one
+process (float64, 1e-10)."""
 
 from __future__ import annotations
 
