@@ -41,6 +41,9 @@ def _compare(tmp_path, tokenizer_dir, dataset_prefix, layout: dict, world: int, 
     ("ep2-tp2-sp", {"parallel.ep": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}, 4,
      {"model.moe.score_fn": "sigmoid", "model.moe.bias_update_rate": 0.01, "model.moe.shared_ffn_hidden_size": 32}),
     ("ep2-pp2", {"parallel.ep": 2, "parallel.pp": 2}, 4, {"model.num_layers": 4, "model.moe.layer_freq": 2}),
+    # interleaved 1F1B: two virtual stages per pp rank, each with its MoE layer
+    ("ep2-pp2-vpp2", {"parallel.ep": 2, "parallel.pp": 2, "parallel.vpp": 2}, 4,
+     {"model.num_layers": 4, "train.micro_batch_size": 1}),
     # tp without SP: experts tp-sharded, the router's partial gradients summed over tp
     ("tp2", {"parallel.tp": 2}, 2, {"model.moe.shared_ffn_hidden_size": 32}),
     # a first stage of dense layers only still joins the step's MoE collectives (pp all-reduce of the metrics)

@@ -1,7 +1,8 @@
 """A mixture-of-experts model through the real entry points: pretraining on the bundled corpus balances its
 experts (configs/tiny_moe.toml; the CV of tokens per expert is reported per step), and the post-training
-stages run it through the same builder and step — SFT and DPO at ep2, GRPO (rollouts decoded through the MoE
-blocks) at tp2·SP equal one process (float64, 1e-10)."""
+stages run it through the same builder and step — SFT, DPO and reward models at ep2, GRPO (rollouts decoded
+through the MoE blocks) at tp2·SP, and distillation from a MoE teacher into a dense student at tp2·SP equal one
+process (float64, 1e-10)."""
 
 from __future__ import annotations
 
@@ -64,13 +65,14 @@ def synth(tmp_path_factory):
 def _stage_args(stage, run_dir, tokenizer_dir, prefix, data_file, **extra):
     args = [stage, "--config", TINY]
     for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
-            "posttrain.train_data": f'["{data_file}"]', "train.seq_length": 160, "train.global_batch_size": 4,
+            "posttrain.chat.train_data": f'["{data_file}"]', "train.seq_length": 160, "train.global_batch_size": 4,
             "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64", **MOE, **extra}):
         args += ["--set", s]
     return args
 
 
-@pytest.mark.parametrize("stage,data", [("sft", "sft_train.jsonl"), ("dpo", "dpo_train.jsonl")])
+@pytest.mark.parametrize("stage,data", [("sft", "sft_train.jsonl"), ("dpo", "dpo_train.jsonl"),
+                                        ("reward", "dpo_train.jsonl")])
 def test_post_training_stages_run_moe_at_ep2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix, synth,
                                                               stage, data):
     a, b = run_single_and_parallel(
@@ -95,3 +97,27 @@ def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_like_one_process(tmp_
     capsys.readouterr()
     assert main(grpo_args(tmp_path / "ep", tokenizer_dir, dataset_prefix, prompts, **MOE, **{"parallel.ep": 2})) == 2
     assert "parallel.ep = 2 with sampling" in capsys.readouterr().err and not (tmp_path / "ep").exists()
+
+
+def test_moe_teacher_distils_into_a_dense_student_at_tp2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix):
+    """A MoE teacher (a scaletrain checkpoint: its model.moe travels in the checkpoint's model config) is built
+    frozen in the student's layout; distilling it into a dense student at tp2·SP equals one process."""
+    teacher = tmp_path / "teacher"
+    args = ["train", "--config", TINY]
+    for s in tiny_overrides(teacher, tokenizer_dir, dataset_prefix, **MOE, **{"train.steps": 4, "train.seq_length": 64}):
+        args += ["--set", s]
+    assert main(args) == 0
+
+    def distill(par: bool) -> tuple[Path, list[str]]:
+        run = tmp_path / str(par)
+        a = ["distill", "--config", TINY]
+        for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
+                "posttrain.distill.teacher": str(teacher), "train.seq_length": 64, "train.global_batch_size": 4,
+                "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64",
+                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {})}):
+            a += ["--set", s]
+        return run, a
+
+    a, b = run_single_and_parallel(distill, 2)
+    assert len(a) == 3 and all(x["kd"] > 0 for x in a) and "moe_expert_tokens_cv" not in a[0]  # the student is dense
+    assert_same_steps(a, b, 1e-10)
