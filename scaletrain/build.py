@@ -31,6 +31,7 @@ from scaletrain.stages.registry import get_stage
 from scaletrain.stages.stage import RunParts, Stage, StageParts
 from scaletrain.trainer.flops import parameter_counts
 from scaletrain.trainer.loop import LoopState, Trainer, set_rng_state
+from scaletrain.trainer.moe_step import MOE_CONSOLE_KEYS
 from scaletrain.trainer.optimizer import build_optimizer
 from scaletrain.trainer.precision import resolve_precision
 from scaletrain.trainer.sinks import MetricSinks
@@ -129,7 +130,8 @@ def build_trainer(cfg: RunConfig, prepared: tuple[RunConfig, int, Tokenizer] | N
     built = stage.build(parts, model, rendered, state)
 
     objective, batches = built.objective, built.batches
-    console = (*objective.metrics, *batches.console_keys, *(k for p in built.phases for k in p.console_keys))
+    console = (*objective.metrics, *batches.console_keys, *(k for p in built.phases for k in p.console_keys),
+               *(MOE_CONSOLE_KEYS if cfg.model.moe.num_experts else ()))
     sinks = MetricSinks(run_dir, cfg.logging, total_steps=cfg.train.steps, start_step=state.step,
                         run_config=config_to_dict(cfg), active=dims.is_main, console_keys=console)
     downstream = DownstreamEval(cfg, tokenizer, model, dims, rt.precision, rt.device) if cfg.train.eval_tasks else None

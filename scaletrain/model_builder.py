@@ -24,6 +24,7 @@ from scaletrain.config.load import ConfigError
 from scaletrain.config.schema import ModelConfig, RunConfig
 from scaletrain.models import build_model
 from scaletrain.nn import init_parameters
+from scaletrain.nn.moe import bind_grouped_gemm
 from scaletrain.parallel.parallelize import parallelize
 from scaletrain.runtime import Runtime
 
@@ -71,13 +72,17 @@ class ModelBuilder:
         policy recomputes activations, shards its optimizer over dp and runs in FP8 (parallel.recompute,
         optim.distributed, precision.fp8: parallelize applies them)."""
         rt, cfg = self.runtime, self.cfg
-        with torch.device("meta") if rt.dims.pp > 1 else torch.device(rt.device):
+        with torch.device("meta") if rt.dims.pp > 1 or rt.dims.ep > 1 else torch.device(rt.device):
             module = build_model(model, tp_size=rt.dims.tp, dtype=dtype or rt.precision.param_dtype, backend=rt.backend)
         if not trainable:
             module.requires_grad_(False)  # no gradient buffers, no dp buckets
         parallel = cfg.parallel if policy else dataclasses.replace(cfg.parallel, recompute="none")
-        return parallelize(module, rt.dims, parallel, rt.device, shard_optimizer=policy and cfg.optim.distributed,
-                           precision=cfg.precision if policy else None, log=self.log)
+        module = parallelize(module, rt.dims, parallel, rt.device, shard_optimizer=policy and cfg.optim.distributed,
+                             precision=cfg.precision if policy else None, log=self.log)
+        gemm = bind_grouped_gemm(module, rt.device, rt.precision.autocast_dtype or rt.precision.param_dtype)
+        if gemm is not None and policy:
+            self.log(gemm)
+        return module
 
     def policy(self, *, resumed: bool) -> torch.nn.Module:
         """The trained model: seeded init (a layout-independent function of train.seed), FP8 where asked (in parallelize),

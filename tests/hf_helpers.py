@@ -34,3 +34,15 @@ def patch_hf_float64(monkeypatch, hf, ours):
             m.forward = (lambda mod: lambda x: mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
                                                                            + mod.variance_epsilon)))(m)
     run_rotary_in_float64(hf, ours)
+
+
+def run_mixtral_router_in_float64(hf) -> None:
+    """transformers' Mixtral router takes its softmax in float32 (`router_logits.float()`) even in a float64
+    model; run the same formula (softmax, top-k, renormalise) in the model's dtype."""
+    for m in hf.modules():
+        if type(m).__name__ == "MixtralTopKRouter":
+            def forward(x, mod=m):
+                logits = torch.nn.functional.linear(x.reshape(-1, mod.hidden_dim), mod.weight)
+                top, index = torch.topk(logits.softmax(-1), mod.top_k, dim=-1)
+                return logits, top / top.sum(-1, keepdim=True), index
+            m.forward = forward

@@ -30,7 +30,7 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.models import build_model
 from scaletrain.models.llama.hf import from_hf_state_dict
-from scaletrain.nn.init import init_parameters, logical, spec_of
+from scaletrain.nn.init import init_parameters, local_part, logical, spec_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -123,7 +123,5 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, tp_rank: int = 0
             continue
         full = sd[name]
         spec = spec_of(p)
-        if spec.shard_dim is not None and tp_size > 1:
-            full = full.chunk(tp_size, dim=spec.shard_dim)[tp_rank]
-        logical(p, spec).copy_(full.to(p.dtype))
+        logical(p, spec).copy_(local_part(full, spec, tp_rank, tp_size).to(p.dtype))
     return fresh

@@ -15,13 +15,21 @@ from scaletrain.parallel.distributed_optimizer import DistributedOptimizer, mate
 
 
 def _to_global(local: Any, spec, dims: ParallelDims) -> Any:
-    """A tp-sharded local tensor as a DTensor with its global shape (plain tensors are replicated)."""
-    if spec is None or spec.shard_dim is None or local.ndim == 0:
+    """A tp-sharded local tensor as a DTensor with its global shape (plain tensors are replicated); routed
+    experts under expert parallelism are sharded over ep along dim 0 (and over tp along their shard dim)."""
+    if spec is None or local.ndim == 0:
         return local
+    if spec.expert_slice is not None and dims.ep > 1:
+        mesh, placements = dims.expert_mesh["ep"], [Shard(0)]
+        if dims.tp > 1 and spec.shard_dim is not None:
+            mesh, placements = dims.expert_mesh["ep", "tp"], [Shard(0), Shard(spec.shard_dim)]
+    elif spec.shard_dim is None or dims.tp == 1:
+        return local
+    else:
+        mesh, placements = dims.mesh["tp"], [Shard(spec.shard_dim)]
     shape = torch.Size(spec.global_shape)
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, dims.mesh["tp"], [Shard(spec.shard_dim)], run_check=False,
-                              shape=shape, stride=stride)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def _logical(t: Any, spec) -> Any:
@@ -61,7 +69,7 @@ def tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
         if optim_state is not None:
             optim_state = {fqn: {k: _logical(v, specs.get(fqn)) for k, v in st.items()}
                            for fqn, st in optim_state.items()}
-    if dims.tp > 1:
+    if dims.tp > 1 or dims.ep > 1:
         model_sd = {k: _to_global(v, specs.get(k), dims) for k, v in model_sd.items()}
         if optim_state is not None:
             optim_state = {fqn: {k: _to_global(v, specs.get(fqn), dims) for k, v in st.items()}

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scaletrain.config.moe import MoEConfig
 from scaletrain.config.posttrain import PostTrainConfig
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3, Qwen2-style qkv bias, Mistral)."""
+    """Architecture of a Llama-family decoder (Llama 2/3, Qwen2-style qkv bias, Mistral, Qwen3 q/k norms)."""
 
     family: str = "llama"
     """Model family, a folder under scaletrain/models."""
     hf_architecture: str = ""
-    """Hugging Face class to export as ('': LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias)."""
+    """Hugging Face class to export as ('': LlamaForCausalLM, Qwen2ForCausalLM with qkv_bias, Qwen3ForCausalLM
+    with qk_norm)."""
     vocab_size: int = 0
     """Embedding rows. 0: the tokenizer's vocabulary padded up to `vocab_multiple`, derived at the run's first
     start, recorded in its checkpoints and config.toml, and kept on every resume whatever the layout."""
@@ -58,11 +60,18 @@ class ModelConfig:
     """Share the input embedding with the output head."""
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE, one weight of head_dim shared by all heads (Qwen3)."""
     num_labels: int = 0
     """0: the language-model head. N > 0: a sequence-classification head of N scores per position instead
     (HF `score`, exported as *ForSequenceClassification); the reward objective sets 1 when left at 0."""
     init_std: float = 0.02
     """Std of the normal initialisation; output projections use init_std / sqrt(2·num_layers)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:  # a checkpoint's model_config (dataclasses.asdict) holds the section as a dict
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,9 @@ class ParallelConfig:
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B)."""
     cp: int = 1
     """Context-parallel size."""
+    ep: int = 1
+    """Expert-parallel size: the routed experts are sharded over ep ranks taken from dp·cp (tokens travel by
+    all-to-all); must divide dp·cp and model.moe.num_experts."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1)."""
     backend: str = "auto"

@@ -11,6 +11,7 @@ import math
 from typing import Any, Protocol
 
 from scaletrain.config.load import ConfigError
+from scaletrain.config.moe import moe_errors
 from scaletrain.config.schema import ModelConfig, RunConfig
 from scaletrain.config.stability import stability_errors
 
@@ -298,6 +299,14 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
                           + "; 0 uses train.micro_batch_size.")
     if t.eval_tasks and not t.eval_interval:
         errors.append("train.eval_tasks run at validations: set train.eval_interval (or drop the tasks).")
+    errors += moe_errors(m.moe, num_layers=m.num_layers, tp=p.tp, ep=p.ep, ffn_hidden_size=m.ffn_hidden_size)
+    if p.ep < 1 or (dp and (dp * p.cp) % p.ep):
+        errors.append(f"parallel.ep = {p.ep} must divide dp·cp = {dp}·{p.cp} (the expert-parallel ranks are taken "
+                      "from the data-parallel ones); launch more processes or lower parallel.ep.")
+    if p.ep > 1 and ((stage is not None and stage.rollout_group(cfg) > 0) or t.eval_tasks):
+        errors.append(f"parallel.ep = {p.ep} with sampling (a stage's rollouts or train.eval_tasks): each dp replica "
+                      "decodes its own rows with its own number of passes, and the experts' all-to-all needs every "
+                      "ep rank in every pass; set parallel.ep = 1 for this run (tp and pp still split the model).")
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
     return dp

@@ -223,6 +223,21 @@ class Comm:
             self.all_reduce(torch.zeros(1, device=device))
             self._p2p_warm = True
 
+    def all_to_all(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                   op: str = "all_to_all") -> torch.Tensor:
+        """Variable-size all-to-all along dim 0: rows [sum(in_splits[:r]), +in_splits[r]) of `t` go to group
+        rank r; the result holds what every rank sent here, in rank order (out_splits[r] rows from rank r).
+        `op` names the payload in `stats` (token dispatch vs. its count exchange)."""
+        if self.size == 1:
+            return t
+        src = t.contiguous()
+        out = torch.empty((sum(out_splits), *src.shape[1:]), dtype=src.dtype, device=src.device)
+        self.stats.add(op, src)
+        with self._named(op):
+            dist.all_to_all_single(out, src, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                   group=self.group)
+        return out
+
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's picklable `obj` (small metadata only: checkpoint key lists and the like)."""
         if self.size == 1:

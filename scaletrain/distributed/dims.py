@@ -15,6 +15,7 @@ from scaletrain.config.schema import ParallelConfig
 from scaletrain.distributed.comm import Comm
 
 MESH_AXES = ("pp", "dp", "cp", "tp")
+EXPERT_MESH_AXES = ("pp", "edp", "ep", "tp")  # dp × cp = edp × ep, ep the faster (ep groups are neighbours)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class ParallelDims:
     rank: int = 0
     mesh: Any = None  # torch DeviceMesh over MESH_AXES, None at world size 1
     comms: dict[str, Comm] = field(default_factory=dict)
+    ep: int = 1  # expert parallelism: carved from dp × cp (see expert_comms)
+    expert_mesh: Any = None  # DeviceMesh over EXPERT_MESH_AXES where ep > 1 (expert checkpoints' placements)
 
     @property
     def world_size(self) -> int:
@@ -49,13 +52,19 @@ class ParallelDims:
         return self.rank // (self.tp * self.cp * self.dp)
 
     @property
+    def ep_rank(self) -> int:
+        return self.comm("ep").rank
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def comm(self, axis: str) -> Comm:
         """The communicator of one mesh axis ('tp', 'dp', 'cp', 'pp'), of the ranks that share the
         parameters ('dp_cp'), of one pipeline stage's ranks ('stage': tp × cp × dp, where FP8 amaxes are
-        reduced), or 'world', 'embed', 'ckpt'; size 1 when trivial."""
+        reduced), of expert parallelism ('ep': the ranks that split the experts; 'edp': the ranks that hold
+        the same experts, over which their gradients are reduced), or 'world', 'embed', 'ckpt'; size 1 when
+        trivial."""
         if axis not in self.comms:
             raise KeyError(f"no mesh axis {axis!r}; axes: {', '.join(MESH_AXES)}")
         return self.comms[axis]
@@ -98,7 +107,29 @@ class ParallelDims:
             comms["ckpt"] = Comm(dist.new_group(list(range(world_size)), backend="gloo"), world_size, rank, "ckpt")
         else:
             comms["ckpt"] = Comm.single("ckpt")
-        return cls(tp=cfg.tp, cp=cfg.cp, dp=dp, pp=cfg.pp, vpp=cfg.vpp, rank=rank, mesh=mesh, comms=comms)
+        expert_mesh = expert_comms(comms, sizes, cfg.ep, world_size)
+        return cls(tp=cfg.tp, cp=cfg.cp, dp=dp, pp=cfg.pp, vpp=cfg.vpp, rank=rank, mesh=mesh, comms=comms,
+                   ep=cfg.ep, expert_mesh=expert_mesh)
+
+
+def expert_comms(comms: dict[str, Comm], sizes: dict[str, int], ep: int, world_size: int) -> Any:
+    """Add 'ep' and 'edp' to `comms`; return the expert DeviceMesh (None where ep = 1).
+
+    The dp × cp ranks of one (pp stage, tp rank) — index dp_rank·cp + cp_rank — split into ep groups of
+    consecutive indices (each holds all experts between them) and edp groups of the same ep rank (which
+    hold the same experts). At ep = 1 'ep' is trivial and 'edp' is 'dp_cp'."""
+    if ep == 1:
+        comms["ep"], comms["edp"] = Comm.single("ep"), comms["dp_cp"]
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp_cp = comms["dp_cp"]
+    edp = dp_cp.size // ep
+    mesh = init_device_mesh("cpu" if _backend_is_gloo() else "cuda", (sizes["pp"], edp, ep, sizes["tp"]),
+                            mesh_dim_names=EXPERT_MESH_AXES)
+    comms["ep"] = Comm(mesh["ep"].get_group(), ep, dp_cp.rank % ep, "ep")
+    comms["edp"] = Comm(mesh["edp"].get_group() if edp > 1 else None, edp, dp_cp.rank // ep, "edp")
+    return mesh
 
 
 def _dp_cp_comm(comms: dict[str, Comm], sizes: dict[str, int], ranks: dict[str, int], world_size: int) -> Comm:

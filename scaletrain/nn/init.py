@@ -22,6 +22,8 @@ class ParamSpec:
     global_shape: the full tensor's shape. view: the local tensor's logical shape where a backend
     stores it differently (Transformer Engine keeps the fused gate/up weight 2-D, [2·f/tp, h], while
     checkpoints, HF maps and the torch backend see [2, f/tp, h]; same memory, so a view).
+    expert_slice: (first, count) along dim 0 for routed-expert weights sharded over expert parallelism
+    (global_shape[0] is then every expert; set by parallel/expert_parallel.shard_experts).
     """
 
     init: str
@@ -29,6 +31,7 @@ class ParamSpec:
     shard_dim: int | None
     global_shape: tuple[int, ...]
     view: tuple[int, ...] | None = None
+    expert_slice: tuple[int, int] | None = None
 
 
 def mark(param: torch.nn.Parameter, init: str, std: float = 0.0, shard_dim: int | None = None,
@@ -57,6 +60,12 @@ def spec_of(param: torch.Tensor) -> ParamSpec:
     return spec
 
 
+def expert_sharded(param: torch.Tensor) -> bool:
+    """Whether `param` holds an ep slice of routed experts (its gradient is reduced over expert-dp)."""
+    spec = getattr(param, "scaletrain_spec", None)
+    return spec is not None and spec.expert_slice is not None
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -83,9 +92,16 @@ def init_parameters(model: torch.nn.Module, seed: int, tp_rank: int = 0, tp_size
         seen.add(id(param))
         spec = spec_of(param)
         full = full_init(spec, seed, name, param.dtype)
-        if spec.shard_dim is not None and tp_size > 1:
-            full = full.chunk(tp_size, dim=spec.shard_dim)[tp_rank]
-        logical(param, spec).copy_(full.to(param.device))
+        logical(param, spec).copy_(local_part(full, spec, tp_rank, tp_size).to(param.device))
+
+
+def local_part(full: torch.Tensor, spec: ParamSpec, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's part of a parameter's full tensor: its experts (expert parallelism), then its tp slice."""
+    if spec.expert_slice is not None:
+        full = full.narrow(0, *spec.expert_slice)
+    if spec.shard_dim is not None and tp_size > 1:
+        full = full.chunk(tp_size, dim=spec.shard_dim)[tp_rank]
+    return full
 
 
 def store_fused_flat(module: torch.nn.Module, fused: int) -> None:

@@ -24,6 +24,10 @@ shard (`shard_grad`). The parameters then are views into one padded *parameter* 
 that the updated shards are all-gathered straight into them (in place); with
 parallel.overlap_param_gather the gather is posted at the start of the next forward, bucket by bucket
 in forward order, and each bucket is waited for just before the first layer that reads it.
+
+Expert parallelism: routed-expert weights (`nn.init.expert_sharded`) differ between the ep ranks, so
+they sit in buckets of their own, reduced (or ZeRO-sharded) over the expert-data-parallel group
+(`expert_comm`, dims.comm('edp')) instead of dp × cp; every bucket carries the group it is reduced over.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scaletrain.distributed.comm import Comm
+from scaletrain.nn.init import expert_sharded
 from scaletrain.profile.phases import mark, phase
 
 
@@ -51,6 +56,7 @@ class _Bucket:
     param_buffer: torch.Tensor | None = None  # ZeRO-1: the parameters' storage (padded like `buffer`)
     gather_work: object | None = None
     offsets: list[int] = field(default_factory=list)
+    comm: Comm | None = None  # the group this bucket is reduced over (dp × cp, or edp for routed experts)
 
     def shard_range(self, rank: int) -> tuple[int, int]:
         """[lo, hi) of this rank's shard in the flat buffers (the whole buffer when not sharded)."""
@@ -63,7 +69,8 @@ class GradBuckets:
     """Bucketed dp gradient reduction (and ZeRO-1 parameter gathering) for one rank's model."""
 
     def __init__(self, model: torch.nn.Module, dp: Comm, bucket_bytes: int = 25 * 2**20, shard: bool = False,
-                 overlap_grad_reduce: bool = True, overlap_param_gather: bool = True) -> None:
+                 overlap_grad_reduce: bool = True, overlap_param_gather: bool = True,
+                 expert_comm: Comm | None = None) -> None:
         self.dp, self.shard = dp, shard
         self.overlap_grad_reduce, self.overlap_param_gather = overlap_grad_reduce, overlap_param_gather
         self.expected = 1  # gradients each parameter receives this step (microbatches); set by start_step
@@ -75,16 +82,19 @@ class GradBuckets:
                 params.append(p)
         self.main_grads = any(torch.promote_types(p.dtype, torch.float32) != p.dtype for p in params)
         self.buckets: list[_Bucket] = []
-        group: list[torch.nn.Parameter] = []
-        size = 0
-        for p in reversed(params):  # ≈ the order backward finishes gradients
-            group.append(p)
-            size += p.numel() * torch.promote_types(p.dtype, torch.float32).itemsize
-            if size >= bucket_bytes:
-                self._make_bucket(group)
-                group, size = [], 0
-        if group:
-            self._make_bucket(group)
+        experts = {id(p) for p in params if expert_sharded(p)} if expert_comm is not None else set()
+        for comm, members in ((dp, [p for p in params if id(p) not in experts]),
+                              (expert_comm, [p for p in params if id(p) in experts])):
+            group: list[torch.nn.Parameter] = []
+            size = 0
+            for p in reversed(members):  # ≈ the order backward finishes gradients
+                group.append(p)
+                size += p.numel() * torch.promote_types(p.dtype, torch.float32).itemsize
+                if size >= bucket_bytes:
+                    self._make_bucket(group, comm)  # type: ignore[arg-type]
+                    group, size = [], 0
+            if group:
+                self._make_bucket(group, comm)  # type: ignore[arg-type]
         self._owner = {id(p): b for b in self.buckets for p in b.params}
         self._arrived: dict[int, int] = {id(p): 0 for p in params}
         for p in params:
@@ -94,14 +104,14 @@ class GradBuckets:
             self._hook_forwards(model)
 
     # -- layout ---------------------------------------------------------------------------------
-    def _make_bucket(self, params: list[torch.nn.Parameter]) -> None:
+    def _make_bucket(self, params: list[torch.nn.Parameter], comm: Comm) -> None:
         p0 = params[0]
         main = torch.promote_types(p0.dtype, torch.float32)
         numel = sum(p.numel() for p in params)
-        shards = self.dp.size if self.shard else 1
+        shards = comm.size if self.shard else 1
         padded = -(-numel // shards) * shards
         buffer = torch.zeros(padded, dtype=main, device=p0.device)
-        param_buffer = torch.zeros(padded, dtype=p0.dtype, device=p0.device) if self.shard and self.dp.size > 1 else None
+        param_buffer = torch.zeros(padded, dtype=p0.dtype, device=p0.device) if self.shard and comm.size > 1 else None
         offsets, offset = [], 0
         for p in params:
             offsets.append(offset)
@@ -117,7 +127,7 @@ class GradBuckets:
             offset += p.numel()
         deferred = any(getattr(p, "pipeline_tied", False) for p in params)
         self.buckets.append(_Bucket(len(self.buckets), params, [self._names[id(p)] for p in params], buffer, numel,
-                                    shards, deferred, param_buffer=param_buffer, offsets=offsets))
+                                    shards, deferred, param_buffer=param_buffer, offsets=offsets, comm=comm))
 
     # -- gradients --------------------------------------------------------------------------------
     def start_step(self, num_microbatches: int) -> None:
@@ -125,16 +135,21 @@ class GradBuckets:
         self.zero()
         self.expected = max(num_microbatches, 1)
 
+    def comm_of(self, b: _Bucket) -> Comm:
+        """The group bucket `b` is reduced (and ZeRO-sharded) over."""
+        return b.comm or self.dp
+
     def _launch(self, b: _Bucket) -> None:
-        if self.shard and self.dp.size > 1:
-            lo, hi = b.shard_range(self.dp.rank)
+        comm = self.comm_of(b)
+        if self.shard and comm.size > 1:
+            lo, hi = b.shard_range(comm.rank)
             b.shard_grad = b.buffer[lo:hi]
             mark(f"dp.reduce_scatter.post[{b.index}]")
-            b.work = self.dp.reduce_scatter_async(b.shard_grad, b.buffer)  # in place: into this rank's slice
+            b.work = comm.reduce_scatter_async(b.shard_grad, b.buffer)  # in place: into this rank's slice
         else:
             b.shard_grad = b.buffer
             mark(f"dp.all_reduce.post[{b.index}]")
-            b.work = self.dp.all_reduce_async(b.buffer)
+            b.work = comm.all_reduce_async(b.buffer)
         if b.work is None:  # size 1: nothing to wait for; a marker so the bucket counts as launched
             b.work = _DONE
 
@@ -199,11 +214,13 @@ class GradBuckets:
 
     def _post_gathers(self) -> None:
         for b in reversed(self.buckets):  # forward order: the first bucket holds the last parameters
-            if b.gather_work is None:
-                assert b.param_buffer is not None
-                lo, hi = b.shard_range(self.dp.rank)
+            if b.gather_work is None and b.param_buffer is None:  # not sharded (routed experts at edp = 1)
+                b.gather_work = _DONE
+            elif b.gather_work is None and b.param_buffer is not None:
+                comm = self.comm_of(b)
+                lo, hi = b.shard_range(comm.rank)
                 mark(f"zero.all_gather.post[{b.index}]")
-                b.gather_work = self.dp.all_gather_async(b.param_buffer, b.param_buffer[lo:hi])
+                b.gather_work = comm.all_gather_async(b.param_buffer, b.param_buffer[lo:hi])
 
     def _wait_gathers(self, buckets: list[_Bucket]) -> None:
         self._post_gathers()

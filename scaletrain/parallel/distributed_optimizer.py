@@ -78,7 +78,7 @@ class DistributedOptimizer:
         names = {id(p): n for n, p in model.named_parameters()}
         self.segments: list[Segment] = []
         for bi, bucket in enumerate(buckets.buckets):
-            lo, hi = bucket.shard_range(dp.rank)
+            lo, hi = bucket.shard_range(buckets.comm_of(bucket).rank)  # dp × cp, or edp for routed experts
             offset = 0
             for p in bucket.params:
                 s, e = max(lo, offset), min(hi, offset + p.numel())
@@ -125,13 +125,14 @@ class DistributedOptimizer:
         keys = ("exp_avg", "exp_avg_sq") + (("main_param",) if self.keeps_master else ())
         for key in keys:
             for bi, bucket in enumerate(self.buckets.buckets):
-                lo, hi = bucket.shard_range(self.dp.rank)
+                comm = self.buckets.comm_of(bucket)
+                lo, hi = bucket.shard_range(comm.rank)
                 local = torch.zeros(hi - lo, dtype=bucket.buffer.dtype, device=bucket.buffer.device)
                 for s in self.segments:
                     if s.bucket == bi and s.main in self.inner.state:
                         value = s.main.detach() if key == "main_param" else self.inner.state[s.main][key]
                         local[s.shard_offset : s.shard_offset + s.length] = value
-                full = self.dp.all_gather(local) if bucket.shards > 1 else local
+                full = comm.all_gather(local) if bucket.shards > 1 else local
                 offset = 0
                 for p, name in zip(bucket.params, bucket.names):
                     out.setdefault(name, {})[key] = full[offset : offset + p.numel()].view_as(p).clone()

@@ -7,7 +7,8 @@ embedding group, before the dp reduction. (b) Gradients of sequence-parallel rep
 (norm weights) are partial sums per tp rank and get one coalesced all-reduce over tp. The global
 norm counts every parameter of the whole model once: squares of tp-sharded gradients are summed
 over tp, replicated ones added once per stage; ZeRO shards are summed over dp; stages over pp; the
-last rank's tied-embedding copy is left out.
+last rank's tied-embedding copy is left out. Routed experts under expert parallelism (each ep rank holds
+different ones) are summed over tp and ep, and their ZeRO shards over the expert-data-parallel group.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from scaletrain.distributed.comm import Comm
 from scaletrain.distributed.dims import ParallelDims
-from scaletrain.nn.init import spec_of
+from scaletrain.nn.init import expert_sharded, spec_of
 
 GradPairs = list[tuple[torch.nn.Parameter, torch.Tensor]]
 
@@ -57,6 +58,8 @@ def global_grad_norm(pairs: GradPairs, dims: ParallelDims, *, sharded_over_dp: b
     """L2 norm of all gradients of the whole (unsharded, unsplit) model; same value on every rank."""
     device = pairs[0][1].device if pairs else torch.device("cpu")
     pairs = [(p, g) for p, g in pairs if not getattr(p, "pipeline_tied_copy", False)]
+    experts = [g for p, g in pairs if expert_sharded(p)]  # only where ep > 1
+    pairs = [(p, g) for p, g in pairs if not expert_sharded(p)]
     # Accumulate in float64 on every rank: the partial sums are all-reduced, so every rank must use
     # the same dtype even when it holds no gradient at all (a ZeRO shard of only the tied copy).
     acc = torch.float64
@@ -75,6 +78,11 @@ def global_grad_norm(pairs: GradPairs, dims: ParallelDims, *, sharded_over_dp: b
         total = total + part
     if sharded_over_dp and dims.dp * dims.cp > 1:  # ZeRO shards span dp × cp
         dims.comm("dp_cp").all_reduce(total)
+    if dims.ep > 1:  # routed experts: tp-sharded, split over ep, ZeRO shards over edp
+        part = sq(experts)
+        for axis in ("tp", "ep") + (("edp",) if sharded_over_dp else ()):
+            dims.comm(axis).all_reduce(part)
+        total = total + part
     if dims.pp > 1:
         dims.comm("pp").all_reduce(total)
     return total[0].sqrt()

@@ -32,6 +32,7 @@ from scaletrain.nn.init import spec_of
 from scaletrain.nn.linear import TPBound
 from scaletrain.nn.norm import RMSNorm
 from scaletrain.parallel.data_parallel import GradBuckets
+from scaletrain.parallel.expert_parallel import shard_experts
 from scaletrain.parallel.pipeline.split import mark_tied_embedding, split_stages
 
 
@@ -95,25 +96,31 @@ def apply_selective_recompute(model: torch.nn.Module, modules: tuple[str, ...]) 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
                 device: torch.device | None = None, *, shard_optimizer: bool = False,
                 precision: PrecisionConfig | None = None, log: Callable[[str], None] | None = None) -> torch.nn.Module:
-    """Apply the parallel layout in place and return the model. Order: pipeline split, materialise,
-    bind tp/SP, bind cp, tied-embedding tags, kernels, FP8 (`precision`, when precision.fp8), compile,
-    activation recomputation, data-parallel gradient buckets. `log` receives what was chosen (FP8).
+    """Apply the parallel layout in place and return the model. Order: pipeline split, expert sharding
+    (MoE: this ep rank's experts), materialise, bind tp/SP, bind cp, tied-embedding tags, kernels, FP8
+    (`precision`, when precision.fp8), compile, activation recomputation, data-parallel gradient buckets
+    (routed experts under ep > 1 in buckets of their own over the expert-data-parallel group). `log`
+    receives what was chosen (FP8).
 
     With pp > 1 the model is pruned to this rank's stage and `model.pipeline_chunks` lists its
     virtual stages for the schedule. Under sequence parallelism each tp rank normalises a
     different slice of the sequence, so RMSNorm weights (replicated over tp) get partial gradients:
-    they are tagged `sequence_parallel_grad` and summed over tp by `finalize_grads`.
+    they are tagged `sequence_parallel_grad` and summed over tp by `finalize_grads`; so are the weights of
+    norms a tp rank applies to its own heads only (`tp_partial_grad`, Qwen3's q/k norms), at any tp > 1.
     """
     device = device or torch.device("cpu")
     sp = cfg.sequence_parallel and dims.tp > 1
     if dims.pp > 1:
         model.pipeline_chunks = split_stages(model, dims, sp)  # type: ignore[assignment]
+    shard_experts(model, dims.comm("ep"))  # MoE layers: this ep rank's experts only; the ep group bound
     if any(p.is_meta for p in model.parameters()):
         materialize(model, device)
     for module in model.modules():
         if isinstance(module, TPBound) or getattr(module, "binds_tp", False):  # torch or te role layers
             module.bind_tp(dims.tp_comm, sp)  # type: ignore[operator]
         if sp and (isinstance(module, RMSNorm) or getattr(module, "role", None) == "norm"):
+            module.weight.sequence_parallel_grad = True  # type: ignore[union-attr]
+        if dims.tp > 1 and getattr(module, "tp_partial_grad", False):  # per-head norms (Qwen3's q/k norms)
             module.weight.sequence_parallel_grad = True  # type: ignore[union-attr]
     if dims.cp > 1:  # attention gathers keys/values over cp (torch backend; te + cp is refused up front)
 
@@ -140,9 +147,11 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: ParallelConfig,
     if trainable and (dims.dp * dims.cp > 1 or low_precision):
         # Over dp × cp: cp ranks hold partial gradients too. ZeRO-1 reduce-scatters instead of all-reducing.
         # bf16 weights: their gradients accumulate into the buckets' fp32 main grads, also at dp = 1.
+        # Routed experts under ep > 1: over the expert-data-parallel group instead (their own buckets).
         model.grad_buckets = GradBuckets(model, dims.comm("dp_cp"), int(cfg.bucket_mb * 2**20),  # type: ignore[assignment]
                                          shard=shard_optimizer, overlap_grad_reduce=cfg.overlap_grad_reduce,
-                                         overlap_param_gather=cfg.overlap_param_gather)
+                                         overlap_param_gather=cfg.overlap_param_gather,
+                                         expert_comm=dims.comm("edp") if dims.ep > 1 else None)
     return model
 
 

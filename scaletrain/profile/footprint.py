@@ -42,6 +42,12 @@ class Layout:
     zero: bool = False
     recompute: str = "none"
     recompute_modules: tuple[str, ...] = ()
+    ep: int = 1  # expert parallelism: routed experts sharded over ep ranks taken from dp·cp
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel ranks: those holding the same experts (their gradients and ZeRO-1 shards)."""
+        return max(self.dp * self.cp // self.ep, 1)
 
     @property
     def world_size(self) -> int:
@@ -68,6 +74,15 @@ def byte_sizes(cfg: RunConfig, compute_dtype: str | None = None) -> Bytes:
         return Bytes(DTYPE_BYTES[compute], DTYPE_BYTES[compute], max(4, DTYPE_BYTES[compute]))
     # bf16 (FP8 GEMMs still save their inputs in bf16: TE keeps FP8 copies only of weights)
     return Bytes(4 if cfg.precision.params == "fp32" else 2, 2, 4)
+
+
+def optimizer_bytes(params: int, b: Bytes, zero: bool, shards: int) -> int:
+    """AdamW's state of `params` parameters on one rank. bf16 weights: fp32 master weights and two fp32
+    moments; fp32/float64 weights: two moments in their dtype — under ZeRO-1 three fp32 values per parameter
+    (master shard and moments) for 1/`shards` of them (the dp·cp ranks, or a routed expert's edp ranks)."""
+    if b.param < b.main:
+        return 3 * params * b.main // (shards if zero else 1)
+    return 3 * params * 4 // shards if zero else 2 * params * b.param
 
 
 def activation_bytes_per_layer(m: ModelConfig, layout: Layout, tokens: int, compute_bytes: int) -> int:

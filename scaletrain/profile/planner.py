@@ -11,8 +11,9 @@ Conventions (all bytes are per rank):
   fp32 weights under autocast), else the run's dtype. Gradients in the main dtype (the dp buckets: fp32
   main grads for bf16 weights). AdamW: two moments in the parameter dtype for fp32/float64 weights; for
   bf16 weights fp32 master weights and two fp32 moments; ZeRO-1 keeps master weights and moments for 1/(dp·cp)
-  of the rank's parameters. FP8: Transformer Engine caches an FP8 copy of each block weight and its
-  transpose (2 bytes per parameter) and cuBLAS workspaces; torchao casts per GEMM (transient).
+  of the rank's parameters — for 1/edp of its routed experts' (edp = dp·cp/ep, the expert-data-parallel
+  ranks). FP8: Transformer Engine caches an FP8 copy of each block weight and its transpose (2 bytes per
+  parameter; routed experts are no TE linears) and cuBLAS workspaces; torchao casts per GEMM (transient).
 - Activations and the loss: profile/footprint.py says what a block and the loss save per token.
 - Communication is the bytes each rank sends per step with ring collectives: all-reduce 2(n-1)/n of
   the buffer, all-gather / reduce-scatter (n-1)/n; pipeline point-to-point is the activation sent
@@ -27,6 +28,9 @@ Conventions (all bytes are per rank):
   sampling pass's logits (posttrain.rollout.micro_batch rows) over this rank's vocabulary slice: at the
   last position only when decoding is incremental, at every position where each token recomputes its
   prefix.
+- Mixture of experts (model.moe): FLOPs on active parameters, expert memory per rank over parallel.ep,
+  the dispatch/combine all-to-all bytes and the layout warnings come from profile/moe_plan.py (its
+  docstring states those conventions).
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ from scaletrain.profile.footprint import (
     activation_bytes_per_layer,
     byte_sizes,
     loss_bytes,
+    optimizer_bytes,
+)
+from scaletrain.profile.moe_plan import (
+    moe_activation_delta,
+    moe_comm,
+    moe_notes,
+    moe_section,
+    stage_moe_params,
 )
 from scaletrain.trainer.flops import flops_per_token, parameter_counts
 
@@ -71,6 +83,7 @@ class StagePlan:
     # and the transient logits of one pass on the last stage.
     rollout_kv_bytes: int = 0
     rollout_logits_bytes: int = 0
+    expert_params: int = 0  # of `params`: routed experts (reduced and ZeRO-sharded over dp·cp/ep)
 
     @property
     def rollout_bytes(self) -> int:
@@ -99,6 +112,7 @@ class Plan:
     gpu_memory_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     teacher_flops_per_token: float = 0.0  # distillation: the teacher's forward pass (PaLM convention), not in MFU
+    params_active: int = 0  # parameters one token passes through (a MoE model's top_k experts of E)
 
     @property
     def peak_stage(self) -> StagePlan:
@@ -123,14 +137,20 @@ def _layer_params(m: ModelConfig) -> tuple[int, int]:
     d = m.head_dim
     qkv = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * d + (m.num_heads + 2 * m.num_kv_heads) * d * m.qkv_bias
     sharded = qkv + m.num_heads * d * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
-    return sharded, 2 * m.hidden_size
+    return sharded, 2 * m.hidden_size + 2 * d * m.qk_norm
+
+
+def stage_layers(m: ModelConfig, layout: Layout, pp_rank: int) -> list[int]:
+    """Global indices of the layers on pipeline stage `pp_rank`."""
+    return [i for chunk in layer_layout(m.num_layers, layout.pp, layout.vpp)[pp_rank] for i in chunk]
 
 
 def stage_params(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[int, int]:
     """(parameters this rank holds, its layer count) on pipeline stage `pp_rank`."""
-    layers = sum(len(c) for c in layer_layout(m.num_layers, layout.pp, layout.vpp)[pp_rank])
+    indices = stage_layers(m, layout, pp_rank)
+    layers = len(indices)
     sharded, replicated = _layer_params(m)
-    n = layers * (sharded // layout.tp + replicated)
+    n = layers * (sharded // layout.tp + replicated) + stage_moe_params(m, layout.tp, layout.ep, indices)[0]
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     table = m.vocab_size * m.hidden_size // layout.tp
     if first:
@@ -203,7 +223,7 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = world_size // (p.tp * p.pp * p.cp)
     layout = Layout(p.tp, p.pp, p.vpp, dp, p.cp, p.sequence_parallel and p.tp > 1, cfg.optim.distributed,
-                    p.recompute, tuple(p.recompute_modules))
+                    p.recompute, tuple(p.recompute_modules), p.ep)
     b = byte_sizes(cfg, compute_dtype)
     param_bytes, compute_bytes = b.param, b.compute
     counts = parameter_counts(m)
@@ -214,22 +234,25 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
     stages = []
     for r in range(p.pp):
         n, layers = stage_params(m, layout, r)
+        indices = stage_layers(m, layout, r)
+        moe_delta, experts = stage_moe_params(m, layout.tp, layout.ep, indices)
         weights, grads = n * param_bytes, n * b.main
-        if param_bytes < b.main:  # bf16 weights: fp32 master weights and two fp32 moments, ZeRO-1 sharded
-            optimizer = 3 * n * b.main // ((dp * p.cp) if layout.zero else 1)
-        else:
-            optimizer = 3 * n * 4 // (dp * p.cp) if layout.zero else 2 * n * param_bytes
+        # AdamW state per parameter (footprint.optimizer_bytes); ZeRO-1 shards the routed experts' over edp.
+        optimizer = (optimizer_bytes(n - experts, b, layout.zero, dp * p.cp)
+                     + optimizer_bytes(experts, b, layout.zero, layout.edp))
         fp8 = 0
         if cfg.precision.fp8 and cfg.precision.fp8_backend == "te":
-            # FP8 copies of each block weight and its transpose, and cuBLAS/TE workspaces.
-            fp8 = 2 * layers * (_layer_params(m)[0] // p.tp) + TE_WORKSPACE_BYTES
+            # FP8 copies of each block weight and its transpose (not of routed experts: no TE linears), and
+            # cuBLAS/TE workspaces.
+            fp8 = 2 * (layers * (_layer_params(m)[0] // p.tp) + moe_delta - experts) + TE_WORKSPACE_BYTES
         per_layer = activation_bytes_per_layer(m, layout, tokens_mb, compute_bytes)
+        moe_act = moe_activation_delta(m, layout, tokens_mb, compute_bytes, indices)
         if layout.recompute == "full":  # block inputs kept; one block's activations live in its backward
             div = p.tp if layout.sequence_parallel else 1
             act_mb = layers * tokens_mb * m.hidden_size * compute_bytes // div
-            transient = per_layer
+            transient = per_layer + moe_activation_delta(m, layout, tokens_mb, compute_bytes, indices[-1:])
         else:
-            act_mb, transient = layers * per_layer, 0
+            act_mb, transient = layers * per_layer + moe_act, 0
         if r == p.pp - 1:
             saved, loss_transient = loss_bytes(m, layout, tokens_mb, b, fused_ce)
             act_mb += saved
@@ -252,18 +275,23 @@ def plan(cfg: RunConfig, world_size: int, *, gpu_memory_gb: float | None = None,
         activations = int(chunk_share * in_flight) + transient
         kv, logits = rollout_bytes(cfg, layout, r, layers, compute_bytes, rollout_group)
         stages.append(StagePlan(r, layers, n, weights, grads, optimizer, act_mb, in_flight, activations,
-                                fp8, companions, kv, logits))
+                                fp8, companions, kv, logits, experts))
 
     comm = _comm_bytes(m, layout, microbatches, tokens_mb, b, stages)
+    if moe_section(m) is not None:  # expert gradients over the expert-dp ranks; the all-to-all of dispatch/combine
+        comm.update(moe_comm(m, layout, b, tokens_mb, microbatches,
+                             [(s.params, s.expert_params, stage_layers(m, layout, s.pp_rank)) for s in stages]))
     bubble = (p.pp - 1) / (p.vpp * microbatches + p.pp - 1) if p.pp > 1 else 0.0
     notes = []
     if layout.tp > 8:
         notes.append("tp > 8 crosses the NVLink domain of an 8-GPU node")
+    notes += moe_notes(m, layout, [stage_layers(m, layout, r) for r in range(p.pp)])
     plan_ = Plan(layout, counts["total"], counts["embedding"], counts["matmul"], flops_per_token(m, t.seq_length),
                  flops_per_token(m, t.seq_length, causal_halved=True),
                  flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length,
                  t.global_batch_size * t.seq_length, microbatches, bubble, stages, comm,
-                 None if gpu_memory_gb is None else int(gpu_memory_gb * 2**30), notes)
+                 None if gpu_memory_gb is None else int(gpu_memory_gb * 2**30), notes,
+                 params_active=counts["active"])
     if teacher is not None:
         plan_.teacher_flops_per_token = flops_per_token(teacher, t.seq_length) / 3  # forward only
     if plan_.fits is False:
@@ -309,12 +337,14 @@ def format_plan(p: Plan) -> str:
     gib = 2**30
     lines = [
         f"layout: tp{lay.tp}·pp{lay.pp}{f'·vpp{lay.vpp}' if lay.vpp > 1 else ''}{f'·cp{lay.cp}' if lay.cp > 1 else ''}"
-        f"·dp{lay.dp} "
+        f"{f'·ep{lay.ep}' if lay.ep > 1 else ''}·dp{lay.dp} "
         f"({lay.world_size} GPUs){' +SP' if lay.sequence_parallel else ''}{' +ZeRO-1' if lay.zero else ''}"
         f"{' +full recompute' if lay.recompute == 'full' else ''}"
         f"{(' +selective recompute (' + ', '.join(lay.recompute_modules) + ')') if lay.recompute == 'selective' else ''}",
-        f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in matmuls, "
-        f"{p.params_embedding / 1e9:.3f} B embedding",
+        f"parameters: {p.params_total / 1e9:.3f} B total, {p.params_matmul / 1e9:.3f} B in "
+        f"{'active ' if p.params_active < p.params_total else ''}matmuls, "
+        f"{p.params_embedding / 1e9:.3f} B embedding"
+        + (f"; {p.params_active / 1e9:.3f} B active per token" if p.params_active < p.params_total else ""),
         f"FLOPs/token: {p.flops_per_token_palm / 1e9:.1f} GFLOP (PaLM 6N + 12·L·H·Q·T), "
         f"{p.flops_per_token_causal / 1e9:.1f} GFLOP (causal-halved); {p.flops_per_step / 1e15:.1f} PFLOP/step "
         f"({p.tokens_per_step:,} tokens)",

@@ -6,10 +6,17 @@ input embedding table; the output head is counted even when tied to the embeddin
 H query heads, Q head dim, T sequence length. The attention term counts the full T×T score matrix;
 `causal_halved=True` halves it (6·L·H·Q·T), the count of work a causal kernel actually does. MFU is
 reported under the PaLM convention. E.g. Llama-3-8B at T = 8192: 57.9 GFLOP (PaLM), 51.5 (halved).
+
+Mixture of experts (model.moe): N counts the *active* matmul parameters, those one token passes through —
+in a MoE layer the router (E·h), top_k of the E routed experts and the shared expert, not the other
+E − top_k experts — as Megatron-Core and the published "active parameters" do (Mixtral 8x7B: 12.9 B of
+46.7 B; Qwen3-30B-A3B: 3.3 B of 30.5 B, both counting the embedding and the head). MFU is then the work
+the model needs per token, not the work a capacity-padded or token-dropping dispatch happens to do.
 """
 
 from __future__ import annotations
 
+from scaletrain.config.moe import is_moe_layer
 from scaletrain.config.schema import ModelConfig
 
 # Dense peak TFLOP/s per device (no sparsity). Unknown devices (CPUs included) get no MFU.
@@ -24,18 +31,32 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 
+def mlp_params(cfg: ModelConfig, index: int) -> tuple[int, int]:
+    """(parameters, active parameters per token) of layer `index`'s feed-forward block: the dense SwiGLU, or
+    a mixture of experts (router, routed experts, shared expert)."""
+    h, moe = cfg.hidden_size, cfg.moe
+    if not is_moe_layer(moe, index):
+        return 3 * h * cfg.ffn_hidden_size, 3 * h * cfg.ffn_hidden_size
+    expert = 3 * h * (moe.expert_ffn_hidden_size or cfg.ffn_hidden_size)
+    fixed = moe.num_experts * h + 3 * h * moe.shared_ffn_hidden_size  # router + shared expert
+    return fixed + moe.num_experts * expert, fixed + moe.top_k * expert
+
+
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Exact parameter counts of the resolved model config: total, embedding, matmul (N)."""
+    """Exact parameter counts of the resolved model config: total, embedding, matmul (N: active matmul
+    parameters, see the module docstring) and active (every parameter a token passes through)."""
     h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
     qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + (cfg.num_heads + 2 * cfg.num_kv_heads) * d * cfg.qkv_bias
     attn_out = cfg.num_heads * d * h
-    mlp = 3 * h * cfg.ffn_hidden_size
-    per_layer_matmul = qkv + attn_out + mlp
-    norms = layers * 2 * h + h
+    mlps = [mlp_params(cfg, i) for i in range(layers)]
+    matmul = layers * (qkv + attn_out) + sum(a for _, a in mlps)
+    norms = layers * 2 * h + h + layers * 2 * d * cfg.qk_norm  # + Qwen3's per-head q/k norms
     embedding = cfg.vocab_size * h
     head = cfg.num_labels * h if cfg.num_labels else cfg.vocab_size * h  # a reward model's score head, or the LM head
-    total = embedding + layers * per_layer_matmul + norms + (0 if cfg.tie_embeddings and not cfg.num_labels else head)
-    return {"total": total, "embedding": embedding, "matmul": layers * per_layer_matmul + head}
+    own_head = 0 if cfg.tie_embeddings and not cfg.num_labels else head
+    total = embedding + layers * (qkv + attn_out) + sum(n for n, _ in mlps) + norms + own_head
+    return {"total": total, "embedding": embedding, "matmul": matmul + head,
+            "active": total - sum(n - a for n, a in mlps)}  # less the experts a token does not reach
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int, causal_halved: bool = False) -> float:

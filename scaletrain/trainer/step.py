@@ -20,6 +20,7 @@ from scaletrain.parallel.pipeline.schedules import forward_backward_pipelining
 from scaletrain.parallel.schedules import forward_backward_no_pipelining
 from scaletrain.profile.phases import phase
 from scaletrain.trainer.contracts import Objective
+from scaletrain.trainer.moe_step import MoEStep
 from scaletrain.trainer.precision import Precision
 
 
@@ -115,6 +116,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
         group["lr"] = lr
     mbs = prepare_batches(objective, microbatches, device, dims)
     items = _global_count(objective, mbs, dims)
+    moe = MoEStep.of(model, dims)  # MoE layers: their balancing terms enter the loss here (trainer/moe_step.py)
+    if moe is not None:
+        moe.begin(mbs)
     buckets = getattr(model, "grad_buckets", None)
     if buckets is not None:
         # .grad / main_grad are views into the dp buckets: zeroed in place, never dropped. Every parameter's
@@ -124,6 +128,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
         optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
     with precision.autocast():
         loss, metrics = run_schedule(objective, mbs, model, dims, normaliser=max(items, 1))
+    if moe is not None:
+        metrics = {**metrics, **moe.end()}
     zero = isinstance(optimizer, DistributedOptimizer) and optimizer.buckets.shard
     if isinstance(optimizer, DistributedOptimizer):
         optimizer.attach_grads()  # this rank's (ZeRO-1: reduce-scattered) shard, as fp32 segments
@@ -141,6 +147,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Distri
             torch._foreach_mul_([g for _, g in pairs], coef.to(pairs[0][1].dtype))  # type: ignore[misc]
         with phase("optimizer"):
             optimizer.step()
+        if moe is not None:
+            moe.update_bias()
     return StepResult(loss=float(loss.item()), grad_norm=grad_norm, items=items, skipped=skipped, metrics=metrics)
 
 

@@ -1,7 +1,7 @@
 """Llama-family decoder written in the scaletrain.nn role vocabulary.
 
-Covers Llama 2/3 (RoPE incl. Llama 3.1 scaling, GQA, SwiGLU, RMSNorm), Qwen2 (qkv bias) and
-Mistral shapes. The module tree is embed → layers[i] → norm → head, with global layer indices as
+Covers Llama 2/3 (RoPE incl. Llama 3.1 scaling, GQA, SwiGLU, RMSNorm), Qwen2 (qkv bias), Qwen3
+(per-head q/k RMSNorm) and Mistral shapes. The module tree is embed → layers[i] → norm → head, with global layer indices as
 names, so a pipeline split can take a slice of `layers` outside the model (DESIGN rule 2).
 
 The fused qkv weight is laid out per key/value group: for each kv head, its q heads, then its k,
@@ -27,7 +27,19 @@ from scaletrain.nn import (
 )
 from scaletrain.nn.backend import Roles, roles
 from scaletrain.nn.kv_cache import KVCache, LayerCache
+from scaletrain.nn.moe import MoE, is_moe_layer
 from scaletrain.nn.score import ScoreHead
+
+
+class HeadNorm(RMSNorm):
+    """RMSNorm over each head's last dim (Qwen3's q/k norms); the torch layer on either backend.
+
+    Placement: input [b, s, heads/tp, head_dim], head-sharded over tp; weight [head_dim] replicated. Each
+    tp rank normalises only its own heads, so the weight's gradient is a partial sum over tp:
+    `parallelize` tags it (tp_partial_grad) for finalize_grads' all-reduce, with or without SP.
+    """
+
+    tp_partial_grad = True
 
 
 class Attention(nn.Module):
@@ -46,6 +58,11 @@ class Attention(nn.Module):
         self.proj = r.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp_size=tp_size,
                           init_std=out_std, dtype=dtype)
         self.core = r.attention(self.heads_per_partition, self.kv_per_partition, cfg.head_dim)
+        self.q_norm: HeadNorm | None = None
+        self.k_norm: HeadNorm | None = None
+        if cfg.qk_norm:  # Qwen3
+            self.q_norm = HeadNorm(cfg.head_dim, cfg.norm_eps, dtype=dtype)
+            self.k_norm = HeadNorm(cfg.head_dim, cfg.norm_eps, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
@@ -62,6 +79,8 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.kv_per_partition, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.heads_per_partition, self.head_dim)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, k, position_ids)
         if kv_cache is not None:
             k, v = kv_cache.extend(k, v)
@@ -98,12 +117,13 @@ class Block(nn.Module):
     # Set by parallelize for blocks that precision.fp8_bf16_layers keeps out of FP8 (te backend).
     precision_override: Callable[[], contextlib.AbstractContextManager] | None = None
 
-    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None, r: Roles) -> None:
+    def __init__(self, cfg: ModelConfig, tp_size: int, dtype: torch.dtype | None, r: Roles, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = r.norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
         self.attn = Attention(cfg, tp_size, dtype, r)
         self.mlp_norm = r.norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
-        self.mlp = SwiGLU(cfg, tp_size, dtype, r)
+        # model.moe: a mixture of experts in the layers it names (global index), the dense SwiGLU elsewhere
+        self.mlp: SwiGLU | MoE = MoE(cfg, tp_size, dtype, r) if is_moe_layer(cfg.moe, index) else SwiGLU(cfg, tp_size, dtype, r)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: LayerCache | None = None) -> torch.Tensor:
@@ -137,7 +157,7 @@ class LlamaModel(nn.Module):
             factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
             high_freq_factor=cfg.rope_high_freq_factor, original_max_position=cfg.rope_original_max_position,
         )
-        self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype, r) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp_size, dtype, r, i) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
         self.head: ColumnParallelLinear | None = None
         self.score: ScoreHead | None = None

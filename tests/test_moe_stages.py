@@ -1,0 +1,123 @@
+"""A mixture-of-experts model through the real entry points: pretraining on the bundled corpus balances its
+experts (configs/tiny_moe.toml; the CV of tokens per expert is reported per step), and the post-training
+stages run it through the same builder and step — SFT, DPO and reward models at ep2, GRPO (rollouts decoded
+through the MoE blocks) at tp2·SP, and distillation from a MoE teacher into a dense student at tp2·SP equal one
+process (float64, 1e-10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scaletrain.cli import main
+
+from conftest import REPO, TINY, grpo_args, read_metrics, tiny_overrides
+from parity import assert_same_steps, run_single_and_parallel
+
+pytestmark = pytest.mark.e2e
+
+TINY_MOE = str(REPO / "configs" / "tiny_moe.toml")
+MOE = {"model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.expert_ffn_hidden_size": 32,
+       "model.moe.shared_ffn_hidden_size": 32, "model.moe.z_loss_coef": 0.001}
+
+
+def _pretrain(run: Path, tokenizer_dir, prefix, **extra) -> list[dict]:
+    args = ["train", "--config", TINY_MOE]
+    for key, value in {"train.run_dir": run, "data.tokenizer": tokenizer_dir, "data.prefixes": f'["{prefix}"]',
+                       "train.steps": 30, "optim.warmup_steps": 5, "train.eval_interval": 0,
+                       "checkpoint.interval": 0, "logging.tensorboard": "false", **extra}.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    return read_metrics(run)
+
+
+def _late_cv(steps: list[dict]) -> float:
+    """Mean CV of tokens per expert over the last 5 steps (one step's CV is noisy)."""
+    return sum(s["moe_expert_tokens_cv"] for s in steps[-5:]) / 5
+
+
+@pytest.mark.slow
+def test_tiny_moe_pretrains_with_balanced_experts(tmp_path, tokenizer_dir, dataset_prefix):
+    """configs/tiny_moe.toml learns (loss falls), and both balancing methods — the aux loss, and DeepSeek-V3's
+    bias updates alone (sigmoid scores, no aux loss) — end with a CV of tokens per expert far below the same
+    run's without any balancing (~1.4 here: a few experts take most tokens)."""
+    balanced = _pretrain(tmp_path / "aux", tokenizer_dir, dataset_prefix)
+    free = _pretrain(tmp_path / "none", tokenizer_dir, dataset_prefix, **{"model.moe.aux_loss_coef": 0})
+    biased = _pretrain(tmp_path / "bias", tokenizer_dir, dataset_prefix, **{
+        "model.moe.aux_loss_coef": 0, "model.moe.score_fn": "sigmoid", "model.moe.bias_update_rate": 0.01})
+    assert balanced[-1]["loss"] < balanced[0]["loss"] - 1.0
+    for key in ("moe_aux_loss", "moe_z_loss", "moe_expert_tokens_min", "moe_expert_tokens_max",
+                "moe_expert_tokens_cv", "moe_dropped_fraction"):
+        assert key in balanced[-1], key
+    cv, cv_free, cv_bias = _late_cv(balanced), _late_cv(free), _late_cv(biased)
+    assert cv < 0.5 and cv < cv_free / 2 and cv_bias < 0.75 * cv_free, (cv, cv_free, cv_bias)
+    assert free[-1]["moe_aux_loss"] == 0 and balanced[-1]["moe_aux_loss"] > 0
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--output", str(out), "--train", "24", "--test", "4"]) == 0
+    return out
+
+
+def _stage_args(stage, run_dir, tokenizer_dir, prefix, data_file, **extra):
+    args = [stage, "--config", TINY]
+    for s in tiny_overrides(run_dir, tokenizer_dir, prefix, **{
+            "posttrain.chat.train_data": f'["{data_file}"]', "train.seq_length": 160, "train.global_batch_size": 4,
+            "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64", **MOE, **extra}):
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.parametrize("stage,data", [("sft", "sft_train.jsonl"), ("dpo", "dpo_train.jsonl"),
+                                        ("reward", "dpo_train.jsonl")])
+def test_post_training_stages_run_moe_at_ep2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix, synth,
+                                                              stage, data):
+    a, b = run_single_and_parallel(
+        lambda par: (tmp_path / str(par), _stage_args(stage, tmp_path / str(par), tokenizer_dir, dataset_prefix,
+                                                      synth / data, **({"parallel.ep": 2} if par else {}))), 2)
+    assert len(a) == 3 and "moe_expert_tokens_cv" in a[-1]
+    assert_same_steps(a, b, 1e-10)
+
+
+def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_like_one_process(tmp_path, tokenizer_dir, dataset_prefix,
+                                                                            prompts, capsys):
+    """GRPO samples its rollouts with the KV cache through the MoE blocks (dropless) and trains on them; at tp2
+    with SP the steps equal one process's. Expert parallelism with sampling is refused up front."""
+    a, b = run_single_and_parallel(
+        lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **MOE,
+                                                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {}))),
+        2)
+    assert len(a) == 3 and all(x["completion_tokens"] > 0 and "moe_expert_tokens_cv" in x for x in a)
+    assert_same_steps(a, b, 1e-10)
+    for x, y in zip(a, b):
+        assert x["reward"] == pytest.approx(y["reward"], rel=1e-9, abs=1e-12)
+    capsys.readouterr()
+    assert main(grpo_args(tmp_path / "ep", tokenizer_dir, dataset_prefix, prompts, **MOE, **{"parallel.ep": 2})) == 2
+    assert "parallel.ep = 2 with sampling" in capsys.readouterr().err and not (tmp_path / "ep").exists()
+
+
+def test_moe_teacher_distils_into_a_dense_student_at_tp2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix):
+    """A MoE teacher (a scaletrain checkpoint: its model.moe travels in the checkpoint's model config) is built
+    frozen in the student's layout; distilling it into a dense student at tp2·SP equals one process."""
+    teacher = tmp_path / "teacher"
+    args = ["train", "--config", TINY]
+    for s in tiny_overrides(teacher, tokenizer_dir, dataset_prefix, **MOE, **{"train.steps": 4, "train.seq_length": 64}):
+        args += ["--set", s]
+    assert main(args) == 0
+
+    def distill(par: bool) -> tuple[Path, list[str]]:
+        run = tmp_path / str(par)
+        a = ["distill", "--config", TINY]
+        for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **{
+                "posttrain.distill.teacher": str(teacher), "train.seq_length": 64, "train.global_batch_size": 4,
+                "train.micro_batch_size": 1, "train.steps": 3, "precision.dtype": "float64",
+                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {})}):
+            a += ["--set", s]
+        return run, a
+
+    a, b = run_single_and_parallel(distill, 2)
+    assert len(a) == 3 and all(x["kd"] > 0 for x in a) and "moe_expert_tokens_cv" not in a[0]  # the student is dense
+    assert_same_steps(a, b, 1e-10)
