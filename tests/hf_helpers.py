@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from safetensors.torch import load_file
+
+from scaletrain.cli import main
 
 
 def run_rotary_in_float64(hf_model, ours) -> None:
@@ -46,3 +49,27 @@ def run_mixtral_router_in_float64(hf) -> None:
                 top, index = torch.topk(logits.softmax(-1), mod.top_k, dim=-1)
                 return logits, top / top.sum(-1, keepdim=True), index
             m.forward = forward
+
+
+def assert_round_trip(tmp_path, hf_dir, hf, expect_key: str) -> None:
+    """`convert from-hf` then `to-hf` of the HF directory `hf_dir` (whose model is `hf`): the exported weights
+    are bit-identical (and hold a key containing `expect_key`), every config field comes back, and
+    transformers loads the export with no missing or unexpected keys and the source's exact logits."""
+    import transformers  # here: the module's other helpers serve tests that may run without it
+
+    out = tmp_path / "export"
+    assert main(["convert", "from-hf", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", "to-hf", str(tmp_path / "ckpt"), str(out)]) == 0
+    original, exported = load_file(str(hf_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert exported.keys() == original.keys() and any(expect_key in k for k in exported)
+    assert all(torch.equal(exported[k], original[k]) for k in original)  # bit-identical
+    src, back = transformers.AutoConfig.from_pretrained(str(hf_dir)), transformers.AutoConfig.from_pretrained(str(out))
+    assert type(back) is type(src)
+    src_d, back_d = src.to_dict(), back.to_dict()
+    assert {k: (src_d.get(k), back_d.get(k)) for k in set(src_d) | set(back_d)
+            if k != "_name_or_path" and src_d.get(k) != back_d.get(k)} == {}
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, hf.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)

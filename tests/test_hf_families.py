@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from scaletrain.checkpoint.hf import load_full_model
 from scaletrain.cli import main
@@ -15,7 +14,7 @@ from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 
 from dist_harness import run_ranks
-from hf_helpers import patch_hf_float64
+from hf_helpers import assert_round_trip, patch_hf_float64
 from layout_models import tp_train
 from parity import assert_matches, rel
 
@@ -51,22 +50,8 @@ def _convert(*args: str) -> None:
 @pytest.mark.parametrize("tied", [False, True])
 def test_qwen3_round_trip_is_bit_exact_and_keeps_every_config_field(tmp_path, tied):
     hf_dir, hf = _qwen3(tmp_path, tied)
-    _convert("from-hf", str(hf_dir), str(tmp_path / "ckpt"))
-    _convert("to-hf", str(tmp_path / "ckpt"), str(tmp_path / "export"))
-    out = tmp_path / "export"
-    original, exported = load_file(str(hf_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert exported.keys() == original.keys() and any("q_norm" in k for k in exported)
-    assert all(torch.equal(exported[k], original[k]) for k in original)  # bit-identical
-    src = transformers.AutoConfig.from_pretrained(str(hf_dir)).to_dict()
-    back = transformers.AutoConfig.from_pretrained(str(out)).to_dict()
-    assert type(transformers.AutoConfig.from_pretrained(str(out))).__name__ == "Qwen3Config"
-    assert {k: (src.get(k), back.get(k)) for k in set(src) | set(back)
-            if k != "_name_or_path" and src.get(k) != back.get(k)} == {}
-    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    ids = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)
+    assert_round_trip(tmp_path, hf_dir, hf, "q_norm")
+    assert type(transformers.AutoConfig.from_pretrained(str(tmp_path / "export"))).__name__ == "Qwen3Config"
 
 
 @pytest.mark.parametrize("tied", [False, True])
