@@ -3,9 +3,23 @@ to continue, and one side of a preference pair as a conversation."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaletrain.chat.renderer import BadConversation, normalise_messages
+
+
+@dataclass
+class RowReport:
+    """What a stage made of its data rows, printed once at start: rows read, used, and dropped by reason."""
+
+    rows: int = 0
+    used: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def dropped_text(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"
 
 
 def read_rows(files: tuple[str, ...] | list[str], columns: tuple[str, ...] | None) -> list[dict]:

@@ -8,27 +8,18 @@ rows (empty responses, identical responses, over-length) are counted by reason.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
 import torch
 
 from scaletrain.chat.renderer import BadConversation, ChatRenderer
-from scaletrain.chat.rows import pair_messages, read_rows
+from scaletrain.chat.rows import RowReport, pair_messages, read_rows
 from scaletrain.data.tokenizer import Tokenizer
 
 SIDES = ("chosen", "rejected")
 
 
-@dataclass
-class DPOReport:
-    rows: int = 0
-    used: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
+class DPOReport(RowReport):
     def line(self) -> str:
-        dropped = ", ".join(f"{n} {r}" for r, n in self.dropped.most_common()) or "none"
-        return f"preference data: {self.rows} pairs, {self.used} used, dropped: {dropped}"
+        return f"preference data: {self.rows} pairs, {self.used} used, dropped: {self.dropped_text()}"
 
 
 def read_pairs(files: tuple[str, ...] | list[str]) -> list[dict]:

@@ -9,14 +9,12 @@ reason and dropped, never truncated (a truncated question has another answer).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from scaletrain.chat.renderer import BadConversation, ChatRenderer
-from scaletrain.chat.rows import prompt_messages, read_rows
+from scaletrain.chat.rows import RowReport, prompt_messages, read_rows
 from scaletrain.chat.tools import bundled_tools
 from scaletrain.config.load import ConfigError
 from scaletrain.config.posttrain import ChatConfig, RolloutConfig
@@ -24,15 +22,9 @@ from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.stages.rl.rewards import required_fields
 
 
-@dataclass
-class PromptReport:
-    rows: int = 0
-    used: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
+class PromptReport(RowReport):
     def line(self) -> str:
-        dropped = ", ".join(f"{n} {r}" for r, n in self.dropped.most_common()) or "none"
-        return f"prompts: {self.rows} rows, {self.used} used, dropped: {dropped}"
+        return f"prompts: {self.rows} rows, {self.used} used, dropped: {self.dropped_text()}"
 
 
 class PromptDataset:

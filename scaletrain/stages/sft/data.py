@@ -7,29 +7,24 @@ packing several conversations share a row (block-diagonal attention, positions r
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from scaletrain.chat.renderer import BadConversation, ChatRenderer
-from scaletrain.chat.rows import read_rows
+from scaletrain.chat.rows import RowReport, read_rows
 from scaletrain.data.packing import Document, pack
 from scaletrain.data.tokenizer import Tokenizer
 
 
 @dataclass
-class SFTReport:
-    rows: int = 0
-    used: int = 0
+class SFTReport(RowReport):
     truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
     target_tokens: int = 0
 
     def line(self) -> str:
-        dropped = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"
         return (f"sft data: {self.rows} conversations, {self.used} used ({self.truncated} truncated), "
-                f"dropped: {dropped}; {self.target_tokens} target tokens")
+                f"dropped: {self.dropped_text()}; {self.target_tokens} target tokens")
 
 
 def read_conversations(files: tuple[str, ...] | list[str]) -> list:
