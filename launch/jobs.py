@@ -4,9 +4,8 @@ Slurm: one allocation of N nodes × G GPUs; torchrun per node with c10d rendezvo
 (or, with --launch-style srun, one task per GPU and ranks from SLURM_*); the cluster environment file
 slurm/env/<name>.sh sourced first; `--signal=USR1@<s>` so the trainer checkpoints ahead of the time
 limit; `--open-mode=append` and requeue. nemo-run's script requeues on any non-zero exit while
-restarts < retries, which covers the trainer's exit 75 after a stop signal (SIGUSR1 or SIGTERM), but also
-requeues exit 2 (bad input) and 3 (diverged), which slurm/common.sh does not: a diverged run then resumes
-from `latest` with a warning that it is not good, and stops again, until --max-requeues.
+restarts < retries, which covers the trainer's exit 75 after a stop signal (SIGUSR1 or SIGTERM); exit 2
+(bad input) and 3 (diverged) are not requeued (`_requeue_guard`), as in slurm/common.sh.
 """
 
 from __future__ import annotations
@@ -78,6 +77,22 @@ def build_task(stage: str, config: str, overrides: list[str], executor: str = "s
     return run.Script(path="scaletrain.cli", m=True, args=args, entrypoint="python")
 
 
+def _requeue_guard(job_dir: Path) -> list[str]:
+    """Lines for the sbatch script: nemo-run's template runs `scontrol requeue` after any non-zero exit while
+    restarts remain, but a trainer that exited 2 (bad input) or 3 (diverged) would only fail the same way
+    again. Rank 0 records its exit code in a file on the shared job directory (torchrun reports any failed
+    worker as 1), and a shell function in front of scontrol skips the requeue for those two codes; a stop
+    signal's 75 and failures without a record (a lost node) are requeued as before."""
+    status = job_dir / "exit_status.$SLURM_JOB_ID"
+    return [
+        f'export SCALETRAIN_EXIT_STATUS_FILE="{status}"',
+        'rm -f "$SCALETRAIN_EXIT_STATUS_FILE"',
+        'scontrol() { if [ "$1" = requeue ]; then local code; code=$(cat "$SCALETRAIN_EXIT_STATUS_FILE" 2>/dev/null); '
+        'case "$code" in 2|3) echo "scaletrain: the trainer exited $code (2: bad input, 3: diverged), which a '
+        'restart would repeat: not requeued" >&2; return 0;; esac; fi; command scontrol "$@"; }',
+    ]
+
+
 def build_executor(args: argparse.Namespace, env: dict[str, str] | None = None):
     """A nemo-run executor for args.executor; env is added to the job's environment."""
     import nemo_run as run
@@ -91,7 +106,7 @@ def build_executor(args: argparse.Namespace, env: dict[str, str] | None = None):
     env_file = REPO / "slurm" / "env" / f"{args.cluster_env}.sh"
     if not env_file.is_file():
         raise SystemExit(f"launch: --cluster-env {args.cluster_env}: {env_file} does not exist")
-    setup = [f"source {env_file}"]
+    setup = [f"source {env_file}", *_requeue_guard(Path(args.job_dir))]
     if args.launch_style == "torchrun":
         # Slurm signals every process of the step, torchrun included, and USR1 would kill an agent that
         # does not handle it: let torchrun catch it too, pass it on, and give the workers time to save.
