@@ -13,6 +13,7 @@ import pytest
 from scaletrain.cli import main
 
 from conftest import REPO, TINY, grpo_args, read_metrics, tiny_overrides
+from dist_harness import cli_rank, run_ranks
 from parity import assert_same_steps, run_single_and_parallel
 
 pytestmark = pytest.mark.e2e
@@ -82,21 +83,34 @@ def test_post_training_stages_run_moe_at_ep2_like_one_process(tmp_path, tokenize
     assert_same_steps(a, b, 1e-10)
 
 
-def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_like_one_process(tmp_path, tokenizer_dir, dataset_prefix,
-                                                                            prompts, capsys):
+def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_and_ep2_like_one_process(tmp_path, tokenizer_dir,
+                                                                                     dataset_prefix, prompts):
     """GRPO samples its rollouts with the KV cache through the MoE blocks (dropless) and trains on them; at tp2
-    with SP the steps equal one process's. Expert parallelism with sampling is refused up front."""
-    a, b = run_single_and_parallel(
-        lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **MOE,
-                                                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {}))),
-        2)
+    with SP, and at ep2 (over dp2: each replica decodes its own groups, the ep ranks in lock step,
+    generation/ep_lockstep.py), the steps equal one process's."""
+    def args(run: str, **par):
+        return tmp_path / run, grpo_args(tmp_path / run, tokenizer_dir, dataset_prefix, prompts, **MOE, **par)
+
+    a, b = run_single_and_parallel(lambda par: args("tp", **{"parallel.tp": 2, "parallel.sequence_parallel": True})
+                                   if par else args("one"), 2)
+    run, ep_args = args("ep", **{"parallel.ep": 2})
+    assert run_ranks(2, cli_rank, ep_args, timeout=240) == [0, 0]
+    c = read_metrics(run)
     assert len(a) == 3 and all(x["completion_tokens"] > 0 and "moe_expert_tokens_cv" in x for x in a)
-    assert_same_steps(a, b, 1e-10)
-    for x, y in zip(a, b):
-        assert x["reward"] == pytest.approx(y["reward"], rel=1e-9, abs=1e-12)
-    capsys.readouterr()
-    assert main(grpo_args(tmp_path / "ep", tokenizer_dir, dataset_prefix, prompts, **MOE, **{"parallel.ep": 2})) == 2
-    assert "parallel.ep = 2 with sampling" in capsys.readouterr().err and not (tmp_path / "ep").exists()
+    for other in (b, c):
+        assert_same_steps(a, other, 1e-10)
+        for x, y in zip(a, other):
+            assert x["reward"] == pytest.approx(y["reward"], rel=1e-9, abs=1e-12)
+            assert x["completion_tokens"] == y["completion_tokens"]
+
+
+def test_ep2_sampling_is_refused_where_not_lock_stepped(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
+    """Expert-parallel decoding is proven at pp = cp = 1 without eval tasks: the rest is refused up front."""
+    for extra in ({"parallel.pp": 2}, {"train.eval_tasks": '["arith"]', "train.eval_interval": 1}):
+        capsys.readouterr()
+        assert main(grpo_args(tmp_path / "ep", tokenizer_dir, dataset_prefix, prompts, **MOE,
+                              **{"parallel.ep": 2, **extra})) == 2
+        assert "parallel.ep = 2 with sampling" in capsys.readouterr().err and not (tmp_path / "ep").exists()
 
 
 def test_moe_teacher_distils_into_a_dense_student_at_tp2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix):
