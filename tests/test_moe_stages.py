@@ -1,7 +1,7 @@
 """A mixture-of-experts model through the real entry points: pretraining on the bundled corpus balances its
 experts (configs/tiny_moe.toml; the CV of tokens per expert is reported per step), and the post-training
 stages run it through the same builder and step — SFT, DPO and reward models at ep2, GRPO and PPO (rollouts
-decoded through the MoE blocks; PPO with a MoE critic) at tp2·SP, and distillation from a MoE teacher into a dense student at tp2·SP equal one
+decoded through the MoE blocks; PPO with a MoE critic) at tp2·SP and at ep2 (the ep ranks decode in lock step), and distillation from a MoE teacher into a dense student at tp2·SP equal one
 process (float64, 1e-10)."""
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_moe_teacher_distils_into_a_dense_student_at_tp2_like_one_process(tmp_pa
 
 def test_ppo_with_a_moe_policy_and_critic_at_tp2_sp_like_one_process(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     """PPO: rollouts decoded through the policy's MoE blocks, a MoE critic (a `scaletrain reward` run of the same
-    shape) valued and trained in the policy's layout; at tp2·SP the steps equal one process's (float64)."""
+    shape) valued and trained in the policy's layout; at tp2·SP and at ep2 the steps equal one process's (float64)."""
     rm = tmp_path / "rm"
     synth = tmp_path / "synth"
     assert main(["data", "synth", "--output", str(synth), "--train", "24", "--test", "4"]) == 0
@@ -151,7 +151,7 @@ def test_ppo_with_a_moe_policy_and_critic_at_tp2_sp_like_one_process(tmp_path, t
         args += ["--set", s]
     assert main(args) == 0
 
-    def ppo(par: bool) -> tuple[Path, list[str]]:
+    def ppo(par: bool | str) -> tuple[Path, list[str]]:
         run, a = tmp_path / str(par), ["ppo", "--config", TINY]
         for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **MOE, **{
                 "posttrain.chat.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
@@ -160,14 +160,48 @@ def test_ppo_with_a_moe_policy_and_critic_at_tp2_sp_like_one_process(tmp_path, t
                 "posttrain.rewards.functions": '["grpo_rewards:digits"]', "optim.warmup_steps": 1,
                 "posttrain.ppo.critic": str(rm), "posttrain.ppo.group_size": 2, "posttrain.ppo.kl_coef": 0.1,
                 "posttrain.ppo.iterations": 2, "posttrain.ppo.critic_lr": 3e-3,
-                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {})}):
+                **({"parallel.ep": 2} if par == "ep" else {"parallel.tp": 2, "parallel.sequence_parallel": True}
+                   if par else {})}):
             a += ["--set", s]
         return run, a
 
     a, b = run_single_and_parallel(ppo, 2)
+    run, ep_args = ppo("ep")  # ep2 over dp2: rollouts, reference, old-policy and critic passes in lock step
+    assert run_ranks(2, cli_rank, ep_args, timeout=240) == [0, 0]
+    c = read_metrics(run)
     assert len(a) == 3 and all(x["completion_tokens"] > 0 and "moe_expert_tokens_cv" in x for x in a)
     assert a[0]["value_loss"] > 0 and a[0]["value_loss"] != a[2]["value_loss"]  # the MoE critic trains
-    assert_same_steps(a, b, 1e-10, loss_abs=1e-14)  # on a fresh batch the whitened surrogate is ≈ 0 (rounding)
+    for other in (b, c):
+        assert_same_steps(a, other, 1e-10, loss_abs=1e-14)  # on a fresh batch the whitened surrogate is ≈ 0
+        for x, y in zip(a, other):
+            for k in ("reward", "value_loss", "value_grad_norm"):
+                assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), (x["step"], k)
+
+
+def test_on_policy_distillation_of_a_moe_student_at_ep2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix,
+                                                                         synth):
+    """On-policy distillation with a MoE student: at ep2 over dp2 each replica samples its own prompts' completions
+    (the ep ranks in lock step) and the MoE teacher scores them; the steps equal one process's (float64)."""
+    teacher = tmp_path / "teacher"
+    args = ["train", "--config", TINY]
+    for s in tiny_overrides(teacher, tokenizer_dir, dataset_prefix, **MOE, **{"train.steps": 4, "train.seq_length": 160}):
+        args += ["--set", s]
+    assert main(args) == 0
+
+    def distill(par: bool) -> tuple[Path, list[str]]:
+        run = tmp_path / str(par)
+        a = ["distill", "--config", TINY]
+        for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **MOE, **{
+                "posttrain.distill.teacher": str(teacher), "posttrain.distill.on_policy": True,
+                "posttrain.distill.loss": "reverse_kl", "posttrain.chat.train_data": f'["{synth / "sft_train.jsonl"}"]',
+                "posttrain.rollout.max_new_tokens": 8, "posttrain.rollout.temperature": 1.0, "train.seq_length": 160,
+                "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 2,
+                "precision.dtype": "float64", **({"parallel.ep": 2} if par else {})}):
+            a += ["--set", s]
+        return run, a
+
+    a, b = run_single_and_parallel(distill, 2)
+    assert len(a) == 2 and "moe_expert_tokens_cv" in a[0]
+    assert_same_steps(a, b, 1e-10)
     for x, y in zip(a, b):
-        for k in ("reward", "value_loss", "value_grad_norm"):
-            assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), (x["step"], k)
+        assert x["completion_tokens"] == y["completion_tokens"] and abs(x["kd"] - y["kd"]) <= 1e-10 * x["kd"]

@@ -199,9 +199,12 @@ def sample_share(model: torch.nn.Module, dims: ParallelDims, prompts: Sequence[l
     dp, dp_rank = dims.dp, dims.dp_rank
     mine = list(contiguous_share(len(prompts), dp, dp_rank))
     out: list[tuple[list[int], bool]] = []
-    if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
+    # (a replica without prompts skips the passes, its ranks agree on that; under expert parallelism its MoE
+    # layers must join the ep group's: it decodes a repeat of prompt 0, dropped below)
+    share = mine or ([0] if prompts and lockstep_group(model, dims) is not None else [])
+    if share:
         unit = pass_unit(dims, micro_batch)
-        padded = mine + [mine[-1]] * (-len(mine) % unit)
+        padded = share + [share[-1]] * (-len(share) % unit)
         completions, stopped = sample_completions(
             model, dims, [prompts[i] for i in padded],
             None if seed is None else [sampling_generator(seed, i) for i in padded], group_size=group_size,
