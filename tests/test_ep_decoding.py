@@ -47,18 +47,28 @@ def _sample(model, dims, who: int, kv_cache: bool | None):
         device=torch.device("cpu"), kv_cache=kv_cache)
 
 
+def _share(model, dims):
+    """`sample_share` of one prompt over dp: one replica has nothing to sample."""
+    from scaletrain.generation.sampler import sample_share
+    from scaletrain.trainer.precision import Precision
+
+    return sample_share(model, dims, PROMPTS[1][:1], seed=5, group_size=2, micro_batch=1, max_new_tokens=8,
+                        temperature=1.0, stop_ids=set(range(1, 12)), pad_id=0, vocab_limit=60,
+                        precision=Precision(torch.float64, None, "cpu", "test"), device=torch.device("cpu"))
+
+
 def _ep_rank(rank: int, world: int) -> tuple:
     from scaletrain.generation.ep_lockstep import lockstep_group
 
     model, dims = _model(2, rank, world)
     assert lockstep_group(model, dims) is not None
-    return _sample(model, dims, rank, None), _sample(model, dims, rank, False)
+    return _sample(model, dims, rank, None), _sample(model, dims, rank, False), _share(model, dims)
 
 
 def test_ep_ranks_with_uneven_passes_decode_in_lock_step_like_one_process():
     """ep2 over dp2: rank 0 decodes 2 rows (2 microbatches) for at most 3 tokens, rank 1 6 rows for up to 8,
-    with the KV cache (finished rows leave the passes) and by recomputation; no hang (60 s bound), and each
-    rank's completions equal one process's on its prompts."""
+    with the KV cache (finished rows leave the passes) and by recomputation; and `sample_share` of a single
+    prompt (one replica has none). No hang (60 s bound), and the completions equal one process's."""
     from scaletrain.distributed import ParallelDims
     from scaletrain.generation.ep_lockstep import lockstep_group
 
@@ -70,5 +80,7 @@ def test_ep_ranks_with_uneven_passes_decode_in_lock_step_like_one_process():
     assert expected == [_sample(single, ParallelDims.single(), who, False) for who in (0, 1)]
     lengths = {len(c) for c in expected[1][0]}
     assert len(lengths) > 1 and max(lengths) > MAX_NEW[0]  # rows stop at different steps, rank 1 runs longer
-    for rank, (cached, recomputed) in enumerate(run_ranks(2, _ep_rank, timeout=60)):
+    shared = _share(single, ParallelDims.single())
+    for rank, (cached, recomputed, share) in enumerate(run_ranks(2, _ep_rank, timeout=60)):
         assert cached == recomputed == expected[rank], rank
+        assert share == shared  # the replica without a prompt ran padding passes, the other's are the same

@@ -87,9 +87,12 @@ def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_and_ep2_like_one_proc
                                                                                      dataset_prefix, prompts):
     """GRPO samples its rollouts with the KV cache through the MoE blocks (dropless) and trains on them; at tp2
     with SP, and at ep2 (over dp2: each replica decodes its own groups, the ep ranks in lock step,
-    generation/ep_lockstep.py), the steps equal one process's."""
+    generation/ep_lockstep.py), the steps and the held-out rewards equal one process's."""
+    # 5 held-out prompts at step 3: uneven over dp2 (2 microbatches on one replica, 1 on the other)
+    valid = {"posttrain.chat.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
+
     def args(run: str, **par):
-        return tmp_path / run, grpo_args(tmp_path / run, tokenizer_dir, dataset_prefix, prompts, **MOE, **par)
+        return tmp_path / run, grpo_args(tmp_path / run, tokenizer_dir, dataset_prefix, prompts, **MOE, **valid, **par)
 
     a, b = run_single_and_parallel(lambda par: args("tp", **{"parallel.tp": 2, "parallel.sequence_parallel": True})
                                    if par else args("one"), 2)
@@ -102,6 +105,8 @@ def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_and_ep2_like_one_proc
         for x, y in zip(a, other):
             assert x["reward"] == pytest.approx(y["reward"], rel=1e-9, abs=1e-12)
             assert x["completion_tokens"] == y["completion_tokens"]
+        for k in ("val_reward", "val_completion_tokens"):
+            assert a[2][k] == pytest.approx(other[2][k], rel=1e-12, abs=1e-15), k
 
 
 def test_ep2_sampling_is_refused_where_not_lock_stepped(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
