@@ -221,6 +221,8 @@ def test_bad_tasks_fail_before_the_model_is_built(tmp_path, model_run, task_dir,
                                                      model=tmp_path / "no_model")
     assert "leave no room for --max-new-tokens" in err("--task", f"answer:{task_dir / 'sft_test.jsonl'}",
                                                        "--seq-length", "16", "--max-new-tokens", "12")
+    assert "evaluation at parallel.ep = 2" in err("--task", f"choice:{task_dir / 'choice_test.jsonl'}",
+                                                  "--set", "parallel.ep=2")
     assert "reads at most 128 positions" in err("--task", f"choice:{task_dir / 'choice_test.jsonl'}",
                                                 "--seq-length", "512")
 

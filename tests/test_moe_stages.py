@@ -1,7 +1,7 @@
 """A mixture-of-experts model through the real entry points: pretraining on the bundled corpus balances its
 experts (configs/tiny_moe.toml; the CV of tokens per expert is reported per step), and the post-training
 stages run it through the same builder and step — SFT, DPO and reward models at ep2, GRPO and PPO (rollouts
-decoded through the MoE blocks; PPO with a MoE critic) at tp2·SP, and distillation from a MoE teacher into a dense student at tp2·SP equal one
+decoded through the MoE blocks; PPO with a MoE critic) at tp2·SP and at ep2 (the ep ranks decode in lock step), and distillation from a MoE teacher into a dense student at tp2·SP equal one
 process (float64, 1e-10)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from scaletrain.cli import main
 
 from conftest import REPO, TINY, grpo_args, read_metrics, tiny_overrides
+from dist_harness import cli_rank, run_ranks
 from parity import assert_same_steps, run_single_and_parallel
 
 pytestmark = pytest.mark.e2e
@@ -82,21 +83,39 @@ def test_post_training_stages_run_moe_at_ep2_like_one_process(tmp_path, tokenize
     assert_same_steps(a, b, 1e-10)
 
 
-def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_like_one_process(tmp_path, tokenizer_dir, dataset_prefix,
-                                                                            prompts, capsys):
+def test_grpo_rollouts_decode_through_moe_blocks_at_tp2_sp_and_ep2_like_one_process(tmp_path, tokenizer_dir,
+                                                                                     dataset_prefix, prompts):
     """GRPO samples its rollouts with the KV cache through the MoE blocks (dropless) and trains on them; at tp2
-    with SP the steps equal one process's. Expert parallelism with sampling is refused up front."""
-    a, b = run_single_and_parallel(
-        lambda par: (tmp_path / str(par), grpo_args(tmp_path / str(par), tokenizer_dir, dataset_prefix, prompts, **MOE,
-                                                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {}))),
-        2)
+    with SP, and at ep2 (over dp2: each replica decodes its own groups, the ep ranks in lock step,
+    generation/ep_lockstep.py), the steps and the held-out rewards equal one process's."""
+    # 5 held-out prompts at step 3: uneven over dp2 (2 microbatches on one replica, 1 on the other)
+    valid = {"posttrain.chat.valid_data": f'["{prompts.with_name("sft_test.jsonl")}"]', "train.eval_interval": 3}
+
+    def args(run: str, **par):
+        return tmp_path / run, grpo_args(tmp_path / run, tokenizer_dir, dataset_prefix, prompts, **MOE, **valid, **par)
+
+    a, b = run_single_and_parallel(lambda par: args("tp", **{"parallel.tp": 2, "parallel.sequence_parallel": True})
+                                   if par else args("one"), 2)
+    run, ep_args = args("ep", **{"parallel.ep": 2})
+    assert run_ranks(2, cli_rank, ep_args, timeout=240) == [0, 0]
+    c = read_metrics(run)
     assert len(a) == 3 and all(x["completion_tokens"] > 0 and "moe_expert_tokens_cv" in x for x in a)
-    assert_same_steps(a, b, 1e-10)
-    for x, y in zip(a, b):
-        assert x["reward"] == pytest.approx(y["reward"], rel=1e-9, abs=1e-12)
-    capsys.readouterr()
-    assert main(grpo_args(tmp_path / "ep", tokenizer_dir, dataset_prefix, prompts, **MOE, **{"parallel.ep": 2})) == 2
-    assert "parallel.ep = 2 with sampling" in capsys.readouterr().err and not (tmp_path / "ep").exists()
+    for other in (b, c):
+        assert_same_steps(a, other, 1e-10)
+        for x, y in zip(a, other):
+            assert x["reward"] == pytest.approx(y["reward"], rel=1e-9, abs=1e-12)
+            assert x["completion_tokens"] == y["completion_tokens"]
+        for k in ("val_reward", "val_completion_tokens"):
+            assert a[2][k] == pytest.approx(other[2][k], rel=1e-12, abs=1e-15), k
+
+
+def test_ep2_sampling_is_refused_where_not_lock_stepped(tmp_path, tokenizer_dir, dataset_prefix, prompts, capsys):
+    """Expert-parallel decoding is proven at pp = cp = 1 without eval tasks: the rest is refused up front."""
+    for extra in ({"parallel.pp": 2}, {"train.eval_tasks": '["arith"]', "train.eval_interval": 1}):
+        capsys.readouterr()
+        assert main(grpo_args(tmp_path / "ep", tokenizer_dir, dataset_prefix, prompts, **MOE,
+                              **{"parallel.ep": 2, **extra})) == 2
+        assert "parallel.ep = 2 with sampling" in capsys.readouterr().err and not (tmp_path / "ep").exists()
 
 
 def test_moe_teacher_distils_into_a_dense_student_at_tp2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix):
@@ -125,7 +144,7 @@ def test_moe_teacher_distils_into_a_dense_student_at_tp2_like_one_process(tmp_pa
 
 def test_ppo_with_a_moe_policy_and_critic_at_tp2_sp_like_one_process(tmp_path, tokenizer_dir, dataset_prefix, prompts):
     """PPO: rollouts decoded through the policy's MoE blocks, a MoE critic (a `scaletrain reward` run of the same
-    shape) valued and trained in the policy's layout; at tp2·SP the steps equal one process's (float64)."""
+    shape) valued and trained in the policy's layout; at tp2·SP and at ep2 the steps equal one process's (float64)."""
     rm = tmp_path / "rm"
     synth = tmp_path / "synth"
     assert main(["data", "synth", "--output", str(synth), "--train", "24", "--test", "4"]) == 0
@@ -137,7 +156,7 @@ def test_ppo_with_a_moe_policy_and_critic_at_tp2_sp_like_one_process(tmp_path, t
         args += ["--set", s]
     assert main(args) == 0
 
-    def ppo(par: bool) -> tuple[Path, list[str]]:
+    def ppo(par: bool | str) -> tuple[Path, list[str]]:
         run, a = tmp_path / str(par), ["ppo", "--config", TINY]
         for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **MOE, **{
                 "posttrain.chat.train_data": f'["{prompts}"]', "train.seq_length": 96, "model.num_layers": 4,
@@ -146,14 +165,48 @@ def test_ppo_with_a_moe_policy_and_critic_at_tp2_sp_like_one_process(tmp_path, t
                 "posttrain.rewards.functions": '["grpo_rewards:digits"]', "optim.warmup_steps": 1,
                 "posttrain.ppo.critic": str(rm), "posttrain.ppo.group_size": 2, "posttrain.ppo.kl_coef": 0.1,
                 "posttrain.ppo.iterations": 2, "posttrain.ppo.critic_lr": 3e-3,
-                **({"parallel.tp": 2, "parallel.sequence_parallel": True} if par else {})}):
+                **({"parallel.ep": 2} if par == "ep" else {"parallel.tp": 2, "parallel.sequence_parallel": True}
+                   if par else {})}):
             a += ["--set", s]
         return run, a
 
     a, b = run_single_and_parallel(ppo, 2)
+    run, ep_args = ppo("ep")  # ep2 over dp2: rollouts, reference, old-policy and critic passes in lock step
+    assert run_ranks(2, cli_rank, ep_args, timeout=240) == [0, 0]
+    c = read_metrics(run)
     assert len(a) == 3 and all(x["completion_tokens"] > 0 and "moe_expert_tokens_cv" in x for x in a)
     assert a[0]["value_loss"] > 0 and a[0]["value_loss"] != a[2]["value_loss"]  # the MoE critic trains
-    assert_same_steps(a, b, 1e-10, loss_abs=1e-14)  # on a fresh batch the whitened surrogate is ≈ 0 (rounding)
+    for other in (b, c):
+        assert_same_steps(a, other, 1e-10, loss_abs=1e-14)  # on a fresh batch the whitened surrogate is ≈ 0
+        for x, y in zip(a, other):
+            for k in ("reward", "value_loss", "value_grad_norm"):
+                assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), (x["step"], k)
+
+
+def test_on_policy_distillation_of_a_moe_student_at_ep2_like_one_process(tmp_path, tokenizer_dir, dataset_prefix,
+                                                                         synth):
+    """On-policy distillation with a MoE student: at ep2 over dp2 each replica samples its own prompts' completions
+    (the ep ranks in lock step) and the MoE teacher scores them; the steps equal one process's (float64)."""
+    teacher = tmp_path / "teacher"
+    args = ["train", "--config", TINY]
+    for s in tiny_overrides(teacher, tokenizer_dir, dataset_prefix, **MOE, **{"train.steps": 4, "train.seq_length": 160}):
+        args += ["--set", s]
+    assert main(args) == 0
+
+    def distill(par: bool) -> tuple[Path, list[str]]:
+        run = tmp_path / str(par)
+        a = ["distill", "--config", TINY]
+        for s in tiny_overrides(run, tokenizer_dir, dataset_prefix, **MOE, **{
+                "posttrain.distill.teacher": str(teacher), "posttrain.distill.on_policy": True,
+                "posttrain.distill.loss": "reverse_kl", "posttrain.chat.train_data": f'["{synth / "sft_train.jsonl"}"]',
+                "posttrain.rollout.max_new_tokens": 8, "posttrain.rollout.temperature": 1.0, "train.seq_length": 160,
+                "train.global_batch_size": 4, "train.micro_batch_size": 1, "train.steps": 2,
+                "precision.dtype": "float64", **({"parallel.ep": 2} if par else {})}):
+            a += ["--set", s]
+        return run, a
+
+    a, b = run_single_and_parallel(distill, 2)
+    assert len(a) == 2 and "moe_expert_tokens_cv" in a[0]
+    assert_same_steps(a, b, 1e-10)
     for x, y in zip(a, b):
-        for k in ("reward", "value_loss", "value_grad_norm"):
-            assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), (x["step"], k)
+        assert x["completion_tokens"] == y["completion_tokens"] and abs(x["kd"] - y["kd"]) <= 1e-10 * x["kd"]

@@ -89,6 +89,9 @@ def command(args: argparse.Namespace) -> int:
             raise ConfigError(f"evaluation runs at tp·pp·cp = {p.tp}·{p.pp}·{p.cp} on world size {env.world_size}: "
                               f"launch a multiple of {p.tp * p.pp * p.cp} processes (extra processes are data-parallel "
                               "replicas; evaluation rows are scored whole, the cp ranks taking shares of them)")
+        if p.ep > 1:  # the likelihood passes split rows over dp unevenly: not lock-stepped over ep (docs/moe.md)
+            raise ConfigError(f"evaluation at parallel.ep = {p.ep}: its passes are not run in lock step over the "
+                              "expert-parallel ranks yet; set parallel.ep = 1 (tp and pp still split the model)")
         tokenizer = load_tokenizer(str(tok_dir))
         check_companion(cfg, "model", args.model, role="model", tokenizer_vocab=tokenizer.vocab_size)
         for task in tasks:

@@ -303,10 +303,15 @@ def validate(cfg: RunConfig, world_size: int, stage: StageRules | None = None) -
     if p.ep < 1 or (dp and (dp * p.cp) % p.ep):
         errors.append(f"parallel.ep = {p.ep} must divide dp·cp = {dp}·{p.cp} (the expert-parallel ranks are taken "
                       "from the data-parallel ones); launch more processes or lower parallel.ep.")
-    if p.ep > 1 and ((stage is not None and stage.rollout_group(cfg) > 0) or t.eval_tasks):
-        errors.append(f"parallel.ep = {p.ep} with sampling (a stage's rollouts or train.eval_tasks): each dp replica "
-                      "decodes its own rows with its own number of passes, and the experts' all-to-all needs every "
-                      "ep rank in every pass; set parallel.ep = 1 for this run (tp and pp still split the model).")
+    samples = stage is not None and stage.rollout_group(cfg) > 0
+    if p.ep > 1 and (t.eval_tasks or (samples and (p.pp > 1 or p.cp > 1))):
+        # The ep ranks decode in lock step (generation/ep_lockstep.py), proven for a stage's rollouts at
+        # pp = cp = 1; pipelined or cp-split decoding and the eval tasks' passes are not yet.
+        errors.append(f"parallel.ep = {p.ep} with sampling ("
+                      + ("train.eval_tasks" if t.eval_tasks else f"a stage's rollouts at pp = {p.pp}, cp = {p.cp}")
+                      + "): expert-parallel decoding runs the ep ranks in lock step only for a stage's rollouts "
+                      "without pipeline or context parallelism; set parallel.ep = 1 for this run (tp and pp still "
+                      "split the model), or parallel.pp = parallel.cp = 1 without train.eval_tasks.")
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
     return dp

@@ -2,7 +2,8 @@
 torch backend; each new token runs one position through the layout's forward-only schedule), or by
 recomputing every row's whole prefix (the te backend, rows padded for sequence parallelism, and the
 reference the tests compare against). Filled on the last pipeline stage; the sampler (generation/sampler.py)
-draws the tokens.
+draws the tokens. Under expert parallelism (`lockstep`, the ep group of a MoE model) every pass is padded to
+the most microbatches any ep rank feeds (generation/ep_lockstep.py), so the all-to-alls match.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from scaletrain.data.packing import block_causal_mask
+from scaletrain.distributed.comm import Comm
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.batching import left_padded, row_microbatches
+from scaletrain.generation.ep_lockstep import agreed_max, padding_microbatch
 from scaletrain.nn.kv_cache import KVCache
 from scaletrain.trainer.step import forward_pass
 
@@ -29,9 +32,11 @@ def gathered_last_logits(output: torch.Tensor, tp) -> torch.Tensor:
 
 
 def recomputed_logits(model: torch.nn.Module, dims: ParallelDims, rows: list[list[int]], pad_id: int, micro_batch: int,
-                       device: torch.device, tp, width_multiple: int) -> dict[int, torch.Tensor]:
+                       device: torch.device, tp, width_multiple: int,
+                       lockstep: Comm | None = None) -> dict[int, torch.Tensor]:
     """Next-token logits of every row (full vocabulary), recomputing each row's whole prefix through
-    the layout's forward-only schedule; filled on the last pipeline stage only."""
+    the layout's forward-only schedule; filled on the last pipeline stage only. lockstep: pad the pass
+    to the most microbatches of this ep group (collective over it)."""
     last: dict[int, torch.Tensor] = {}
 
     def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
@@ -45,8 +50,9 @@ def recomputed_logits(model: torch.nn.Module, dims: ParallelDims, rows: list[lis
 
         return logits, record
 
-    batch = left_padded(rows, pad_id, width_multiple)
-    forward_pass(forward_step, row_microbatches(batch, micro_batch, device), model, dims)
+    mbs = row_microbatches(left_padded(rows, pad_id, width_multiple), micro_batch, device) if rows else []
+    mbs += [padding_microbatch(pad_id, width_multiple, device)] * (agreed_max(lockstep, len(mbs), device) - len(mbs))
+    forward_pass(forward_step, mbs, model, dims)
     return last
 
 
@@ -57,11 +63,14 @@ class CachedLogits:
     microbatch's cache (`KVCache.keep`) and an emptied microbatch leaves the pass, so the work per
     token follows the rows still running — except under interleaved pipelining, whose schedule needs
     whole groups of microbatches: there an emptied microbatch keeps one finished row (its outputs
-    are ignored). Logits are filled on the last pipeline stage, for the rows fed."""
+    are ignored). Logits are filled on the last pipeline stage, for the rows fed. lockstep (the ep group
+    of a MoE model): each pass is padded with one-row microbatches, run without a cache, to the most any
+    rank of the group feeds (collective over it)."""
 
     def __init__(self, model: torch.nn.Module, dims: ParallelDims, rows: list[list[int]], pad_id: int, micro_batch: int,
-                 device: torch.device, tp, max_new_tokens: int) -> None:
+                 device: torch.device, tp, max_new_tokens: int, lockstep: Comm | None = None) -> None:
         self.model, self.dims, self.micro_batch, self.device, self.tp = model, dims, micro_batch, device, tp
+        self.lockstep, self.pad_id = lockstep, pad_id
         self.batch = left_padded(rows, pad_id)
         self.lengths = torch.tensor([len(r) for r in rows])
         capacity = self.batch["tokens"].shape[1] + max_new_tokens - 1  # the last sampled token is never fed
@@ -92,8 +101,9 @@ class CachedLogits:
         last: dict[int, torch.Tensor] = {}
 
         def forward_step(batch: dict[str, torch.Tensor], module: torch.nn.Module):
+            m = int(batch["cache"])
             out = module(batch["tokens"], position_ids=batch["position_ids"], attention_mask=batch["mask"],
-                         kv_cache=self.caches[int(batch["cache"])])
+                         kv_cache=self.caches[m] if m >= 0 else None)
 
             def record(output: torch.Tensor):
                 for r, values in zip(batch["row"].tolist(), gathered_last_logits(output, self.tp)):
@@ -109,5 +119,9 @@ class CachedLogits:
             sl = torch.tensor(rows)
             mbs.append({"tokens": tokens[sl].to(self.device), "position_ids": positions[sl].to(self.device),
                         "mask": mask[sl].to(self.device), "cache": torch.tensor(m), "row": sl})
+        for _ in range(agreed_max(self.lockstep, len(mbs), self.device) - len(mbs)):
+            pad = padding_microbatch(self.pad_id, 1, self.device)
+            mbs.append({"tokens": pad["tokens"], "position_ids": pad["position_ids"], "cache": torch.tensor(-1),
+                        "mask": torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device), "row": pad["row"]})
         forward_pass(forward_step, mbs, self.model, self.dims)
         return last

@@ -36,6 +36,7 @@ import torch
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.batching import contiguous_share, is_last_stage, pass_unit, split_over_cp
 from scaletrain.generation.decoding import CachedLogits, can_use_kv_cache, recomputed_logits
+from scaletrain.generation.ep_lockstep import agreed_max, lockstep_group
 from scaletrain.parallel.context_parallel import cp_unbound
 from scaletrain.parallel.parallelize import eager, sp_bound, sp_unbound
 
@@ -129,38 +130,46 @@ def _sample_replica(model: torch.nn.Module, dims: ParallelDims, prompts: Sequenc
         raise ValueError("kv_cache=True needs the torch backend and unpadded rows (width_multiple 1: "
                          "sample_completions lifts sequence parallelism for it)")
     cached = can_use_kv_cache(model, width_multiple) if kv_cache is None else kv_cache
-    next_logits = CachedLogits(model, dims, rows, pad_id, micro_batch, device, tp, max_new_tokens) if cached else None
+    # Expert parallelism: the ep group's ranks decode in lock step (generation/ep_lockstep.py); a rank whose
+    # rows all stopped keeps feeding padding passes until every rank's have.
+    lockstep = lockstep_group(model, dims)
+    next_logits = CachedLogits(model, dims, rows, pad_id, micro_batch, device, tp, max_new_tokens,
+                               lockstep) if cached else None
     was_training = model.training
     model.eval()
     try:
-        for step in range(max_new_tokens):
+        # (lock step: as many steps as the ep group's longest budget; a finished rank runs padding passes)
+        for step in range(agreed_max(lockstep, max_new_tokens, device)):
+            idle = all(stopped) or step >= max_new_tokens  # only a lock-step padding pass is left to run
             with eager(), precision.autocast():  # a new shape every step: compiled blocks would recompile
                 if next_logits is not None:
-                    last = next_logits(step, [n[-1] if n else pad_id for n in new], stopped)
+                    last = next_logits(step, [n[-1] if n else pad_id for n in new], [True] * len(rows) if idle
+                                       else stopped)
                 else:
-                    last = recomputed_logits(model, dims, [r + n for r, n in zip(rows, new)], pad_id, micro_batch,
-                                              device, tp, width_multiple)
-            nxt = torch.full((len(rows),), pad_id, dtype=torch.long)
-            if is_last_stage(dims):
-                # Rows that finished were dropped from the cached passes: a placeholder keeps every
-                # generator's draws where they were (a row's draw does not depend on its neighbours').
-                filler = torch.zeros_like(next(iter(last.values())))
-                logits = torch.stack([last.get(r, filler) for r in range(len(rows))])[:, :vocab_limit]
-                if temperature == 0 or generators is None:
-                    nxt = logits.argmax(dim=-1)
-                else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    for g, gen in enumerate(generators):  # one generator per prompt: layout-independent draws
-                        sl = slice(g * group_size, (g + 1) * group_size)
-                        nxt[sl] = torch.multinomial(probs[sl], 1, generator=gen)[:, 0]
-            if pp is not None:
-                nxt = pp.broadcast(nxt.to(device), src_group_rank=dims.pp - 1).cpu()
-            for i, t in enumerate(nxt.tolist()):
-                if stopped[i]:
-                    continue
-                new[i].append(t)
-                stopped[i] = t in stop_ids or _has_stop_text(decode, new[i], stop_text)
-            if all(stopped):
+                    last = recomputed_logits(model, dims, [] if idle else [r + n for r, n in zip(rows, new)], pad_id,
+                                             micro_batch, device, tp, width_multiple, lockstep)
+            if not idle:
+                nxt = torch.full((len(rows),), pad_id, dtype=torch.long)
+                if is_last_stage(dims):
+                    # Rows that finished were dropped from the cached passes: a placeholder keeps every
+                    # generator's draws where they were (a row's draw does not depend on its neighbours').
+                    filler = torch.zeros_like(next(iter(last.values())))
+                    logits = torch.stack([last.get(r, filler) for r in range(len(rows))])[:, :vocab_limit]
+                    if temperature == 0 or generators is None:
+                        nxt = logits.argmax(dim=-1)
+                    else:
+                        probs = torch.softmax(logits / temperature, dim=-1)
+                        for g, gen in enumerate(generators):  # one generator per prompt: layout-independent draws
+                            sl = slice(g * group_size, (g + 1) * group_size)
+                            nxt[sl] = torch.multinomial(probs[sl], 1, generator=gen)[:, 0]
+                if pp is not None:
+                    nxt = pp.broadcast(nxt.to(device), src_group_rank=dims.pp - 1).cpu()
+                for i, t in enumerate(nxt.tolist()):
+                    if stopped[i]:
+                        continue
+                    new[i].append(t)
+                    stopped[i] = t in stop_ids or _has_stop_text(decode, new[i], stop_text)
+            if not agreed_max(lockstep, int(not all(stopped) and step + 1 < max_new_tokens), device):
                 break
     finally:
         model.train(was_training)
@@ -190,9 +199,12 @@ def sample_share(model: torch.nn.Module, dims: ParallelDims, prompts: Sequence[l
     dp, dp_rank = dims.dp, dims.dp_rank
     mine = list(contiguous_share(len(prompts), dp, dp_rank))
     out: list[tuple[list[int], bool]] = []
-    if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
+    # (a replica without prompts skips the passes, its ranks agree on that; under expert parallelism its MoE
+    # layers must join the ep group's: it decodes a repeat of prompt 0, dropped below)
+    share = mine or ([0] if prompts and lockstep_group(model, dims) is not None else [])
+    if share:
         unit = pass_unit(dims, micro_batch)
-        padded = mine + [mine[-1]] * (-len(mine) % unit)
+        padded = share + [share[-1]] * (-len(share) % unit)
         completions, stopped = sample_completions(
             model, dims, [prompts[i] for i in padded],
             None if seed is None else [sampling_generator(seed, i) for i in padded], group_size=group_size,

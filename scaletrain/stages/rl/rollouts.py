@@ -25,6 +25,7 @@ import torch
 from scaletrain.data.loader import collate
 from scaletrain.distributed.dims import ParallelDims
 from scaletrain.generation.batching import contiguous_share, pass_unit, training_rows
+from scaletrain.generation.ep_lockstep import lockstep_group
 from scaletrain.generation.sampler import (
     completion_text,
     sample_completions,
@@ -267,9 +268,12 @@ class RolloutBatches(BatchSource):
         # Every pass needs whole microbatches (and, interleaved, whole pipeline groups): pad with
         # repeats of the last prompt, not scored.
         completions: list[list[int]] = []
-        if mine:  # (a replica without prompts skips the passes: its ranks agree on that)
+        # A replica without prompts skips the passes (its ranks agree on that) — except under expert
+        # parallelism, where its MoE layers must join the ep group's: it decodes a repeat of prompt 0, unscored.
+        share = mine or ([0] if len(prompts.prompts) and lockstep_group(self.model, d) is not None else [])
+        if share:
             unit = pass_unit(d, self.rollout_micro)
-            padded = mine + [mine[-1]] * (-len(mine) % unit)
+            padded = share + [share[-1]] * (-len(share) % unit)
             completions, _ = sample_completions(
                 self.model, d, [prompts.prompts[i] for i in padded], None, group_size=1,
                 max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids,
