@@ -15,9 +15,9 @@ Conventions, on top of the planner's (all bytes per rank):
   ZeRO-1's reduce-scatter sends main-dtype gradients and its all-gather parameter-dtype weights.
 - Activations of a MoE layer per token, dropless and balanced (measured with saved-tensor hooks): each
   of the top_k copies keeps its permuted input (h), the fused gate/up output, silu(gate) and their product
-  (4·f_e/tp), the expert output the routing weight multiplies and the weighted copy index_add keeps (2·h),
-  in the compute dtype, its weight (fp32, and a compute-dtype copy) and three int64 indices (expert id,
-  token, sort order); per token the router's logits and probabilities (2·E, fp32), the top-k weights' sum
+  (4·f_e/tp), the expert output the weighted scatter-add keeps (h; nn/moe/scatter.py recomputes the weighted
+  copy plain `index_add` would keep), in the compute dtype, its weight (fp32, and a compute-dtype copy) and
+  three int64 indices (expert id, token, sort order); per token the router's logits and probabilities (2·E, fp32), the top-k weights' sum
   and the log-sum-exp of the z-loss (fp32), the router's fp32 copy of its input under bf16 (h), and the
   shared expert's 4·f_s/tp. It replaces the dense MLP's 4·ffn/tp (3·ffn/tp under selective 'mlp_act', which leaves experts alone:
   neither routed nor shared experts expose an `activation` region to recompute).
@@ -80,7 +80,7 @@ def moe_activation_delta(m: ModelConfig, layout: Layout, tokens: int, compute_by
     f_e = (moe.expert_ffn_hidden_size or m.ffn_hidden_size) // tp
     dense = (3 if layout.recompute == "selective" and "mlp_act" in layout.recompute_modules else 4) * m.ffn_hidden_size
     h, cb = m.hidden_size, compute_bytes
-    per_copy = (3 * h + 4 * f_e) * cb + 4 + cb + 3 * 8
+    per_copy = (2 * h + 4 * f_e) * cb + 4 + cb + 3 * 8  # input, SwiGLU 4·f_e, output; weight; 3 indices
     router = 2 * moe.num_experts * 4 + 2 * 4 + (4 * h if cb < 4 else 0)
     per_token = moe.top_k * per_copy + router + (4 * moe.shared_ffn_hidden_size // tp - dense // tp) * cb
     return tokens * per_token * sum(1 for i in layer_indices if is_moe(m, i))

@@ -26,6 +26,7 @@ from scaletrain.nn.linear import TPBound
 from scaletrain.nn.moe.balance import MoEStats, attach_loss, in_backward
 from scaletrain.nn.moe.experts import GroupedExperts
 from scaletrain.nn.moe.router import Routing, TopKRouter
+from scaletrain.nn.moe.scatter import weighted_scatter_add
 from scaletrain.parallel.expert_parallel import run_experts_ep
 from scaletrain.parallel.mappings import reduce_from_tp, reduce_scatter_to_sequence
 
@@ -131,4 +132,4 @@ def combine(x: torch.Tensor, routing: Routing, experts: GroupedExperts, ep: Comm
         ys = experts(xs, counts.tolist())  # host sync: the per-expert split sizes
     else:
         ys = run_experts_ep(xs, counts, experts, ep)
-    return torch.zeros_like(x).index_add(0, token, (ys * weight.unsqueeze(1).to(ys.dtype)).to(x.dtype))
+    return weighted_scatter_add(ys, weight, token, n, x.dtype)  # keeps ys, weight, token: one k·h copy
