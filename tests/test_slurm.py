@@ -101,6 +101,18 @@ def job_log(tmp: Path, job: str) -> str:
     return (tmp / f"job-{job}.out").read_text()
 
 
+def submit_nemo_run(env: dict[str, str], job_dir: Path, sets: list[str], name: str) -> str:
+    """`python -m launch.pretrain` on the cluster through nemo-run's Slurm executor; returns the job id."""
+    r = subprocess.run([sys.executable, "-m", "launch.pretrain", "--config", TINY, *[a for s in sets for a in ("--set", s)],
+                        "--executor", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                        "--cluster-env", "cpu", "--time", "00:10:00", "--job-name", name, "--job-dir", str(job_dir)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "SUBMITTED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    jobs = subprocess.run(["scontrol", "show", "job", "-o"], env=env, capture_output=True, text=True).stdout
+    return max((m.group(1) for m in re.finditer(r"JobId=(\d+) JobName=(\S+)", jobs) if m.group(2) == f"scaletrain.{name}"),
+               key=int)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tokenizer_dir, dataset_prefix):
     return tokenizer_dir, dataset_prefix
@@ -209,14 +221,7 @@ def test_nemo_run_slurm_executor_submits_a_job_that_completes(cluster, data, tmp
     run_dir = tmp_path / "run"
     name = f"nemo-{uuid.uuid4().hex[:8]}"  # unique: finished jobs stay listed (MinJobAge)
     sets = sets_for(run_dir, data, **{"train.steps": 6})
-    r = subprocess.run([sys.executable, "-m", "launch.pretrain", "--config", TINY, *[a for s in sets for a in ("--set", s)],
-                        "--executor", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
-                        "--cluster-env", "cpu", "--time", "00:10:00", "--job-name", name, "--job-dir", str(tmp_path / "nr")],
-                       cwd=REPO, env=cluster, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "SUBMITTED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-    jobs = subprocess.run(["scontrol", "show", "job", "-o"], env=cluster, capture_output=True, text=True).stdout
-    job = max((m.group(1) for m in re.finditer(r"JobId=(\d+) JobName=(\S+)", jobs) if m.group(2) == f"scaletrain.{name}"),
-              key=int)
+    job = submit_nemo_run(cluster, tmp_path / "nr", sets, name)
     info = wait_for(cluster, job)
     assert info["JobState"] == "COMPLETED", info
     assert len(read_metrics(run_dir)) == 6 and (run_dir / "checkpoints" / "latest").is_file()
@@ -230,14 +235,7 @@ def test_nemo_run_job_that_fails_on_bad_input_is_not_requeued(cluster, data, tmp
     pytest.importorskip("nemo_run")
     name = f"nemo-{uuid.uuid4().hex[:8]}"
     sets = [*sets_for(tmp_path / "run", data, **{"train.steps": 2}), f"data.tokenizer={tmp_path / 'no-tokenizer'}"]
-    r = subprocess.run([sys.executable, "-m", "launch.pretrain", "--config", TINY, *[a for s in sets for a in ("--set", s)],
-                        "--executor", "slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
-                        "--cluster-env", "cpu", "--time", "00:10:00", "--job-name", name, "--job-dir", str(tmp_path / "nr")],
-                       cwd=REPO, env=cluster, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "SUBMITTED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-    jobs = subprocess.run(["scontrol", "show", "job", "-o"], env=cluster, capture_output=True, text=True).stdout
-    job = max((m.group(1) for m in re.finditer(r"JobId=(\d+) JobName=(\S+)", jobs) if m.group(2) == f"scaletrain.{name}"),
-              key=int)
+    job = submit_nemo_run(cluster, tmp_path / "nr", sets, name)
     info = wait_for(cluster, job, timeout=120)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
     assert (tmp_path / "nr" / f"exit_status.{job}").read_text().strip() == "2"
