@@ -73,3 +73,55 @@ def assert_round_trip(tmp_path, hf_dir, hf, expect_key: str) -> None:
     ids = torch.randint(0, hf.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)
+
+
+def assert_same_logits_and_greedy(ours, hf, vocab: int, shape: tuple[int, int], new_tokens: int) -> None:
+    """Float64 logits of `ours` equal transformers' `hf` to 1e-10 on random ids of `shape`, and greedy decoding
+    (ours on the KV cache, transformers' generate on its own) gives the same `new_tokens` tokens."""
+    from scaletrain.generation.turn import greedy_generate
+
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
+    gen_ours = greedy_generate(ours, ids[:1, :5], new_tokens)
+    gen_hf = hf.generate(ids[:1, :5], max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                         pad_token_id=0)
+    assert torch.equal(gen_ours, gen_hf)
+
+
+def hf_first_batch_loss(hf, dataset_prefix: str) -> float:
+    """transformers' loss on the first training batch that tiny_overrides' run (seq 32, 4 rows, seed 1234, vocab
+    512) reads: a run initialised from `hf` logs exactly this loss at its first step."""
+    from scaletrain.config.schema import DataConfig
+    from scaletrain.data.gpt import build_gpt_datasets
+
+    train, _ = build_gpt_datasets(DataConfig(prefixes=(dataset_prefix,)), seq_length=32, seed=1234, eod_id=2,
+                                  vocab_size=512, train_samples=8, valid_samples=0)
+    batch = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(4)])
+    labels = torch.stack([torch.as_tensor(train[i]["labels"]) for i in range(4)])
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(hf(batch).logits.flatten(0, 1), labels.flatten()).item()
+
+
+def resave_in_layout(rank: int, world: int, ckpt: str, out_root: str, tp: int, pp: int = 1) -> int:
+    """A run_ranks body: load a checkpoint at tp·pp (sharded as it would train) and save it again from that
+    layout; returns this rank's parameter count."""
+    import dataclasses
+
+    from scaletrain.checkpoint import load_checkpoint, save_checkpoint
+    from scaletrain.checkpoint.hf import checkpoint_model_config
+    from scaletrain.config.schema import ParallelConfig
+    from scaletrain.distributed import ParallelDims
+    from scaletrain.models import build_model
+    from scaletrain.parallel.parallelize import parallelize
+
+    cfg = checkpoint_model_config(ckpt)
+    pcfg = ParallelConfig(tp=tp, pp=pp)
+    dims = ParallelDims.from_config(pcfg, world, rank)
+    with torch.device("meta"):
+        model = build_model(cfg, tp_size=tp)
+    parallelize(model, dims, pcfg)
+    load_checkpoint(ckpt, model, None, dims=dims)
+    save_checkpoint(out_root, 1, model, None, {"consumed_samples": 0, "model_config": dataclasses.asdict(cfg)},
+                    dims=dims, tokenizer=None)
+    return len(list(model.parameters()))

@@ -9,11 +9,10 @@ import torch
 
 from scaletrain.checkpoint.hf import import_from_hf, load_full_model
 from scaletrain.export import export_to_hf
-from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 
 from dist_harness import run_ranks
-from hf_helpers import patch_hf_float64
+from hf_helpers import assert_same_logits_and_greedy, hf_first_batch_loss, patch_hf_float64, resave_in_layout
 
 pytestmark = pytest.mark.parity
 
@@ -81,44 +80,16 @@ def test_float64_logits_parity(tmp_path, monkeypatch, arch, tied, kv):
     ckpt = import_from_hf(hf_dir, tmp_path / "ckpt", dtype="float64")
     _cfg, ours = load_full_model(ckpt, torch.float64)
     patch_hf_float64(monkeypatch, hf, ours)
-    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
     # Greedy decoding: 20 identical tokens (float64, where a random tiny model's near-ties cannot flip
-    # the argmax between HF's cached decoding and our full recomputation).
-    gen_ours = greedy_generate(ours, ids[:1, :5], 20)
-    gen_hf = hf.generate(ids[:1, :5], max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0)
-    assert torch.equal(gen_ours, gen_hf)
-
-
-def _reshard(rank: int, world: int, ckpt: str, out_root: str) -> int:
-    """Load an imported checkpoint at tp2·pp2 and save it again from that layout."""
-    import dataclasses
-
-    from scaletrain.checkpoint import load_checkpoint, save_checkpoint
-    from scaletrain.checkpoint.hf import checkpoint_model_config
-    from scaletrain.config.schema import ParallelConfig
-    from scaletrain.distributed import ParallelDims
-    from scaletrain.models import build_model
-    from scaletrain.parallel.parallelize import parallelize
-
-    cfg = checkpoint_model_config(ckpt)
-    pcfg = ParallelConfig(tp=2, pp=2)
-    dims = ParallelDims.from_config(pcfg, world, rank)
-    with torch.device("meta"):
-        model = build_model(cfg, tp_size=2)
-    parallelize(model, dims, pcfg)
-    load_checkpoint(ckpt, model, None, dims=dims)
-    save_checkpoint(out_root, 1, model, None, {"consumed_samples": 0, "model_config": dataclasses.asdict(cfg)},
-                    dims=dims, tokenizer=None)
-    return len(list(model.parameters()))
+    # the argmax between HF's cached decoding and ours).
+    assert_same_logits_and_greedy(ours, hf, 96, (2, 24), 20)
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_import_at_tp2_pp2_and_export_from_the_sharded_checkpoint(tmp_path, tied):
     hf_dir, hf = _hf_model(tmp_path, "llama", tied, 2)
     ckpt = import_from_hf(hf_dir, tmp_path / "ckpt")
-    counts = run_ranks(4, _reshard, str(ckpt), str(tmp_path / "sharded"), timeout=120)
+    counts = run_ranks(4, resave_in_layout, str(ckpt), str(tmp_path / "sharded"), 2, 2, timeout=120)
     assert all(c > 0 for c in counts)
     sharded = tmp_path / "sharded" / "step_0000001"
     assert len(list(sharded.glob("*.safetensors"))) == 4  # one file per rank
@@ -182,13 +153,6 @@ def test_train_from_hf_weights(tmp_path, tokenizer_dir, dataset_prefix):
     cfg = checkpoint_model_config(tmp_path / "run" / "checkpoints" / "step_0000002")
     assert (cfg.hidden_size, cfg.num_layers, cfg.tie_embeddings, cfg.rope_scaling) == (32, 4, True, "llama3")
     # The first step's loss is the HF model's loss on that batch: the weights really came from HF.
-    from scaletrain.config.schema import DataConfig
-    from scaletrain.data.gpt import build_gpt_datasets
 
-    train, _ = build_gpt_datasets(DataConfig(prefixes=(dataset_prefix,)), seq_length=32, seed=1234, eod_id=2,
-                                  vocab_size=512, train_samples=8, valid_samples=0)
-    batch = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(4)])
-    labels = torch.stack([torch.as_tensor(train[i]["labels"]) for i in range(4)])
-    with torch.no_grad():
-        ref = torch.nn.functional.cross_entropy(hf(batch).logits.flatten(0, 1), labels.flatten()).item()
+    ref = hf_first_batch_loss(hf, dataset_prefix)
     assert abs(read_metrics(tmp_path / "run")[0]["loss"] - ref) <= 1e-5 * ref

@@ -10,11 +10,10 @@ import torch
 
 from scaletrain.checkpoint.hf import load_full_model
 from scaletrain.cli import main
-from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 
 from dist_harness import run_ranks
-from hf_helpers import assert_round_trip, patch_hf_float64
+from hf_helpers import assert_round_trip, assert_same_logits_and_greedy, hf_first_batch_loss, patch_hf_float64
 from layout_models import tp_train
 from parity import assert_matches, rel
 
@@ -63,13 +62,7 @@ def test_qwen3_float64_logits_match_transformers(tmp_path, monkeypatch, tied):
     cfg, ours = load_full_model(tmp_path / "ckpt", torch.float64)
     assert cfg.qk_norm and cfg.head_dim == 12 and cfg.hf_architecture == "Qwen3ForCausalLM"
     patch_hf_float64(monkeypatch, hf, ours)
-    ids = torch.randint(0, VOCAB, (3, 23), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
-    # Greedy decoding: ours on the KV cache, transformers' generate on its own — 12 identical tokens.
-    gen_ours = greedy_generate(ours, ids[:1, :5], 12)
-    gen_hf = hf.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
-    assert torch.equal(gen_ours, gen_hf)
+    assert_same_logits_and_greedy(ours, hf, VOCAB, (3, 23), 12)
 
 
 def test_qwen3_export_without_a_source_config(tmp_path):
@@ -122,8 +115,6 @@ def test_qwen3_tp2_matches_single_process_float64(sp):
 def test_train_from_qwen3_weights(tmp_path, tokenizer_dir, dataset_prefix):
     """checkpoint.init_from_hf with a Qwen3 directory: the first step's loss is transformers' loss on that batch."""
     from scaletrain.checkpoint.hf import checkpoint_model_config
-    from scaletrain.config.schema import DataConfig
-    from scaletrain.data.gpt import build_gpt_datasets
 
     from conftest import TINY, read_metrics, tiny_overrides
 
@@ -138,12 +129,7 @@ def test_train_from_qwen3_weights(tmp_path, tokenizer_dir, dataset_prefix):
     assert main(args) == 0
     got = checkpoint_model_config(tmp_path / "run" / "checkpoints" / "step_0000001")
     assert (got.qk_norm, got.head_dim, got.hidden_size) == (True, 12, 40)
-    train, _ = build_gpt_datasets(DataConfig(prefixes=(dataset_prefix,)), seq_length=32, seed=1234, eod_id=2,
-                                  vocab_size=512, train_samples=8, valid_samples=0)
-    batch = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(4)])
-    labels = torch.stack([torch.as_tensor(train[i]["labels"]) for i in range(4)])
-    with torch.no_grad():
-        ref = torch.nn.functional.cross_entropy(hf(batch).logits.flatten(0, 1), labels.flatten()).item()
+    ref = hf_first_batch_loss(hf, dataset_prefix)
     assert abs(read_metrics(tmp_path / "run")[0]["loss"] - ref) <= 1e-5 * ref
 
 

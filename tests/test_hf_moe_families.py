@@ -12,10 +12,16 @@ from safetensors.torch import load_file
 
 from scaletrain.checkpoint.hf import load_full_model
 from scaletrain.cli import main
-from scaletrain.generation.turn import greedy_generate
 from scaletrain.models.llama.hf import UnsupportedModelError, config_from_hf
 
-from hf_helpers import assert_round_trip, patch_hf_float64, run_mixtral_router_in_float64
+from hf_helpers import (
+    assert_round_trip,
+    assert_same_logits_and_greedy,
+    hf_first_batch_loss,
+    patch_hf_float64,
+    resave_in_layout,
+    run_mixtral_router_in_float64,
+)
 
 pytestmark = pytest.mark.parity
 
@@ -83,13 +89,7 @@ def test_float64_logits_match_transformers(tmp_path, monkeypatch, name):
     assert cfg.moe.num_experts == hf.config.to_dict().get("num_experts", hf.config.to_dict().get("num_local_experts"))
     patch_hf_float64(monkeypatch, hf, ours)
     run_mixtral_router_in_float64(hf)
-    ids = torch.randint(0, VOCAB, (3, 23), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-10
-    # Greedy decoding: ours on the KV cache, transformers' generate on its own — 12 identical tokens.
-    gen_ours = greedy_generate(ours, ids[:1, :5], 12)
-    gen_hf = hf.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
-    assert torch.equal(gen_ours, gen_hf)
+    assert_same_logits_and_greedy(ours, hf, VOCAB, (3, 23), 12)
 
 
 def test_moe_fields_map_both_ways():
@@ -160,8 +160,6 @@ def test_train_from_moe_weights(tmp_path, tokenizer_dir, dataset_prefix, name, e
     """checkpoint.init_from_hf with a MoE directory: the first step's loss is transformers' loss on that batch —
     also at ep2, where each rank copies only its experts' slice of the HF tensors."""
     from scaletrain.checkpoint.hf import checkpoint_model_config
-    from scaletrain.config.schema import DataConfig
-    from scaletrain.data.gpt import build_gpt_datasets
 
     from conftest import TINY, read_metrics, tiny_overrides
 
@@ -184,36 +182,8 @@ def test_train_from_moe_weights(tmp_path, tokenizer_dir, dataset_prefix, name, e
         assert run_ranks(ep, cli_rank, args, timeout=240) == [0] * ep
     got = checkpoint_model_config(tmp_path / "run" / "checkpoints" / "step_0000001")
     assert got.moe.num_experts == config.num_local_experts and got.hf_architecture == cls
-    train, _ = build_gpt_datasets(DataConfig(prefixes=(dataset_prefix,)), seq_length=32, seed=1234, eod_id=2,
-                                  vocab_size=512, train_samples=8, valid_samples=0)
-    batch = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(4)])
-    labels = torch.stack([torch.as_tensor(train[i]["labels"]) for i in range(4)])
-    with torch.no_grad():
-        ref = torch.nn.functional.cross_entropy(hf(batch).logits.flatten(0, 1), labels.flatten()).item()
+    ref = hf_first_batch_loss(hf, dataset_prefix)
     assert abs(read_metrics(tmp_path / "run")[0]["loss"] - ref) <= 1e-5 * ref
-
-
-def _reshard(rank: int, world: int, ckpt: str, out_root: str) -> int:
-    """Load an imported checkpoint at tp2 (experts and q/k norms sharded as they train) and save it again."""
-    import dataclasses
-
-    from scaletrain.checkpoint import load_checkpoint, save_checkpoint
-    from scaletrain.checkpoint.hf import checkpoint_model_config
-    from scaletrain.config.schema import ParallelConfig
-    from scaletrain.distributed import ParallelDims
-    from scaletrain.models import build_model
-    from scaletrain.parallel.parallelize import parallelize
-
-    cfg = checkpoint_model_config(ckpt)
-    pcfg = ParallelConfig(tp=2)
-    dims = ParallelDims.from_config(pcfg, world, rank)
-    with torch.device("meta"):
-        model = build_model(cfg, tp_size=2)
-    parallelize(model, dims, pcfg)
-    load_checkpoint(ckpt, model, None, dims=dims)
-    save_checkpoint(out_root, 1, model, None, {"consumed_samples": 0, "model_config": dataclasses.asdict(cfg)},
-                    dims=dims, tokenizer=None)
-    return len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
@@ -223,7 +193,7 @@ def test_export_from_a_tp2_checkpoint_is_bit_exact(tmp_path, name):
 
     hf_dir, hf = _source(tmp_path, name, vocab=96)  # tp2 splits the vocabulary
     _convert("from-hf", str(hf_dir), str(tmp_path / "ckpt"))
-    assert all(n > 0 for n in run_ranks(2, _reshard, str(tmp_path / "ckpt"), str(tmp_path / "tp2"), timeout=120))
+    assert all(n > 0 for n in run_ranks(2, resave_in_layout, str(tmp_path / "ckpt"), str(tmp_path / "tp2"), 2, timeout=120))
     _convert("to-hf", str(tmp_path / "tp2" / "step_0000001"), str(tmp_path / "export"))
     original, exported = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "export" /
                                                                                    "model.safetensors"))
